@@ -1,0 +1,16 @@
+"""Piston: a fast, easy LLM inference and serving engine."""
+
+from piston.outputs import CompletionOutput, Logprob, RequestOutput
+from piston.sampling_params import SamplingParams
+from piston.version import __version__
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
+
+
+def __getattr__(name):
+    # LLM pulls in torch and transformers; import it only when asked for.
+    if name == "LLM":
+        from piston.entrypoints.llm import LLM
+
+        return LLM
+    raise AttributeError(f"module 'piston' has no attribute {name!r}")

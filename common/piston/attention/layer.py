@@ -1,0 +1,44 @@
+"""Attention: the layer every model calls; the platform's backend does the work."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from piston.forward_context import get_forward_context
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads over the paged KV cache.
+
+    ``forward(q, k, v)`` takes the step's flattened tokens ``[num_tokens, heads * head_dim]``
+    (after rotary embedding) and returns ``[num_tokens, num_heads * head_dim]``.
+    Inside a forward context the platform backend writes k/v into this layer's paged
+    cache and attends over each sequence's whole context. Outside one (unit tests of a
+    model), the tokens are treated as one causal sequence with no cache.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
+                 layer_idx: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.scale = scale
+        self.layer_idx = layer_idx
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx = get_forward_context()
+        if ctx is None:
+            return self._forward_no_cache(q, k, v)
+        return ctx.attn_impl.forward(self, q, k, v, ctx.kv_caches[self.layer_idx], ctx.attn_metadata)
+
+    def _forward_no_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        t = q.shape[0]
+        q = q.view(t, self.num_heads, self.head_dim).transpose(0, 1)
+        k = k.view(t, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        v = v.view(t, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        return out.transpose(0, 1).reshape(t, self.num_heads * self.head_dim)

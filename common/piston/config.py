@@ -1,0 +1,75 @@
+"""Engine configuration: what every component of one engine instance agrees on."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(value: int | float | str) -> int:
+    """Bytes from ``4GiB``, ``512MiB``, ``2G``, ``1e9`` or a plain number of bytes."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ValueError(f"kv_cache_memory: cannot read {value!r} as a size; use e.g. 4GiB or 512MiB.")
+    unit = (m.group(2) or "").lower().rstrip("b")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+@dataclass
+class ModelConfig:
+    """The model and how to run it."""
+
+    model: str  # what the user named: a folder, a .gguf file or a hub id
+    path: str = ""  # the resolved local folder or .gguf file
+    tokenizer: str | None = None  # folder with tokenizer files; defaults to the model's
+    dtype: str = "float32"
+    max_model_len: int = 0  # 0 = the model's own context length
+    seed: int = 0
+    hf_config: Any = None  # transformers.PretrainedConfig, filled in by the loader
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.path.endswith(".gguf")
+
+
+@dataclass
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; None = the platform's default
+    enable_prefix_caching: bool = True
+    num_blocks: int = 0  # decided by the worker from kv_cache_memory
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    enable_chunked_prefill: bool = True
+    policy: str = "fcfs"  # "fcfs", "priority", or "module:Class" of a custom scheduler
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+
+
+@dataclass
+class EngineConfig:
+    model_config: ModelConfig
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+    platform: str = ""  # the platform's name, set by the engine at start-up
+
+    def replace(self, **changes) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)

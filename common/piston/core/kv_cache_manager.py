@@ -1,0 +1,152 @@
+"""KVCacheManager: which blocks each request holds, and prefix-cache lookups.
+
+The scheduler talks only to this class. It owns a BlockPool and a dict
+``request_id -> list[KVCacheBlock]`` in sequence order (block i holds tokens
+``[i * block_size, (i + 1) * block_size)``).
+
+A block is registered in the prefix cache as soon as a step that fills it is
+scheduled, before its KV is written. This is safe because a hit from a request
+scheduled in the same step is computed in the same forward pass, where each layer
+writes the KV of every token before any attention reads it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+from piston.core.block_hash import update_request_block_hashes
+from piston.core.block_pool import BlockPool, KVCacheBlock
+
+if TYPE_CHECKING:
+    from piston.request import Request
+
+
+class KVCacheManager:
+    """Allocates, shares and frees KV blocks for requests."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.block_pool = BlockPool(num_blocks, enable_caching)
+        self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        # Per request: how many leading blocks are already registered in the prefix cache.
+        self.num_cached_blocks: dict[str, int] = {}
+        # Prefix-cache statistics, in tokens.
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    def get_computed_blocks(self, request: "Request") -> tuple[list[KVCacheBlock], int]:
+        """The longest cached prefix of ``request`` in full blocks, and its length in tokens.
+
+        At least one token is always left to compute, since its logits are needed: when
+        the whole sequence is cached the last block is not counted. No hit when caching is
+        off or the request wants prompt logprobs (they need the prompt's logits).
+        The returned blocks are not referenced yet; ``allocate_slots`` takes them.
+        """
+        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
+            return [], 0
+        update_request_block_hashes(request, self.block_size)
+        max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        hashes = request.block_hashes
+        hit_blocks: list[KVCacheBlock] = []
+        for i in range(max_hit_blocks):
+            block = self.block_pool.get_cached_block(hashes[i])
+            if block is None:
+                break
+            hit_blocks.append(block)
+        num_hit_tokens = len(hit_blocks) * self.block_size
+        self.prefix_queries += request.num_tokens
+        self.prefix_hits += num_hit_tokens
+        return hit_blocks, num_hit_tokens
+
+    def allocate_slots(
+        self,
+        request: "Request",
+        num_new_tokens: int,
+        new_computed_blocks: Sequence[KVCacheBlock] | None = None,
+        num_new_computed_tokens: int = 0,
+    ) -> list[int] | None:
+        """Make room for ``num_new_tokens`` more tokens of ``request``.
+
+        ``new_computed_blocks`` (a prefix hit from ``get_computed_blocks``, covering
+        ``num_new_computed_tokens`` tokens) are referenced and appended first. Returns the
+        ids of every block added to the request (hit blocks, then fresh ones), or None when
+        too few blocks are free, in which case nothing changes. Evictable cached blocks
+        count as free. Blocks that this step fills are registered in the prefix cache.
+        """
+        req_id = request.request_id
+        blocks = self.req_to_blocks.get(req_id)
+        if blocks is None:
+            blocks = self.req_to_blocks[req_id] = []
+        computed = new_computed_blocks or ()
+        num_total_tokens = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
+        num_required = -(-num_total_tokens // self.block_size)
+        num_new_blocks = max(0, num_required - len(blocks) - len(computed))
+        # Hit blocks that are evictable leave the free list when referenced.
+        num_evictable_hits = sum(1 for b in computed if b.ref_cnt == 0)
+        if num_new_blocks > self.block_pool.get_num_free_blocks() - num_evictable_hits:
+            return None
+
+        if computed:
+            self.block_pool.touch(computed)
+            blocks.extend(computed)
+        new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
+        blocks.extend(new_blocks)
+
+        if self.enable_caching:
+            self._cache_full_blocks(request, blocks, min(num_total_tokens, request.num_tokens))
+        if computed:
+            return [b.block_id for b in computed] + [b.block_id for b in new_blocks]
+        return [b.block_id for b in new_blocks]
+
+    def _cache_full_blocks(self, request: "Request", blocks: list[KVCacheBlock], num_tokens: int) -> None:
+        num_full_blocks = num_tokens // self.block_size
+        num_cached = self.num_cached_blocks.get(request.request_id, 0)
+        if num_full_blocks <= num_cached:
+            return
+        update_request_block_hashes(request, self.block_size)
+        self.block_pool.cache_full_blocks(request, blocks, num_cached, num_full_blocks)
+        self.num_cached_blocks[request.request_id] = num_full_blocks
+
+    def free(self, request: "Request") -> None:
+        """Release every block of ``request``; its tail becomes evictable before its prefix.
+
+        Safe to call for a request that holds no blocks.
+        """
+        blocks = self.req_to_blocks.pop(request.request_id, None)
+        self.num_cached_blocks.pop(request.request_id, None)
+        if blocks:
+            self.block_pool.free_blocks(reversed(blocks))
+
+    def get_block_ids(self, request_id: str) -> list[int]:
+        """A new list of the request's block ids in sequence order ([] if it holds none)."""
+        return [b.block_id for b in self.req_to_blocks.get(request_id, ())]
+
+    def get_num_common_prefix_blocks(self, running_request: "Request", num_running_requests: int) -> int:
+        """Number of leading blocks of ``running_request`` shared by all running requests.
+
+        A block is shared by all of them exactly when its ref_cnt equals their number,
+        since only running requests hold references.
+        """
+        n = 0
+        for block in self.req_to_blocks.get(running_request.request_id, ()):
+            if block.ref_cnt != num_running_requests:
+                break
+            n += 1
+        return n
+
+    @property
+    def usage(self) -> float:
+        """Fraction of KV blocks in use (0.0 to 1.0)."""
+        return self.block_pool.get_usage()
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Prefix-cache hits over queried tokens since start (0.0 before any query)."""
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix and the hit statistics."""
+        self.block_pool.reset_prefix_cache()
+        self.prefix_queries = self.prefix_hits = 0

@@ -1,0 +1,41 @@
+"""The forward context: per-step state that attention layers read during a forward pass.
+
+The runner sets it around each model call, so the model's own code (and anything a
+compiler traces) never depends on attention metadata or on the KV cache tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+
+@dataclass
+class ForwardContext:
+    # Backend-specific metadata built by the platform's attention backend for this step.
+    attn_metadata: Any
+    # One KV cache tensor per attention layer, indexed by the layer's ``layer_idx``.
+    kv_caches: list[torch.Tensor]
+    # The platform's attention implementation (see piston.attention.backend).
+    attn_impl: Any
+
+
+_current: ForwardContext | None = None
+
+
+def get_forward_context() -> ForwardContext | None:
+    """The context of the forward pass that is running, or None outside one."""
+    return _current
+
+
+@contextlib.contextmanager
+def set_forward_context(ctx: ForwardContext) -> Iterator[None]:
+    global _current
+    prev, _current = _current, ctx
+    try:
+        yield
+    finally:
+        _current = prev

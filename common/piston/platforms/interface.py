@@ -1,0 +1,111 @@
+"""The hardware-abstraction layer: what a platform plugin provides to the core.
+
+A plugin is a package that registers a ``Platform`` subclass under the entry-point
+group ``piston.platforms``. The core only talks to these two classes; it never imports
+a platform package by name. Anything a plugin needs from the core is an argument here.
+
+Interface version history:
+  1: Platform (availability, device info, config hook, worker factory, distributed
+     backend) and Worker (load, size and allocate the KV cache, execute a step).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from piston.config import EngineConfig
+    from piston.core.scheduler_output import SchedulerOutput
+    from piston.worker.runner_output import ModelRunnerOutput
+
+PLATFORM_INTERFACE_VERSION = 1
+
+
+class Platform(abc.ABC):
+    """One kind of hardware. Subclasses are stateless apart from cached device info."""
+
+    #: Short name used by ``PISTON_PLATFORM`` and ``--platform``.
+    name: str = ""
+    #: The interface version the plugin was written against.
+    interface_version: int = PLATFORM_INTERFACE_VERSION
+
+    @classmethod
+    @abc.abstractmethod
+    def is_available(cls) -> bool:
+        """True when this machine can run the platform (never raises)."""
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        """One line telling a user why ``is_available()`` is False."""
+        return "not available on this machine"
+
+    @classmethod
+    @abc.abstractmethod
+    def device_name(cls) -> str:
+        """A human-readable name of the device, for logs and benchmark records."""
+
+    @classmethod
+    @abc.abstractmethod
+    def total_memory(cls) -> int:
+        """Bytes of device memory (host RAM on CPU)."""
+
+    @classmethod
+    def check_and_update_config(cls, config: "EngineConfig") -> None:
+        """Adjust or reject settings the platform cannot run (raise ValueError)."""
+
+    @classmethod
+    def distributed_backend(cls) -> str:
+        """The torch.distributed backend name (or another collective system)."""
+        return "gloo"
+
+    @classmethod
+    @abc.abstractmethod
+    def make_worker(cls, config: "EngineConfig", rank: int = 0, world_size: int = 1) -> "Worker":
+        """Create the worker that runs the model for one rank."""
+
+
+class Worker(abc.ABC):
+    """Runs the model on one device. The engine calls the methods in this order:
+
+    ``load_model`` -> ``determine_num_kv_blocks`` -> ``initialize_cache`` -> ``warm_up``
+    -> ``execute_model`` once per step. Any other public method can be reached through
+    ``collective_rpc``.
+    """
+
+    def __init__(self, config: "EngineConfig", rank: int = 0, world_size: int = 1) -> None:
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+
+    @abc.abstractmethod
+    def load_model(self) -> None:
+        """Build the model and load its weights."""
+
+    @abc.abstractmethod
+    def determine_num_kv_blocks(self) -> int:
+        """How many KV-cache blocks fit in the memory this worker may use."""
+
+    @abc.abstractmethod
+    def initialize_cache(self, num_blocks: int) -> None:
+        """Allocate the paged KV cache with ``num_blocks`` blocks (the same on every rank)."""
+
+    def warm_up(self) -> None:
+        """Compile or capture graphs before the first request (optional)."""
+
+    @abc.abstractmethod
+    def execute_model(self, scheduler_output: "SchedulerOutput") -> "ModelRunnerOutput":
+        """Apply the step's diff, run the model and sample."""
+
+    def sleep(self) -> None:
+        """Release the KV cache memory (optional)."""
+
+    def wake_up(self) -> None:
+        """Re-allocate what ``sleep`` released (optional)."""
+
+    def shutdown(self) -> None:
+        """Free resources (optional)."""
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Dispatch target of ``collective_rpc``."""
+        return getattr(self, method)(*args, **kwargs)

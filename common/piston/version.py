@@ -1,0 +1,6 @@
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("piston")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+local"

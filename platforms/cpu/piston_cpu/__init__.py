@@ -1,0 +1,1 @@
+"""Piston's CPU platform plugin: torch models, SDPA paged attention, eager execution."""

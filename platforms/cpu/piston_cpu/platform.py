@@ -1,0 +1,66 @@
+"""CpuPlatform: runs the shared torch models on the host CPU."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform as _platform
+
+from piston.platforms.interface import Platform
+
+logger = logging.getLogger(__name__)
+
+# KV cache memory when the user gives none: vLLM's CPU default, capped by free RAM.
+DEFAULT_KV_CACHE_BYTES = 4 * 2**30
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class CpuPlatform(Platform):
+    name = "cpu"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        return "torch is not installed (pip install 'piston[cpu]')"
+
+    @classmethod
+    def device_name(cls) -> str:
+        model = _platform.processor() or _platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        model = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        return f"{model} ({os.cpu_count()} cores)"
+
+    @classmethod
+    def total_memory(cls) -> int:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+    @classmethod
+    def available_memory(cls) -> int:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+    @classmethod
+    def check_and_update_config(cls, config) -> None:
+        dtype = config.model_config.dtype
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported on the CPU; use one of {SUPPORTED_DTYPES}.")
+        if config.cache_config.kv_cache_memory is None:
+            config.cache_config.kv_cache_memory = min(DEFAULT_KV_CACHE_BYTES, cls.available_memory() // 4)
+
+    @classmethod
+    def make_worker(cls, config, rank=0, world_size=1):
+        from piston_cpu.worker import CpuWorker
+
+        return CpuWorker(config, rank, world_size)

@@ -1,0 +1,34 @@
+"""TpuPlatform: registered, but reports itself unavailable until its runner exists."""
+
+from __future__ import annotations
+
+from piston.platforms.interface import Platform
+
+
+class TpuPlatform(Platform):
+    name = "tpu"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        # The JAX model runner and Pallas kernels are not implemented yet.
+        return False
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        return "the TPU (JAX) model runner is not implemented yet in this release"
+
+    @classmethod
+    def device_name(cls) -> str:
+        return "Google TPU"
+
+    @classmethod
+    def total_memory(cls) -> int:
+        return 0
+
+    @classmethod
+    def distributed_backend(cls) -> str:
+        return "jax"
+
+    @classmethod
+    def make_worker(cls, config, rank=0, world_size=1):
+        raise NotImplementedError(cls.unavailable_reason())

@@ -1,0 +1,378 @@
+"""Scheduler: token budget, chunked prefill, preemption, policies, stop rules, the diff."""
+
+import random
+import zlib
+
+import pytest
+
+from piston.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from piston.core.scheduler import Scheduler
+from piston.engine.messages import Logprobs
+from piston.request import Request, RequestStatus
+from piston.sampling_params import SamplingParams
+from piston.worker.runner_output import ModelRunnerOutput
+
+EOS = 2
+
+
+def make_scheduler(num_blocks=64, block_size=4, budget=32, max_num_seqs=16, chunked=True,
+                   caching=True, policy="fcfs", max_model_len=0):
+    return Scheduler(EngineConfig(
+        model_config=ModelConfig(model="fake", max_model_len=max_model_len),
+        cache_config=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=caching),
+        scheduler_config=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
+                                         enable_chunked_prefill=chunked, policy=policy),
+    ))
+
+
+def make_request(req_id, prompt_len=None, prompt=None, priority=0, arrival=None, **params):
+    params.setdefault("max_tokens", 4)
+    if prompt is None:
+        prompt = [100 + (zlib.crc32(req_id.encode()) + i) % 1000 for i in range(prompt_len)]
+    return Request(req_id, prompt, SamplingParams(**params), eos_token_id=EOS,
+                   arrival_time=arrival, priority=priority)
+
+
+def default_token(request):
+    # Distinct per request and position, never EOS: keeps block hashes distinct.
+    return 10_000 + request.num_output_tokens + 100 * (zlib.crc32(request.request_id.encode()) % 100)
+
+
+class FakeWorker:
+    """Mirrors the workers' cached request state from the diffs, and samples tokens."""
+
+    def __init__(self, sched, token_fn=default_token):
+        self.sched, self.token_fn = sched, token_fn
+        self.state = {}  # req_id -> [block_ids, num_computed_tokens]
+        # Simulated KV cache: the token id whose KV each slot holds.
+        kv = sched.kv_cache_manager
+        self.slots = [None] * (kv.num_blocks * kv.block_size)
+
+    def step(self, extra=None):
+        sched = self.sched
+        out = sched.schedule()
+        assert out.total_num_scheduled_tokens == sum(out.num_scheduled_tokens.values())
+        assert out.total_num_scheduled_tokens <= sched.max_num_batched_tokens
+        assert len(sched.running) <= sched.max_num_seqs
+        for req_id in out.finished_req_ids:
+            self.state.pop(req_id, None)
+        for new in out.scheduled_new_reqs:
+            assert new.req_id not in self.state
+            self.state[new.req_id] = [list(new.block_ids), new.num_computed_tokens]
+        cached = out.scheduled_cached_reqs
+        for req_id, ids, n in zip(cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):
+            self.state[req_id][0].extend(ids)
+            self.state[req_id][1] = n
+        req_ids, sampled = [], []
+        for req_id, n in out.num_scheduled_tokens.items():
+            r = sched.requests[req_id]
+            blocks, computed = self.state[req_id]
+            assert blocks == sched.kv_cache_manager.get_block_ids(req_id)
+            assert computed + n == r.num_computed_tokens <= r.num_tokens
+            assert len(blocks) * sched.kv_cache_manager.block_size >= r.num_computed_tokens
+            req_ids.append(req_id)
+            sampled.append([self.token_fn(r)] if r.num_computed_tokens == r.num_tokens else [])
+        self._check_kv_contents(out)
+        runner_out = ModelRunnerOutput(req_ids, sampled, **(extra or {}))
+        return out, sched.update_from_output(out, runner_out)
+
+    def _check_kv_contents(self, out):
+        """Write this step's tokens, then check every request attends to its own tokens.
+
+        All writes come before any read, as each attention layer does; this is what makes
+        a prefix hit on a block filled in the same step safe.
+        """
+        bs = self.sched.kv_cache_manager.block_size
+        for req_id, n in out.num_scheduled_tokens.items():
+            r, blocks = self.sched.requests[req_id], self.state[req_id][0]
+            for pos in range(r.num_computed_tokens - n, r.num_computed_tokens):
+                self.slots[blocks[pos // bs] * bs + pos % bs] = r.all_token_ids[pos]
+        for req_id in out.num_scheduled_tokens:
+            r, blocks = self.sched.requests[req_id], self.state[req_id][0]
+            seen = [self.slots[blocks[pos // bs] * bs + pos % bs] for pos in range(r.num_computed_tokens)]
+            assert seen == r.all_token_ids[: r.num_computed_tokens], f"{req_id} reads foreign KV"
+
+    def run_to_completion(self, max_steps=1000):
+        outs = []
+        for _ in range(max_steps):
+            if not self.sched.has_unfinished_requests():
+                return outs
+            outs.append(self.step())
+        raise AssertionError("requests did not finish")
+
+
+def assert_no_leak(sched):
+    assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == sched.kv_cache_manager.num_blocks
+    assert all(b.ref_cnt == 0 for b in sched.kv_cache_manager.block_pool.blocks)
+
+
+def test_budget_respected_every_step_and_all_finish():
+    rng = random.Random(0)
+    sched = make_scheduler(num_blocks=200, budget=16, max_num_seqs=5)
+    reqs = [make_request(f"r{i}", rng.randint(1, 40), max_tokens=rng.randint(1, 10)) for i in range(20)]
+    for r in reqs:
+        sched.add_request(r)
+    FakeWorker(sched).run_to_completion()
+    assert all(r.num_output_tokens == r.max_tokens for r in reqs)
+    assert all(r.status == RequestStatus.FINISHED_LENGTH for r in reqs)
+    assert_no_leak(sched)
+
+
+def test_chunked_prefill_splits_long_prompt_into_budget_sized_chunks():
+    sched = make_scheduler(budget=16)
+    sched.add_request(make_request("long", 50, max_tokens=2))
+    worker = FakeWorker(sched)
+    chunks, outputs = [], []
+    while sched.has_unfinished_requests():
+        out, outs = worker.step()
+        chunks.append(out.num_scheduled_tokens["long"])
+        outputs.append(len(outs))
+    assert chunks == [16, 16, 16, 2, 1]
+    assert outputs == [0, 0, 0, 1, 1]  # prompt chunks sample nothing
+
+
+def test_decode_and_prefill_mix_in_one_step():
+    sched = make_scheduler(budget=16)
+    worker = FakeWorker(sched)
+    sched.add_request(make_request("a", 5, max_tokens=10))
+    worker.step()
+    sched.add_request(make_request("b", 30, max_tokens=10))
+    out, _ = worker.step()
+    assert out.num_scheduled_tokens == {"a": 1, "b": 15}
+    assert [n.req_id for n in out.scheduled_new_reqs] == ["b"]
+    assert out.scheduled_cached_reqs.req_ids == ["a"]
+
+
+def test_max_num_seqs_caps_running_requests():
+    sched = make_scheduler(budget=100, max_num_seqs=2)
+    for i in range(5):
+        sched.add_request(make_request(f"r{i}", 3))
+    out, _ = FakeWorker(sched).step()
+    assert len(out.num_scheduled_tokens) == 2
+    assert sched.num_running == 2 and sched.num_waiting == 3
+
+
+def test_chunked_prefill_disabled_schedules_whole_prompts_only():
+    sched = make_scheduler(budget=16, chunked=False)
+    sched.add_request(make_request("a", 10, max_tokens=5))
+    sched.add_request(make_request("b", 10, max_tokens=5))
+    worker = FakeWorker(sched)
+    out, _ = worker.step()
+    assert out.num_scheduled_tokens == {"a": 10}
+    out, _ = worker.step()
+    assert out.num_scheduled_tokens == {"a": 1, "b": 10}
+
+
+def test_preemption_when_blocks_run_out_then_resume_with_outputs():
+    sched = make_scheduler(num_blocks=6, block_size=4, budget=64)
+    reqs = [make_request(f"r{i}", 8, max_tokens=12) for i in range(2)]
+    for r in reqs:
+        sched.add_request(r)
+    worker = FakeWorker(sched)
+    produced = {r.request_id: [] for r in reqs}
+    preempted_ids, resumed = set(), []
+    while sched.has_unfinished_requests():
+        out, outs = worker.step()
+        preempted_ids |= {r.request_id for r in reqs if r.status == RequestStatus.PREEMPTED}
+        resumed += [n for n in out.scheduled_new_reqs if n.output_token_ids]
+        for o in outs:
+            produced[o.request_id] += o.new_token_ids
+    assert sched.make_stats().num_preemptions >= 1
+    assert preempted_ids and resumed
+    # A resumed request is rebuilt in full: prompt plus all output so far.
+    assert resumed[0].num_computed_tokens < len(resumed[0].prompt_token_ids) + len(resumed[0].output_token_ids)
+    for r in reqs:
+        assert produced[r.request_id] == r.output_token_ids and r.num_output_tokens == 12
+    assert_no_leak(sched)
+
+
+def test_preempted_request_is_dropped_from_workers_in_the_same_step():
+    sched = make_scheduler(num_blocks=3, block_size=4, budget=64)
+    sched.add_request(make_request("a", 4, max_tokens=8))
+    sched.add_request(make_request("b", 4, max_tokens=8))
+    worker = FakeWorker(sched)
+    worker.step()  # both prefill: 2 blocks
+    out, _ = worker.step()  # both need a second block; only one is free
+    assert out.finished_req_ids == ["b"] and list(out.num_scheduled_tokens) == ["a"]
+    assert sched.requests["b"].status == RequestStatus.PREEMPTED
+    assert sched.requests["b"].num_computed_tokens == 0
+
+
+def test_priority_policy_serves_lowest_value_first():
+    sched = make_scheduler(budget=100, max_num_seqs=1, policy="priority")
+    for name, prio, t in [("late", 5, 0.0), ("urgent", 1, 1.0), ("mid", 3, 2.0), ("mid-later", 3, 3.0)]:
+        sched.add_request(make_request(name, 3, priority=prio, arrival=t, max_tokens=1))
+    order = []
+    worker = FakeWorker(sched)
+    while sched.has_unfinished_requests():
+        out, _ = worker.step()
+        order += [n.req_id for n in out.scheduled_new_reqs]
+    assert order == ["urgent", "mid", "mid-later", "late"]
+
+
+def test_priority_preemption_evicts_least_important_running_request():
+    sched = make_scheduler(num_blocks=3, block_size=4, budget=64, policy="priority")
+    sched.add_request(make_request("low", 4, priority=9, arrival=0.0, max_tokens=8))
+    sched.add_request(make_request("high", 4, priority=0, arrival=1.0, max_tokens=8))
+    worker = FakeWorker(sched)
+    worker.step()
+    out, _ = worker.step()
+    assert list(out.num_scheduled_tokens) == ["high"]
+    assert sched.requests["low"].status == RequestStatus.PREEMPTED
+    worker.run_to_completion()
+    assert_no_leak(sched)
+
+
+def run_single(token_seq, **params):
+    sched = make_scheduler()
+    req = make_request("r", 3, **params)
+    sched.add_request(req)
+    tokens = iter(token_seq)
+    worker = FakeWorker(sched, token_fn=lambda r: next(tokens))
+    last = None
+    while sched.has_unfinished_requests():
+        _, outs = worker.step()
+        last = outs[-1] if outs else last
+    assert_no_leak(sched)
+    return req, last
+
+
+def test_eos_stops_with_no_stop_reason():
+    req, last = run_single([5, EOS, 6], max_tokens=10)
+    assert req.output_token_ids == [5, EOS]
+    assert last.finish_reason == "stop" and last.stop_reason is None
+
+
+def test_eos_ignored_before_min_tokens():
+    req, _ = run_single([EOS, EOS, 7, EOS], max_tokens=10, min_tokens=3)
+    assert req.output_token_ids == [EOS, EOS, 7, EOS]
+
+
+def test_ignore_eos_runs_to_max_tokens():
+    req, last = run_single([EOS] * 4, max_tokens=4, ignore_eos=True)
+    assert req.num_output_tokens == 4 and last.finish_reason == "length"
+
+
+def test_stop_token_id_sets_stop_reason_and_respects_min_tokens():
+    req, last = run_single([9, 9, 8], max_tokens=10, stop_token_ids=[9], min_tokens=2)
+    assert req.output_token_ids == [9, 9]
+    assert last.finish_reason == "stop" and last.stop_reason == 9
+
+
+def test_max_tokens_finishes_with_length():
+    req, last = run_single([5] * 10, max_tokens=3)
+    assert req.num_output_tokens == 3 and last.finish_reason == "length"
+
+
+def test_max_model_len_finishes_with_length_and_caps_scheduling():
+    sched = make_scheduler(max_model_len=6)
+    req = make_request("r", 3, max_tokens=None)
+    sched.add_request(req)
+    outs = FakeWorker(sched).run_to_completion()
+    assert req.num_tokens == 6 and req.status == RequestStatus.FINISHED_LENGTH
+    assert all(o.total_num_scheduled_tokens <= 6 for o, _ in outs)
+
+
+def test_abort_frees_blocks_and_is_reported_to_workers_not_outputs():
+    sched = make_scheduler(budget=8)
+    sched.add_request(make_request("running", 4, max_tokens=10))
+    sched.add_request(make_request("chunking", 20, max_tokens=10))
+    sched.add_request(make_request("waiting", 4, max_tokens=10))
+    out = sched.schedule()
+    sched.finish_requests(["running", "chunking", "waiting", "unknown"], RequestStatus.FINISHED_ABORTED)
+    sched.finish_requests("running", RequestStatus.FINISHED_ABORTED)  # already finished: ignored
+    # The in-flight step's results for aborted requests are dropped.
+    runner_out = ModelRunnerOutput(list(out.num_scheduled_tokens), [[5], []])
+    assert sched.update_from_output(out, runner_out) == []
+    assert not sched.has_unfinished_requests()
+    assert_no_leak(sched)
+    assert sorted(sched.schedule().finished_req_ids) == ["chunking", "running", "waiting"]
+
+
+def test_prefix_hit_reported_in_num_cached_tokens():
+    sched = make_scheduler(budget=64)
+    prompt = list(range(100, 118))  # 18 tokens: 4 full blocks of 4
+    worker = FakeWorker(sched)
+    sched.add_request(make_request("first", prompt=prompt, max_tokens=1))
+    _, outs = worker.step()
+    assert outs[0].num_cached_tokens == 0
+    sched.add_request(make_request("second", prompt=prompt, max_tokens=2))
+    out, outs = worker.step()
+    assert out.scheduled_new_reqs[0].num_computed_tokens == 16
+    assert out.num_scheduled_tokens == {"second": 2}
+    assert outs[0].num_cached_tokens == 16
+    _, outs = worker.step()
+    assert outs[0].num_cached_tokens == 16
+    assert sched.make_stats().prefix_cache_hit_rate == pytest.approx(16 / 36)
+
+
+def test_common_prefix_blocks_counted_across_running_requests():
+    sched = make_scheduler(budget=64)
+    prefix = list(range(100, 108))
+    sched.add_request(make_request("a", prompt=prefix + [1, 2], max_tokens=5))
+    worker = FakeWorker(sched)
+    worker.step()
+    sched.add_request(make_request("b", prompt=prefix + [3, 4], max_tokens=5))
+    out, _ = worker.step()
+    assert out.num_common_prefix_blocks == 2
+
+
+def test_logprobs_sliced_to_each_requests_k():
+    sched = make_scheduler(budget=64)
+    sched.add_request(make_request("one", 3, logprobs=1))
+    sched.add_request(make_request("none", 3))
+    sched.add_request(make_request("prompt", 3, prompt_logprobs=0))
+    lp = Logprobs(token_ids=[[7, 1, 2, 3]] * 3, logprobs=[[-0.1, -0.2, -0.3, -0.4]] * 3, ranks=[1, 1, 1])
+    prompt_lp = Logprobs(token_ids=[[5, 1], [6, 1]], logprobs=[[-1.0, -0.5], [-2.0, -0.5]], ranks=[2, 3])
+    _, outs = FakeWorker(sched).step(extra={"logprobs": lp, "prompt_logprobs": {"prompt": prompt_lp}})
+    by_id = {o.request_id: o for o in outs}
+    assert by_id["one"].new_logprobs.token_ids == [[7, 1]]
+    assert by_id["one"].new_logprobs.logprobs == [[-0.1, -0.2]]
+    assert by_id["none"].new_logprobs is None
+    assert by_id["prompt"].new_prompt_logprobs.token_ids == [[5], [6]]
+    assert by_id["prompt"].new_prompt_logprobs.ranks == [2, 3]
+
+
+def test_prompt_logprobs_reported_for_a_chunk_that_sampled_nothing():
+    sched = make_scheduler(budget=8)
+    sched.add_request(make_request("p", 20, prompt_logprobs=1))
+    chunk_lp = Logprobs(token_ids=[[5, 1]] * 8, logprobs=[[-1.0, -0.5]] * 8, ranks=[1] * 8)
+    _, outs = FakeWorker(sched).step(extra={"prompt_logprobs": {"p": chunk_lp}})
+    assert len(outs) == 1 and outs[0].new_token_ids == [] and outs[0].new_prompt_logprobs is chunk_lp
+
+
+def test_make_stats_reports_queue_and_cache_state():
+    sched = make_scheduler(num_blocks=10, budget=100, max_num_seqs=1)
+    sched.add_request(make_request("a", 8))
+    sched.add_request(make_request("b", 8))
+    sched.schedule()
+    stats = sched.make_stats()
+    assert (stats.num_running, stats.num_waiting, stats.num_preemptions) == (1, 1, 0)
+    assert stats.kv_cache_usage == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_random_workload_with_aborts_and_preemption_leaks_no_blocks(policy):
+    rng = random.Random(1)
+    sched = make_scheduler(num_blocks=14, block_size=4, budget=24, max_num_seqs=6, policy=policy)
+    worker = FakeWorker(sched)
+    shared = list(range(500, 512))
+    reqs = []
+    for step in range(300):
+        if step < 150 and rng.random() < 0.4:
+            prefix = shared if rng.random() < 0.5 else []
+            prompt = prefix + [rng.randint(20, 90) for _ in range(rng.randint(1, 20))]
+            r = make_request(f"r{step}", prompt=prompt, priority=rng.randint(0, 3),
+                             max_tokens=rng.randint(1, 12))
+            reqs.append(r)
+            sched.add_request(r)
+        if reqs and rng.random() < 0.05:
+            sched.finish_requests(rng.choice(reqs).request_id, RequestStatus.FINISHED_ABORTED)
+        worker.step()
+    worker.run_to_completion()
+    assert sched.num_preemptions > 0
+    for r in reqs:
+        assert r.is_finished()
+        if r.status == RequestStatus.FINISHED_LENGTH:
+            assert r.num_output_tokens == r.max_tokens
+    assert_no_leak(sched)
