@@ -1,0 +1,47 @@
+"""CpuWorker: runs the shared torch model runner on the host CPU."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from piston.platforms.interface import Worker
+from piston.worker.model_runner import TorchModelRunner
+from piston_cpu.attention import CpuAttention
+
+logger = logging.getLogger(__name__)
+
+
+class CpuWorker(Worker):
+    def __init__(self, config, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(config, rank, world_size)
+        threads = int(os.environ.get("PISTON_CPU_THREADS", "0")) or os.cpu_count() or 1
+        torch.set_num_threads(threads)
+        self.runner = TorchModelRunner(config, torch.device("cpu"), CpuAttention())
+
+    def load_model(self) -> None:
+        self.runner.load_model()
+
+    def determine_num_kv_blocks(self) -> int:
+        budget = self.config.cache_config.kv_cache_memory
+        per_block = self.runner.kv_cache_bytes_per_block()
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory={budget} bytes holds no KV block; one block of "
+                f"{self.runner.block_size} tokens needs {per_block} bytes for this model.")
+        return int(num_blocks)
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.runner.initialize_kv_cache(num_blocks)
+
+    def execute_model(self, scheduler_output):
+        return self.runner.execute_model(scheduler_output)
+
+    def sleep(self) -> None:
+        self.runner.kv_caches = []
+
+    def wake_up(self) -> None:
+        self.runner.initialize_kv_cache(self.config.cache_config.num_blocks)
