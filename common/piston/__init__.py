@@ -1,8 +1,11 @@
 """Piston: a fast, easy LLM inference and serving engine."""
 
+from piston.logger import configure_logging
 from piston.outputs import CompletionOutput, Logprob, RequestOutput
 from piston.sampling_params import SamplingParams
 from piston.version import __version__
+
+configure_logging()
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
 

@@ -1,0 +1,85 @@
+"""EngineCore: the busy loop's body: schedule, execute, update."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from typing import Any, Iterable
+
+from piston.config import EngineConfig
+from piston.core.scheduler import Scheduler
+from piston.engine.messages import EngineCoreOutputs, EngineCoreRequest
+from piston.executor.uniproc import UniProcExecutor
+from piston.platforms.registry import get_platform
+from piston.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+def load_scheduler_cls(policy: str) -> type[Scheduler]:
+    """The built-in Scheduler, or a user's class named ``module:Class`` / ``module.Class``."""
+    if ":" not in policy and "." not in policy:
+        return Scheduler
+    module, _, name = policy.replace(":", ".").rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"scheduling policy {policy!r}: cannot import the scheduler class ({e}).") from e
+    return cls
+
+
+class EngineCore:
+    """Owns the scheduler and the executor. Not thread-safe: one caller drives it."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        start = time.perf_counter()
+        platform = get_platform(config.platform or None)
+        config.platform = platform.name
+        platform.check_and_update_config(config)
+        self.config = config
+        self.executor = UniProcExecutor(config, platform)
+        cc = config.cache_config
+        num_blocks = self.executor.determine_num_kv_blocks()
+        blocks_per_seq = -(-config.model_config.max_model_len // cc.block_size)
+        if num_blocks < blocks_per_seq:
+            raise ValueError(
+                f"The KV cache ({num_blocks} blocks of {cc.block_size} tokens, from "
+                f"kv_cache_memory={cc.kv_cache_memory} bytes) cannot hold one sequence of "
+                f"max_model_len={config.model_config.max_model_len} tokens; raise kv_cache_memory "
+                f"or lower max_model_len to at most {num_blocks * cc.block_size}.")
+        cc.num_blocks = num_blocks
+        self.executor.initialize_cache(num_blocks)
+        policy = config.scheduler_config.policy
+        self.scheduler = load_scheduler_cls(policy)(config)
+        logger.info(
+            "EngineCore ready on %s in %.1f s: KV cache %d blocks x %d tokens = %d tokens "
+            "(%.2f GiB), max_num_seqs=%d, max_num_batched_tokens=%d, prefix caching %s",
+            platform.name, time.perf_counter() - start, num_blocks, cc.block_size,
+            num_blocks * cc.block_size, (cc.kv_cache_memory or 0) / 2**30,
+            config.scheduler_config.max_num_seqs, config.scheduler_config.max_num_batched_tokens,
+            "on" if cc.enable_prefix_caching else "off")
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        self.scheduler.add_request(Request.from_engine_core_request(request))
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        self.scheduler.finish_requests(list(request_ids), RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> EngineCoreOutputs:
+        """Run one scheduling step; returns what each request produced."""
+        if not self.scheduler.has_unfinished_requests():
+            return EngineCoreOutputs()
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.executor.execute_model(scheduler_output)
+        outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        return EngineCoreOutputs(outputs=outputs)
+
+    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list[Any]:
+        return self.executor.collective_rpc(method, args, kwargs)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

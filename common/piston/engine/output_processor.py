@@ -1,0 +1,162 @@
+"""OutputProcessor: turns EngineCore outputs into RequestOutputs on the front end.
+
+It detokenizes incrementally, applies stop strings (asking the engine to abort the
+request), converts logprobs, and merges the ``n`` child requests of one user request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from piston.engine.detokenizer import IncrementalDetokenizer, decode_token
+from piston.engine.messages import EngineCoreOutput, Logprobs
+from piston.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from piston.sampling_params import SamplingParams
+
+
+@dataclass
+class ChildState:
+    """One generated sequence (one engine request)."""
+
+    engine_id: str
+    index: int
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    logprobs: list[PositionLogprobs] | None
+    cumulative_logprob: float | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class RequestState:
+    """One user request and its ``n`` children."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[ChildState]
+    prompt_logprobs: list[PositionLogprobs | None] | None
+    num_cached_tokens: int = 0
+    num_finished: int = 0
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.num_finished == len(self.children)
+
+
+def child_request_id(request_id: str, index: int, n: int) -> str:
+    return request_id if n == 1 else f"{index}_{request_id}"
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.requests: dict[str, RequestState] = {}
+        self.child_to_parent: dict[str, tuple[RequestState, ChildState]] = {}
+
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                    child_params: list[SamplingParams]) -> list[str]:
+        """Register a request; returns the engine ids of its children."""
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use.")
+        n = len(child_params)
+        want_prompt_lp = child_params[0].prompt_logprobs is not None
+        state = RequestState(request_id, prompt, prompt_token_ids, [],
+                             [None] if want_prompt_lp else None)
+        for i, params in enumerate(child_params):
+            child = ChildState(child_request_id(request_id, i, n), i, params,
+                               IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params),
+                               [] if params.logprobs is not None else None,
+                               0.0 if params.logprobs is not None else None)
+            state.children.append(child)
+            self.child_to_parent[child.engine_id] = (state, child)
+        self.requests[request_id] = state
+        return [c.engine_id for c in state.children]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def abort_request(self, request_id: str) -> list[str]:
+        """Forget a request; returns the engine ids still to abort in the engine."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return []
+        ids = []
+        for child in state.children:
+            self.child_to_parent.pop(child.engine_id, None)
+            if child.finish_reason is None:
+                ids.append(child.engine_id)
+        return ids
+
+    def process_outputs(self, outputs: list[EngineCoreOutput], final_only: bool = False
+                        ) -> tuple[list[RequestOutput], list[str]]:
+        """Apply one step's outputs. Returns (request outputs, engine ids to abort)."""
+        touched: dict[str, RequestState] = {}
+        to_abort: list[str] = []
+        for out in outputs:
+            entry = self.child_to_parent.get(out.request_id)
+            if entry is None:
+                continue  # aborted by the user meanwhile
+            state, child = entry
+            state.num_cached_tokens = out.num_cached_tokens
+            if out.new_prompt_logprobs is not None and state.prompt_logprobs is not None \
+                    and child.index == 0:
+                state.prompt_logprobs.extend(self._convert_logprobs(out.new_prompt_logprobs))
+            if out.new_token_ids:
+                stop_terminated = out.finish_reason == "stop" and not isinstance(out.stop_reason, str)
+                stop_str = child.detokenizer.update(out.new_token_ids, stop_terminated)
+                if child.logprobs is not None and out.new_logprobs is not None:
+                    converted = self._convert_logprobs(out.new_logprobs)
+                    child.logprobs.extend(converted)
+                    for tok, pos in zip(out.new_token_ids, converted):
+                        child.cumulative_logprob += pos[tok].logprob
+                if stop_str is not None and out.finish_reason is None:
+                    out_reason, out_stop = "stop", stop_str
+                    to_abort.append(child.engine_id)
+                else:
+                    out_reason, out_stop = out.finish_reason, out.stop_reason
+            else:
+                out_reason, out_stop = out.finish_reason, out.stop_reason
+            if out_reason is not None and child.finish_reason is None:
+                child.finish_reason, child.stop_reason = out_reason, out_stop
+                state.num_finished += 1
+                self.child_to_parent.pop(child.engine_id, None)
+            touched[state.request_id] = state
+
+        results = []
+        for state in touched.values():
+            if state.finished:
+                self.requests.pop(state.request_id, None)
+            elif final_only:
+                continue
+            results.append(self._make_output(state))
+        return results, to_abort
+
+    def _make_output(self, state: RequestState) -> RequestOutput:
+        completions = [
+            CompletionOutput(
+                index=c.index, text=c.detokenizer.output_text,
+                token_ids=list(c.detokenizer.token_ids),
+                cumulative_logprob=c.cumulative_logprob,
+                logprobs=list(c.logprobs) if c.logprobs is not None else None,
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+            for c in state.children]
+        return RequestOutput(
+            request_id=state.request_id, prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids, outputs=completions,
+            finished=state.finished,
+            prompt_logprobs=list(state.prompt_logprobs) if state.prompt_logprobs is not None else None,
+            num_cached_tokens=max(state.num_cached_tokens, 0))
+
+    def _convert_logprobs(self, lp: Logprobs) -> list[PositionLogprobs]:
+        result = []
+        for ids, values, rank in zip(lp.token_ids, lp.logprobs, lp.ranks):
+            pos: PositionLogprobs = {}
+            for j, (tok, value) in enumerate(zip(ids[1:], values[1:])):
+                pos[tok] = Logprob(value, j + 1, decode_token(self.tokenizer, tok))
+            if ids[0] not in pos:
+                pos[ids[0]] = Logprob(values[0], rank, decode_token(self.tokenizer, ids[0]))
+            result.append(pos)
+        return result

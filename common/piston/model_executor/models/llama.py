@@ -1,0 +1,217 @@
+"""The Llama family: Llama 2/3, Mistral, Qwen2, Qwen3 and SmolLM2, in plain torch.
+
+All of a step's tokens arrive flattened, ``[num_tokens]``, with no batch dimension; the
+Attention layer (and the platform behind it) knows which tokens belong to which sequence.
+q/k/v and gate/up are fused into one Linear each; ``load_weights`` fills them from the
+Hugging Face checkpoint names.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from piston.attention.layer import Attention
+from piston.model_executor.layers.layernorm import RMSNorm
+from piston.model_executor.layers.rotary_embedding import RotaryEmbedding, get_rope
+
+logger = logging.getLogger(__name__)
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: Any, bias: bool) -> None:
+        super().__init__()
+        act = getattr(config, "hidden_act", "silu")
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act={act!r} is not supported; supported: {', '.join(_ACTIVATIONS)}.")
+        self.act = _ACTIVATIONS[act]
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding,
+                 qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim_of(config)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        # Qwen3 normalizes each head of q and k before the rotary embedding.
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.rotary_emb = rotary_emb
+        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads,
+                              self.head_dim ** -0.5, layer_idx)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None:
+            t = x.shape[0]
+            q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim)).reshape(t, self.q_size)
+            k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim)).reshape(t, self.kv_size)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v.contiguous()))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding,
+                 qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, qkv_bias, o_bias, qk_norm)
+        self.mlp = LlamaMLP(config, bias=getattr(config, "mlp_bias", False))
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, h: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, h = h, self.input_layernorm(h)
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(positions, h)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # One cos/sin cache shared by every layer.
+        rotary_emb = get_rope(config, head_dim_of(config))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, rotary_emb, qkv_bias, o_bias, qk_norm)
+            for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            h, residual = layer(positions, h, residual)
+        h, _ = self.norm(h, residual)
+        return h
+
+
+class LlamaForCausalLM(nn.Module):
+    """A Llama-architecture causal LM over a step's flattened tokens.
+
+    ``forward(input_ids [T], positions [T]) -> hidden_states [T, hidden]``;
+    ``compute_logits(hidden [N, hidden]) -> [N, vocab]`` in float32.
+    """
+
+    qkv_bias: bool | None = None  # None: config.attention_bias
+    o_bias: bool | None = None  # None: config.attention_bias
+    qk_norm = False
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        qkv_bias = attention_bias if self.qkv_bias is None else self.qkv_bias
+        o_bias = attention_bias if self.o_bias is None else self.o_bias
+        self.model = LlamaModel(config, qkv_bias, o_bias, self.qk_norm)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        # Tied models read the embedding matrix at logits time: nothing to keep in sync.
+        self.lm_head = None if self.tie_word_embeddings else nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden_states, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors into this model's (fused) parameters.
+
+        Raises ValueError naming any parameter the checkpoint left unfilled, or any
+        tensor whose shape does not match. Unknown names are logged and skipped.
+        """
+        config = self.config
+        q_size = config.num_attention_heads * head_dim_of(config)
+        kv_size = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) \
+            * head_dim_of(config)
+        inter = config.intermediate_size
+        # HF sub-module name -> (fused module name, row offset, rows).
+        shards = {"q_proj": ("qkv_proj", 0, q_size), "k_proj": ("qkv_proj", q_size, kv_size),
+                  "v_proj": ("qkv_proj", q_size + kv_size, kv_size),
+                  "gate_proj": ("gate_up_proj", 0, inter), "up_proj": ("gate_up_proj", inter, inter)}
+        params = dict(self.named_parameters())
+        filled: dict[str, dict[int, int]] = {}  # param -> {row offset: rows} written
+        unexpected = []
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.lm_head is None):
+                continue
+            parts = name.split(".")
+            shard = shards.get(parts[-2]) if len(parts) >= 2 else None
+            if shard is not None:
+                parts[-2] = shard[0]
+            target = ".".join(parts)
+            if target not in params:
+                unexpected.append(name)
+                continue
+            dst = params[target].data
+            if shard is not None:
+                dst = dst.narrow(0, shard[1], shard[2])
+            if dst.shape != tensor.shape:
+                raise ValueError(f"Checkpoint tensor {name} has shape {tuple(tensor.shape)}, but the "
+                                 f"model expects {tuple(dst.shape)}: the config does not match the weights.")
+            dst.copy_(tensor)
+            offset, rows = (shard[1], shard[2]) if shard is not None else (0, dst.shape[0] if dst.dim() else 1)
+            filled.setdefault(target, {})[offset] = rows
+        if unexpected:
+            logger.warning("Skipped %d checkpoint tensors the model has no place for: %s",
+                           len(unexpected), ", ".join(unexpected[:5]))
+        missing = [n for n, p in params.items()
+                   if sum(filled.get(n, {}).values()) != (p.shape[0] if p.dim() else 1)]
+        if missing:
+            raise ValueError(f"The checkpoint does not provide {len(missing)} of the model's parameters "
+                             f"(e.g. {', '.join(missing[:5])}); is it a {type(self).__name__} checkpoint?")
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral: Llama with an optional sliding window, which Piston does not apply yet."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        window = getattr(config, "sliding_window", None)
+        if window and window < getattr(config, "max_position_embeddings", 0):
+            logger.warning("sliding_window=%d is not applied: attention sees the whole context, "
+                           "so outputs past %d tokens differ from the reference.", window, window)
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2: bias on q/k/v, none on the output projection."""
+
+    qkv_bias = True
+    o_bias = False
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Qwen3: per-head RMSNorm on q and k before the rotary embedding."""
+
+    qk_norm = True
+
+
+def head_dim_of(config: Any) -> int:
+    """The config's explicit head_dim, else hidden_size // num_attention_heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
