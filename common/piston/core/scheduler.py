@@ -189,6 +189,7 @@ class Scheduler:
                     sampling_params=r.sampling_params,
                     block_ids=kv.get_block_ids(r.request_id),
                     num_computed_tokens=r.num_computed_tokens,
+                    eos_token_id=r.eos_token_id,
                 )
                 for r in new_reqs
             ],

@@ -1,0 +1,72 @@
+"""Nox sessions: lint, tests (unit), conformance-<platform>, bench.
+
+Every install passes `-c constraints.txt`: an unpinned torch pulls a multi-GB CUDA build.
+Sessions use the interpreter nox runs under and reuse their virtualenvs between runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["lint", "tests", "conformance-cpu"]
+
+ROOT = Path(__file__).parent
+
+
+def _install(session: nox.Session, extras: str = "cpu,dev") -> None:
+    session.install("-c", "constraints.txt", "-e", f".[{extras}]")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check over the whole repository."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Unit tests: core logic, no model needed."""
+    _install(session)
+    session.run("python", "-m", "pytest", "tests/unit", "-q", *session.posargs)
+
+
+def _conformance(session: nox.Session, platform: str, extras: str) -> None:
+    _install(session, extras)
+    session.run(
+        "python", "-m", "pytest", "tests/conformance", "-q", *session.posargs,
+        env={"PISTON_PLATFORM": platform},
+    )
+
+
+@nox.session(name="conformance-cpu")
+def conformance_cpu(session: nox.Session) -> None:
+    """The conformance suite on the CPU platform."""
+    _conformance(session, "cpu", "cpu,dev")
+
+
+@nox.session(name="conformance-cuda")
+def conformance_cuda(session: nox.Session) -> None:
+    """The same suite on CUDA; fails with the platform's error when no GPU is present."""
+    _conformance(session, "cuda", "cpu,dev")
+
+
+@nox.session(name="conformance-tpu")
+def conformance_tpu(session: nox.Session) -> None:
+    """The same suite on TPU (JAX); fails with the platform's error when no TPU is present."""
+    _conformance(session, "tpu", "tpu,dev")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run every benchmarks/*.py script (pass script names as posargs to pick some)."""
+    _install(session)
+    scripts = session.posargs or sorted(str(p) for p in (ROOT / "benchmarks").glob("*.py"))
+    if not scripts:
+        session.skip("no benchmark scripts in benchmarks/")
+    for script in scripts:
+        session.run("python", script)
