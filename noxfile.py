@@ -52,13 +52,13 @@ def conformance_cpu(session: nox.Session) -> None:
 @nox.session(name="conformance-cuda")
 def conformance_cuda(session: nox.Session) -> None:
     """The same suite on CUDA; fails with the platform's error when no GPU is present."""
-    _conformance(session, "cuda", "cpu,dev")
+    _conformance(session, "cuda", "cuda,dev")
 
 
 @nox.session(name="conformance-tpu")
 def conformance_tpu(session: nox.Session) -> None:
     """The same suite on TPU (JAX); fails with the platform's error when no TPU is present."""
-    _conformance(session, "tpu", "tpu,dev")
+    _conformance(session, "tpu", "cpu,tpu,dev")  # torch for the transformers reference
 
 
 @nox.session

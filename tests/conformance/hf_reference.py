@@ -57,11 +57,6 @@ REFERENCE_PROMPTS = [
     _ALICE,  # 200 tokens
     "我最喜欢的食物是",
 ]
-# SmolLM2's greedy continuation of REFERENCE_PROMPTS[0], as transformers gives it.
-ONCE_UPON_A_TIME_20 = (
-    ", the city of Nova Haven was a thriving metropolis, with towering skyscrapers and "
-    "bustling streets. But as"
-)
 # A chat prompt SmolLM2 answers in 8 tokens, the last one EOS ("2 + 2 = 4<|im_end|>").
 SHORT_ANSWER_QUESTION = "What is 2+2? Answer with a number only."
 # Longer than the tiny models' original rope context (128), for llama3 rope scaling.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 from hf_reference import (
     LONG_PROMPT,
-    ONCE_UPON_A_TIME_20,
     REFERENCE_PROMPTS,
     SHORT_ANSWER_QUESTION,
     assert_no_near_ties,
@@ -70,10 +69,13 @@ def test_smollm2_token_id_prompts_match_hf(smollm2_llm, smollm2_path, smollm2_to
     _assert_matches(single, [prompt_ids[0]], prompt_ids[:1], reference[:1])
 
 
-def test_smollm2_text_matches_known_hf_continuation(smollm2_llm):
+def test_smollm2_text_matches_hf_decoded_continuation(smollm2_llm, smollm2_path, smollm2_tokenizer):
+    """What `piston generate "Once upon a time" --max-tokens 20 --temperature 0` prints."""
+    prompt = "Once upon a time"
+    [reference] = hf_greedy(smollm2_path, [smollm2_tokenizer(prompt).input_ids], 20)
     params = SamplingParams(temperature=0.0, max_tokens=20)
-    [out] = smollm2_llm.generate("Once upon a time", params, use_tqdm=False)
-    assert out.outputs[0].text == ONCE_UPON_A_TIME_20
+    [out] = smollm2_llm.generate(prompt, params, use_tqdm=False)
+    assert out.outputs[0].text == smollm2_tokenizer.decode(reference.token_ids, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
