@@ -53,12 +53,16 @@ class Request:
         eos_token_id: int | None = None,
         arrival_time: float | None = None,
         priority: int = 0,
+        client_id: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.sampling_params = sampling_params
         self.eos_token_id = eos_token_id
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.priority = priority
+        self.client_id = client_id
+        # When the scheduler first ran it (for queue-time metrics); None while queued.
+        self.first_scheduled_time: float | None = None
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
 
@@ -82,6 +86,7 @@ class Request:
             eos_token_id=req.eos_token_id,
             arrival_time=req.arrival_time or None,
             priority=req.priority,
+            client_id=req.client_id,
         )
 
     @property

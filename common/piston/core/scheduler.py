@@ -14,25 +14,15 @@ and it goes back to the front of the waiting queue, to be rebuilt later.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from typing import Iterable
 
 from piston.config import EngineConfig
 from piston.core.kv_cache_manager import KVCacheManager
 from piston.core.request_queue import create_request_queue
 from piston.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
-from piston.engine.messages import EngineCoreOutput, Logprobs
+from piston.engine.messages import EngineCoreOutput, Logprobs, SchedulerStats
 from piston.request import Request, RequestStatus
 from piston.worker.runner_output import ModelRunnerOutput
-
-
-@dataclass
-class SchedulerStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    prefix_cache_hit_rate: float
-    num_preemptions: int  # total since start
 
 
 def _priority_key(request: Request) -> tuple[int, float]:
@@ -113,8 +103,10 @@ class Scheduler:
     def make_stats(self) -> SchedulerStats:
         kv = self.kv_cache_manager
         return SchedulerStats(
-            len(self.running), len(self.waiting), kv.usage, kv.prefix_cache_hit_rate, self.num_preemptions
-        )
+            num_running=len(self.running), num_waiting=len(self.waiting),
+            kv_cache_usage=kv.usage, prefix_cache_hit_rate=kv.prefix_cache_hit_rate,
+            num_preemptions=self.num_preemptions,
+            num_free_blocks=kv.block_pool.get_num_free_blocks())
 
     # ---- schedule ----------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from typing import Any, Iterable
 
 from piston.config import EngineConfig
 from piston.core.scheduler import Scheduler
-from piston.engine.messages import EngineCoreOutputs, EngineCoreRequest
+from piston.engine.messages import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
 from piston.executor.uniproc import UniProcExecutor
 from piston.platforms.registry import get_platform
 from piston.request import Request, RequestStatus
@@ -70,13 +70,28 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> EngineCoreOutputs:
-        """Run one scheduling step; returns what each request produced."""
+        """Run one scheduling step; returns what each request produced, and the stats."""
         if not self.scheduler.has_unfinished_requests():
-            return EngineCoreOutputs()
+            return EngineCoreOutputs(scheduler_stats=self.scheduler.make_stats())
         scheduler_output = self.scheduler.schedule()
         runner_output = self.executor.execute_model(scheduler_output)
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
-        return EngineCoreOutputs(outputs=outputs)
+        return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.scheduler.make_stats())
+
+    # ----- utility calls (reachable from the front end by name) ---------------------
+
+    def get_stats(self) -> SchedulerStats:
+        return self.scheduler.make_stats()
+
+    def get_num_free_blocks(self) -> int:
+        return self.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+
+    def get_num_total_blocks(self) -> int:
+        return self.config.cache_config.num_blocks
+
+    def reset_prefix_cache(self) -> bool:
+        self.scheduler.kv_cache_manager.reset_prefix_cache()
+        return True
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list[Any]:
         return self.executor.collective_rpc(method, args, kwargs)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import enum
+from typing import Any
+
 import msgspec
 
 from piston.sampling_params import SamplingParams
@@ -16,6 +19,8 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     eos_token_id: int | None = None
     arrival_time: float = 0.0
     priority: int = 0
+    # Who sent it (the API's `user` field or the API key): the fair policy shares by it.
+    client_id: str | None = None
 
 
 class Logprobs(msgspec.Struct, array_like=True, gc=False):
@@ -41,8 +46,47 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    # Seconds between the core receiving the request and first scheduling it; set on
+    # the request's first output only.
+    queue_time: float | None = None
+
+
+class SchedulerStats(msgspec.Struct, array_like=True, gc=False):
+    """The scheduler's state after a step, for metrics and logs."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_hit_rate: float = 0.0
+    num_preemptions: int = 0
+    num_free_blocks: int = 0
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     outputs: list[EngineCoreOutput] = []
-    finished_requests: list[str] = []
+    scheduler_stats: SchedulerStats | None = None
+    # Set on the reply to a utility call instead of outputs.
+    utility_output: "UtilityOutput | None" = None
+
+
+class EngineCoreRequestType(enum.Enum):
+    """The first frame of every front end -> engine message names its type."""
+
+    ADD = b"\x00"
+    ABORT = b"\x01"
+    UTILITY = b"\x02"
+    SHUTDOWN = b"\x03"
+
+
+class UtilityRequest(msgspec.Struct, array_like=True, gc=False):
+    """Call ``EngineCore.<method>(*args)`` in the engine process; the reply carries call_id."""
+
+    call_id: int
+    method: str
+    args: list = []
+
+
+class UtilityOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    call_id: int
+    result: Any = None  # any msgspec-encodable value
+    failure: str | None = None  # the exception text when the call raised
