@@ -55,7 +55,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     enable_chunked_prefill: bool = True
-    policy: str = "fcfs"  # "fcfs", "priority", or "module:Class" of a custom scheduler
+    policy: str = "fcfs"  # "fcfs", "priority", "fair", or "module:Class" of a custom scheduler
 
 
 @dataclass

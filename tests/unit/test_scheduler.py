@@ -15,22 +15,26 @@ from piston.worker.runner_output import ModelRunnerOutput
 EOS = 2
 
 
-def make_scheduler(num_blocks=64, block_size=4, budget=32, max_num_seqs=16, chunked=True,
-                   caching=True, policy="fcfs", max_model_len=0):
-    return Scheduler(EngineConfig(
+def make_scheduler(**kwargs):
+    return Scheduler(make_config(**kwargs))
+
+
+def make_config(num_blocks=64, block_size=4, budget=32, max_num_seqs=16, chunked=True,
+                caching=True, policy="fcfs", max_model_len=0):
+    return EngineConfig(
         model_config=ModelConfig(model="fake", max_model_len=max_model_len),
         cache_config=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=caching),
         scheduler_config=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
                                          enable_chunked_prefill=chunked, policy=policy),
-    ))
+    )
 
 
-def make_request(req_id, prompt_len=None, prompt=None, priority=0, arrival=None, **params):
+def make_request(req_id, prompt_len=None, prompt=None, priority=0, arrival=None, client=None, **params):
     params.setdefault("max_tokens", 4)
     if prompt is None:
         prompt = [100 + (zlib.crc32(req_id.encode()) + i) % 1000 for i in range(prompt_len)]
     return Request(req_id, prompt, SamplingParams(**params), eos_token_id=EOS,
-                   arrival_time=arrival, priority=priority)
+                   arrival_time=arrival, priority=priority, client_id=client)
 
 
 def default_token(request):
@@ -351,7 +355,7 @@ def test_make_stats_reports_queue_and_cache_state():
     assert stats.kv_cache_usage == pytest.approx(0.2)
 
 
-@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+@pytest.mark.parametrize("policy", ["fcfs", "priority", "fair"])
 def test_random_workload_with_aborts_and_preemption_leaks_no_blocks(policy):
     rng = random.Random(1)
     sched = make_scheduler(num_blocks=14, block_size=4, budget=24, max_num_seqs=6, policy=policy)
@@ -363,7 +367,7 @@ def test_random_workload_with_aborts_and_preemption_leaks_no_blocks(policy):
             prefix = shared if rng.random() < 0.5 else []
             prompt = prefix + [rng.randint(20, 90) for _ in range(rng.randint(1, 20))]
             r = make_request(f"r{step}", prompt=prompt, priority=rng.randint(0, 3),
-                             max_tokens=rng.randint(1, 12))
+                             client=rng.choice(["a", "b", "b", "b", None]), max_tokens=rng.randint(1, 12))
             reqs.append(r)
             sched.add_request(r)
         if reqs and rng.random() < 0.05:

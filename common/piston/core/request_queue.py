@@ -1,7 +1,7 @@
-"""Waiting-queue policies: FCFS and priority, behind one small interface.
+"""Waiting queues: FCFS, ordered by a key (priority), and per client (fair), behind one interface.
 
-The scheduler only calls the methods of ``RequestQueue``; a new policy is a new
-subclass plus a line in ``create_request_queue``.
+The scheduler only calls the methods of ``RequestQueue``. Which queue a step uses is
+the scheduling policy's choice (``piston.core.policies``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import heapq
 import itertools
 from abc import ABC, abstractmethod
 from collections import deque
-from typing import Iterable, Iterator
+from typing import Any, Callable, Hashable, Iterable, Iterator
 
 from piston.request import Request
 
@@ -36,7 +36,7 @@ class RequestQueue(ABC):
 
     @abstractmethod
     def remove(self, request: Request) -> None:
-        """Remove one queued request; ValueError if absent."""
+        """Remove one queued request (cheap for the head); ValueError if absent."""
 
     def remove_requests(self, requests: Iterable[Request]) -> None:
         """Remove several queued requests."""
@@ -73,7 +73,10 @@ class FCFSRequestQueue(RequestQueue):
         self._queue.appendleft(request)
 
     def remove(self, request: Request) -> None:
-        self._queue.remove(request)
+        if self._queue and self._queue[0] is request:
+            self._queue.popleft()
+        else:
+            self._queue.remove(request)
 
     def remove_requests(self, requests: Iterable[Request]) -> None:
         # One pass instead of one O(n) removal per request.
@@ -87,30 +90,39 @@ class FCFSRequestQueue(RequestQueue):
         return iter(self._queue)
 
 
-class PriorityRequestQueue(RequestQueue):
-    """Lowest ``(priority, arrival_time)`` first, as in vLLM; ties in insertion order."""
+def priority_key(request: Request) -> tuple[int, float]:
+    """vLLM's priority order: lower ``priority`` first, then earlier arrival."""
+    return (request.priority, request.arrival_time)
 
-    def __init__(self) -> None:
-        self._heap: list[tuple[int, float, int, Request]] = []
+
+class PriorityRequestQueue(RequestQueue):
+    """Smallest ``key(request)`` first (default: ``priority_key``); ties in insertion order."""
+
+    def __init__(self, key: Callable[[Request], Any] = priority_key) -> None:
+        self.key = key
+        self._heap: list[tuple[Any, int, Request]] = []
         self._counter = itertools.count()
 
     def add(self, request: Request) -> None:
-        heapq.heappush(self._heap, (request.priority, request.arrival_time, next(self._counter), request))
+        heapq.heappush(self._heap, (self.key(request), next(self._counter), request))
 
     def pop(self) -> Request:
-        return heapq.heappop(self._heap)[3]
+        return heapq.heappop(self._heap)[2]
 
     def peek(self) -> Request:
-        return self._heap[0][3]
+        return self._heap[0][2]
 
     def prepend(self, request: Request) -> None:
-        # A preempted request keeps its priority and arrival time, so it sorts ahead of
-        # newer requests of equal priority anyway.
+        # A preempted request keeps its key (priority, arrival time), so it sorts ahead
+        # of newer requests of equal priority anyway.
         self.add(request)
 
     def remove(self, request: Request) -> None:
+        if self._heap and self._heap[0][2] is request:
+            heapq.heappop(self._heap)
+            return
         for i, entry in enumerate(self._heap):
-            if entry[3] is request:
+            if entry[2] is request:
                 self._heap[i] = self._heap[-1]
                 self._heap.pop()
                 heapq.heapify(self._heap)
@@ -119,20 +131,68 @@ class PriorityRequestQueue(RequestQueue):
 
     def remove_requests(self, requests: Iterable[Request]) -> None:
         drop = set(map(id, requests))
-        self._heap = [e for e in self._heap if id(e[3]) not in drop]
+        self._heap = [e for e in self._heap if id(e[2]) not in drop]
         heapq.heapify(self._heap)
 
     def __len__(self) -> int:
         return len(self._heap)
 
     def __iter__(self) -> Iterator[Request]:
-        return (entry[3] for entry in self._heap)
+        return (entry[2] for entry in self._heap)
 
 
-def create_request_queue(policy: str) -> RequestQueue:
-    """An empty waiting queue for ``policy`` ("fcfs" or "priority")."""
-    if policy == "fcfs":
-        return FCFSRequestQueue()
-    if policy == "priority":
-        return PriorityRequestQueue()
-    raise ValueError(f"Unknown scheduling policy {policy!r}; use 'fcfs' or 'priority'.")
+class ClientRequestQueue(RequestQueue):
+    """One FCFS queue per client (``Request.client_id``); serves the client ranked first.
+
+    ``client_rank(client_id)`` is evaluated on every ``peek``/``pop``, so the order can
+    follow state that changes within a step (the fair policy's shares). Ties, and the
+    default rank, go to the client whose head request arrived first.
+    """
+
+    def __init__(self, client_rank: Callable[[Hashable], Any] | None = None) -> None:
+        self.client_rank = client_rank
+        self.clients: dict[Hashable, deque[Request]] = {}
+        self._len = 0
+
+    def _best(self) -> deque[Request]:
+        if not self.clients:
+            raise IndexError("peek from an empty waiting queue")
+        rank = self.client_rank
+        if rank is None:
+            return min(self.clients.values(), key=lambda q: q[0].arrival_time)
+        best = min(self.clients, key=lambda c: (rank(c), self.clients[c][0].arrival_time))
+        return self.clients[best]
+
+    def add(self, request: Request) -> None:
+        self.clients.setdefault(request.client_id, deque()).append(request)
+        self._len += 1
+
+    def prepend(self, request: Request) -> None:
+        self.clients.setdefault(request.client_id, deque()).appendleft(request)
+        self._len += 1
+
+    def peek(self) -> Request:
+        return self._best()[0]
+
+    def pop(self) -> Request:
+        request = self._best()[0]
+        self.remove(request)
+        return request
+
+    def remove(self, request: Request) -> None:
+        queue = self.clients.get(request.client_id)
+        if queue is None:
+            raise ValueError(f"request {request.request_id!r} is not in the waiting queue")
+        if queue[0] is request:
+            queue.popleft()
+        else:
+            queue.remove(request)
+        if not queue:
+            del self.clients[request.client_id]
+        self._len -= 1
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[Request]:
+        return itertools.chain.from_iterable(self.clients.values())

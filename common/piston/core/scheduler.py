@@ -8,25 +8,32 @@ to zero, total includes output) all fall out of that rule. The decision is
 ``{request_id: num_tokens}``, sent to the workers as a diff (SchedulerOutput).
 
 Out of KV blocks, the scheduler preempts by recompute: the victim's blocks are freed
-and it goes back to the front of the waiting queue, to be rebuilt later.
+and it goes back to the waiting queue, to be rebuilt later.
+
+Who goes first, how the budget is shared and who may be preempted is the policy's
+(``piston.core.policies``: fcfs, priority, fair). ``SchedulerConfig.policy`` may also
+name a ``module:Class`` subclass of ``Scheduler``. Its hooks, from small to large:
+
+- ``make_policy(name)``: return your own ``SchedulingPolicy`` (ordering, shares,
+  preemption) and keep the rest of the loop;
+- ``schedule()`` / ``update_from_output()``: wrap them with ``super()`` to add
+  bookkeeping, or replace them (keep the output contracts in their docstrings);
+- ``add_request()`` / ``finish_requests()``: see or filter requests as they come and go.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from typing import Iterable
 
 from piston.config import EngineConfig
 from piston.core.kv_cache_manager import KVCacheManager
-from piston.core.request_queue import create_request_queue
+from piston.core.policies import SchedulingPolicy, make_policy
 from piston.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 from piston.engine.messages import EngineCoreOutput, Logprobs, SchedulerStats
 from piston.request import Request, RequestStatus
 from piston.worker.runner_output import ModelRunnerOutput
-
-
-def _priority_key(request: Request) -> tuple[int, float]:
-    return (request.priority, request.arrival_time)
 
 
 class Scheduler:
@@ -37,8 +44,7 @@ class Scheduler:
         self.max_num_batched_tokens = sched.max_num_batched_tokens
         self.max_num_seqs = sched.max_num_seqs
         self.enable_chunked_prefill = sched.enable_chunked_prefill
-        # A "module:Class" policy names a custom scheduler subclass; it starts from FCFS.
-        self.policy = sched.policy if sched.policy in ("fcfs", "priority") else "fcfs"
+        self.policy = self.make_policy(sched.policy)
         # 0 means "not resolved yet" (unit tests); the engine sets the real context.
         self.max_model_len = config.model_config.max_model_len or sys.maxsize
         self.kv_cache_manager = KVCacheManager(
@@ -46,11 +52,18 @@ class Scheduler:
         )
 
         self.requests: dict[str, Request] = {}
-        self.waiting = create_request_queue(self.policy)
+        self.waiting = self.policy.make_queue()
         self.running: list[Request] = []
         # Ids the workers must forget at the next step: finished, aborted or preempted.
         self.finished_req_ids: set[str] = set()
         self.num_preemptions = 0
+
+    def make_policy(self, name: str) -> SchedulingPolicy:
+        """The policy for ``SchedulerConfig.policy``; a ``module:Class`` name gets FCFS.
+
+        Override to plug in a custom ``SchedulingPolicy``.
+        """
+        return make_policy(name)
 
     # ---- bookkeeping -------------------------------------------------------------
 
@@ -111,66 +124,66 @@ class Scheduler:
     # ---- schedule ----------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        """Decide this step: running requests first, then waiting ones, within the budget.
+        """Decide this step: serve running requests and admit waiting ones, within the budget.
+
+        Running requests are served in the policy's order; between two of them the head
+        of the waiting queue is admitted whenever the policy ranks it first. Admission
+        stops at the first waiting request that does not fit (after any preemption the
+        policy allows), and after a running request had to preempt to grow.
 
         Never exceeds ``max_num_batched_tokens`` tokens or ``max_num_seqs`` running
         requests, and never schedules a request past ``max_model_len``. On return, each
         scheduled request's ``num_computed_tokens`` already includes this step's tokens.
         """
-        kv = self.kv_cache_manager
+        kv, policy = self.kv_cache_manager, self.policy
         budget = self.max_num_batched_tokens
         num_scheduled: dict[str, int] = {}
         new_reqs: list[Request] = []
-        cached_ids: list[str] = []
-        cached_block_ids: list[list[int]] = []
-        preempted = False
+        cached_block_ids: dict[str, list[int]] = {}
+        preempted: set[str] = set()
+        admitting = True
+        policy.begin_step(self.running, self.waiting, budget)
 
-        # Serve running requests best-first, so victims (taken from the end) are never
-        # ones already scheduled this step.
-        if self.policy == "priority":
-            self.running.sort(key=_priority_key)
-
-        i = 0
-        while i < len(self.running) and budget > 0:
+        i = 0  # self.running[:i] are served (or skipped) this step; victims come from the end
+        while budget > 0:
+            if admitting and self.waiting:
+                head = self.waiting.peek()
+                if head.request_id in preempted:
+                    admitting = False  # re-admitting a request preempted this step would thrash
+                elif i >= len(self.running) or policy.waiting_first(head, self.running[i]):
+                    num_new = self._admit(head, budget, i, len(new_reqs), preempted)
+                    if num_new == 0:
+                        admitting = False
+                    else:
+                        num_scheduled[head.request_id] = num_new
+                        budget -= num_new
+                        new_reqs.append(head)
+                        policy.on_scheduled(head, num_new, admitted=True)
+                    continue
+            if i >= len(self.running):
+                break
             request = self.running[i]
             remaining = request.num_tokens - request.num_computed_tokens
-            num_new = min(remaining, budget, self.max_model_len - request.num_computed_tokens)
+            num_new = min(remaining, budget, policy.token_limit(request),
+                          self.max_model_len - request.num_computed_tokens)
             if num_new <= 0 or (not self.enable_chunked_prefill and num_new < remaining):
                 i += 1
                 continue
             while (block_ids := kv.allocate_slots(request, num_new)) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
-                preempted = True
+                preempted.add(victim.request_id)
+                admitting = False  # admitting new work right after preempting would thrash
                 if victim is request:
                     break
             if block_ids is None:
-                break  # the request preempted itself: it was the last running one
+                continue  # the request preempted itself: it was the last running one
             num_scheduled[request.request_id] = num_new
             budget -= num_new
-            cached_ids.append(request.request_id)
-            cached_block_ids.append(block_ids)
+            cached_block_ids[request.request_id] = block_ids
+            policy.on_scheduled(request, num_new, admitted=False)
             i += 1
-
-        # Admitting new work right after preempting would only thrash the cache.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting.peek()
-            hit_blocks, num_hit = kv.get_computed_blocks(request)
-            remaining = request.num_tokens - num_hit
-            if not self.enable_chunked_prefill and remaining > budget:
-                break
-            num_new = min(remaining, budget, self.max_model_len - num_hit)
-            if num_new <= 0 or kv.allocate_slots(request, num_new, hit_blocks, num_hit) is None:
-                break
-            self.waiting.pop()
-            self.running.append(request)
-            request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = num_hit
-            if request.num_cached_tokens < 0:
-                request.num_cached_tokens = num_hit
-            num_scheduled[request.request_id] = num_new
-            budget -= num_new
-            new_reqs.append(request)
+        self.running.extend(new_reqs)
 
         output = SchedulerOutput(
             scheduled_new_reqs=[
@@ -186,9 +199,9 @@ class Scheduler:
                 for r in new_reqs
             ],
             scheduled_cached_reqs=CachedRequestData(
-                req_ids=cached_ids,
-                new_block_ids=cached_block_ids,
-                num_computed_tokens=[self.requests[r].num_computed_tokens for r in cached_ids],
+                req_ids=list(cached_block_ids),
+                new_block_ids=list(cached_block_ids.values()),
+                num_computed_tokens=[self.requests[r].num_computed_tokens for r in cached_block_ids],
             ),
             num_scheduled_tokens=num_scheduled,
             total_num_scheduled_tokens=self.max_num_batched_tokens - budget,
@@ -201,7 +214,43 @@ class Scheduler:
         # As vLLM V1: count the tokens as computed now; the next step builds on them.
         for req_id, n in num_scheduled.items():
             self.requests[req_id].num_computed_tokens += n
+        now = time.monotonic()
+        for request in new_reqs:
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
         return output
+
+    def _admit(self, request: Request, budget: int, num_served: int, num_admitted: int,
+               preempted: set[str]) -> int:
+        """Move the waiting ``request`` to running with its first chunk; 0 if it does not fit.
+
+        When slots or blocks run out, preempts the last running requests (never one of
+        ``running[:num_served]``, which this step already served) while the policy allows.
+        Victims stay preempted even if the request still does not fit: it outranks them,
+        so it takes their room next step, before anything else is served.
+        """
+        kv = self.kv_cache_manager
+        hit_blocks, num_hit = kv.get_computed_blocks(request)
+        remaining = request.num_tokens - num_hit
+        limit = min(budget, self.policy.token_limit(request))
+        if not self.enable_chunked_prefill and remaining > limit:
+            return 0
+        num_new = min(remaining, limit, self.max_model_len - num_hit)
+        if num_new <= 0:
+            return 0
+        while (len(self.running) + num_admitted >= self.max_num_seqs
+               or kv.allocate_slots(request, num_new, hit_blocks, num_hit) is None):
+            if len(self.running) <= num_served or not self.policy.may_preempt(request, self.running[-1]):
+                return 0
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.add(victim.request_id)
+        self.waiting.remove(request)
+        request.status = RequestStatus.RUNNING
+        request.num_computed_tokens = num_hit
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_hit
+        return num_new
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
@@ -209,6 +258,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
+        self.policy.on_preempted(request)
         self.waiting.prepend(request)
         # The workers drop its state now; it comes back as a new request on resume.
         self.finished_req_ids.add(request.request_id)
@@ -223,7 +273,8 @@ class Scheduler:
         One EngineCoreOutput per request that sampled tokens or got prompt logprobs this
         step. Stop checks per token, in order: eos (unless ignore_eos; only once
         min_tokens are out), stop_token_ids (also after min_tokens), then max_tokens or
-        max_model_len. Requests aborted meanwhile are skipped.
+        max_model_len. Requests aborted meanwhile are skipped. A request's first output
+        with tokens carries its ``queue_time`` (None when the arrival time is unusable).
         """
         outputs: list[EngineCoreOutput] = []
         sampled_all = model_runner_output.sampled_token_ids
@@ -240,7 +291,10 @@ class Scheduler:
                 continue
 
             new_lp = None
+            queue_time = None
             if sampled:
+                if request.num_output_tokens == 0:
+                    queue_time = _queue_time(request)
                 sampled = self._append_and_check_stop(request, sampled)
                 k = request.sampling_params.logprobs
                 if logprobs is not None and k is not None:
@@ -257,6 +311,7 @@ class Scheduler:
                     finish_reason=request.get_finish_reason(),
                     stop_reason=request.stop_reason,
                     num_cached_tokens=max(request.num_cached_tokens, 0),
+                    queue_time=queue_time,
                 )
             )
             if request.is_finished():
@@ -295,6 +350,14 @@ class Scheduler:
                 break
         request.append_output_token_ids(sampled)
         return sampled
+
+
+def _queue_time(request: Request) -> float | None:
+    """Seconds from arrival to first scheduling; None when the arrival time is unusable."""
+    start, arrival = request.first_scheduled_time, request.arrival_time
+    if start is None or arrival <= 0 or arrival > start:
+        return None
+    return start - arrival
 
 
 def _slice_logprobs(lp: Logprobs, width: int, row: int | None = None) -> Logprobs:

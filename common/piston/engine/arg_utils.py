@@ -47,7 +47,7 @@ class EngineArgs:
         add("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
         add("--max-num-seqs", type=int, default=d.max_num_seqs)
         add("--scheduling-policy", default=d.scheduling_policy,
-            help="fcfs, priority, or module:Class of a custom scheduler")
+            help="fcfs, priority, fair, or module:Class of a custom scheduler")
         add("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
         add("--platform", default=None, help="cpu, cuda or tpu (default: $PISTON_PLATFORM or auto)")
 
@@ -70,11 +70,11 @@ class EngineArgs:
     def create_engine_config(self) -> EngineConfig:
         """Resolve the model, read its config and fill in every derived setting."""
         from piston.model_executor.model_loader import load_hf_config
-        from piston.model_resolver import resolve_model
+        from piston.model_resolver import DEFAULT_MODEL_NAME, resolve_model
 
         self._validate()
         path = resolve_model(self.model)
-        mc = ModelConfig(model=self.model or path, path=path, tokenizer=self.tokenizer,
+        mc = ModelConfig(model=self.model or DEFAULT_MODEL_NAME, path=path, tokenizer=self.tokenizer,
                          dtype=self.dtype, seed=self.seed)
         load_hf_config(mc)
         native = _native_context(mc.hf_config)
