@@ -7,10 +7,13 @@ import logging
 import time
 from typing import Any, Sequence
 
+import msgspec
+
 from piston.config import EngineConfig
 from piston.engine.arg_utils import EngineArgs
-from piston.engine.engine_core import EngineCore
-from piston.engine.messages import EngineCoreRequest
+from piston.engine.core_client import EngineCoreClient
+from piston.engine.input_processor import InputProcessor, PromptType
+from piston.engine.messages import EngineCoreRequest, SchedulerStats
 from piston.engine.output_processor import OutputProcessor
 from piston.outputs import RequestOutput
 from piston.sampling_params import SamplingParams
@@ -18,17 +21,20 @@ from piston.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-PromptType = str | Sequence[int]
-
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    """Runs the EngineCore in its own process (or in this one with
+    PISTON_ENGINE_IN_PROCESS=1) and turns its token ids into RequestOutputs."""
+
+    def __init__(self, config: EngineConfig, multiprocess: bool | None = None) -> None:
         self.config = config
         mc = config.model_config
         self.tokenizer = load_tokenizer(mc.path, mc.tokenizer)
-        self.engine_core = EngineCore(config)
+        self.engine_core = EngineCoreClient.make_client(config, asyncio_mode=False,
+                                                        multiprocess=multiprocess)
+        self.input_processor = InputProcessor(config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.vocab_size = mc.hf_config.vocab_size
+        self._pending_adds: list[EngineCoreRequest] = []
         self._ids = itertools.count()
 
     @classmethod
@@ -43,55 +49,23 @@ class LLMEngine:
     def process_prompt(self, prompt: PromptType, params: SamplingParams
                        ) -> tuple[str | None, list[int], SamplingParams]:
         """Tokenize and validate one prompt. Raises ValueError naming what is wrong."""
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}.")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty; give at least one character or token.")
-            text, token_ids = prompt, self.tokenizer(prompt).input_ids
-        elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool)
-                                                  for t in prompt):
-            text, token_ids = None, list(prompt)
-        else:
-            raise TypeError("prompt must be a string or a list of token ids, "
-                            f"got {type(prompt).__name__}.")
-        if not token_ids:
-            raise ValueError("prompt is empty; give at least one character or token.")
-        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is out of range for the model's "
-                             f"vocabulary [0, {self.vocab_size}).")
-        max_len = self.config.model_config.max_model_len
-        n = len(token_ids)
-        if n >= max_len:
-            raise ValueError(f"The prompt is {n} tokens long, but the model's context is "
-                             f"max_model_len={max_len} tokens (room is needed for at least one "
-                             "generated token); shorten the prompt.")
-        if params.max_tokens is None:
-            params = params.clone(max_tokens=max_len - n)
-        elif n + params.max_tokens > max_len:
-            raise ValueError(f"max_tokens={params.max_tokens} exceeds the model's context "
-                             f"({max_len} - {n} prompt tokens = {max_len - n}).")
-        for t in params.stop_token_ids or ():
-            if t >= self.vocab_size:
-                raise ValueError(f"stop_token_ids contains {t}, outside the vocabulary "
-                                 f"[0, {self.vocab_size}).")
-        if params.logprobs is not None and params.logprobs > self.vocab_size:
-            raise ValueError(f"logprobs={params.logprobs} exceeds the vocabulary size.")
-        return text, token_ids, params
+        return self.input_processor.process_prompt(prompt, params)
 
     def add_processed_request(self, request_id: str, prompt: str | None, token_ids: list[int],
                               params: SamplingParams, priority: int = 0) -> None:
-        """Add a request already checked by ``process_prompt``."""
-        children = [params] if params.n == 1 else [
-            params.clone(n=1, seed=None if params.seed is None else params.seed + i)
-            for i in range(params.n)]
-        engine_ids = self.output_processor.add_request(request_id, prompt, token_ids, children)
-        eos = self.tokenizer.eos_token_id
+        """Add a request already checked by ``process_prompt``.
+
+        Adds are sent to the engine together at the next ``step``, so a batch built by
+        several calls is scheduled as one.
+        """
+        children = self.input_processor.child_params(params)
         now = time.monotonic()
-        for engine_id, child in zip(engine_ids, children):
-            self.engine_core.add_request(EngineCoreRequest(
-                engine_id, token_ids, child, eos_token_id=eos, arrival_time=now, priority=priority))
+        engine_ids = self.output_processor.add_request(request_id, prompt, token_ids, children, now)
+        eos = self.tokenizer.eos_token_id
+        self._pending_adds.extend(
+            EngineCoreRequest(engine_id, token_ids, child, eos_token_id=eos, arrival_time=now,
+                              priority=priority)
+            for engine_id, child in zip(engine_ids, children))
 
     def add_request(self, request_id: str, prompt: PromptType,
                     params: SamplingParams | None = None, priority: int = 0) -> None:
@@ -101,8 +75,13 @@ class LLMEngine:
     def abort_request(self, request_ids: str | Sequence[str]) -> None:
         if isinstance(request_ids, str):
             request_ids = [request_ids]
-        for request_id in request_ids:
-            self.engine_core.abort_requests(self.output_processor.abort_request(request_id))
+        engine_ids = [i for request_id in request_ids
+                      for i in self.output_processor.abort_request(request_id)]
+        if self._pending_adds:  # never sent: drop them here
+            dropped = set(engine_ids)
+            self._pending_adds = [r for r in self._pending_adds if r.request_id not in dropped]
+        if engine_ids:
+            self.engine_core.abort_requests(engine_ids)
 
     # ----- stepping ---------------------------------------------------------------
 
@@ -110,18 +89,38 @@ class LLMEngine:
         return self.output_processor.has_unfinished_requests()
 
     def step(self, final_only: bool = False) -> list[RequestOutput]:
-        """Run one engine step; returns the outputs of the requests it advanced."""
-        core_outputs = self.engine_core.step()
+        """Run one engine step; returns the outputs of the requests it advanced.
+
+        Returns [] at once when no request is unfinished (it never waits on an idle engine).
+        """
+        if not self.has_unfinished_requests():
+            return []
+        if self._pending_adds:
+            self.engine_core.add_requests(self._pending_adds)
+            self._pending_adds = []
+        core_outputs = self.engine_core.get_output()
         outputs, to_abort = self.output_processor.process_outputs(core_outputs.outputs, final_only)
         if to_abort:
             self.engine_core.abort_requests(to_abort)
         return outputs
 
+    def get_stats(self) -> SchedulerStats:
+        """The scheduler's state now (counts, KV cache use, preemptions so far)."""
+        return msgspec.convert(self.engine_core.call_utility("get_stats"), SchedulerStats)
+
     def get_num_preemptions(self) -> int:
-        return self.engine_core.scheduler.make_stats().num_preemptions
+        return self.get_stats().num_preemptions
+
+    def get_num_free_blocks(self) -> int:
+        return self.engine_core.call_utility("get_num_free_blocks")
+
+    def get_num_total_blocks(self) -> int:
+        return self.engine_core.call_utility("get_num_total_blocks")
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list[Any]:
-        return self.engine_core.collective_rpc(method, args, kwargs)
+        """Call ``method`` on every worker; in multiprocess mode the results must be
+        msgspec-encodable and come back as builtins (lists, dicts, numbers, strings)."""
+        return self.engine_core.call_utility("collective_rpc", method, list(args), kwargs or {})
 
     def shutdown(self) -> None:
         self.engine_core.shutdown()

@@ -6,6 +6,7 @@ request), converts logprobs, and merges the ``n`` child requests of one user req
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from piston.engine.detokenizer import IncrementalDetokenizer, decode_token
@@ -57,7 +58,8 @@ class OutputProcessor:
         self.child_to_parent: dict[str, tuple[RequestState, ChildState]] = {}
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    child_params: list[SamplingParams]) -> list[str]:
+                    child_params: list[SamplingParams], arrival_time: float | None = None
+                    ) -> list[str]:
         """Register a request; returns the engine ids of its children."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use.")
@@ -65,6 +67,8 @@ class OutputProcessor:
         want_prompt_lp = child_params[0].prompt_logprobs is not None
         state = RequestState(request_id, prompt, prompt_token_ids, [],
                              [None] if want_prompt_lp else None)
+        state.metrics["arrival_time"] = time.monotonic() if arrival_time is None else arrival_time
+        state.metrics["queue_time"] = None
         for i, params in enumerate(child_params):
             child = ChildState(child_request_id(request_id, i, n), i, params,
                                IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params),
@@ -101,6 +105,10 @@ class OutputProcessor:
                 continue  # aborted by the user meanwhile
             state, child = entry
             state.num_cached_tokens = out.num_cached_tokens
+            if out.queue_time is not None and state.metrics["queue_time"] is None:
+                state.metrics["queue_time"] = out.queue_time
+            if out.new_token_ids and "first_token_time" not in state.metrics:
+                state.metrics["first_token_time"] = time.monotonic()
             if out.new_prompt_logprobs is not None and state.prompt_logprobs is not None \
                     and child.index == 0:
                 state.prompt_logprobs.extend(self._convert_logprobs(out.new_prompt_logprobs))
@@ -128,6 +136,7 @@ class OutputProcessor:
         results = []
         for state in touched.values():
             if state.finished:
+                state.metrics["finished_time"] = time.monotonic()
                 self.requests.pop(state.request_id, None)
             elif final_only:
                 continue
@@ -148,7 +157,7 @@ class OutputProcessor:
             prompt_token_ids=state.prompt_token_ids, outputs=completions,
             finished=state.finished,
             prompt_logprobs=list(state.prompt_logprobs) if state.prompt_logprobs is not None else None,
-            num_cached_tokens=max(state.num_cached_tokens, 0))
+            num_cached_tokens=max(state.num_cached_tokens, 0), metrics=dict(state.metrics))
 
     def _convert_logprobs(self, lp: Logprobs) -> list[PositionLogprobs]:
         result = []

@@ -48,6 +48,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from piston.entrypoints.openai.api_server import run_server
+
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            raise ValueError(f"Two models named: {args.model_tag!r} and --model {args.model!r}; "
+                             "give one.")
+        args.model = args.model_tag
+    return run_server(args)
+
+
+def _add_serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API")
+    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                       help="Hugging Face folder, .gguf file or hub id (same as --model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer <key>' on every /v1 route")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name clients use (default: MODEL as given)")
+    EngineArgs.add_cli_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="piston", description="Piston LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_sampling_args(gen)
     EngineArgs.add_cli_args(gen)
     gen.set_defaults(func=cmd_generate)
+    _add_serve_parser(sub)
 
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,70 @@
+"""InputProcessor: tokenizes and validates prompts on the front end, before the engine sees them."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from piston.config import EngineConfig
+from piston.sampling_params import SamplingParams
+
+PromptType = str | Sequence[int]
+
+
+class InputProcessor:
+    def __init__(self, config: EngineConfig, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = config.model_config.max_model_len
+        self.vocab_size = config.model_config.hf_config.vocab_size
+
+    def process_prompt(self, prompt: PromptType, params: SamplingParams
+                       ) -> tuple[str | None, list[int], SamplingParams]:
+        """Tokenize and validate one prompt. Raises ValueError naming what is wrong.
+
+        Returns (prompt text or None, prompt token ids, params with max_tokens resolved).
+        """
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}.")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty; give at least one character or token.")
+            text, token_ids = prompt, self.tokenizer(prompt).input_ids
+        elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                  for t in prompt):
+            text, token_ids = None, list(prompt)
+        else:
+            raise TypeError("prompt must be a string or a list of token ids, "
+                            f"got {type(prompt).__name__}.")
+        if not token_ids:
+            raise ValueError("prompt is empty; give at least one character or token.")
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is out of range for the model's "
+                             f"vocabulary [0, {self.vocab_size}).")
+        max_len, n = self.max_model_len, len(token_ids)
+        if n >= max_len:
+            raise ValueError(f"The prompt is {n} tokens long, but the model's context is "
+                             f"max_model_len={max_len} tokens (room is needed for at least one "
+                             "generated token); shorten the prompt.")
+        if params.max_tokens is None:
+            params = params.clone(max_tokens=max_len - n)
+        elif n + params.max_tokens > max_len:
+            raise ValueError(f"max_tokens={params.max_tokens} exceeds the model's context "
+                             f"({max_len} - {n} prompt tokens = {max_len - n}).")
+        for t in params.stop_token_ids or ():
+            if t >= self.vocab_size:
+                raise ValueError(f"stop_token_ids contains {t}, outside the vocabulary "
+                                 f"[0, {self.vocab_size}).")
+        if params.logprobs is not None and params.logprobs > self.vocab_size:
+            raise ValueError(f"logprobs={params.logprobs} exceeds the vocabulary size.")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > self.vocab_size:
+            raise ValueError(f"prompt_logprobs={params.prompt_logprobs} exceeds the vocabulary size.")
+        return text, token_ids, params
+
+    @staticmethod
+    def child_params(params: SamplingParams) -> list[SamplingParams]:
+        """One SamplingParams per engine request: ``n`` > 1 fans out into n children,
+        child i seeded with ``seed + i`` so seeded requests stay reproducible."""
+        if params.n == 1:
+            return [params]
+        return [params.clone(n=1, seed=None if params.seed is None else params.seed + i)
+                for i in range(params.n)]

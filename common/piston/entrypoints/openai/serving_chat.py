@@ -1,0 +1,158 @@
+"""POST /v1/chat/completions: the model's chat template, then one engine request."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from piston.entrypoints.openai.protocol import (ChatChoice, ChatCompletionChunk,
+                                                ChatCompletionRequest, ChatCompletionResponse,
+                                                ChatLogprobs, ChatStreamChoice, DeltaMessage,
+                                                OpenAIError, ResponseMessage, TokenLogprob,
+                                                TopLogprob)
+from piston.entrypoints.openai.serving_completion import stop_hold_back
+from piston.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, bad_request,
+                                                      collect_until_disconnected,
+                                                      iterate_in_task, sse, to_openai_error,
+                                                      usage_of)
+from piston.outputs import CompletionOutput, Logprob, RequestOutput
+
+
+def _token_bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8"))
+
+
+class OpenAIServingChat(OpenAIServing):
+    def render_prompt(self, request: ChatCompletionRequest) -> str:
+        """The conversation as prompt text, via the model's chat template (400 if it fails)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise OpenAIError("This model's tokenizer has no chat template; use /v1/completions.",
+                              param="messages")
+        if not request.messages:
+            raise OpenAIError("messages is empty; give at least one message.", param="messages")
+        conversation = []
+        for m in request.messages:
+            content = m.content
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    if part.type != "text" or part.text is None:
+                        raise OpenAIError(f"Content part type {part.type!r} is not supported; "
+                                          "this server accepts text parts only.", param="messages")
+                    parts.append(part.text)
+                content = "\n".join(parts)
+            message = {"role": m.role, "content": content or ""}
+            if m.name:
+                message["name"] = m.name
+            conversation.append(message)
+        try:
+            return self.tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=request.add_generation_prompt)
+        except Exception as e:  # jinja raises for conversations the template rejects
+            raise OpenAIError(f"The chat template rejected the messages: {e}",
+                              param="messages") from e
+
+    async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request):
+        """Serve one /v1/chat/completions request; raises OpenAIError for a bad request."""
+        self.check_request(request)
+        try:
+            params = request.to_sampling_params()
+        except (ValueError, TypeError) as e:
+            raise bad_request(e) from e
+        text = self.render_prompt(request)
+        # The template already holds any special tokens the model expects.
+        token_ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        [(_, token_ids, params)] = self.validate_prompts([token_ids], params)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        gen = self.generate(token_ids, params, request_id, request)
+        if request.stream:
+            return StreamingResponse(self._stream(gen, request, request_id, created, params),
+                                     media_type="text/event-stream")
+
+        async def collect() -> RequestOutput:
+            final = None
+            try:
+                async for out in gen:
+                    final = out
+            finally:
+                await gen.aclose()
+            self.observe(final)
+            return final
+
+        final = await collect_until_disconnected(collect, raw_request)
+        choices = [ChatChoice(
+            index=c.index, message=ResponseMessage(content=c.text),
+            logprobs=self._logprobs(c, 0, len(c.token_ids), params.logprobs) if request.logprobs
+            else None, finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+            for c in final.outputs]
+        return ChatCompletionResponse(id=request_id, created=created,
+                                      model=self.served_model_name, choices=choices,
+                                      usage=usage_of([final]))
+
+    async def _stream(self, gen, request: ChatCompletionRequest, request_id: str, created: int,
+                      params):
+        hold = stop_hold_back(params)
+        sent_chars = [0] * params.n
+        sent_tokens = [0] * params.n
+        done = [False] * params.n
+        final = None
+        source = iterate_in_task(gen)
+
+        def chunk(choices, usage=None) -> str:
+            payload = ChatCompletionChunk(id=request_id, created=created,
+                                          model=self.served_model_name, choices=choices,
+                                          usage=usage)
+            return sse(payload.model_dump(exclude=None if usage else {"usage"}))
+
+        try:
+            yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                         for i in range(params.n)])
+            async for out in source:
+                final = out
+                self.observe(out)
+                for c in out.outputs:
+                    i = c.index
+                    if done[i]:
+                        continue
+                    finished = c.finish_reason is not None
+                    end = len(c.text) if finished else max(len(c.text) - hold, sent_chars[i])
+                    delta = c.text[sent_chars[i]:end]
+                    if not delta and len(c.token_ids) == sent_tokens[i] and not finished:
+                        continue
+                    logprobs = self._logprobs(c, sent_tokens[i], len(c.token_ids),
+                                              params.logprobs) if request.logprobs else None
+                    sent_chars[i], sent_tokens[i], done[i] = end, len(c.token_ids), finished
+                    yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(content=delta),
+                                                  logprobs=logprobs,
+                                                  finish_reason=c.finish_reason)])
+            if request.include_usage and final is not None:
+                yield chunk([], usage_of([final]))
+        except Exception as e:  # the engine died or the request failed mid-stream
+            yield sse(to_openai_error(e).to_response())
+        finally:
+            await source.aclose()
+        yield SSE_DONE
+
+    def _logprobs(self, c: CompletionOutput, start: int, end: int, top_k: int | None
+                  ) -> ChatLogprobs:
+        """OpenAI chat logprobs for generated positions [start, end)."""
+        content = []
+        for token_id, position in zip(c.token_ids[start:end], (c.logprobs or [])[start:end]):
+            chosen = position.get(token_id)
+            token = self._text(token_id, chosen)
+            top = sorted(position.items(), key=lambda kv: -kv[1].logprob)[:top_k or 0]
+            content.append(TokenLogprob(
+                token=token, logprob=chosen.logprob if chosen else float("-inf"),
+                bytes=_token_bytes(token),
+                top_logprobs=[TopLogprob(token=self._text(t, p), logprob=p.logprob,
+                                         bytes=_token_bytes(self._text(t, p))) for t, p in top]))
+        return ChatLogprobs(content=content)
+
+    def _text(self, token_id: int, lp: Logprob | None) -> str:
+        if lp is not None and lp.decoded_token is not None:
+            return lp.decoded_token
+        return self.tokenizer.decode([token_id])
