@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import itertools
-import multiprocessing
 import os
 import queue
 import shutil
@@ -28,8 +27,8 @@ import zmq.asyncio
 
 from piston.config import EngineConfig
 from piston.engine.arg_utils import EngineArgs
-from piston.engine.core_proc import (ENGINE_DEAD_CALL_ID, EngineCoreReady, encode_engine_config,
-                                     run_engine_core)
+from piston.engine.child_process import ChildProcess
+from piston.engine.core_proc import ENGINE_DEAD_CALL_ID, EngineCoreReady, encode_engine_config
 from piston.engine.messages import (EngineCoreOutputs, EngineCoreRequest, EngineCoreRequestType,
                                     UtilityOutput, UtilityRequest)
 
@@ -120,13 +119,8 @@ class _EngineProcess:
         self.input_socket.bind(self.input_addr)
         self.output_socket = ctx.socket(zmq.PULL)
         self.output_socket.bind(self.output_addr)
-        mp = multiprocessing.get_context("spawn")  # no forked torch or thread state
-        ready_recv, ready_send = mp.Pipe(duplex=False)
-        self.proc = mp.Process(target=run_engine_core, name="PistonEngineCore", daemon=True,
-                               args=(encode_engine_config(config), self.input_addr,
-                                     self.output_addr, ready_send, os.getpid()))
-        self.proc.start()
-        ready_send.close()
+        self.proc = ChildProcess(encode_engine_config(config), self.input_addr, self.output_addr)
+        ready_recv = self.proc.ready_conn
         self.ready = self._wait_ready(ready_recv)
 
     def _wait_ready(self, conn) -> EngineCoreReady:
@@ -140,8 +134,7 @@ class _EngineProcess:
                 self.proc.join(5)
                 raise RuntimeError(
                     f"The engine process exited during start-up with code {self.proc.exitcode}; "
-                    "see its log above. In a script, create the LLM under "
-                    "`if __name__ == \"__main__\":` (the engine process is spawned).") from None
+                    "see its log above.") from None
         except BaseException:
             self.close()
             raise
@@ -182,6 +175,7 @@ class _EngineProcess:
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join(2)
+        self.proc.close()
         self.input_socket.close(linger=0)
         self.output_socket.close(linger=0)
         self.ctx.term()

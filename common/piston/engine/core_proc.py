@@ -190,7 +190,7 @@ class EngineCoreProc:
 
 def run_engine_core(config_bytes: bytes, input_addr: str, output_addr: str, ready_pipe,
                     parent_pid: int) -> None:
-    """Entry point of the engine process (start it with the "spawn" context).
+    """Entry point of the engine process (see piston.engine.child_process).
 
     Builds the EngineCore, answers the handshake on ``ready_pipe`` with an
     EngineCoreReady, then serves until shut down. Exits 0 on SHUTDOWN or parent death,
@@ -222,3 +222,22 @@ def _exit(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def main(argv: list[str]) -> None:
+    """``python -m piston.engine.core_proc READY_FD INPUT_ADDR OUTPUT_ADDR PARENT_PID``,
+    with the encoded EngineConfig in $PISTON_ENGINE_CONFIG (hex)."""
+    from multiprocessing.connection import Connection
+
+    from piston.engine.child_process import CONFIG_ENV
+    from piston.logger import configure_logging
+
+    configure_logging()
+    ready_fd, input_addr, output_addr, parent_pid = argv
+    config_bytes = bytes.fromhex(os.environ.pop(CONFIG_ENV))
+    run_engine_core(config_bytes, input_addr, output_addr,
+                    Connection(int(ready_fd), readable=False), int(parent_pid))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
