@@ -8,7 +8,6 @@ same file. Attention runs its no-context path: the tokens form one causal sequen
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
@@ -102,13 +101,12 @@ def _smollm2_path() -> str:
     return default_model_path()
 
 
-def test_smollm2_gguf_logits_match_transformers():
+def test_smollm2_gguf_logits_match_transformers(monkeypatch):
     from transformers import AutoModelForCausalLM
 
     path = _smollm2_path()
-    start = time.perf_counter()
+    monkeypatch.setenv("PISTON_GGUF_CACHE_MAX_BYTES", "0")  # read the GGUF itself, not a converted copy
     model = load_model(ModelConfig(model=path, path=path))
-    load_s = time.perf_counter() - start
     ref = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                dtype=torch.float32).eval()
     # "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
@@ -118,7 +116,24 @@ def test_smollm2_gguf_logits_match_transformers():
     got = _piston_logits(model, ids)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
-    assert load_s < 30, f"loading the 135M GGUF took {load_s:.1f} s"
+
+
+def test_gguf_conversion_cache_reloads_identical_weights(monkeypatch, tmp_path):
+    from piston.model_executor import gguf_cache
+
+    path = _smollm2_path()
+    monkeypatch.setenv("PISTON_CACHE_DIR", str(tmp_path))
+    assert gguf_cache.cached_folder(path) is None
+    first = load_model(ModelConfig(model=path, path=path))  # reads the GGUF, writes the cache
+    assert gguf_cache.cached_folder(path) is not None
+    second_config = ModelConfig(model=path, path=path)
+    second = load_model(second_config)  # reads the cache
+    differing = {k for k, v in first.config.to_dict().items()
+                 if second_config.hf_config.to_dict().get(k) != v}
+    assert differing <= {"_name_or_path"}
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 _GGUF_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",

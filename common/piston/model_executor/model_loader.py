@@ -12,7 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from piston.config import ModelConfig
-from piston.model_executor import gguf_loader, weight_loader
+from piston.model_executor import gguf_cache, gguf_loader, weight_loader
 from piston.model_executor.layers.rotary_embedding import RotaryEmbedding
 from piston.model_executor.models.registry import get_model_class
 
@@ -24,9 +24,11 @@ def load_hf_config(model_config: ModelConfig):
     GGUF metadata, and return it. ``model_config.path`` must already be resolved."""
     if model_config.hf_config is None:
         path = model_config.path or model_config.model
-        if path.endswith(".gguf"):
+        if path.endswith(".gguf") and gguf_cache.cached_folder(path) is None:
             model_config.hf_config = gguf_loader.load_gguf_config(path)
         else:
+            if path.endswith(".gguf"):
+                path = gguf_cache.cached_folder(path)
             from transformers import AutoConfig
 
             model_config.hf_config = AutoConfig.from_pretrained(path)
@@ -68,16 +70,22 @@ def load_model(model_config: ModelConfig, device: str | torch.device = "cpu") ->
         if isinstance(module, RotaryEmbedding):
             module.build_cache()  # its float32 cache was not materialized by to_empty
 
-    if path.endswith(".gguf"):
-        weights = gguf_loader.iterate_gguf_weights(path, hf_config)
+    converted: dict[str, torch.Tensor] = {}
+    source = path
+    if path.endswith(".gguf") and gguf_cache.cached_folder(path) is not None:
+        source = gguf_cache.cached_folder(path)
+    if source.endswith(".gguf"):
+        weights = gguf_cache.recording(gguf_loader.iterate_gguf_weights(path, hf_config), converted)
         total = gguf_loader.count_gguf_tensors(path)
     else:
-        weights = weight_loader.iterate_safetensors(path)
-        total = weight_loader.count_safetensors(path)
+        weights = weight_loader.iterate_safetensors(source)
+        total = weight_loader.count_safetensors(source)
     with torch.no_grad():
         model.load_weights(tqdm(weights, total=total, desc="Loading weights", unit="tensor",
                                 leave=False, disable=None))
     model.eval()
+    if converted:
+        gguf_cache.save(path, hf_config, converted)
 
     num_params = sum(p.numel() for p in model.parameters())
     num_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
