@@ -63,10 +63,10 @@ def conformance_tpu(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Run every benchmarks/*.py script (pass script names as posargs to pick some)."""
+    """Piston against transformers on the issue's workload (benchmarks/compare.sh).
+
+    Extra arguments go to `piston bench throughput`. Run it on an idle machine.
+    """
     _install(session)
-    scripts = session.posargs or sorted(str(p) for p in (ROOT / "benchmarks").glob("*.py"))
-    if not scripts:
-        session.skip("no benchmark scripts in benchmarks/")
-    for script in scripts:
-        session.run("python", script)
+    session.run("bash", "benchmarks/compare.sh", *session.posargs, external=True,
+                env={"PYTHON": "python"})

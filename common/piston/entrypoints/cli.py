@@ -73,7 +73,35 @@ def _add_serve_parser(sub) -> None:
     serve.set_defaults(func=cmd_serve)
 
 
+BENCH_TOOLS = {
+    "throughput": "offline generation through LLM: tokens/s, roofline, memory, start-up",
+    "latency": "end-to-end latency of one batch: mean, p50, p99, time per output token",
+    "serve": "load a running server with streamed requests: TTFT, TPOT, ITL, goodput",
+}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    return importlib.import_module(f"piston.benchmarks.{args.bench_tool}").main(args)
+
+
+def _add_bench_parser(sub, tool_named: str | None) -> None:
+    """`piston bench TOOL`; a tool's flags come from its module, imported only when the
+    command line names that tool, so other commands start without it."""
+    import importlib
+
+    bench = sub.add_parser("bench", help="benchmark throughput, latency or a running server")
+    tools = bench.add_subparsers(dest="bench_tool", required=True)
+    for name, help_text in BENCH_TOOLS.items():
+        tool = tools.add_parser(name, help=help_text, description=help_text)
+        if name == tool_named:
+            importlib.import_module(f"piston.benchmarks.{name}").add_cli_args(tool)
+        tool.set_defaults(func=cmd_bench)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="piston", description="Piston LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -85,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     EngineArgs.add_cli_args(gen)
     gen.set_defaults(func=cmd_generate)
     _add_serve_parser(sub)
+    _add_bench_parser(sub, argv[1] if len(argv) > 1 and argv[0] == "bench" else None)
 
     args = parser.parse_args(argv)
     try:
