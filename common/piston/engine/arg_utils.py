@@ -27,6 +27,7 @@ class EngineArgs:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     scheduling_policy: str = "fcfs"
+    scheduler_cls: str | None = None
     tensor_parallel_size: int = 1
     platform: str | None = None
 
@@ -48,6 +49,8 @@ class EngineArgs:
         add("--max-num-seqs", type=int, default=d.max_num_seqs)
         add("--scheduling-policy", default=d.scheduling_policy,
             help="fcfs, priority, fair, or module:Class of a custom scheduler")
+        add("--scheduler-cls", default=None,
+            help="module:Class of a custom Scheduler subclass (overrides --scheduling-policy)")
         add("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
         add("--platform", default=None, help="cpu, cuda or tpu (default: $PISTON_PLATFORM or auto)")
 
@@ -95,7 +98,7 @@ class EngineArgs:
             enable_prefix_caching=self.enable_prefix_caching)
         sched = SchedulerConfig(max_num_batched_tokens=batched, max_num_seqs=self.max_num_seqs,
                                 enable_chunked_prefill=self.enable_chunked_prefill,
-                                policy=self.scheduling_policy)
+                                policy=self.scheduler_cls or self.scheduling_policy)
         return EngineConfig(mc, cache, sched, ParallelConfig(self.tensor_parallel_size),
                             platform=self.platform or "")
 
