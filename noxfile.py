@@ -12,7 +12,7 @@ import nox
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
-nox.options.sessions = ["lint", "tests", "conformance-cpu"]
+nox.options.sessions = ["lint", "tests", "conformance-cpu", "e2e"]
 
 ROOT = Path(__file__).parent
 
@@ -33,6 +33,14 @@ def tests(session: nox.Session) -> None:
     """Unit tests: core logic, no model needed."""
     _install(session)
     session.run("python", "-m", "pytest", "tests/unit", "-q", *session.posargs)
+
+
+@nox.session
+def e2e(session: nox.Session) -> None:
+    """The OpenAI server end to end, driven by the official openai client."""
+    _install(session)
+    session.run("python", "-m", "pytest", "tests/e2e", "-q", *session.posargs,
+                env={"PISTON_PLATFORM": "cpu"})
 
 
 def _conformance(session: nox.Session, platform: str, extras: str) -> None:

@@ -10,4 +10,4 @@ fi
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[cpu,dev]"
 
 export PISTON_PLATFORM=cpu
-exec .venv/bin/python -m pytest tests/unit tests/conformance -q "$@"
+exec .venv/bin/python -m pytest tests/unit tests/conformance tests/e2e -q "$@"
