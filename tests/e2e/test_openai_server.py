@@ -236,12 +236,22 @@ def test_disconnected_stream_frees_every_kv_block(tiny_server):
     assert tiny_server.metric("piston:num_requests_running") == 0
 
 
+def _completed_by_length(server) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("piston:request_success_total{") and 'finish_reason="length"' in line)
+
+
 def test_disconnected_plain_request_frees_every_kv_block(tiny_server):
-    body = {"model": TINY, "prompt": "Wait for me " * 8, "max_tokens": 200, "ignore_eos": True}
+    # 4 x 200 tokens take the tiny model far longer than the 0.1 s the client waits.
+    body = {"model": TINY, "prompt": "Wait for me " * 8, "max_tokens": 200, "n": 4,
+            "ignore_eos": True}
+    completed = _completed_by_length(tiny_server)
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{tiny_server.url}/v1/completions", json=body, headers=tiny_server.headers,
-                   timeout=0.5)
+                   timeout=0.1)
     _wait_all_blocks_free(tiny_server)
+    assert _completed_by_length(tiny_server) == completed, "the request ran to the end, not aborted"
 
 
 def test_models_health_version_and_metrics(tiny_server):
