@@ -32,12 +32,12 @@ def reference(q, k_all, v_all, context_len, layer):
 def test_mixed_batch_matches_dense_reference(num_heads, num_kv_heads):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    head_dim, block_size, num_blocks = 32, 16, 64
+    head_dim, block_size, num_blocks = 32, 16, 256
     layer = Layer(num_heads, num_kv_heads, head_dim)
     impl = CpuAttention()
     cache = torch.zeros(impl.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim))
     # (context already in the cache, new query tokens): decode, fresh prefill, chunked prefill.
-    seqs = [(37, 1), (0, 23), (50, 1), (16, 40), (5, 1), (0, 1)]
+    seqs = [(37, 1), (0, 23), (50, 1), (16, 40), (5, 1), (0, 1)] + [(c, 1) for c in range(3, 140, 9)]
     free = list(rng.permutation(num_blocks))  # block tables deliberately out of order
     tables, full_k, full_v = [], [], []
     for ctx, new in seqs:
@@ -75,3 +75,13 @@ def test_mixed_batch_matches_dense_reference(num_heads, num_kv_heads):
     # The step's own k/v landed in the paged cache at the slot mapping.
     flat_k = cache[0].view(-1, num_kv_heads, head_dim)
     torch.testing.assert_close(flat_k[torch.tensor(slots)], k)
+
+
+def test_decode_rows_split_into_groups_only_when_it_saves_work():
+    from piston_cpu.attention import split_decode_rows
+
+    assert split_decode_rows(np.full(64, 16)) == [64]  # equal lengths: one call
+    assert split_decode_rows(np.array([1, 1])) == [2]  # too few rows to split
+    spread = np.sort(np.linspace(2, 22, 64).astype(np.int64))
+    ends = split_decode_rows(spread)
+    assert len(ends) == 4 and ends[-1] == 64
