@@ -87,3 +87,22 @@ def test_prompt_alone_matches_prompt_in_batch(baseline, smollm2_llm):
         assert list(alone.outputs[0].token_ids) == baseline[i], f"prompt {i}"
     reordered = smollm2_llm.generate(REFERENCE_PROMPTS[::-1], GREEDY, use_tqdm=False)
     assert _tokens(reordered) == baseline[::-1]
+
+
+def test_seeded_sampling_survives_preemption(make_llm, smollm2_path, smollm2_llm_kwargs):
+    # A resumed request replays its seeded draws, so preemption does not change samples.
+    config = load_hf_model(smollm2_path).config
+    head_dim = config.hidden_size // config.num_attention_heads
+    bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4
+    sampled = [SamplingParams(temperature=1.0, top_p=0.95, seed=100 + i, max_tokens=24,
+                              ignore_eos=True)
+               for i in range(len(REFERENCE_PROMPTS))]
+    roomy = make_llm(smollm2_path, block_size=BLOCK_SIZE, **smollm2_llm_kwargs)
+    expected = _tokens(roomy.generate(REFERENCE_PROMPTS, sampled, use_tqdm=False))
+    roomy.llm_engine.shutdown()
+    kwargs = {**smollm2_llm_kwargs, "kv_cache_memory": 18 * BLOCK_SIZE * bytes_per_token,
+              "max_model_len": 256}
+    tight = make_llm(smollm2_path, block_size=BLOCK_SIZE, **kwargs)
+    got = _tokens(tight.generate(REFERENCE_PROMPTS, sampled, use_tqdm=False))
+    assert tight.llm_engine.get_num_preemptions() > 0, "the small cache should force preemption"
+    assert got == expected
