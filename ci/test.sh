@@ -9,5 +9,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[cpu,dev]"
 
+.venv/bin/python -m ruff check .
+
 export PISTON_PLATFORM=cpu
 exec .venv/bin/python -m pytest tests/unit tests/conformance tests/e2e -q "$@"

@@ -69,7 +69,7 @@ def test_mixed_batch_matches_dense_reference(num_heads, num_kv_heads):
     q, k, v = torch.cat(qs), torch.cat(ks), torch.cat(vs)
     out = impl.forward(layer, q.flatten(1), k.flatten(1), v.flatten(1), cache, md)
     out = out.view(-1, num_heads, head_dim)
-    for i, (ctx, new) in enumerate(seqs):
+    for i, (ctx, _) in enumerate(seqs):
         expected = reference(qs[i], full_k[i], full_v[i], ctx, layer)
         torch.testing.assert_close(out[qsl[i]:qsl[i + 1]], expected, atol=1e-5, rtol=1e-5)
     # The step's own k/v landed in the paged cache at the slot mapping.

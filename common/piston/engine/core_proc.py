@@ -3,8 +3,9 @@
 Wire protocol (msgspec msgpack, never pickle):
 
 - front end -> engine, on the input socket (PUSH -> PULL): two frames,
-  ``[EngineCoreRequestType.value, payload]``; the payload is a list of EngineCoreRequest (ADD, so a batch arrives in one step),
-  a list of request ids (ABORT), a UtilityRequest (UTILITY) or empty (SHUTDOWN).
+  ``[EngineCoreRequestType.value, payload]``; the payload is a list of EngineCoreRequest
+  (ADD, so a batch arrives in one step), a list of request ids (ABORT), a UtilityRequest
+  (UTILITY) or empty (SHUTDOWN).
 - engine -> front end, on the output socket (PUSH -> PULL): one frame, an
   EngineCoreOutputs. A reply to a utility call carries ``utility_output``.
 - The "engine dead" signal is an EngineCoreOutputs whose utility_output has
