@@ -72,13 +72,11 @@ def main(args: argparse.Namespace) -> int:
                 t, p = _request_times(outputs)
                 ttfts += t
                 tpots += p
-        model_config = llm.llm_engine.config.model_config
-        platform = llm.llm_engine.config.platform
     finally:
-        llm.llm_engine.shutdown()
-    ceilings = roofline.measure_ceilings(args.dtype, args.calibration_seconds,
-                                         roofline.calibration_device(platform))
+        llm.llm_engine.shutdown()  # idempotent: also on errors
+    config, ceilings = roofline.ceilings_after_shutdown(llm, args.dtype, args.calibration_seconds)
 
+    model_config = config.model_config
     hf = model_config.hf_config
     context = args.input_len + args.output_len // 2
     bound = roofline.decode_bandwidth_bound(hf, model_config.dtype,
@@ -94,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
         "decode_bound_s_per_token_batch1": bound,
         "per_token_over_bound_batch1": tpot / bound if tpot and args.batch_size == 1 else None,
     }
-    report = {**run_metadata("latency", args, args.platform),
+    report = {**run_metadata("latency", args, config.platform),
               "model": describe_model(model_config), "results": results}
     _print_summary(args, results)
     write_json(args.output_json, report)

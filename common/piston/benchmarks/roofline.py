@@ -10,6 +10,7 @@ engine never counts as work done.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
@@ -156,3 +157,15 @@ def measure_ceilings(dtype: str | torch.dtype, seconds: float = 2.0,
     bandwidth = calibrate_bandwidth(seconds=seconds * 0.4, device=device)
     return {"peak_flops_per_s": peak, "bandwidth_bytes_per_s": bandwidth,
             "calibration_s": time.perf_counter() - t0}
+
+
+def ceilings_after_shutdown(llm, dtype: str, seconds: float) -> tuple[Any, dict[str, float]]:
+    """Shut ``llm``'s engine down, then measure the machine's ceilings.
+
+    Measured once the engine is gone, nothing competes for the cores and the large
+    calibration buffers stay out of the peak-memory figures. Returns (the engine's
+    config, the ceilings).
+    """
+    llm.llm_engine.shutdown()
+    config = llm.llm_engine.config
+    return config, measure_ceilings(dtype, seconds, calibration_device(config.platform))

@@ -94,21 +94,17 @@ def main(args: argparse.Namespace) -> int:
                                use_tqdm=not args.disable_tqdm)
         elapsed = time.perf_counter() - t0
         memory = memory_figures(llm)
-        model_config = llm.llm_engine.config.model_config
-        platform = llm.llm_engine.config.platform
     finally:
-        llm.llm_engine.shutdown()
-    # Measured once the engine is gone: nothing competes for the cores, and the large
-    # calibration buffers do not count in the front end's peak memory above.
-    ceilings = roofline.measure_ceilings(args.dtype, args.calibration_seconds,
-                                         roofline.calibration_device(platform))
+        llm.llm_engine.shutdown()  # idempotent: also on errors
+    config, ceilings = roofline.ceilings_after_shutdown(llm, args.dtype, args.calibration_seconds)
+    model_config = config.model_config
 
     prompt_lens = [len(o.prompt_token_ids) for o in outputs]
     output_lens = [len(o.outputs[0].token_ids) for o in outputs]
     results = throughput_figures(model_config.hf_config, model_config.dtype, prompt_lens,
                                  output_lens, elapsed, ceilings)
     results.update(startup_s=startup_s, warmup_ttft_s=_ttft(warm.metrics or {}), **memory)
-    report = {**run_metadata("throughput", args, args.platform),
+    report = {**run_metadata("throughput", args, config.platform),
               "model": describe_model(model_config), "results": results}
     print_summary("Offline throughput", results)
     write_json(args.output_json, report)
