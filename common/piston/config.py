@@ -33,6 +33,11 @@ class ModelConfig:
     dtype: str = "float32"
     max_model_len: int = 0  # 0 = the model's own context length
     seed: int = 0
+    # "auto": the checkpoint's weights; "dummy": random weights in the checkpoint's
+    # shapes (benchmarks of big models without downloading them; needs only config.json).
+    load_format: str = "auto"
+    # Run the model eagerly: no torch.compile, no graph capture.
+    enforce_eager: bool = False
     hf_config: Any = None  # transformers.PretrainedConfig, filled in by the loader
 
     @property
@@ -46,6 +51,9 @@ class CacheConfig:
 
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes; None = the platform's default
+    # Accelerators: the fraction of device memory the engine may use (weights, activations
+    # and KV cache) when kv_cache_memory is not given. The CPU platform ignores it.
+    gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     num_blocks: int = 0  # decided by the worker from kv_cache_memory
 
@@ -61,6 +69,33 @@ class SchedulerConfig:
 @dataclass
 class ParallelConfig:
     tensor_parallel_size: int = 1
+    # "uni" (one worker in the engine process), "mp" (one process per rank) or "ray".
+    # None: "uni" for one rank, "mp" for more.
+    distributed_executor_backend: str | None = None
+    # "module:Class" mixed into every worker: its methods become collective_rpc targets.
+    worker_extension_cls: str | None = None
+
+    @property
+    def executor_backend(self) -> str:
+        if self.distributed_executor_backend:
+            return self.distributed_executor_backend
+        return "uni" if self.tensor_parallel_size == 1 else "mp"
+
+
+@dataclass
+class CompilationConfig:
+    """How a platform compiles the model and captures graphs (see piston.compilation).
+
+    ``mode``: "auto" lets the platform choose its default; "eager" runs the plain model;
+    "piecewise" traces once, splits at attention and compiles each piece.
+    """
+
+    mode: str = "auto"
+    # Batch sizes (in tokens) to capture graphs for; None = the platform's default
+    # (1, 2, 4, 8, 16, ... up to max_num_seqs on CUDA).
+    capture_sizes: list[int] | None = None
+    # Where compiled artifacts are cached between start-ups; None = the user cache dir.
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -69,6 +104,7 @@ class EngineConfig:
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+    compilation_config: CompilationConfig = field(default_factory=CompilationConfig)
     platform: str = ""  # the platform's name, set by the engine at start-up
 
     def replace(self, **changes) -> "EngineConfig":

@@ -7,8 +7,8 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-from piston.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig,
-                           SchedulerConfig, parse_size)
+from piston.config import (CacheConfig, CompilationConfig, EngineConfig, ModelConfig,
+                           ParallelConfig, SchedulerConfig, parse_size)
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,14 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"
     scheduler_cls: str | None = None
     tensor_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    worker_extension_cls: str | None = None
+    load_format: str = "auto"
+    enforce_eager: bool = False
+    gpu_memory_utilization: float = 0.9
+    compilation_mode: str = "auto"
+    capture_sizes: list[int] | None = None
+    compilation_cache_dir: str | None = None
     platform: str | None = None
 
     @staticmethod
@@ -51,7 +59,22 @@ class EngineArgs:
             help="fcfs, priority, fair, or module:Class of a custom scheduler")
         add("--scheduler-cls", default=None,
             help="module:Class of a custom Scheduler subclass (overrides --scheduling-policy)")
-        add("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
+        add("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
+        add("--distributed-executor-backend", default=None, choices=["uni", "mp", "ray"],
+            help="how ranks run: uni (in the engine process, TP=1 only), mp (a process per "
+            "rank on this host) or ray (Ray actors, may span nodes); default mp when TP > 1")
+        add("--worker-extension-cls", default=None,
+            help="module:Class whose methods are added to every worker (collective_rpc targets)")
+        add("--load-format", default=d.load_format, choices=["auto", "dummy"],
+            help="dummy: random weights in the checkpoint's shapes (needs only config.json)")
+        add("--enforce-eager", action="store_true", help="no compilation and no graph capture")
+        add("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
+            help="accelerators: fraction of device memory to use when --kv-cache-memory is not given")
+        add("--compilation-mode", default=d.compilation_mode, choices=["auto", "eager", "piecewise"],
+            help="auto: the platform's default; piecewise: compile the pieces between attention calls")
+        add("--capture-sizes", type=lambda s: [int(x) for x in s.split(",") if x], default=None,
+            help="comma-separated batch sizes (tokens) to capture graphs for")
+        add("--compilation-cache-dir", default=None, help="compile cache folder (default: user cache)")
         add("--platform", default=None, help="cpu, cuda or tpu (default: $PISTON_PLATFORM or auto)")
 
     @classmethod
@@ -65,8 +88,20 @@ class EngineArgs:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.block_size % 8:
             raise ValueError(f"block_size must be a multiple of 8, got {self.block_size}.")
-        if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet; use 1.")
+        backend = self.distributed_executor_backend
+        if backend not in (None, "uni", "mp", "ray"):
+            raise ValueError(f"distributed_executor_backend must be uni, mp or ray, got {backend!r}.")
+        if backend == "uni" and self.tensor_parallel_size > 1:
+            raise ValueError("distributed_executor_backend='uni' runs one rank; use mp or ray "
+                             f"for tensor_parallel_size={self.tensor_parallel_size}.")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}.")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+        if self.compilation_mode not in ("auto", "eager", "piecewise"):
+            raise ValueError(f"compilation_mode must be auto, eager or piecewise, got {self.compilation_mode!r}.")
+        if self.capture_sizes is not None and any(s < 1 for s in self.capture_sizes):
+            raise ValueError(f"capture_sizes must be positive, got {self.capture_sizes}.")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")
 
@@ -78,7 +113,8 @@ class EngineArgs:
         self._validate()
         path = resolve_model(self.model)
         mc = ModelConfig(model=self.model or DEFAULT_MODEL_NAME, path=path, tokenizer=self.tokenizer,
-                         dtype=self.dtype, seed=self.seed)
+                         dtype=self.dtype, seed=self.seed, load_format=self.load_format,
+                         enforce_eager=self.enforce_eager)
         load_hf_config(mc)
         native = _native_context(mc.hf_config)
         if self.max_model_len is None:
@@ -95,12 +131,18 @@ class EngineArgs:
         cache = CacheConfig(
             block_size=self.block_size,
             kv_cache_memory=None if self.kv_cache_memory is None else parse_size(self.kv_cache_memory),
-            enable_prefix_caching=self.enable_prefix_caching)
+            enable_prefix_caching=self.enable_prefix_caching,
+            gpu_memory_utilization=self.gpu_memory_utilization)
         sched = SchedulerConfig(max_num_batched_tokens=batched, max_num_seqs=self.max_num_seqs,
                                 enable_chunked_prefill=self.enable_chunked_prefill,
                                 policy=self.scheduler_cls or self.scheduling_policy)
-        return EngineConfig(mc, cache, sched, ParallelConfig(self.tensor_parallel_size),
-                            platform=self.platform or "")
+        parallel = ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend,
+                                  self.worker_extension_cls)
+        compilation = CompilationConfig(
+            mode="eager" if self.enforce_eager else self.compilation_mode,
+            capture_sizes=sorted(set(self.capture_sizes)) if self.capture_sizes else None,
+            cache_dir=self.compilation_cache_dir)
+        return EngineConfig(mc, cache, sched, parallel, compilation, platform=self.platform or "")
 
 
 def _native_context(hf_config) -> int:

@@ -52,6 +52,19 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(prev)
 
 
+@torch.no_grad()
+def _init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Small uniform values (as vLLM's dummy format): finite activations at any depth,
+    norm weights 1 so hidden states keep their scale."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+            continue
+        values = torch.empty(param.shape, dtype=torch.float32).uniform_(-1e-3, 1e-3, generator=gen)
+        param.copy_(values.to(param.dtype))
+
+
 def load_model(model_config: ModelConfig, device: str | torch.device = "cpu") -> nn.Module:
     """The model for ``model_config`` on ``device``, in ``model_config.dtype``, with all weights.
 
@@ -69,6 +82,14 @@ def load_model(model_config: ModelConfig, device: str | torch.device = "cpu") ->
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.build_cache()  # its float32 cache was not materialized by to_empty
+
+    if model_config.load_format == "dummy":
+        _init_dummy_weights(model, model_config.seed)
+        model.eval()
+        logger.info("Built %s with random (dummy) weights in %.2f s: %.1fM parameters in %s on %s.",
+                    model_cls.__name__, time.perf_counter() - start,
+                    sum(p.numel() for p in model.parameters()) / 1e6, model_config.dtype, device)
+        return model
 
     converted: dict[str, torch.Tensor] = {}
     source = path
