@@ -61,6 +61,11 @@ TINY_MODEL_SPECS: dict[str, tuple[str, dict]] = {
     ),
     "qwen2": ("Qwen2Config", dict(num_hidden_layers=3)),  # q/k/v projections carry a bias
     "qwen3": ("Qwen3Config", dict(head_dim=32, num_hidden_layers=4)),  # per-head q/k RMSNorm
+    # One KV head: with tensor parallelism it cannot be split, so every rank replicates it.
+    "llama-mqa": ("LlamaConfig", dict(num_key_value_heads=1)),
+    # 3 KV heads (and an odd MLP width) over 2 ranks: split 2 + 1, as SmolLM2's 3 KV heads are.
+    "llama-uneven": ("LlamaConfig", dict(hidden_size=96, head_dim=16, num_attention_heads=6,
+                                         num_key_value_heads=3, intermediate_size=130)),
 }
 # Seeds whose greedy paths on the reference prompts have no near-ties (top-2 gap > 1e-3).
 TINY_MODEL_SEEDS = {**{name: 0 for name in TINY_MODEL_SPECS}, "llama-tied": 3}

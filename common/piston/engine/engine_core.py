@@ -10,7 +10,7 @@ from typing import Any, Iterable
 from piston.config import EngineConfig
 from piston.core.scheduler import Scheduler
 from piston.engine.messages import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
-from piston.executor.uniproc import UniProcExecutor
+from piston.executor.abstract import Executor
 from piston.platforms.registry import get_platform
 from piston.request import Request, RequestStatus
 
@@ -38,7 +38,25 @@ class EngineCore:
         config.platform = platform.name
         platform.check_and_update_config(config)
         self.config = config
-        self.executor = UniProcExecutor(config, platform)
+        self.executor = Executor.get_class(config)(config, platform)
+        try:
+            self._init_cache(config)
+            self.scheduler = load_scheduler_cls(config.scheduler_config.policy)(config)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        cc = config.cache_config
+        logger.info(
+            "EngineCore ready on %s in %.1f s: KV cache %d blocks x %d tokens = %d tokens "
+            "(%.2f GiB), max_num_seqs=%d, max_num_batched_tokens=%d, prefix caching %s, "
+            "tensor parallel %d (%s executor)",
+            platform.name, time.perf_counter() - start, cc.num_blocks, cc.block_size,
+            cc.num_blocks * cc.block_size, (cc.kv_cache_memory or 0) / 2**30,
+            config.scheduler_config.max_num_seqs, config.scheduler_config.max_num_batched_tokens,
+            "on" if cc.enable_prefix_caching else "off", config.parallel_config.tensor_parallel_size,
+            config.parallel_config.executor_backend)
+
+    def _init_cache(self, config: EngineConfig) -> None:
         cc = config.cache_config
         num_blocks = self.executor.determine_num_kv_blocks()
         blocks_per_seq = -(-config.model_config.max_model_len // cc.block_size)
@@ -50,15 +68,6 @@ class EngineCore:
                 f"or lower max_model_len to at most {num_blocks * cc.block_size}.")
         cc.num_blocks = num_blocks
         self.executor.initialize_cache(num_blocks)
-        policy = config.scheduler_config.policy
-        self.scheduler = load_scheduler_cls(policy)(config)
-        logger.info(
-            "EngineCore ready on %s in %.1f s: KV cache %d blocks x %d tokens = %d tokens "
-            "(%.2f GiB), max_num_seqs=%d, max_num_batched_tokens=%d, prefix caching %s",
-            platform.name, time.perf_counter() - start, num_blocks, cc.block_size,
-            num_blocks * cc.block_size, (cc.kv_cache_memory or 0) / 2**30,
-            config.scheduler_config.max_num_seqs, config.scheduler_config.max_num_batched_tokens,
-            "on" if cc.enable_prefix_caching else "off")
 
     def add_request(self, request: EngineCoreRequest) -> None:
         self.scheduler.add_request(Request.from_engine_core_request(request))

@@ -6,22 +6,19 @@ from typing import Any
 
 from piston.config import EngineConfig
 from piston.core.scheduler_output import SchedulerOutput
+from piston.executor.abstract import Executor
+from piston.executor.worker_factory import create_worker
 from piston.platforms.interface import Platform
 from piston.worker.runner_output import ModelRunnerOutput
 
 
-class UniProcExecutor:
+class UniProcExecutor(Executor):
     def __init__(self, config: EngineConfig, platform: type[Platform]) -> None:
-        self.config = config
-        self.worker = platform.make_worker(config, rank=0, world_size=1)
+        super().__init__(config, platform)
+        if self.world_size != 1:
+            raise ValueError("The uni executor runs one rank; use mp or ray for tensor parallelism.")
+        self.worker = create_worker(config, platform, rank=0, world_size=1)
         self.worker.load_model()
-
-    def determine_num_kv_blocks(self) -> int:
-        return self.worker.determine_num_kv_blocks()
-
-    def initialize_cache(self, num_blocks: int) -> None:
-        self.worker.initialize_cache(num_blocks)
-        self.worker.warm_up()
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduler_output)

@@ -99,7 +99,7 @@ def load_model(model_config: ModelConfig, device: str | torch.device = "cpu") ->
         weights = gguf_cache.recording(gguf_loader.iterate_gguf_weights(path, hf_config), converted)
         total = gguf_loader.count_gguf_tensors(path)
     else:
-        weights = weight_loader.iterate_safetensors(source)
+        weights = weight_loader.iterate_safetensors(source, lazy=True)
         total = weight_loader.count_safetensors(source)
     with torch.no_grad():
         model.load_weights(tqdm(weights, total=total, desc="Loading weights", unit="tensor",

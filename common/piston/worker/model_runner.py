@@ -16,6 +16,7 @@ from piston.attention.backend import AttentionImpl
 from piston.attention.metadata import CommonAttentionMetadata
 from piston.config import EngineConfig
 from piston.core.scheduler_output import SchedulerOutput
+from piston.distributed.parallel_state import get_tp_rank, get_tp_size, head_partition
 from piston.engine.messages import Logprobs
 from piston.forward_context import ForwardContext, set_forward_context
 from piston.model_executor.sampler import Sampler, compute_logprobs, gather_logprobs
@@ -35,7 +36,10 @@ class TorchModelRunner:
         self.dtype = getattr(torch, mc.dtype)
         hf = mc.hf_config
         self.num_layers = hf.num_hidden_layers
-        self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        total_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        # This rank's KV heads: the cache holds only those (split or replicated over TP ranks).
+        self.num_kv_heads = head_partition(hf.num_attention_heads, total_kv_heads, get_tp_size(),
+                                           get_tp_rank()).num_kv_heads
         self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         self.vocab_size = hf.vocab_size
         self.block_size = config.cache_config.block_size

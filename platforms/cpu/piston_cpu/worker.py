@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from piston.distributed.parallel_state import num_kv_head_copies
 from piston.platforms.interface import Worker
 from piston.worker.model_runner import TorchModelRunner
 from piston_cpu.attention import CpuAttention
@@ -17,7 +18,8 @@ logger = logging.getLogger(__name__)
 class CpuWorker(Worker):
     def __init__(self, config, rank: int = 0, world_size: int = 1) -> None:
         super().__init__(config, rank, world_size)
-        threads = int(os.environ.get("PISTON_CPU_THREADS", "0")) or os.cpu_count() or 1
+        # Tensor-parallel ranks share the host's cores.
+        threads = int(os.environ.get("PISTON_CPU_THREADS", "0")) or max(1, (os.cpu_count() or 1) // world_size)
         torch.set_num_threads(threads)
         self.runner = TorchModelRunner(config, torch.device("cpu"), CpuAttention())
 
@@ -25,7 +27,12 @@ class CpuWorker(Worker):
         self.runner.load_model()
 
     def determine_num_kv_blocks(self) -> int:
-        budget = self.config.cache_config.kv_cache_memory
+        # kv_cache_memory is the whole host's budget: each rank takes the share of its KV
+        # heads, so TP keeps the total memory (and, unless heads are replicated, the blocks).
+        hf = self.config.model_config.hf_config
+        total_kv = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        budget = (self.config.cache_config.kv_cache_memory * self.runner.num_kv_heads
+                  // num_kv_head_copies(total_kv, self.world_size))
         per_block = self.runner.kv_cache_bytes_per_block()
         num_blocks = budget // per_block
         if num_blocks < 1:

@@ -17,7 +17,12 @@ from torch import nn
 
 from piston.attention.layer import Attention
 from piston.model_executor.layers.layernorm import RMSNorm
+from piston.model_executor.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
+                                                 RowParallelLinear)
 from piston.model_executor.layers.rotary_embedding import RotaryEmbedding, get_rope
+from piston.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead, VocabParallelEmbedding,
+                                                                   compute_parallel_logits)
+from piston.model_executor.weight_loader import materialize
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +40,9 @@ class LlamaMLP(nn.Module):
         if act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act={act!r} is not supported; supported: {', '.join(_ACTIVATIONS)}.")
         self.act = _ACTIVATIONS[act]
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias=bias)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -47,13 +53,17 @@ class LlamaAttention(nn.Module):
     def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding,
                  qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        total_heads = config.num_attention_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
         self.head_dim = head_dim_of(config)
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        # Split by heads over the tensor-parallel ranks (this rank's share below).
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, total_heads, total_kv_heads,
+                                          bias=qkv_bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        heads = self.qkv_proj.heads
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, config.hidden_size, bias=o_bias,
+                                        partition=(heads.q_start * self.head_dim, self.q_size))
         # Qwen3 normalizes each head of q and k before the rotary embedding.
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
@@ -94,7 +104,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # One cos/sin cache shared by every layer.
         rotary_emb = get_rope(config, head_dim_of(config))
         self.layers = nn.ModuleList(
@@ -130,33 +140,30 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config, qkv_bias, o_bias, self.qk_norm)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         # Tied models read the embedding matrix at logits time: nothing to keep in sync.
-        self.lm_head = None if self.tie_word_embeddings else nn.Linear(
-            config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if self.tie_word_embeddings else ParallelLMHead(
+            config.vocab_size, config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden_states, weight).float()
+        return compute_parallel_logits(hidden_states, weight, self.config.vocab_size)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy Hugging Face-named tensors into this model's (fused) parameters.
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        """Copy Hugging Face-named tensors into this model's (fused, sharded) parameters.
 
-        Raises ValueError naming any parameter the checkpoint left unfilled, or any
-        tensor whose shape does not match. Unknown names are logged and skipped.
+        ``weights`` yields tensors or lazy safetensors slices; a tensor-parallel layer reads
+        only its rank's part. Raises ValueError naming any parameter the checkpoint left
+        unfilled, or any tensor whose shape does not match. Unknown names are logged and
+        skipped.
         """
-        config = self.config
-        q_size = config.num_attention_heads * head_dim_of(config)
-        kv_size = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) \
-            * head_dim_of(config)
-        inter = config.intermediate_size
-        # HF sub-module name -> (fused module name, row offset, rows).
-        shards = {"q_proj": ("qkv_proj", 0, q_size), "k_proj": ("qkv_proj", q_size, kv_size),
-                  "v_proj": ("qkv_proj", q_size + kv_size, kv_size),
-                  "gate_proj": ("gate_up_proj", 0, inter), "up_proj": ("gate_up_proj", inter, inter)}
+        # HF sub-module name -> (fused module name, shard id).
+        shards = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+                  "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
         params = dict(self.named_parameters())
-        filled: dict[str, dict[int, int]] = {}  # param -> {row offset: rows} written
+        modules = dict(self.named_modules())
+        filled: dict[str, set] = {}  # param -> shard ids written
         unexpected = []
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.lm_head is None):
@@ -169,20 +176,28 @@ class LlamaForCausalLM(nn.Module):
             if target not in params:
                 unexpected.append(name)
                 continue
-            dst = params[target].data
-            if shard is not None:
-                dst = dst.narrow(0, shard[1], shard[2])
-            if dst.shape != tensor.shape:
-                raise ValueError(f"Checkpoint tensor {name} has shape {tuple(tensor.shape)}, but the "
-                                 f"model expects {tuple(dst.shape)}: the config does not match the weights.")
-            dst.copy_(tensor)
-            offset, rows = (shard[1], shard[2]) if shard is not None else (0, dst.shape[0] if dst.dim() else 1)
-            filled.setdefault(target, {})[offset] = rows
+            module_name, _, param_name = target.rpartition(".")
+            module = modules[module_name]
+            shard_id = shard[1] if shard is not None else None
+            if hasattr(module, "load"):
+                module.load(param_name, tensor, shard_id)
+            else:
+                dst = params[target].data
+                tensor = materialize(tensor)
+                if dst.shape != tensor.shape:
+                    raise ValueError(f"Checkpoint tensor {name} has shape {tuple(tensor.shape)}, but the "
+                                     f"model expects {tuple(dst.shape)}: the config does not match the weights.")
+                dst.copy_(tensor)
+            filled.setdefault(target, set()).add(shard_id)
         if unexpected:
             logger.warning("Skipped %d checkpoint tensors the model has no place for: %s",
                            len(unexpected), ", ".join(unexpected[:5]))
-        missing = [n for n, p in params.items()
-                   if sum(filled.get(n, {}).values()) != (p.shape[0] if p.dim() else 1)]
+        missing = []
+        for n in params:
+            module = modules[n.rpartition(".")[0]]
+            expected = set(getattr(module, "shard_ids", (None,)))
+            if not expected <= filled.get(n, set()):
+                missing.append(n)
         if missing:
             raise ValueError(f"The checkpoint does not provide {len(missing)} of the model's parameters "
                              f"(e.g. {', '.join(missing[:5])}); is it a {type(self).__name__} checkpoint?")
