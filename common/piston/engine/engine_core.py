@@ -37,6 +37,10 @@ class EngineCore:
         platform = get_platform(config.platform or None)
         config.platform = platform.name
         platform.check_and_update_config(config)
+        tp = config.parallel_config.tensor_parallel_size
+        if tp > 1 and not platform.supports_tensor_parallel:
+            raise ValueError(f"tensor_parallel_size={tp}: the {platform.name} platform runs one rank "
+                             "only; use tensor_parallel_size=1.")
         self.config = config
         self.executor = Executor.get_class(config)(config, platform)
         try:

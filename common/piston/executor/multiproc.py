@@ -102,6 +102,21 @@ class MultiprocExecutor(Executor):
         self.shutdown()
         raise self.dead
 
+    def _fail_on_error(self, msg: WorkerReply) -> None:
+        # A rank that dies makes its peers' collectives fail a moment later; name the dead
+        # rank as the cause when that is what happened.
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            for rank, proc in enumerate(self.procs):
+                code = proc.poll()
+                if code is not None and rank != msg.rank:
+                    last = msg.error.strip().splitlines()[-1] if msg.error.strip() else ""
+                    self._fail(f"Worker rank {rank} (pid {proc.pid}) died unexpectedly with exit code "
+                               f"{code}; rank {msg.rank} then failed: {last}")
+            time.sleep(0.05)
+        where = "while starting" if msg.call_id == -1 else "in a call"
+        self._fail(f"Worker rank {msg.rank} failed {where}:\n{msg.error}")
+
     def _wait_all(self, kind: str, call_id: int | None, timeout_s: float | None,
                   ranks: range | None = None) -> dict[int, WorkerReply]:
         """Replies of ``kind`` (and ``call_id``) from ``ranks``; raises WorkerError on any
@@ -113,8 +128,7 @@ class MultiprocExecutor(Executor):
             if self.pull.poll(_POLL_MS):
                 msg = self.decoder.decode(self.pull.recv())
                 if msg.kind == "error":
-                    where = "while starting" if msg.call_id == -1 else "in a call"
-                    self._fail(f"Worker rank {msg.rank} failed {where}:\n{msg.error}")
+                    self._fail_on_error(msg)
                 if msg.kind == kind and (call_id is None or msg.call_id == call_id) and msg.rank in ranks:
                     got[msg.rank] = msg
                 continue

@@ -7,6 +7,13 @@ a platform package by name. Anything a plugin needs from the core is an argument
 Interface version history:
   1: Platform (availability, device info, config hook, worker factory, distributed
      backend) and Worker (load, size and allocate the KV cache, execute a step).
+  2: tensor parallelism. ``Platform.ray_resource`` names what one rank claims in a Ray
+     placement group. With ``world_size > 1`` the executor joins the torch.distributed
+     group (backend ``distributed_backend()``) before ``make_worker``; the shared torch
+     models then split themselves over the ranks (piston.distributed). Each rank runs the
+     same steps; only rank 0's ModelRunnerOutput is used. A platform that cannot run
+     several ranks sets ``supports_tensor_parallel = False`` (the engine then rejects
+     ``tensor_parallel_size > 1`` with a clear error).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ if TYPE_CHECKING:
     from piston.core.scheduler_output import SchedulerOutput
     from piston.worker.runner_output import ModelRunnerOutput
 
-PLATFORM_INTERFACE_VERSION = 1
+PLATFORM_INTERFACE_VERSION = 2
 
 
 class Platform(abc.ABC):
@@ -29,6 +36,8 @@ class Platform(abc.ABC):
     name: str = ""
     #: The interface version the plugin was written against.
     interface_version: int = PLATFORM_INTERFACE_VERSION
+    #: Whether several ranks can run the shared torch models over ``distributed_backend()``.
+    supports_tensor_parallel: bool = True
 
     @classmethod
     @abc.abstractmethod
@@ -58,6 +67,11 @@ class Platform(abc.ABC):
     def distributed_backend(cls) -> str:
         """The torch.distributed backend name (or another collective system)."""
         return "gloo"
+
+    @classmethod
+    def ray_resource(cls) -> str:
+        """The Ray resource one rank reserves in a placement group ("CPU", "GPU", "TPU")."""
+        return "CPU"
 
     @classmethod
     @abc.abstractmethod
