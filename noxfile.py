@@ -1,4 +1,4 @@
-"""Nox sessions: lint, tests (unit), conformance-<platform>, bench.
+"""Nox sessions: lint, tests (unit), kernels-cuda-interpret, distributed, conformance-<platform>, bench.
 
 Every install passes `-c constraints.txt`: an unpinned torch pulls a multi-GB CUDA build.
 Sessions use the interpreter nox runs under and reuse their virtualenvs between runs.
@@ -12,7 +12,7 @@ import nox
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
-nox.options.sessions = ["lint", "tests", "conformance-cpu", "e2e"]
+nox.options.sessions = ["lint", "tests", "kernels-cuda-interpret", "conformance-cpu", "e2e"]
 
 ROOT = Path(__file__).parent
 
@@ -33,6 +33,23 @@ def tests(session: nox.Session) -> None:
     """Unit tests: core logic, no model needed."""
     _install(session)
     session.run("python", "-m", "pytest", "tests/unit", "-q", *session.posargs)
+
+
+@nox.session(name="kernels-cuda-interpret")
+def kernels_cuda_interpret(session: nox.Session) -> None:
+    """The CUDA platform's Triton kernels on the CPU through Triton's interpreter (float32, float16)."""
+    _install(session, "cpu,cuda,dev")
+    session.run("python", "-m", "pytest", "tests/kernels", "-q", *session.posargs,
+                env={"TRITON_INTERPRET": "1"})
+
+
+@nox.session
+def distributed(session: nox.Session) -> None:
+    """Tensor parallelism on the CPU (gloo, TP=2): the mp executor and the Ray executor."""
+    _install(session, "cpu,dev,ray")
+    session.run("python", "-m", "pytest", "tests/unit/test_tensor_parallel.py",
+                "tests/unit/test_ray_executor.py", "tests/conformance/test_tensor_parallel.py", "-q",
+                *session.posargs, env={"PISTON_PLATFORM": "cpu"})
 
 
 @nox.session

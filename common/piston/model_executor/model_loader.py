@@ -55,14 +55,19 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 @torch.no_grad()
 def _init_dummy_weights(model: nn.Module, seed: int) -> None:
     """Small uniform values (as vLLM's dummy format): finite activations at any depth,
-    norm weights 1 so hidden states keep their scale."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    norm weights 1 so hidden states keep their scale. Drawn on the parameters' device, so
+    an 8B-parameter model on a GPU initializes in a second."""
+    generators: dict[torch.device, torch.Generator] = {}
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.fill_(1.0)
             continue
-        values = torch.empty(param.shape, dtype=torch.float32).uniform_(-1e-3, 1e-3, generator=gen)
-        param.copy_(values.to(param.dtype))
+        gen = generators.setdefault(param.device, torch.Generator(device=param.device).manual_seed(seed))
+        if param.dtype == torch.float32:
+            param.uniform_(-1e-3, 1e-3, generator=gen)
+        else:  # draw in float32 (bf16 uniform_ is not on every device), one tensor at a time
+            param.copy_(torch.empty(param.shape, dtype=torch.float32, device=param.device)
+                        .uniform_(-1e-3, 1e-3, generator=gen))
 
 
 def load_model(model_config: ModelConfig, device: str | torch.device = "cpu") -> nn.Module:
