@@ -1,14 +1,16 @@
 """The forward context: per-step state that attention layers read during a forward pass.
 
 The runner sets it around each model call, so the model's own code (and anything a
-compiler traces) never depends on attention metadata or on the KV cache tensors.
+compiler traces) never depends on attention metadata or on the KV cache tensors. The
+compiled model's opaque attention op (piston.compilation.attention_op) finds its layer
+in ``attn_layers`` and the step's metadata here.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -16,11 +18,16 @@ import torch
 @dataclass
 class ForwardContext:
     # Backend-specific metadata built by the platform's attention backend for this step.
+    # None while the compiler traces the model: attention then treats the tokens as one
+    # causal sequence with no cache.
     attn_metadata: Any
     # One KV cache tensor per attention layer, indexed by the layer's ``layer_idx``.
     kv_caches: list[torch.Tensor]
     # The platform's attention implementation (see piston.attention.backend).
     attn_impl: Any
+    # The model's Attention layers by ``layer_idx`` (piston.attention.layer.attention_layers):
+    # the compiled model's attention op carries only the index.
+    attn_layers: Mapping[int, Any] = field(default_factory=dict)
 
 
 _current: ForwardContext | None = None

@@ -192,3 +192,14 @@ def test_worker_start_up_error_is_reported(tiny_models, monkeypatch):
     time.sleep(0.5)
     left = {p.pid for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE}
     assert left <= before, "worker processes were left running"
+
+
+def test_tp2_piecewise_compiled_equals_tp1_eager(tiny_models, make_llm, tmp_path):
+    """The all-reduce is an opaque op, so a compiled TP model keeps its collectives."""
+    path = tiny_models("qwen2")
+    prompts = PROMPTS[:2]
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    expected = [o.outputs[0].token_ids for o in make_llm(path, **TP_KWARGS).generate(prompts, params, use_tqdm=False)]
+    tp2 = make_llm(path, tensor_parallel_size=2, compilation_mode="piecewise",
+                   compilation_cache_dir=str(tmp_path), **TP_KWARGS)
+    assert [o.outputs[0].token_ids for o in tp2.generate(prompts, params, use_tqdm=False)] == expected

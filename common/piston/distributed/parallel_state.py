@@ -56,10 +56,26 @@ def get_tp_size() -> int:
     return _STATE.world_size
 
 
+@torch.library.custom_op("piston::tp_all_reduce", mutates_args=())
+def _all_reduce_op(x: torch.Tensor) -> torch.Tensor:
+    out = x.clone()
+    dist.all_reduce(out)
+    return out
+
+
+@_all_reduce_op.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum ``x`` over the ranks (in place); returns it."""
+    """Sum ``x`` over the ranks; returns the sum (``x`` itself with one rank).
+
+    An opaque custom op, so torch.compile keeps it whole inside a compiled piece and a CUDA
+    graph captures the collective as it is.
+    """
     if _STATE.world_size > 1:
-        dist.all_reduce(x)
+        return _all_reduce_op(x)
     return x
 
 

@@ -13,7 +13,10 @@ import numpy as np
 import torch
 
 from piston.attention.backend import AttentionImpl
+from piston.attention.layer import attention_layers
 from piston.attention.metadata import CommonAttentionMetadata
+from piston.compilation.capture import CaptureStrategy, dummy_decode_metadata
+from piston.compilation.compiled_model import CompiledModel, capture_graphs, compile_model
 from piston.config import EngineConfig
 from piston.core.scheduler_output import SchedulerOutput
 from piston.distributed.parallel_state import get_tp_rank, get_tp_size, head_partition
@@ -49,6 +52,13 @@ class TorchModelRunner:
         self.sampler = Sampler()
         self.model: torch.nn.Module | None = None
         self.kv_caches: list[torch.Tensor] = []
+        self.attn_layers: dict = {}
+        # piston.compilation: the worker may set these two before load_model: the strategy
+        # that runs the compiled pieces (None: run them as they are) and what compilation
+        # mode "auto" means on its platform. ``compiled`` is None when the model runs eagerly.
+        self.capture_strategy: CaptureStrategy | None = None
+        self.default_compilation_mode = "eager"
+        self.compiled: CompiledModel | None = None
 
     # ----- set-up -----------------------------------------------------------------
 
@@ -56,6 +66,26 @@ class TorchModelRunner:
         from piston.model_executor.model_loader import load_model
 
         self.model = load_model(self.config.model_config, device=self.device)
+        self.attn_layers = attention_layers(self.model)
+        self.compiled = compile_model(self.model, self.config, self.device, self.attn_layers,
+                                      self.capture_strategy, self.default_compilation_mode)
+
+    def capture_model(self) -> None:
+        """Capture graphs for every capture size (after initialize_kv_cache); a no-op when the
+        model runs eagerly or the strategy captures nothing."""
+        if self.compiled is not None:
+            capture_graphs(self.compiled, self._dummy_decode_forward)
+
+    def _dummy_decode_forward(self, num_tokens: int) -> None:
+        """One compiled forward pass of ``num_tokens`` one-token sequences that all live in
+        block 0 (warm-up and capture run before any request owns a block)."""
+        common = dummy_decode_metadata(num_tokens, self.block_size, self.device)
+        ids, positions = self._to_device(np.zeros(num_tokens, dtype=np.int64), np.zeros(num_tokens, dtype=np.int64))
+        ctx = ForwardContext(self.attn_impl.build_metadata(common), self.kv_caches, self.attn_impl,
+                             self.attn_layers)
+        self._flush_to_device()
+        with set_forward_context(ctx):
+            self.compiled(ids, positions)
 
     def kv_cache_bytes_per_block(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
@@ -67,6 +97,17 @@ class TorchModelRunner:
         # Zeros: padded reads of unused slots must be finite so masking can remove them.
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(self.num_layers)]
+
+    # ----- host-to-device copies (an accelerator runner overrides these) ----------------
+
+    def _to_device(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        """The host arrays as tensors on the device, in order. The base copies each one now
+        (nothing at all on the CPU); a runner may instead stage them and copy them together
+        at the next ``_flush_to_device``, so the tensors must not be read before it."""
+        return [torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in arrays]
+
+    def _flush_to_device(self) -> None:
+        """Issue the copies ``_to_device`` deferred (none in the base runner)."""
 
     # ----- one step ---------------------------------------------------------------
 
@@ -114,18 +155,15 @@ class TorchModelRunner:
         query_start_loc[1:] = cu
         seq_lens = (computed + num_sched).astype(np.int32)
         max_blocks = int(batch.num_blocks[rows].max())
+        qsl_t, seq_lens_t, block_table_t, slot_mapping_t, input_ids_t, positions_t = self._to_device(
+            query_start_loc, seq_lens, batch.block_table[rows, :max_blocks], slot_mapping, input_ids, positions)
         common = CommonAttentionMetadata(
             num_reqs=len(rows), num_actual_tokens=total, max_query_len=int(num_sched.max()),
             max_seq_len=int(seq_lens.max()), query_start_loc_np=query_start_loc,
-            seq_lens_np=seq_lens,
-            query_start_loc=torch.from_numpy(query_start_loc).to(self.device),
-            seq_lens=torch.from_numpy(seq_lens).to(self.device),
-            block_table=torch.from_numpy(batch.block_table[rows, :max_blocks]).to(self.device),
-            slot_mapping=torch.from_numpy(slot_mapping).to(self.device),
+            seq_lens_np=seq_lens, query_start_loc=qsl_t, seq_lens=seq_lens_t,
+            block_table=block_table_t, slot_mapping=slot_mapping_t,
             block_size=self.block_size, num_common_prefix_blocks=so.num_common_prefix_blocks)
-        inputs = (torch.from_numpy(input_ids).to(self.device),
-                  torch.from_numpy(positions).to(self.device))
-        return rows, num_sched, common, inputs
+        return rows, num_sched, common, (input_ids_t, positions_t)
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
@@ -133,9 +171,12 @@ class TorchModelRunner:
         if so.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         rows, num_sched, common, (input_ids, positions) = self._prepare_inputs(so)
-        ctx = ForwardContext(self.attn_impl.build_metadata(common), self.kv_caches, self.attn_impl)
+        ctx = ForwardContext(self.attn_impl.build_metadata(common), self.kv_caches, self.attn_impl,
+                             self.attn_layers)
+        self._flush_to_device()
+        model = self.model if self.compiled is None else self.compiled  # pads to a capture size itself
         with set_forward_context(ctx):
-            hidden = self.model(input_ids, positions)
+            hidden = model(input_ids, positions)
 
         batch = self.batch
         end = batch.num_computed_tokens[rows] + num_sched
@@ -151,9 +192,11 @@ class TorchModelRunner:
             return ModelRunnerOutput(req_ids=chunk_only, sampled_token_ids=[[] for _ in chunk_only],
                                      prompt_logprobs=prompt_logprobs)
         sample_rows = rows[sampling]
-        logits_idx = torch.from_numpy(common.query_start_loc_np[1:][sampling].astype(np.int64) - 1)
-        logits = self.model.compute_logits(hidden[logits_idx.to(self.device)])
-        out = self.sampler(logits, self._sampling_metadata(sample_rows))
+        (logits_idx,) = self._to_device(common.query_start_loc_np[1:][sampling].astype(np.int64) - 1)
+        sampling_metadata = self._sampling_metadata(sample_rows)
+        self._flush_to_device()
+        logits = self.model.compute_logits(hidden[logits_idx])
+        out = self.sampler(logits, sampling_metadata)
         sampled = out.sampled_token_ids.tolist()
         req_ids = []
         for row, token in zip(sample_rows.tolist(), sampled):
@@ -181,7 +224,7 @@ class TorchModelRunner:
             for i, r in enumerate(rows.tolist()):
                 n = batch.num_prompt_tokens[r]
                 padded[i, :n] = batch.token_ids[r, :n]
-            prompt_ids = torch.from_numpy(padded).to(self.device)
+            (prompt_ids,) = self._to_device(padded)
         min_tokens = {}
         generators = {}
         k_max = None
@@ -200,7 +243,7 @@ class TorchModelRunner:
         greedy = temperature == 0.0
 
         def t(a):
-            return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+            return self._to_device(a)[0]
 
         return SamplingMetadata(
             temperature=t(temperature), all_greedy=bool(greedy.all()), all_random=bool((~greedy).all()),

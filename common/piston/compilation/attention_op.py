@@ -1,0 +1,53 @@
+"""``piston::attention``: attention as an opaque custom op, so the compiler splits there.
+
+The op takes the layer's q/k/v and an output buffer and carries only the layer's index;
+the layer object, its KV cache and the step's metadata come from the forward context the
+runner sets. The compiler sees a function of tensor shapes only (the fake implementation),
+so the traced graph never depends on metadata, and attention runs eagerly with any shape
+or CPU-side logic the platform needs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from piston.forward_context import get_forward_context
+
+OP_NAME = "piston::attention"
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=("output",))
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: torch.Tensor,
+              layer_idx: int) -> None:
+    """Attend for layer ``layer_idx`` and write ``[num_tokens, heads * head_dim]`` into ``output``.
+
+    Rows past the step's real tokens (padding to a capture size) are set to zero.
+    """
+    ctx = get_forward_context()
+    if ctx is None:
+        raise RuntimeError("piston::attention ran outside a forward context; the model runner must call "
+                           "the compiled model inside set_forward_context(...).")
+    layer = ctx.attn_layers.get(layer_idx)
+    if layer is None:
+        raise RuntimeError(f"Attention layer {layer_idx} is not in the forward context's attn_layers; build "
+                           "the ForwardContext with attn_layers=attention_layers(model).")
+    if ctx.attn_metadata is None:
+        result = layer.forward_no_cache(q, k, v)
+    else:
+        result = ctx.attn_impl.forward(layer, q, k, v, ctx.kv_caches[layer_idx], ctx.attn_metadata)
+    n = result.shape[0]
+    output[:n].copy_(result)
+    if n < output.shape[0]:
+        output[n:].zero_()
+
+
+@attention.register_fake
+def _attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: torch.Tensor,
+                    layer_idx: int) -> None:
+    return None
+
+
+def is_attention_node(node: torch.fx.Node) -> bool:
+    """True for a traced call of ``piston::attention`` (the graph is split there)."""
+    return node.op == "call_function" and node.target in (torch.ops.piston.attention.default,
+                                                          torch.ops.piston.attention, attention)
