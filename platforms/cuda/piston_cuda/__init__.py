@@ -1,1 +1,3 @@
-"""Piston's CUDA platform plugin (reference platform; its model runner is not built yet)."""
+"""Piston's CUDA platform plugin (the reference platform): torch models on NVIDIA GPUs,
+paged attention with Triton kernels or FlashAttention, cascade attention for shared
+prefixes, and NCCL for tensor parallelism."""

@@ -1,0 +1,50 @@
+"""The ``triton`` attention backend: Piston's own kernels (the default without flash-attn).
+
+Per layer and step: one kernel writes the step's K/V at the slot mapping; one paged
+attention kernel covers the whole mixed batch (split-KV for long decodes at small batch);
+with cascade attention, a non-causal pass over the shared prefix and a causal pass over
+each suffix are merged with their log-sum-exps. Partials are float32 so cascade changes
+the result only by float32 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from piston_cuda.attention.metadata import CudaAttentionBackend, CudaAttentionMetadata
+from piston_cuda.kernels.kv_cache_write import write_kv_cache
+from piston_cuda.kernels.merge_attn_states import merge_attn_states
+from piston_cuda.kernels.paged_attention import num_kv_splits, paged_attention
+
+
+class TritonAttention(CudaAttentionBackend):
+    name = "triton"
+
+    def num_splits(self, num_reqs: int, max_query_len: int, max_seq_len: int) -> int:
+        return num_kv_splits(num_reqs, self.num_kv_heads, max_query_len, max_seq_len, self.num_sms)
+
+    def forward(self, layer, q, k, v, kv_cache, md: CudaAttentionMetadata) -> torch.Tensor:
+        n = md.num_actual_tokens
+        h, d = layer.num_heads, layer.head_dim
+        key_cache, value_cache = kv_cache[0], kv_cache[1]
+        write_kv_cache(k[:n], v[:n], key_cache, value_cache, md.slot_mapping[:n])
+        q = q[:n].view(n, h, d)
+        out = torch.empty((n, h, d), dtype=q.dtype, device=q.device)
+        c = md.cascade
+        if c is None:
+            paged_attention(q, key_cache, value_cache, out, md.block_table, md.query_start_loc, md.seq_lens,
+                            num_seqs=md.num_reqs, max_query_len=md.max_query_len, scale=layer.scale,
+                            num_splits=md.num_splits)
+            return out.view(n, h * d)
+        prefix_out = torch.empty((n, h, d), dtype=torch.float32, device=q.device)
+        suffix_out = torch.empty_like(prefix_out)
+        prefix_lse = torch.empty((h, n), dtype=torch.float32, device=q.device)
+        suffix_lse = torch.empty_like(prefix_lse)
+        paged_attention(q, key_cache, value_cache, prefix_out, c.prefix_block_table, c.prefix_query_start_loc,
+                        c.prefix_seq_lens, num_seqs=1, max_query_len=n, scale=layer.scale, causal=False,
+                        lse=prefix_lse)
+        paged_attention(q, key_cache, value_cache, suffix_out, md.block_table, md.query_start_loc, md.seq_lens,
+                        num_seqs=md.num_reqs, max_query_len=md.max_query_len, scale=layer.scale,
+                        kv_start=c.prefix_len, lse=suffix_lse)
+        merge_attn_states(out, prefix_out, prefix_lse, suffix_out, suffix_lse)
+        return out.view(n, h * d)

@@ -1,0 +1,106 @@
+"""CudaWorker: the shared torch runner on one GPU, with the KV cache sized from memory.
+
+KV-cache size: an explicit ``--kv-cache-memory`` wins. Otherwise, after the weights are
+loaded, a profiling forward pass of ``max_num_batched_tokens`` tokens measures the
+activation peak, and the cache gets what is left of ``gpu_memory_utilization`` of the
+device: ``total * utilization - (memory in use now) - (activation peak)``. Memory in use
+counts the weights, the CUDA context and anything other processes hold on the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from piston.compilation.cuda_graph import CudaGraphStrategy
+from piston.distributed.parallel_state import get_tp_rank, get_tp_size, head_partition
+from piston.platforms.interface import Worker
+from piston_cuda.attention.selector import make_attention_backend
+from piston_cuda.model_runner import CudaModelRunner
+
+logger = logging.getLogger(__name__)
+
+GiB = 2**30
+
+
+def kv_cache_budget(total: int, free: int, activation_peak: int, utilization: float) -> int:
+    """Bytes the KV cache may take: the fraction of the device not in use and not needed
+    for activations (negative when the weights and activations alone exceed it)."""
+    return int(total * utilization) - (total - free) - activation_peak
+
+
+class CudaWorker(Worker):
+    def __init__(self, config, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(config, rank, world_size)
+        self.device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(self.device)
+        mc = config.model_config
+        hf = mc.hf_config
+        total_kv = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        heads = head_partition(hf.num_attention_heads, total_kv, get_tp_size(), get_tp_rank())
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        attn = make_attention_backend(getattr(torch, mc.dtype), config.cache_config.block_size,
+                                      heads.num_heads, heads.num_kv_heads, head_dim, self.device)
+        self.runner = CudaModelRunner(config, self.device, attn)
+        # Piecewise CUDA graphs around the attention op; compiled by default on CUDA.
+        self.runner.capture_strategy = CudaGraphStrategy.from_config(config, self.device)
+        self.runner.default_compilation_mode = "piecewise"
+
+    def load_model(self) -> None:
+        self.runner.load_model()
+        logger.info("Weights on %s: %.2f GiB allocated.", torch.cuda.get_device_name(self.device),
+                    torch.cuda.memory_allocated(self.device) / GiB)
+
+    def determine_num_kv_blocks(self) -> int:
+        cc = self.config.cache_config
+        per_block = self.runner.kv_cache_bytes_per_block()
+        if cc.kv_cache_memory is not None:
+            budget, source = cc.kv_cache_memory, f"kv_cache_memory={cc.kv_cache_memory}"
+        else:
+            budget = self._profile_budget(cc.gpu_memory_utilization)
+            source = f"gpu_memory_utilization={cc.gpu_memory_utilization}"
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise ValueError(
+                f"{source} leaves {max(budget, 0) / GiB:.2f} GiB for the KV cache, less than one block "
+                f"({per_block} bytes for {self.runner.block_size} tokens of this model). Raise "
+                f"--gpu-memory-utilization or --kv-cache-memory, or lower --max-num-batched-tokens.")
+        cc.kv_cache_memory = int(num_blocks * per_block)
+        return int(num_blocks)
+
+    def _profile_budget(self, utilization: float) -> int:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self.runner.profile_run()
+        activation_peak = torch.cuda.max_memory_allocated(self.device) - before
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = kv_cache_budget(total, free, activation_peak, utilization)
+        logger.info("Memory profile: %.2f GiB total, %.2f GiB in use, %.2f GiB activation peak; "
+                    "KV cache gets %.2f GiB (gpu_memory_utilization=%.2f).", total / GiB,
+                    (total - free) / GiB, activation_peak / GiB, max(budget, 0) / GiB, utilization)
+        return budget
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.runner.initialize_kv_cache(num_blocks)
+
+    def warm_up(self) -> None:
+        self.runner.warm_up_attention()
+        self.runner.capture_model()
+
+    def execute_model(self, scheduler_output):
+        return self.runner.execute_model(scheduler_output)
+
+    def sleep(self) -> None:
+        self.runner.kv_caches = []
+        torch.cuda.empty_cache()
+
+    def wake_up(self) -> None:
+        self.runner.initialize_kv_cache(self.config.cache_config.num_blocks)
+
+    def shutdown(self) -> None:
+        self.runner.kv_caches = []
+        self.runner.model = None
+        torch.cuda.empty_cache()

@@ -1,0 +1,136 @@
+"""The CUDA platform's Triton kernels against plain-torch float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from paged_reference import kernel_dtypes, make_paged_batch, reference_attention, tolerance
+
+pytest.importorskip("triton")
+
+DTYPES = kernel_dtypes()
+# (block_size, num_kv_heads, queries_per_kv, head_dim): MHA-like, GQA 4:1 with head_dim 128,
+# and an odd group (3, as SmolLM2) with a block size that is not a power of two.
+SHAPES = [(16, 2, 2, 64), (32, 1, 4, 128), (48, 2, 3, 64)]
+# A mixed step: a fresh prompt, a chunk continuing a prompt, two decodes, a one-token prompt.
+MIXED_QUERY_LENS = [37, 20, 1, 1, 1]
+MIXED_CONTEXT_LENS = [0, 45, 70, 5, 0]
+
+
+def _attend(b, out, **kwargs):
+    from piston_cuda.kernels.paged_attention import paged_attention
+
+    paged_attention(b.q, b.k_cache, b.v_cache, out, b.block_table, b.query_start_loc, b.seq_lens,
+                    num_seqs=b.num_seqs, max_query_len=max(b.query_lens), scale=b.scale, **kwargs)
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    err = (actual.double().cpu() - expected).abs().max().item()
+    assert err <= tolerance(dtype), f"max abs error {err:.3g} > {tolerance(dtype):.1g} ({dtype})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kv_cache_write_places_each_token_at_its_slot(device, dtype):
+    from piston_cuda.kernels.kv_cache_write import write_kv_cache
+
+    num_blocks, block_size, kvh, d = 6, 16, 2, 64
+    gen = torch.Generator().manual_seed(1)
+    # k and v are column slices of one fused qkv row, as the model produces them.
+    qkv = torch.randn(5, 3 * kvh * d, generator=gen).to(device, dtype)
+    k, v = qkv[:, kvh * d:2 * kvh * d], qkv[:, 2 * kvh * d:]
+    slots = torch.tensor([17, 3, -1, 95, 48], dtype=torch.int64, device=device)  # -1: padding row
+    kv = torch.zeros(2, num_blocks, block_size, kvh, d, dtype=dtype, device=device)
+    write_kv_cache(k, v, kv[0], kv[1], slots)
+    expected = torch.zeros_like(kv).cpu()
+    for i, s in enumerate(slots.tolist()):
+        if s >= 0:
+            expected[0, s // block_size, s % block_size] = k[i].cpu().view(kvh, d)
+            expected[1, s // block_size, s % block_size] = v[i].cpu().view(kvh, d)
+    assert torch.equal(kv.cpu(), expected)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "bs{}-kv{}-g{}-d{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mixed_prefill_chunk_and_decode_batch_matches_reference(device, dtype, shape):
+    block_size, kvh, qpk, d = shape
+    b = make_paged_batch(MIXED_QUERY_LENS, MIXED_CONTEXT_LENS, block_size=block_size, num_kv_heads=kvh,
+                         queries_per_kv=qpk, head_dim=d, dtype=dtype, device=device, seed=block_size)
+    out = torch.empty_like(b.q)
+    lse = torch.empty(b.q.shape[1], b.q.shape[0], dtype=torch.float32, device=device)
+    _attend(b, out, lse=lse)
+    ref_out, ref_lse = reference_attention(b)
+    _close(out, ref_out, dtype)
+    _close(lse, ref_lse, torch.float32 if dtype == torch.float32 else torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_split_kv_decode_matches_single_pass(device, dtype):
+    # Long and short contexts: with 4 splits the short one leaves splits without keys.
+    b = make_paged_batch([1, 1, 1], [300, 3, 129], block_size=16, num_kv_heads=2, queries_per_kv=4,
+                         head_dim=64, dtype=dtype, device=device, seed=7)
+    ref_out, ref_lse = reference_attention(b)
+    for num_splits in (1, 4):
+        out = torch.empty_like(b.q)
+        lse = torch.empty(b.q.shape[1], b.q.shape[0], dtype=torch.float32, device=device)
+        _attend(b, out, lse=lse, num_splits=num_splits)
+        _close(out, ref_out, dtype)
+        _close(lse, ref_lse, torch.float32 if dtype == torch.float32 else torch.float16)
+
+
+def test_num_kv_splits_only_for_small_long_decode_batches():
+    from piston_cuda.kernels.paged_attention import num_kv_splits
+
+    assert num_kv_splits(2, 8, 1, 8192, num_sms=132) == 8  # 16 programs on 132 SMs: split
+    assert num_kv_splits(2, 8, 1, 600, num_sms=132) == 2  # limited by 256 keys per split
+    assert num_kv_splits(64, 8, 1, 8192, num_sms=132) == 1  # enough programs already
+    assert num_kv_splits(2, 8, 7, 8192, num_sms=132) == 1  # not a decode-only batch
+    assert num_kv_splits(2, 8, 1, 300, num_sms=132) == 1  # context too short
+    assert num_kv_splits(1, 1, 1, 1 << 20, num_sms=132) == 16  # capped
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merge_of_prefix_and_suffix_passes_equals_full_attention(device, dtype):
+    """Cascade at kernel level: queries of every sequence over a shared 64-token prefix (one
+    non-causal pass), each over its own suffix (kv_start), merged by log-sum-exp."""
+    from piston_cuda.kernels.merge_attn_states import merge_attn_states
+    from piston_cuda.kernels.paged_attention import paged_attention
+
+    prefix_blocks, bs = 4, 16
+    b = make_paged_batch([1, 6, 1, 9], [70, 64, 100, 80], block_size=bs, num_kv_heads=2, queries_per_kv=2,
+                         head_dim=64, dtype=dtype, device=device, seed=3, shared_prefix_blocks=prefix_blocks)
+    prefix_len = prefix_blocks * bs
+    n, h, d = b.q.shape
+    parts = []
+    for kwargs in (dict(causal=False), dict(kv_start=prefix_len)):
+        part = torch.empty(n, h, d, dtype=torch.float32, device=device)
+        lse = torch.empty(h, n, dtype=torch.float32, device=device)
+        parts += [part, lse]
+        if "causal" in kwargs:
+            qsl = torch.tensor([0, n], dtype=torch.int32, device=device)
+            lens = torch.tensor([prefix_len], dtype=torch.int32, device=device)
+            paged_attention(b.q, b.k_cache, b.v_cache, part, b.block_table[:1, :prefix_blocks], qsl, lens,
+                            num_seqs=1, max_query_len=n, scale=b.scale, lse=lse, **kwargs)
+        else:
+            _attend(b, part, lse=lse, **kwargs)
+    out = torch.empty_like(b.q)
+    out_lse = torch.empty(h, n, dtype=torch.float32, device=device)
+    merge_attn_states(out, *parts, out_lse=out_lse)
+    ref_out, ref_lse = reference_attention(b)
+    _close(out, ref_out, dtype)
+    _close(out_lse, ref_lse, torch.float32 if dtype == torch.float32 else torch.float16)
+
+
+def test_merge_treats_rows_without_keys_as_empty(device):
+    from piston_cuda.kernels.merge_attn_states import merge_attn_states
+
+    a = torch.randn(3, 2, 16, device=device)
+    b = torch.randn(3, 2, 16, device=device)
+    inf = float("inf")
+    a_lse = torch.tensor([[0.5, -inf, inf], [1.0, 2.0, 0.0]], device=device)
+    b_lse = torch.tensor([[-inf, 0.3, 1.0], [1.0, -inf, 0.0]], device=device)
+    out = torch.empty_like(a)
+    merge_attn_states(out, a, a_lse, b, b_lse)
+    assert torch.allclose(out[0, 0], a[0, 0]) and torch.allclose(out[1, 0], b[1, 0])
+    assert torch.allclose(out[2, 0], b[2, 0])  # +inf (FlashAttention's empty row) counts as empty
+    assert torch.allclose(out[0, 1], (a[0, 1] + b[0, 1]) / 2, atol=1e-6)
