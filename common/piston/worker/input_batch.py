@@ -8,11 +8,14 @@ vector operations, not a Python loop over tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from piston.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the TPU runner reuses this batch without torch
+    import torch
 
 
 @dataclass

@@ -1,1 +1,1 @@
-"""Piston's TPU platform plugin (JAX + Pallas; its model runner is not built yet)."""
+"""Piston's TPU platform plugin: JAX models, Pallas ragged paged attention, bucketed XLA programs."""

@@ -1,34 +1,107 @@
-"""TpuPlatform: registered, but reports itself unavailable until its runner exists."""
+"""TpuPlatform: JAX + Pallas. Runs on Google TPUs, and on JAX's CPU backend for testing.
+
+Available when JAX is installed and this host has TPU chips (libtpu plus /dev/accel* or
+/dev/vfio devices; detected without initializing JAX, since a TPU opened by one process
+is locked for the others, and the engine's worker process must be the one to open it).
+With ``PISTON_PLATFORM=tpu`` on a host without a TPU it runs on JAX's CPU backend with
+the Pallas kernel in interpret mode, and says once that this is for testing only.
+"""
 
 from __future__ import annotations
 
+import glob
+import importlib.util
+import logging
+import os
+
 from piston.platforms.interface import Platform
+
+# Under "piston" so the engine's log handler shows it.
+logger = logging.getLogger(__name__.replace("piston_tpu", "piston.tpu", 1))
+
+# KV cache memory on JAX's CPU backend when the user gives none (as the CPU platform).
+DEFAULT_CPU_KV_CACHE_BYTES = 2 * 2**30
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def jax_installed() -> bool:
+    return importlib.util.find_spec("jax") is not None
+
+
+def tpu_present() -> bool:
+    """True when this host has TPU chips that libtpu can drive (no JAX initialization)."""
+    if importlib.util.find_spec("libtpu") is None:
+        return False
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def cpu_fallback_requested() -> bool:
+    return os.environ.get("PISTON_PLATFORM", "").strip().lower() == "tpu"
 
 
 class TpuPlatform(Platform):
     name = "tpu"
+    # One chip per engine so far: a JAX-mesh tensor-parallel runner is future work.
+    supports_tensor_parallel = False
 
     @classmethod
     def is_available(cls) -> bool:
-        # The JAX model runner and Pallas kernels are not implemented yet.
-        return False
+        if not jax_installed():
+            return False
+        return tpu_present() or cpu_fallback_requested()
 
     @classmethod
     def unavailable_reason(cls) -> str:
-        return "the TPU (JAX) model runner is not implemented yet in this release"
+        if not jax_installed():
+            return "JAX is not installed (pip install 'piston[tpu]'; a TPU host also needs jax[tpu])"
+        return ("no TPU on this host; set PISTON_PLATFORM=tpu to run the TPU platform on JAX's CPU "
+                "backend (for testing)")
 
     @classmethod
     def device_name(cls) -> str:
-        return "Google TPU"
+        if not tpu_present():
+            return "JAX CPU backend (TPU platform test mode)"
+        kind = os.environ.get("TPU_ACCELERATOR_TYPE")
+        chips = len(glob.glob("/dev/accel*")) or len(glob.glob("/dev/vfio/[0-9]*"))
+        return f"Google TPU {kind or ''} ({chips} chips)".replace("  ", " ")
 
     @classmethod
     def total_memory(cls) -> int:
-        return 0
+        if not tpu_present():
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        return int(stats.get("bytes_limit", 0))
+
+    @classmethod
+    def check_and_update_config(cls, config) -> None:
+        dtype = config.model_config.dtype
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported on the TPU platform; use one of {SUPPORTED_DTYPES}.")
+        if config.parallel_config.tensor_parallel_size != 1:  # the engine checks first; kept for direct callers
+            raise ValueError(f"tensor_parallel_size={config.parallel_config.tensor_parallel_size}: the TPU "
+                             "platform runs one chip per engine so far; use tensor_parallel_size=1.")
+        if config.cache_config.kv_cache_memory is None and not tpu_present():
+            avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+            config.cache_config.kv_cache_memory = min(DEFAULT_CPU_KV_CACHE_BYTES, avail // 4)
 
     @classmethod
     def distributed_backend(cls) -> str:
         return "jax"
 
     @classmethod
+    def ray_resource(cls) -> str:
+        return "TPU"
+
+    @classmethod
     def make_worker(cls, config, rank=0, world_size=1):
-        raise NotImplementedError(cls.unavailable_reason())
+        on_tpu = tpu_present()
+        if not on_tpu:
+            # Before JAX initializes: never probe for accelerators a test machine may have.
+            os.environ.setdefault("JAX_PLATFORMS", "cpu")
+            logger.warning("TPU platform: no TPU on this host, running on JAX's CPU backend (Pallas kernels in "
+                           "interpret mode). This is for testing only; serve on a CPU with PISTON_PLATFORM=cpu.")
+        from piston_tpu.worker import TpuWorker
+
+        return TpuWorker(config, rank, world_size, on_tpu=on_tpu)

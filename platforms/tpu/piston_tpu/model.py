@@ -1,0 +1,177 @@
+"""The Llama family in JAX: Llama 2/3, Mistral, Qwen2, Qwen3 and SmolLM2.
+
+A pure function of (params, kv_cache, step inputs), traced once per token bucket. The
+decoder layers run under ``lax.scan`` over weights stacked by layer, so XLA compiles one
+layer body whatever the depth. All of a step's tokens arrive flattened, ``[num_tokens]``;
+the attention function reads the paged cache through the step's metadata. The arithmetic
+follows the torch models (and so transformers) operation by operation, in ``dtype``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from piston_tpu.attention_metadata import AttentionMetadata
+from piston_tpu.kv_cache import write_kv
+
+# Under "piston" so the engine's log handler shows it.
+logger = logging.getLogger(__name__.replace("piston_tpu", "piston.tpu", 1))
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+@dataclass(frozen=True)
+class LlamaSpec:
+    """The static shape of a Llama-family model, read from its Hugging Face config."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    hidden_act: str
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> "LlamaSpec":
+        """Raises ValueError for an architecture or activation the JAX models do not implement."""
+        names = list(getattr(config, "architectures", None) or [])
+        arch = next((n for n in names if n in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(f"Model architecture {names or '(none given)'} is not supported on the TPU "
+                             f"platform; supported: {', '.join(SUPPORTED_ARCHITECTURES)}.")
+        act = getattr(config, "hidden_act", "silu")
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act={act!r} is not supported; supported: {', '.join(_ACTIVATIONS)}.")
+        heads = config.num_attention_heads
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        if arch == "MistralForCausalLM":
+            window = getattr(config, "sliding_window", None)
+            if window and window < getattr(config, "max_position_embeddings", 0):
+                logger.warning("sliding_window=%d is not applied: attention sees the whole context, "
+                               "so outputs past %d tokens differ from the reference.", window, window)
+        return cls(
+            architecture=arch,
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            rms_norm_eps=float(config.rms_norm_eps),
+            hidden_act=act,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=True if arch == "Qwen2ForCausalLM" else attention_bias,
+            o_bias=False if arch == "Qwen2ForCausalLM" else attention_bias,
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+        )
+
+
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, AttentionMetadata], jax.Array]
+"""(q [T, H, D], kv_cache, layer index, metadata) -> [T, H, D]; see attention_metadata."""
+
+
+def _linear(x: jax.Array, w: jax.Array, precision) -> jax.Array:
+    # w is [out, in] as in the checkpoint: contract the last dims, no transposed copy.
+    return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=precision)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Hugging Face's LlamaRMSNorm: normalize in float32, scale in the input dtype."""
+    xf = x.astype(jnp.float32)
+    xf = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, rotary_dim: int) -> jax.Array:
+    """Rotate-half RoPE on the first ``rotary_dim`` channels of x [T, heads, D]."""
+    cos, sin = cos[:, None, :].astype(x.dtype), sin[:, None, :].astype(x.dtype)
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    x1, x2 = rot[..., :half], rot[..., half:]
+    return jnp.concatenate((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), axis=-1)
+
+
+def forward(params: dict[str, jax.Array], rope: tuple[jax.Array, jax.Array], kv_cache: jax.Array,
+            input_ids: jax.Array, positions: jax.Array, md: AttentionMetadata, sample_idx: jax.Array,
+            *, spec: LlamaSpec, attention: AttentionFn, rotary_dim: int,
+            precision=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One step over T flattened tokens.
+
+    Returns (hidden [T, hidden], hidden rows ``sample_idx`` [S, hidden], the updated cache).
+    """
+    t = input_ids.shape[0]
+    h_, kvh, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    q_size, kv_size = h_ * d, kvh * d
+    inter = spec.intermediate_size
+    act = _ACTIVATIONS[spec.hidden_act]
+    eps = spec.rms_norm_eps
+    cos, sin = rope[0][positions], rope[1][positions]
+    layer_names = [n for n in ("in_norm", "post_norm", "qkv", "qkv_bias", "o", "o_bias", "gate_up",
+                               "gate_up_bias", "down", "down_bias", "q_norm", "k_norm") if n in params]
+    stacked = {n: params[n] for n in layer_names}
+
+    def layer(carry, xs):
+        h, residual, cache = carry
+        lp, index = xs
+        residual = h + residual
+        x = rms_norm(residual, lp["in_norm"], eps)
+        qkv = _linear(x, lp["qkv"], precision)
+        if "qkv_bias" in lp:
+            qkv = qkv + lp["qkv_bias"]
+        q = qkv[:, :q_size].reshape(t, h_, d)
+        k = qkv[:, q_size:q_size + kv_size].reshape(t, kvh, d)
+        v = qkv[:, q_size + kv_size:].reshape(t, kvh, d)
+        if spec.qk_norm:
+            q = rms_norm(q, lp["q_norm"], eps)
+            k = rms_norm(k, lp["k_norm"], eps)
+        q = apply_rope(q, cos, sin, rotary_dim)
+        k = apply_rope(k, cos, sin, rotary_dim)
+        cache = write_kv(cache, index, k, v, md.slot_mapping)
+        o = attention(q, cache, index, md).reshape(t, q_size)
+        h = _linear(o, lp["o"], precision)
+        if "o_bias" in lp:
+            h = h + lp["o_bias"]
+        residual = h + residual
+        x = rms_norm(residual, lp["post_norm"], eps)
+        gate_up = _linear(x, lp["gate_up"], precision)
+        if "gate_up_bias" in lp:
+            gate_up = gate_up + lp["gate_up_bias"]
+        h = _linear(act(gate_up[:, :inter]) * gate_up[:, inter:], lp["down"], precision)
+        if "down_bias" in lp:
+            h = h + lp["down_bias"]
+        return (h, residual, cache), None
+
+    h = params["embed"][input_ids]
+    carry = (h, jnp.zeros_like(h), kv_cache)
+    (h, residual, kv_cache), _ = lax.scan(layer, carry, (stacked, jnp.arange(spec.num_layers)))
+    hidden = rms_norm(h + residual, params["final_norm"], eps)
+    return hidden, hidden[sample_idx], kv_cache
+
+
+def compute_logits(params: dict[str, jax.Array], hidden: jax.Array, precision=None) -> jax.Array:
+    """[N, hidden] -> [N, vocab] float32 logits (tied models read the embedding matrix)."""
+    weight = params["lm_head"] if "lm_head" in params else params["embed"]
+    return _linear(hidden, weight, precision).astype(jnp.float32)

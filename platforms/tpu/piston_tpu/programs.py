@@ -1,0 +1,110 @@
+"""The XLA programs of one engine, compiled ahead of time for every shape bucket.
+
+Per token bucket T: ``forward`` (the model over T tokens, also returning the hidden rows
+of the sampled tokens) and ``gather_rows`` (hidden rows for prompt logprobs). Per request
+bucket R: ``logits``, ``penalize``, ``sample`` and ``logprobs``. That is len(T) * 2 +
+len(R) * 4 programs, compiled by ``compile_all`` with a progress bar; a call with a shape
+no program was compiled for raises instead of compiling.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from piston_tpu import sampler
+from piston_tpu.attention_metadata import AttentionMetadata
+from piston_tpu.model import LlamaSpec, compute_logits, forward
+
+# Under "piston" so the engine's log handler shows it.
+logger = logging.getLogger(__name__.replace("piston_tpu", "piston.tpu", 1))
+
+
+def _spec(shape, dtype) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+
+
+class ModelPrograms:
+    """Holds the compiled executables, keyed by (program name, bucket)."""
+
+    def __init__(self, spec: LlamaSpec, attention: Callable, rotary_dim: int, token_buckets: list[int],
+                 request_buckets: list[int], max_seqs: int, pages_per_seq: int, precision) -> None:
+        self.spec = spec
+        self.token_buckets = token_buckets
+        self.request_buckets = request_buckets
+        self.max_seqs = max_seqs
+        self.pages_per_seq = pages_per_seq
+        self.compiled: dict[tuple[str, int], Any] = {}
+        self._forward = jax.jit(functools.partial(forward, spec=spec, attention=attention, rotary_dim=rotary_dim,
+                                                  precision=precision), donate_argnums=(2,))
+        self._gather_rows = jax.jit(lambda hidden, idx: hidden[idx])
+        self._precision = precision
+
+    # ----- compilation ------------------------------------------------------------
+
+    def _jobs(self, params, rope, kv_cache) -> list[tuple[str, int, Callable[[], Any]]]:
+        spec, s = self.spec, self.max_seqs
+        vocab, hidden = spec.vocab_size, spec.hidden_size
+        act_dtype = params["embed"].dtype
+        jobs = []
+        for t in self.token_buckets:
+            md = AttentionMetadata(
+                slot_mapping=_spec((t,), np.int32), token_positions=_spec((t,), np.int32),
+                token_seqs=_spec((t,), np.int32), kv_lens=_spec((s,), np.int32),
+                cu_q_lens=_spec((s + 1,), np.int32), page_indices=_spec((s, self.pages_per_seq), np.int32),
+                num_seqs=_spec((1,), np.int32))
+            args = (params, rope, kv_cache, _spec((t,), np.int32), _spec((t,), np.int32), md, _spec((s,), np.int32))
+            jobs.append(("forward", t, functools.partial(self._forward.lower, *args)))
+            jobs.append(("gather_rows", t, functools.partial(
+                self._gather_rows.lower, _spec((t, hidden), act_dtype), _spec((s,), np.int32))))
+        head = params.get("lm_head", params["embed"])
+        for r in self.request_buckets:
+            logits = _spec((r, vocab), np.float32)
+            rows = functools.partial(lambda r_, w, h: compute_logits({"embed": w}, h[:r_], self._precision), r)
+            jobs.append(("logits", r, functools.partial(jax.jit(rows).lower, head, _spec((s, hidden), act_dtype))))
+            jobs.append(("penalize", r, functools.partial(
+                jax.jit(sampler.penalize).lower, logits, _spec((r, vocab), np.int32), _spec((r, vocab), bool),
+                _spec((r, vocab), bool), *[_spec((r,), np.float32)] * 3)))
+            inputs = sampler.SamplingInputs(
+                temperature=_spec((r,), np.float32), top_k=_spec((r,), np.int32), top_p=_spec((r,), np.float32),
+                min_p=_spec((r,), np.float32), seeds=_spec((r,), np.uint32), seeded=_spec((r,), bool),
+                counters=_spec((r,), np.int32), step_key=_spec((2,), np.uint32), flags=_spec((4,), bool))
+            jobs.append(("sample", r, functools.partial(jax.jit(sampler.sample).lower, logits, logits, inputs)))
+            jobs.append(("logprobs", r, functools.partial(
+                jax.jit(sampler.logprobs_of).lower, logits, _spec((r,), np.int32))))
+        return jobs
+
+    def compile_all(self, params, rope, kv_cache) -> None:
+        """Compile every program for every bucket (a progress bar on a terminal).
+
+        One at a time: XLA's CPU compiler already uses several threads, and parallel
+        compilations ran slower than sequential ones on a 2-core machine.
+        """
+        start = time.perf_counter()
+        times: dict[str, float] = {}
+        jobs = self._jobs(params, rope, kv_cache)
+        for name, bucket, lower in tqdm(jobs, desc="Compiling XLA programs", unit="program", leave=False,
+                                        disable=None):
+            t0 = time.perf_counter()
+            self.compiled[(name, bucket)] = lower().compile()
+            times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+        logger.info("Compiled %d XLA programs in %.1f s (%s) for token buckets %s and request buckets %s.",
+                    len(jobs), time.perf_counter() - start, ", ".join(f"{k} {v:.1f} s" for k, v in times.items()),
+                    self.token_buckets, self.request_buckets)
+
+    # ----- calls ------------------------------------------------------------------
+
+    def __call__(self, name: str, bucket: int, *args):
+        program = self.compiled.get((name, bucket))
+        if program is None:
+            raise RuntimeError(f"No compiled {name!r} program for bucket {bucket}; compiled buckets: "
+                               f"{sorted(b for n, b in self.compiled if n == name)}. Call warm_up() first.")
+        return program(*args)
+

@@ -1,0 +1,82 @@
+"""StepInputs: one step's model inputs as numpy arrays padded to fixed shapes.
+
+Built from the persistent InputBatch with vector operations only. Tokens are padded to
+the step's token bucket; per-sequence arrays to ``max_seqs`` (the largest request
+bucket), so the forward program of a token bucket serves any number of requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from piston.core.scheduler_output import SchedulerOutput
+from piston.worker.input_batch import InputBatch
+from piston_tpu.attention_metadata import AttentionMetadata
+
+
+@dataclass
+class StepInputs:
+    rows: np.ndarray  # [R] batch rows scheduled this step, in batch order
+    num_scheduled: np.ndarray  # [R]
+    query_start: np.ndarray  # [R + 1] int32
+    num_tokens: int  # real tokens this step
+    bucket: int  # padded token count
+    input_ids: np.ndarray  # [bucket] int32
+    positions: np.ndarray  # [bucket] int32 (padding: 0, a valid RoPE row)
+    metadata: AttentionMetadata  # numpy arrays, see attention_metadata
+
+
+class StepInputBuilder:
+    """Reuses its per-sequence buffers between steps; returns fresh token arrays."""
+
+    def __init__(self, batch: InputBatch, block_size: int, num_slots: int, max_seqs: int,
+                 pages_per_seq: int) -> None:
+        self.batch = batch
+        self.block_size = block_size
+        self.num_slots = num_slots  # padding tokens write to this (out-of-range) slot
+        self.max_seqs = max_seqs
+        # Entries past a sequence's own blocks keep stale (valid) page ids: never attended.
+        self.page_table = np.zeros((max_seqs, pages_per_seq), np.int32)
+
+    def build(self, so: SchedulerOutput, bucket_of) -> StepInputs:
+        """``bucket_of(num_tokens)`` picks the token bucket."""
+        batch = self.batch
+        rows = np.fromiter((batch.req_id_to_row[r] for r in so.num_scheduled_tokens),
+                           dtype=np.int64, count=len(so.num_scheduled_tokens))
+        num_sched = np.fromiter(so.num_scheduled_tokens.values(), dtype=np.int64, count=len(rows))
+        order = np.argsort(rows, kind="stable")  # batch order keeps the sampler's rows stable
+        rows, num_sched = rows[order], num_sched[order]
+        n, total = len(rows), int(num_sched.sum())
+        bucket = bucket_of(total)
+        cu = np.cumsum(num_sched)
+        req_idx = np.repeat(np.arange(n), num_sched)
+        computed = batch.num_computed_tokens[rows]
+        positions = computed[req_idx] + np.arange(total) - np.repeat(cu - num_sched, num_sched)
+        token_rows = rows[req_idx]
+        blocks = batch.block_table[token_rows, positions // self.block_size].astype(np.int64)
+
+        input_ids = np.zeros(bucket, np.int32)
+        input_ids[:total] = batch.token_ids[token_rows, positions]
+        pos = np.zeros(bucket, np.int32)
+        pos[:total] = positions
+        token_positions = np.full(bucket, -1, np.int32)
+        token_positions[:total] = positions
+        token_seqs = np.zeros(bucket, np.int32)
+        token_seqs[:total] = req_idx
+        slots = np.full(bucket, self.num_slots, np.int32)
+        slots[:total] = blocks * self.block_size + positions % self.block_size
+
+        query_start = np.zeros(self.max_seqs + 1, np.int32)
+        query_start[1:n + 1] = cu
+        query_start[n + 1:] = total
+        kv_lens = np.zeros(self.max_seqs, np.int32)
+        kv_lens[:n] = computed + num_sched
+        max_blocks = int(batch.num_blocks[rows].max())
+        self.page_table[:n, :max_blocks] = batch.block_table[rows, :max_blocks]
+        md = AttentionMetadata(slot_mapping=slots, token_positions=token_positions, token_seqs=token_seqs,
+                               kv_lens=kv_lens, cu_q_lens=query_start, page_indices=self.page_table.copy(),
+                               num_seqs=np.array([n], np.int32))
+        return StepInputs(rows=rows, num_scheduled=num_sched, query_start=query_start[:n + 1],
+                          num_tokens=total, bucket=bucket, input_ids=input_ids, positions=pos, metadata=md)

@@ -1,0 +1,174 @@
+"""Checkpoint weights for the JAX Llama family, as numpy arrays stacked by layer.
+
+Safetensors folders are read with ``safetensors`` in numpy mode (no torch). A GGUF file
+goes through the shared loader (``piston.model_executor.gguf_loader``, which dequantizes
+with the ``gguf`` package and yields torch CPU tensors, viewed here as numpy without a
+copy) and is cached as a safetensors folder by ``gguf_cache`` exactly as on the CPU
+platform, so later start-ups on either platform read the converted copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from piston.config import ModelConfig
+from piston.model_executor.weight_loader import safetensors_files
+
+# Under "piston" so the engine's log handler shows it.
+logger = logging.getLogger(__name__.replace("piston_tpu", "piston.tpu", 1))
+
+# Hugging Face sub-module name -> (stacked parameter, fused slot or None).
+_LAYER_NAMES = {
+    "input_layernorm.weight": ("in_norm", None),
+    "post_attention_layernorm.weight": ("post_norm", None),
+    "self_attn.q_proj.weight": ("qkv", "q"), "self_attn.k_proj.weight": ("qkv", "k"),
+    "self_attn.v_proj.weight": ("qkv", "v"),
+    "self_attn.q_proj.bias": ("qkv_bias", "q"), "self_attn.k_proj.bias": ("qkv_bias", "k"),
+    "self_attn.v_proj.bias": ("qkv_bias", "v"),
+    "self_attn.o_proj.weight": ("o", None), "self_attn.o_proj.bias": ("o_bias", None),
+    "self_attn.q_norm.weight": ("q_norm", None), "self_attn.k_norm.weight": ("k_norm", None),
+    "mlp.gate_proj.weight": ("gate_up", "gate"), "mlp.up_proj.weight": ("gate_up", "up"),
+    "mlp.down_proj.weight": ("down", None),
+    "mlp.gate_proj.bias": ("gate_up_bias", "gate"), "mlp.up_proj.bias": ("gate_up_bias", "up"),
+    "mlp.down_proj.bias": ("down_bias", None),
+}
+
+
+def param_shapes(spec) -> dict[str, tuple[int, ...]]:
+    """Shapes of every parameter of a ``LlamaSpec`` (layer parameters lead with num_layers)."""
+    L, d, i = spec.num_layers, spec.hidden_size, spec.intermediate_size
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    shapes = {"embed": (spec.vocab_size, d), "final_norm": (d,),
+              "in_norm": (L, d), "post_norm": (L, d), "qkv": (L, q + 2 * kv, d), "o": (L, d, q),
+              "gate_up": (L, 2 * i, d), "down": (L, d, i)}
+    if not spec.tie_word_embeddings:
+        shapes["lm_head"] = (spec.vocab_size, d)
+    if spec.qkv_bias:
+        shapes["qkv_bias"] = (L, q + 2 * kv)
+    if spec.o_bias:
+        shapes["o_bias"] = (L, d)
+    if spec.mlp_bias:
+        shapes["gate_up_bias"] = (L, 2 * i)
+        shapes["down_bias"] = (L, d)
+    if spec.qk_norm:
+        shapes["q_norm"] = (L, spec.head_dim)
+        shapes["k_norm"] = (L, spec.head_dim)
+    return shapes
+
+
+def _slot_rows(spec, param: str, slot: str | None) -> tuple[int, int] | None:
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    i = spec.intermediate_size
+    offsets = {("qkv", "q"): (0, q), ("qkv", "k"): (q, kv), ("qkv", "v"): (q + kv, kv),
+               ("gate_up", "gate"): (0, i), ("gate_up", "up"): (i, i)}
+    if slot is None:
+        return None
+    return offsets[(param.removesuffix("_bias"), slot)]
+
+
+def _iterate_safetensors_numpy(folder: str) -> Iterator[tuple[str, np.ndarray]]:
+    from safetensors import safe_open
+
+    for path in safetensors_files(folder):
+        with safe_open(path, framework="numpy") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _iterate_gguf(path: str, hf_config: Any) -> Iterator[tuple[str, np.ndarray]]:
+    from piston.model_executor import gguf_cache, gguf_loader  # these import torch
+
+    converted: dict = {}
+    for name, tensor in gguf_cache.recording(gguf_loader.iterate_gguf_weights(path, hf_config), converted):
+        yield name, tensor.numpy()
+    if converted:
+        gguf_cache.save(path, hf_config, converted)
+
+
+def checkpoint_tensors(model_config: ModelConfig, hf_config: Any) -> tuple[Iterator[tuple[str, np.ndarray]], int]:
+    """(name, numpy array) pairs of the checkpoint, and how many there are."""
+    path = model_config.path or model_config.model
+    source = path
+    if path.endswith(".gguf"):
+        from piston.model_executor import gguf_cache, gguf_loader  # these import torch
+
+        source = gguf_cache.cached_folder(path) or path
+        if source.endswith(".gguf"):
+            return _iterate_gguf(path, hf_config), gguf_loader.count_gguf_tensors(path)
+    total = 0
+    from safetensors import safe_open
+
+    for file in safetensors_files(source):
+        with safe_open(file, framework="numpy") as f:
+            total += len(list(f.keys()))
+    return _iterate_safetensors_numpy(source), total
+
+
+def load_params(spec, model_config: ModelConfig, hf_config: Any, dtype: np.dtype) -> dict[str, np.ndarray]:
+    """Every parameter of ``spec`` as a numpy array of ``dtype``, filled from the checkpoint.
+
+    ``load_format="dummy"`` gives small seeded random values instead. Raises ValueError
+    for a missing parameter or a tensor whose shape does not match the config.
+    """
+    start = time.perf_counter()
+    shapes = param_shapes(spec)
+    if model_config.load_format == "dummy":
+        rng = np.random.default_rng(model_config.seed)
+        params = {name: (np.ones(shape, dtype) if "norm" in name
+                         else rng.uniform(-1e-3, 1e-3, shape).astype(dtype)) for name, shape in shapes.items()}
+        logger.info("Built random (dummy) weights in %.2f s.", time.perf_counter() - start)
+        return params
+
+    params = {name: np.empty(shape, dtype) for name, shape in shapes.items()}
+    filled: dict[str, int] = {name: 0 for name in shapes}  # rows (or layers x rows) written
+    unexpected: list[str] = []
+    tensors, total = checkpoint_tensors(model_config, hf_config)
+    for name, tensor in tqdm(tensors, total=total, desc="Loading weights", unit="tensor",
+                             leave=False, disable=None):
+        target, layer, rows = _place(spec, name)
+        if target is None:
+            if not ("rotary_emb.inv_freq" in name or (name == "lm_head.weight" and spec.tie_word_embeddings)):
+                unexpected.append(name)
+            continue
+        dst = params[target] if layer is None else params[target][layer]
+        if rows is not None:
+            dst = dst[rows[0]:rows[0] + rows[1]]
+        if dst.shape != tensor.shape:
+            raise ValueError(f"Checkpoint tensor {name} has shape {tuple(tensor.shape)}, but the model "
+                             f"expects {tuple(dst.shape)}: the config does not match the weights.")
+        dst[...] = tensor.astype(dtype, copy=False)
+        filled[target] += dst.size
+    if unexpected:
+        logger.warning("Skipped %d checkpoint tensors the model has no place for: %s",
+                       len(unexpected), ", ".join(unexpected[:5]))
+    missing = [n for n, a in params.items() if filled[n] != a.size]
+    if missing:
+        raise ValueError(f"The checkpoint does not provide {len(missing)} of the model's parameters "
+                         f"(e.g. {', '.join(missing[:5])}); is it a {spec.architecture} checkpoint?")
+    logger.info("Read %d checkpoint tensors in %.2f s.", total, time.perf_counter() - start)
+    return params
+
+
+def _place(spec, name: str) -> tuple[str | None, int | None, tuple[int, int] | None]:
+    """(parameter, layer or None, (row offset, rows) or None) for a Hugging Face tensor name."""
+    top = {"model.embed_tokens.weight": "embed", "model.norm.weight": "final_norm"}
+    if name in top:
+        return top[name], None, None
+    if name == "lm_head.weight":
+        return (None if spec.tie_word_embeddings else "lm_head"), None, None
+    parts = name.split(".")
+    if len(parts) < 4 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
+        return None, None, None
+    entry = _LAYER_NAMES.get(".".join(parts[3:]))
+    layer = int(parts[2])
+    if entry is None or layer >= spec.num_layers:
+        return None, None, None
+    param, slot = entry
+    if param not in param_shapes(spec):
+        return None, None, None
+    return param, layer, _slot_rows(spec, param, slot)

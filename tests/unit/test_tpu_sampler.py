@@ -1,0 +1,151 @@
+"""The TPU platform's JAX sampler against the CPU platform's torch sampler.
+
+Each processing stage (penalties, min_tokens, min_p, top-k/top-p, logprobs) must give the
+torch sampler's numbers on random logits; sampling itself must respect greedy rows, be
+keyed by (seed, tokens generated) only, and follow the filtered distribution.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+torch = pytest.importorskip("torch")
+import jax.numpy as jnp  # noqa: E402
+
+from piston.model_executor import sampler as cpu  # noqa: E402
+from piston.model_executor.sampling_metadata import SamplingMetadata  # noqa: E402
+from piston_tpu import sampler as tpu  # noqa: E402
+
+VOCAB = 64
+# Compiled once per shape, as the runner does; eager op-by-op dispatch would be slow.
+_sample = jax.jit(tpu.sample)
+
+
+def _logits(rows: int, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((rows, VOCAB)) * 3).astype(np.float32)
+
+
+def _inputs(rows, temperature=1.0, top_k=VOCAB, top_p=1.0, min_p=0.0, seeds=None, counters=None,
+            step=0, logprobs=False) -> tpu.SamplingInputs:
+    def full(v, dtype):
+        return np.broadcast_to(np.asarray(v, dtype), (rows,)).copy()
+
+    seeds_arr = np.zeros(rows, np.uint32) if seeds is None else np.asarray(seeds, np.uint32)
+    temperature = full(temperature, np.float32)
+    top_k, top_p, min_p = full(top_k, np.int32), full(top_p, np.float32), full(min_p, np.float32)
+    return tpu.SamplingInputs(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds_arr,
+        seeded=np.full(rows, seeds is not None), counters=full(0 if counters is None else counters, np.int32),
+        step_key=np.array([0, step], np.uint32),
+        flags=np.array([(temperature > 0).any(), (min_p > 0).any(), (top_k < VOCAB).any() or (top_p < 1).any(),
+                        logprobs]))
+
+
+def test_penalties_and_min_tokens_match_cpu_sampler():
+    logits = _logits(3)
+    outputs = [[1, 1, 5, 9], [], [3, 3, 3]]
+    prompts = [[2, 5, 7], [8, 8, 1], [60]]
+    presence = np.array([0.5, -1.0, 0.0], np.float32)
+    frequency = np.array([0.3, 0.0, 1.5], np.float32)
+    repetition = np.array([1.3, 0.8, 2.0], np.float32)
+    min_tokens = {0: {4, 9}, 2: {63}}
+
+    prompt_ids = torch.full((3, 3), VOCAB, dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        prompt_ids[i, :len(p)] = torch.tensor(p)
+    md = SamplingMetadata(
+        temperature=torch.zeros(3), all_greedy=True, all_random=False, top_p=None, top_k=None, min_p=None,
+        generators={}, max_num_logprobs=None, no_penalties=False,
+        presence_penalties=torch.from_numpy(presence), frequency_penalties=torch.from_numpy(frequency),
+        repetition_penalties=torch.from_numpy(repetition), prompt_token_ids=prompt_ids,
+        output_token_ids=outputs, min_tokens=min_tokens)
+    expected = cpu.apply_penalties(cpu.apply_min_tokens(torch.from_numpy(logits.copy()), min_tokens), md)
+
+    counts = np.stack([np.bincount(np.asarray(o, np.int64), minlength=VOCAB) for o in outputs]).astype(np.int32)
+    in_prompt = np.zeros((3, VOCAB), bool)
+    forbidden = np.zeros((3, VOCAB), bool)
+    for i, p in enumerate(prompts):
+        in_prompt[i, p] = True
+    for i, ids in min_tokens.items():
+        forbidden[i, list(ids)] = True
+    got = tpu.penalize(jnp.asarray(logits), counts, in_prompt, forbidden, presence, frequency, repetition)
+    np.testing.assert_allclose(np.asarray(got), expected.numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_k, top_p", [([5, 64, 1, 30], [1.0, 0.5, 1.0, 0.9]), ([64] * 4, [0.2, 0.7, 0.95, 1.0])])
+def test_top_k_top_p_keep_the_same_tokens_as_cpu_sampler(top_k, top_p):
+    logits = _logits(4, seed=1)
+    expected = cpu.apply_top_k_top_p(torch.from_numpy(logits.copy()), torch.tensor(top_k), torch.tensor(top_p))
+    got = tpu._apply_top_k_top_p(jnp.asarray(logits), jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p))
+    np.testing.assert_array_equal(np.isinf(np.asarray(got)), np.isinf(expected.numpy()))
+    kept = ~np.isinf(expected.numpy())
+    np.testing.assert_array_equal(np.asarray(got)[kept], expected.numpy()[kept])
+
+
+def test_min_p_keeps_the_same_tokens_as_cpu_sampler():
+    logits = _logits(3, seed=2)
+    min_p = np.array([0.0, 0.1, 0.5], np.float32)
+    expected = cpu.apply_min_p(torch.from_numpy(logits.copy()), torch.from_numpy(min_p))
+    got = tpu._apply_min_p(jnp.asarray(logits), jnp.asarray(min_p))
+    np.testing.assert_array_equal(np.isinf(np.asarray(got)), np.isinf(expected.numpy()))
+
+
+def test_logprobs_chosen_token_rank_and_top_k_match_cpu_sampler():
+    logits = _logits(5, seed=3)
+    tokens = np.array([0, 7, 63, 12, 30], np.int32)
+    expected = cpu.gather_logprobs(cpu.compute_logprobs(torch.from_numpy(logits)), tpu.MAX_DEVICE_LOGPROBS,
+                                   torch.from_numpy(tokens.astype(np.int64)))
+    got = tpu.logprobs_of(jnp.asarray(logits), jnp.asarray(tokens))
+    np.testing.assert_array_equal(np.asarray(got.token_ids), expected.token_ids.numpy())
+    np.testing.assert_allclose(np.asarray(got.logprobs), expected.logprobs.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got.ranks), expected.ranks.numpy())
+    ids, values, ranks = tpu.host_logprobs(logits, tokens, tpu.MAX_DEVICE_LOGPROBS)
+    np.testing.assert_array_equal(ids, expected.token_ids.numpy())
+    np.testing.assert_allclose(values, expected.logprobs.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(ranks, expected.ranks.numpy())
+
+
+def test_greedy_rows_take_the_argmax_in_a_mixed_batch():
+    logits = jnp.asarray(_logits(6, seed=4))
+    temperature = np.array([0.0, 1.0, 0.0, 2.0, 0.0, 0.5], np.float32)
+    tokens, lp = _sample(logits, logits, _inputs(6, temperature=temperature, top_p=0.9, min_p=0.05))
+    greedy = np.argmax(np.asarray(logits), axis=1)
+    np.testing.assert_array_equal(np.asarray(tokens)[temperature == 0], greedy[temperature == 0])
+    assert not np.asarray(lp.token_ids).any(), "logprobs are skipped unless a row asks"
+
+
+def test_top_k_of_one_is_greedy():
+    logits = jnp.asarray(_logits(8, seed=5))
+    tokens, _ = _sample(logits, logits, _inputs(8, temperature=1.5, top_k=1))
+    np.testing.assert_array_equal(np.asarray(tokens), np.argmax(np.asarray(logits), axis=1))
+
+
+def test_seeded_draw_depends_on_seed_and_tokens_generated_not_on_the_batch():
+    logits = jnp.asarray(np.zeros((8, VOCAB), np.float32))  # uniform: any token may come out
+    alone, _ = _sample(logits[:1], logits[:1], _inputs(1, seeds=[42], counters=[3], step=7))
+    seeds = [1, 2, 3, 4, 5, 42, 6, 7]
+    batch, _ = _sample(logits, logits, _inputs(8, seeds=seeds, counters=[0, 0, 0, 0, 0, 3, 0, 0], step=9))
+    assert int(np.asarray(batch)[5]) == int(np.asarray(alone)[0])
+    later = [int(np.asarray(_sample(logits[:1], logits[:1], _inputs(1, seeds=[42], counters=[c]))[0])[0])
+             for c in range(8)]
+    assert len(set(later)) > 1, "each generated token must draw fresh noise"
+
+
+def test_unseeded_rows_draw_fresh_noise_each_step():
+    logits = jnp.asarray(np.zeros((8, VOCAB), np.float32))
+    draws = {tuple(np.asarray(_sample(logits, logits, _inputs(8, step=s))[0]).tolist()) for s in range(4)}
+    assert len(draws) == 4
+
+
+def test_samples_follow_the_filtered_distribution():
+    rows = 4000
+    probs = np.array([0.5, 0.3, 0.15, 0.05] + [0.0] * (VOCAB - 4))
+    with np.errstate(divide="ignore"):
+        logits = np.broadcast_to(np.log(probs).astype(np.float32), (rows, VOCAB))
+    logits = jnp.asarray(logits)
+    # top_p=0.75 keeps the smallest nucleus of mass >= 0.75: tokens 0 and 1, renormalized.
+    tokens, _ = _sample(logits, logits, _inputs(rows, top_p=0.75, seeds=np.arange(rows)))
+    freq = np.bincount(np.asarray(tokens), minlength=VOCAB)[:4] / rows
+    np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.03)
