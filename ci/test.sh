@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one test command: unit tests and the CPU conformance suite.
+# The one test command: lint, then unit, kernel (Triton interpreter), conformance and e2e
+# tests on the CPU platform, then the conformance suite on the TPU plugin.
 # Creates .venv on first use; torch is pinned by constraints.txt (see that file).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -7,9 +8,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[cpu,dev]"
+# cuda: Triton for the interpret-mode kernel tests; tpu: JAX for the TPU plugin's unit
+# tests; ray: the Ray executor's tests.
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[cpu,cuda,tpu,ray,dev]"
 
 .venv/bin/python -m ruff check .
 
-export PISTON_PLATFORM=cpu
-exec .venv/bin/python -m pytest tests/unit tests/conformance tests/e2e -q "$@"
+PISTON_PLATFORM=cpu .venv/bin/python -m pytest tests/unit tests/kernels tests/conformance tests/e2e -q "$@"
+
+# The unchanged conformance suite on the TPU plugin (JAX's CPU backend, Pallas interpret
+# mode), in its own nox environment.
+.venv/bin/nox -s conformance-tpu
