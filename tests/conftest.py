@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -198,6 +199,32 @@ def make_llm():
         shutdown_llm(llm)
     made.clear()
     gc.collect()
+
+
+def _call_with_deadline(fn, seconds: float):
+    """Run fn() in a thread; fail the test (instead of hanging) if it takes too long.
+    Returns fn's value or raises its exception."""
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            result["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the call did not return within {seconds} s (hang)"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+@pytest.fixture
+def call_with_deadline():
+    """``call_with_deadline(fn, seconds)``: fn() in a thread, failing the test on a hang."""
+    return _call_with_deadline
 
 
 def pytest_report_header(config) -> str:

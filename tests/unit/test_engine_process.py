@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import threading
 import time
 
 import psutil
@@ -18,25 +17,6 @@ from piston.engine.messages import EngineCoreRequest
 TINY_KWARGS = dict(kv_cache_memory="32MiB", max_model_len=256, seed=0, dtype="float32")
 PROMPTS = ["Hello, my name is", "The capital of France is", "1 2 3 4"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-
-
-def _call_with_deadline(fn, seconds: float):
-    """Run fn() in a thread; fail the test (instead of hanging) if it takes too long."""
-    result: dict = {}
-
-    def target():
-        try:
-            result["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed back to the test
-            result["error"] = e
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"the call did not return within {seconds} s"
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 def _engine_pid(llm: LLM) -> int:
@@ -104,7 +84,7 @@ def test_abort_frees_the_requests_blocks(mp_llm):
     assert engine.get_num_free_blocks() == total
 
 
-def test_killed_engine_raises_engine_dead_error_without_hanging(tiny_llama):
+def test_killed_engine_raises_engine_dead_error_without_hanging(tiny_llama, call_with_deadline):
     llm = LLM(model=tiny_llama, **TINY_KWARGS)
     engine = llm.llm_engine
     try:
@@ -116,19 +96,19 @@ def test_killed_engine_raises_engine_dead_error_without_hanging(tiny_llama):
             return engine.step()
 
         with pytest.raises(EngineDeadError, match=r"exited with code -9"):
-            _call_with_deadline(add_and_step, 10)
+            call_with_deadline(add_and_step, 10)
         assert time.monotonic() - start < 5
         with pytest.raises(EngineDeadError):  # every later call fails the same way
-            _call_with_deadline(engine.get_num_free_blocks, 10)
+            call_with_deadline(engine.get_num_free_blocks, 10)
     finally:
         engine.shutdown()
 
 
-def test_startup_error_in_engine_raises_the_same_value_error(tiny_llama):
+def test_startup_error_in_engine_raises_the_same_value_error(tiny_llama, call_with_deadline):
     kwargs = dict(TINY_KWARGS, kv_cache_memory="64KiB")
     before = _child_pids()
     with pytest.raises(ValueError, match=r"cannot hold one sequence of max_model_len=256") as mp:
-        _call_with_deadline(lambda: LLM(model=tiny_llama, **kwargs), 120)
+        call_with_deadline(lambda: LLM(model=tiny_llama, **kwargs), 120)
     os.environ["PISTON_ENGINE_IN_PROCESS"] = "1"
     try:
         with pytest.raises(ValueError) as inproc:

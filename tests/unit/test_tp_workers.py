@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import msgspec
@@ -26,24 +25,6 @@ HERE = os.path.dirname(__file__)
 
 def _tokens(llm: LLM, prompts=PROMPTS, params=GREEDY) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-
-
-def _with_deadline(fn, seconds: float):
-    result: dict = {}
-
-    def target():
-        try:
-            result["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed back to the test
-            result["error"] = e
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"the call did not return within {seconds} s (hang)"
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 # ----- partitioning ----------------------------------------------------------------------
@@ -154,7 +135,7 @@ def _advance(scheduler, so) -> None:
 # ----- failures ------------------------------------------------------------------------------
 
 
-def test_killed_worker_fails_in_flight_requests_without_hanging(tiny_models, ext_env):
+def test_killed_worker_fails_in_flight_requests_without_hanging(tiny_models, ext_env, call_with_deadline):
     llm = LLM(model=tiny_models("llama"), tensor_parallel_size=2,
               worker_extension_cls="tp_worker_ext:RankInfo", **TP_KWARGS)
     engine = llm.llm_engine
@@ -172,7 +153,7 @@ def test_killed_worker_fails_in_flight_requests_without_hanging(tiny_models, ext
                 engine.step()
 
         with pytest.raises(EngineDeadError, match=r"Worker rank 1 \(pid \d+\) died unexpectedly"):
-            _with_deadline(run_to_end, 60)
+            call_with_deadline(run_to_end, 60)
         # The engine shut the surviving worker down.
         deadline = time.monotonic() + 15
         while _running(pids[0]):
@@ -182,12 +163,12 @@ def test_killed_worker_fails_in_flight_requests_without_hanging(tiny_models, ext
         engine.shutdown()
 
 
-def test_worker_start_up_error_is_reported(tiny_models, monkeypatch):
+def test_worker_start_up_error_is_reported(tiny_models, monkeypatch, call_with_deadline):
     # 3 KV heads cannot be shared by 4 ranks: the workers fail to build the model.
     monkeypatch.setenv("PISTON_ENGINE_IN_PROCESS", "1")
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     with pytest.raises(Exception, match=r"cannot be shared by tensor_parallel_size=4"):
-        _with_deadline(lambda: LLM(model=tiny_models("llama-uneven"), tensor_parallel_size=4,
+        call_with_deadline(lambda: LLM(model=tiny_models("llama-uneven"), tensor_parallel_size=4,
                                    **TP_KWARGS), 120)
     time.sleep(0.5)
     left = {p.pid for p in psutil.Process().children(recursive=True) if _running(p.pid)}
