@@ -8,7 +8,7 @@ vector operations, not a Python loop over tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -26,6 +26,23 @@ class CachedRequestState:
     eos_token_id: int | None
     generator: torch.Generator | None
     output_token_ids: list[int] = field(default_factory=list)
+
+
+class ScheduledTokens(NamedTuple):
+    """A step's tokens flattened in batch-row order (what every runner builds inputs from)."""
+
+    rows: np.ndarray  # [num_reqs] batch rows, ascending
+    num_scheduled: np.ndarray  # [num_reqs] tokens each request computes this step
+    cu_num_scheduled: np.ndarray  # [num_reqs] cumulative sum of num_scheduled
+    num_computed: np.ndarray  # [num_reqs] tokens computed before this step
+    req_idx: np.ndarray  # [num_tokens] which request (0..num_reqs-1) each token belongs to
+    positions: np.ndarray  # [num_tokens] each token's position in its sequence
+    token_rows: np.ndarray  # [num_tokens] each token's batch row
+    block_numbers: np.ndarray  # [num_tokens] the KV block each token's K/V goes to
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.positions)
 
 
 class InputBatch:
@@ -123,3 +140,20 @@ class InputBatch:
         self.token_ids[row, self.num_tokens[row]] = token_id
         self.num_tokens[row] += 1
         self.states[row].output_token_ids.append(token_id)
+
+    def schedule(self, num_scheduled_tokens: dict[str, int], block_size: int) -> ScheduledTokens:
+        """Flatten ``{request_id: num_tokens}`` into per-token arrays, requests in batch order
+        (so the sampler's rows stay stable from step to step)."""
+        rows = np.fromiter((self.req_id_to_row[r] for r in num_scheduled_tokens),
+                           dtype=np.int64, count=len(num_scheduled_tokens))
+        num_sched = np.fromiter(num_scheduled_tokens.values(), dtype=np.int64, count=len(rows))
+        order = np.argsort(rows, kind="stable")
+        rows, num_sched = rows[order], num_sched[order]
+        cu = np.cumsum(num_sched)
+        req_idx = np.repeat(np.arange(len(rows)), num_sched)
+        computed = self.num_computed_tokens[rows]
+        offsets = np.arange(int(num_sched.sum())) - np.repeat(cu - num_sched, num_sched)
+        positions = computed[req_idx] + offsets
+        token_rows = rows[req_idx]
+        block_numbers = self.block_table[token_rows, positions // block_size]
+        return ScheduledTokens(rows, num_sched, cu, computed, req_idx, positions, token_rows, block_numbers)

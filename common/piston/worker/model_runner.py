@@ -136,21 +136,12 @@ class TorchModelRunner:
 
     def _prepare_inputs(self, so: SchedulerOutput):
         batch = self.batch
-        rows = np.fromiter((batch.req_id_to_row[r] for r in so.num_scheduled_tokens),
-                           dtype=np.int64, count=len(so.num_scheduled_tokens))
-        num_sched = np.fromiter(so.num_scheduled_tokens.values(), dtype=np.int64, count=len(rows))
-        order = np.argsort(rows, kind="stable")  # batch order keeps the sampler's rows stable
-        rows, num_sched = rows[order], num_sched[order]
-        total = int(num_sched.sum())
-        cu = np.cumsum(num_sched)
-        req_idx = np.repeat(np.arange(len(rows)), num_sched)
-        arange = np.arange(total) - np.repeat(cu - num_sched, num_sched)
-        computed = batch.num_computed_tokens[rows]
-        positions = computed[req_idx] + arange
-        token_rows = rows[req_idx]
-        input_ids = batch.token_ids[token_rows, positions]
-        block_numbers = batch.block_table[token_rows, positions // self.block_size]
-        slot_mapping = block_numbers.astype(np.int64) * self.block_size + positions % self.block_size
+        st = batch.schedule(so.num_scheduled_tokens, self.block_size)
+        rows, num_sched, cu, computed, positions = (st.rows, st.num_scheduled, st.cu_num_scheduled,
+                                                    st.num_computed, st.positions)
+        total = st.num_tokens
+        input_ids = batch.token_ids[st.token_rows, positions]
+        slot_mapping = st.block_numbers.astype(np.int64) * self.block_size + positions % self.block_size
         query_start_loc = np.zeros(len(rows) + 1, dtype=np.int32)
         query_start_loc[1:] = cu
         seq_lens = (computed + num_sched).astype(np.int32)

@@ -43,19 +43,12 @@ class StepInputBuilder:
     def build(self, so: SchedulerOutput, bucket_of) -> StepInputs:
         """``bucket_of(num_tokens)`` picks the token bucket."""
         batch = self.batch
-        rows = np.fromiter((batch.req_id_to_row[r] for r in so.num_scheduled_tokens),
-                           dtype=np.int64, count=len(so.num_scheduled_tokens))
-        num_sched = np.fromiter(so.num_scheduled_tokens.values(), dtype=np.int64, count=len(rows))
-        order = np.argsort(rows, kind="stable")  # batch order keeps the sampler's rows stable
-        rows, num_sched = rows[order], num_sched[order]
-        n, total = len(rows), int(num_sched.sum())
+        st = batch.schedule(so.num_scheduled_tokens, self.block_size)
+        rows, num_sched, cu, computed, positions = (st.rows, st.num_scheduled, st.cu_num_scheduled,
+                                                    st.num_computed, st.positions)
+        n, total = len(rows), st.num_tokens
         bucket = bucket_of(total)
-        cu = np.cumsum(num_sched)
-        req_idx = np.repeat(np.arange(n), num_sched)
-        computed = batch.num_computed_tokens[rows]
-        positions = computed[req_idx] + np.arange(total) - np.repeat(cu - num_sched, num_sched)
-        token_rows = rows[req_idx]
-        blocks = batch.block_table[token_rows, positions // self.block_size].astype(np.int64)
+        req_idx, token_rows, blocks = st.req_idx, st.token_rows, st.block_numbers.astype(np.int64)
 
         input_ids = np.zeros(bucket, np.int32)
         input_ids[:total] = batch.token_ids[token_rows, positions]
