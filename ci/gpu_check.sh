@@ -78,32 +78,9 @@ fi
 if has_stage bench; then
     t0=$SECONDS
     MODEL="$WORK/$BENCH_SHAPE"
-    "$PYTHON" - "$MODEL" "$BENCH_SHAPE" <<'EOF'
-"""A model folder with only config.json (load_format=dummy) and a word-level tokenizer that
-covers the whole vocabulary (no download): ids decode to "<tN>"."""
-import json, os, sys
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
-
-folder, shape = sys.argv[1], sys.argv[2]
-config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", rms_norm_eps=1e-5,
-              rope_theta=500000.0, tie_word_embeddings=False, torch_dtype="bfloat16", attention_bias=False,
-              bos_token_id=128000, eos_token_id=128001)
-if shape == "llama3-8b":
-    config.update(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192)
-else:
-    config.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=128256, max_position_embeddings=8192)
-os.makedirs(folder, exist_ok=True)
-with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(config, f, indent=1)
-vocab = {f"<t{i}>": i for i in range(config["vocab_size"])}
-tok = Tokenizer(models.WordLevel(vocab, unk_token="<t0>"))
-tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<t0>", bos_token="<t128000>",
-                        eos_token="<t128001>").save_pretrained(folder)
-EOF
+    # config.json only (load_format=dummy) and a word-level tokenizer over the whole vocabulary.
+    "$PYTHON" -c 'import sys; sys.path.insert(0, "ci"); from gpu_decode_bench import write_model
+write_model(sys.argv[1], sys.argv[2])' "$MODEL" "$BENCH_SHAPE"
     if [ "$BENCH_SHAPE" = "llama3-8b" ]; then
         BENCH_ARGS=(--num-prompts 256 --input-len 512 --output-len 128 --max-model-len 2048
                     --max-num-seqs 256 --max-num-batched-tokens 8192)
