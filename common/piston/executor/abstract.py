@@ -28,6 +28,8 @@ class Executor(abc.ABC):
         self.config = config
         self.platform = platform
         self.world_size = config.parallel_config.tensor_parallel_size
+        # Set once a worker has failed: every later call raises it.
+        self.dead: WorkerError | None = None
 
     @staticmethod
     def get_class(config: EngineConfig) -> type["Executor"]:
@@ -53,6 +55,13 @@ class Executor(abc.ABC):
     def initialize_cache(self, num_blocks: int) -> None:
         self.collective_rpc("initialize_cache", (num_blocks,))
         self.collective_rpc("warm_up")
+
+    def _fail(self, message: str) -> None:
+        """Record a worker failure, stop every worker, and raise it."""
+        self.dead = WorkerError(message + " The other workers were shut down.")
+        logger.error("%s", message)
+        self.shutdown()
+        raise self.dead
 
     @abc.abstractmethod
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:

@@ -24,7 +24,7 @@ import zmq
 
 from piston.config import EngineConfig
 from piston.core.scheduler_output import SchedulerOutput
-from piston.executor.abstract import Executor, WorkerError
+from piston.executor.abstract import Executor
 from piston.executor.messages import (CollectiveRpc, ExecuteModel, Ping, Shutdown, WorkerCommand,
                                       WorkerReply)
 from piston.executor.worker_proc import CONFIG_ENV
@@ -49,7 +49,6 @@ class MultiprocExecutor(Executor):
 
         super().__init__(config, platform)
         start = time.perf_counter()
-        self.dead: WorkerError | None = None
         self.procs: list[subprocess.Popen] = []
         self.ctx = zmq.Context()
         self.tmpdir = tempfile.mkdtemp(prefix="piston-workers-")
@@ -95,12 +94,6 @@ class MultiprocExecutor(Executor):
             code = proc.poll()
             if code is not None:
                 self._fail(f"Worker rank {rank} (pid {proc.pid}) died unexpectedly with exit code {code}.")
-
-    def _fail(self, message: str) -> None:
-        self.dead = WorkerError(message + " The other workers were shut down.")
-        logger.error("%s", message)
-        self.shutdown()
-        raise self.dead
 
     def _fail_on_error(self, msg: WorkerReply) -> None:
         # A rank that dies makes its peers' collectives fail a moment later; name the dead
@@ -151,7 +144,7 @@ class MultiprocExecutor(Executor):
                 if self.pull.poll(20):
                     msg = self.decoder.decode(self.pull.recv())
                     if msg.kind == "error":
-                        self._fail(f"Worker rank {msg.rank} failed:\n{msg.error}")
+                        self._fail_on_error(msg)
                     if msg.kind == "pong":
                         answered.add(msg.rank)
             self._check_procs()

@@ -22,7 +22,7 @@ import msgspec
 
 from piston.config import EngineConfig
 from piston.core.scheduler_output import SchedulerOutput
-from piston.executor.abstract import Executor, WorkerError
+from piston.executor.abstract import Executor
 from piston.platforms.interface import Platform
 from piston.worker.runner_output import ModelRunnerOutput
 
@@ -88,7 +88,6 @@ class RayExecutor(Executor):
         super().__init__(config, platform)
         self.ray = ray
         self._remove_pg = remove_placement_group
-        self.dead: WorkerError | None = None
         self.actors: list[Any] = []
         self.pg = None
         start = time.perf_counter()
@@ -142,12 +141,6 @@ class RayExecutor(Executor):
             self._fail(f"A Ray worker died unexpectedly: {e}")
         except self.ray.exceptions.RayTaskError as e:
             self._fail(f"A Ray worker failed:\n{e}")
-
-    def _fail(self, message: str) -> None:
-        self.dead = WorkerError(message + " The other workers were shut down.")
-        logger.error("%s", message)
-        self.shutdown()
-        raise self.dead
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         ref = self.ray.put(msgspec.msgpack.encode(scheduler_output))
