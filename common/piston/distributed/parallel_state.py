@@ -41,13 +41,6 @@ def init_distributed(backend: str, rank: int, world_size: int, init_method: str,
     _STATE = TensorParallelState(rank, world_size)
 
 
-def destroy_distributed() -> None:
-    global _STATE
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    _STATE = TensorParallelState()
-
-
 def get_tp_rank() -> int:
     return _STATE.rank
 

@@ -70,10 +70,6 @@ class RayWorkerActor:
     def call(self, method: str, args: tuple, kwargs: dict) -> Any:
         return msgspec.to_builtins(self.worker.call(method, *args, **kwargs))
 
-    def shutdown(self) -> None:
-        if self.worker is not None:
-            self.worker.shutdown()
-
 
 class RayExecutor(Executor):
     def __init__(self, config: EngineConfig, platform: type[Platform]) -> None:
