@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from piston.attention.metadata import CommonAttentionMetadata
+from piston_cpu import kernels
 from piston_cpu.attention import CpuAttention
+
+BACKENDS = ["sdpa", pytest.param("kernel", marks=pytest.mark.skipif(
+    kernels.unavailable_reason() is not None, reason=f"CPU kernels: {kernels.unavailable_reason()}"))]
 
 
 class Layer:
@@ -28,13 +32,16 @@ def reference(q, k_all, v_all, context_len, layer):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 2), (6, 1)])
-def test_mixed_batch_matches_dense_reference(num_heads, num_kv_heads):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size", [(4, 4, 32, 16), (8, 2, 64, 16),
+                                                                        (6, 1, 128, 32), (9, 3, 64, 48)])
+def test_mixed_batch_matches_dense_reference(num_heads, num_kv_heads, head_dim, block_size, backend):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    head_dim, block_size, num_blocks = 32, 16, 256
+    num_blocks = 256
     layer = Layer(num_heads, num_kv_heads, head_dim)
-    impl = CpuAttention()
+    impl = CpuAttention(kernels.load() if backend == "kernel" else None)
+    assert impl.name == ("cpu_paged_kernel" if backend == "kernel" else "cpu_sdpa")
     cache = torch.zeros(impl.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim))
     # (context already in the cache, new query tokens): decode, fresh prefill, chunked prefill.
     seqs = [(37, 1), (0, 23), (50, 1), (16, 40), (5, 1), (0, 1)] + [(c, 1) for c in range(3, 140, 9)]

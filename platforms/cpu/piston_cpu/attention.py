@@ -1,10 +1,13 @@
-"""Paged attention on the CPU with torch's scaled_dot_product_attention.
+"""Paged attention on the CPU.
 
-Decode rows (one query token) of a step are batched into a few SDPA calls over their
-gathered, padded contexts: rows are sorted by length and split into up to four groups
-when that saves more padded work than the extra calls cost. Prefill and chunked-prefill rows run one SDPA call each:
-a fresh prompt attends to its own k/v with a causal mask; a chunk that continues a
-sequence gathers its context from the paged cache and uses an offset causal mask.
+With Piston's CPU kernels (``piston_cpu.kernels``), decode rows (one query token) of a
+step go to one C++ call that reads each sequence's K/V from the paged cache in place.
+Without them (a dtype other than float32, or no compiler), decode rows are batched into
+a few SDPA calls over their gathered, padded contexts: rows are sorted by length and
+split into up to four groups when that saves more padded work than the extra calls cost.
+Prefill and chunked-prefill rows run one SDPA call each: a fresh prompt attends to its
+own k/v with a causal mask; a chunk that continues a sequence gathers its context from
+the paged cache and uses an offset causal mask.
 """
 
 from __future__ import annotations
@@ -37,11 +40,20 @@ class DecodeGroup:
 
 
 @dataclass
+class DecodeBatch:
+    """Every decode row of the step, for the C++ kernel."""
+    rows: torch.Tensor  # [B] int64 rows of the step's tokens
+    block_table: torch.Tensor  # [B, max_blocks] int32, contiguous
+    seq_lens: torch.Tensor  # [B] int32
+
+
+@dataclass
 class CpuAttentionMetadata:
     slot_mapping: torch.Tensor
     num_actual_tokens: int
     decodes: list[DecodeGroup]
     prefills: list[PrefillSeq]
+    decode_batch: DecodeBatch | None = None
 
 
 # One SDPA call costs about as much as this many padded (row, block) pairs of work.
@@ -66,7 +78,11 @@ def split_decode_rows(num_blocks_sorted: np.ndarray) -> list[int]:
 
 
 class CpuAttention(AttentionImpl):
-    name = "cpu_sdpa"
+    """``kernels``: the compiled ``piston_cpu.kernels`` module (float32 decode), or None."""
+
+    def __init__(self, kernels=None) -> None:
+        self.kernels = kernels
+        self.name = "cpu_paged_kernel" if kernels is not None else "cpu_sdpa"
 
     def kv_cache_shape(self, num_blocks, block_size, num_kv_heads, head_dim):
         return (2, num_blocks, block_size, num_kv_heads, head_dim)
@@ -77,8 +93,14 @@ class CpuAttention(AttentionImpl):
         seq_lens = common.seq_lens_np
         query_lens = np.diff(qsl)
         decode_rows = np.flatnonzero(query_lens == 1)
-        decodes = []
-        if len(decode_rows):
+        decodes, decode_batch = [], None
+        if len(decode_rows) and self.kernels is not None:
+            rows = torch.from_numpy(decode_rows)
+            max_blocks = -(-int(seq_lens[decode_rows].max()) // bs)
+            decode_batch = DecodeBatch(torch.from_numpy(qsl[decode_rows].astype(np.int64)),
+                                       common.block_table[rows, :max_blocks].contiguous(),
+                                       torch.from_numpy(np.ascontiguousarray(seq_lens[decode_rows], dtype=np.int32)))
+        elif len(decode_rows):
             lens = seq_lens[decode_rows]
             order = np.argsort(lens, kind="stable")
             rows_sorted, lens_sorted = decode_rows[order], lens[order].astype(np.int64)
@@ -105,7 +127,7 @@ class CpuAttention(AttentionImpl):
             prefills.append(PrefillSeq(start, end, seq_len, False,
                                        common.block_table[row, :nblocks].long(), causal))
         return CpuAttentionMetadata(common.slot_mapping, common.num_actual_tokens, decodes,
-                                    prefills)
+                                    prefills, decode_batch)
 
     def forward(self, layer, q, k, v, kv_cache, md: CpuAttentionMetadata) -> torch.Tensor:
         n = md.num_actual_tokens
@@ -119,6 +141,10 @@ class CpuAttention(AttentionImpl):
         value_cache.view(nb * bs, kvh, d).index_copy_(0, md.slot_mapping[:n], v)
 
         out = torch.empty_like(q)
+        if md.decode_batch is not None:
+            batch = md.decode_batch
+            self.kernels.paged_decode_attention(out.view(n, h * d), q.reshape(n, h * d), key_cache, value_cache,
+                                                batch.block_table, batch.seq_lens, batch.rows, h, layer.scale)
         for group in md.decodes:
             out[group.token_idx] = self._decode(layer, q[group.token_idx], key_cache,
                                                 value_cache, group)

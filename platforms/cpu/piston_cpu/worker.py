@@ -10,6 +10,7 @@ import torch
 from piston.distributed.parallel_state import num_kv_head_copies
 from piston.platforms.interface import Worker
 from piston.worker.model_runner import TorchModelRunner
+from piston_cpu import kernels, layer_kernels
 from piston_cpu.attention import CpuAttention
 
 logger = logging.getLogger(__name__)
@@ -21,10 +22,16 @@ class CpuWorker(Worker):
         # Tensor-parallel ranks share the host's cores.
         threads = int(os.environ.get("PISTON_CPU_THREADS", "0")) or max(1, (os.cpu_count() or 1) // world_size)
         torch.set_num_threads(threads)
-        self.runner = TorchModelRunner(config, torch.device("cpu"), CpuAttention())
+        # Piston's C++ kernels are float32 code: other dtypes run torch's kernels.
+        self.kernels = kernels.load() if config.model_config.dtype == "float32" else None
+        self.runner = TorchModelRunner(config, torch.device("cpu"), CpuAttention(self.kernels))
 
     def load_model(self) -> None:
         self.runner.load_model()
+        if self.kernels is not None and self.runner.compiled is None:
+            count = layer_kernels.install(self.runner.model, self.kernels)
+            logger.info("CPU kernels: paged decode attention, and %d layers (linear up to %d rows, RMSNorm, "
+                        "RoPE, SiLU-and-mul).", count, layer_kernels.MAX_KERNEL_ROWS)
 
     def determine_num_kv_blocks(self) -> int:
         # kv_cache_memory is the whole host's budget: each rank takes the share of its KV

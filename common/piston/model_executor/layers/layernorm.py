@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -11,8 +13,12 @@ class RMSNorm(nn.Module):
 
     ``forward(x)`` returns the normalized tensor. ``forward(x, residual)`` first adds the
     residual and returns ``(normalized, x + residual)``: the pre-norm block pattern in one
-    call, so a platform can swap in a fused kernel without touching the model.
+    call, so a platform can swap in a fused kernel without touching the model: it sets
+    ``kernel(x, residual, weight, eps) -> (normalized, x + residual or None)`` on a loaded
+    model's norms (None runs the torch ops below).
     """
+
+    kernel: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -21,6 +27,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.kernel is not None:
+            out, summed = self.kernel(x, residual, self.weight, self.eps)
+            return out if residual is None else (out, summed)
         if residual is not None:
             x = x + residual
             residual = x

@@ -15,7 +15,7 @@ only this rank's slice, from a tensor or a lazy safetensors slice.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +41,19 @@ class ParallelLinearBase(nn.Module):
     """
 
     shard_ids: tuple[Any, ...] = (None,)
+    # A platform may set a faster ``kernel(x, weight, bias) -> x @ weight.T + bias`` on a
+    # loaded model's layers (same contract as F.linear); None runs F.linear.
+    kernel: Callable[..., torch.Tensor] | None = None
 
     def __init__(self, in_local: int, out_local: int, bias: bool) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
         self.weight = nn.Parameter(torch.empty(out_local, in_local))
         self.bias = nn.Parameter(torch.empty(out_local)) if bias else None
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        kernel = self.kernel
+        return F.linear(x, self.weight, bias) if kernel is None else kernel(x, self.weight, bias)
 
     def extra_repr(self) -> str:
         in_f, out_f = self.weight.shape[1], self.weight.shape[0]
@@ -63,7 +70,7 @@ class ColumnParallelLinear(ParallelLinearBase):
         super().__init__(input_size, out_local, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
     def load(self, param_name: str, loaded: Any, shard_id: Any = None) -> None:
         param = getattr(self, param_name)
@@ -134,8 +141,8 @@ class RowParallelLinear(ParallelLinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        out = tp_all_reduce(F.linear(x, self.weight))
+            return self.matmul(x, self.bias)
+        out = tp_all_reduce(self.matmul(x, None))
         return out if self.bias is None else out + self.bias
 
     def load(self, param_name: str, loaded: Any, shard_id: Any = None) -> None:

@@ -9,7 +9,7 @@ pass only gathers the rows of the step's positions.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -94,6 +94,8 @@ class RotaryEmbedding(nn.Module):
     ``[max_position, rotary_dim // 2]`` (a set per position, for dynamic NTK).
     """
 
+    kernel: Callable[..., None] | None = None
+
     def __init__(self, head_dim: int, rotary_dim: int, max_position: int,
                  inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> None:
         super().__init__()
@@ -121,7 +123,14 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate ``q`` [T, H*D] and ``k`` [T, KVH*D] by their token ``positions`` [T]."""
+        """Rotate ``q`` [T, H*D] and ``k`` [T, KVH*D] by their token ``positions`` [T].
+
+        A platform may set ``kernel(positions, q, k, cos_sin_cache, head_dim, rotary_dim)``,
+        which rotates q and k in place; None runs the torch ops below.
+        """
+        if self.kernel is not None:
+            self.kernel(positions, q, k, self.cos_sin_cache, self.head_dim, self.rotary_dim)
+            return q, k
         cos, sin = self.cos_sin_cache.index_select(0, positions).to(q.dtype).chunk(2, dim=-1)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

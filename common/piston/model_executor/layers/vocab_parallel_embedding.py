@@ -8,7 +8,7 @@ with the full ``[N, vocab]`` logits and samples the same tokens.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,9 @@ from piston.model_executor.weight_loader import narrow, shape_of
 
 class VocabParallelEmbedding(nn.Module):
     shard_ids = (None,)
+    # Used when this weight is the LM head (its own, or tied): a platform may set a faster
+    # ``kernel(x, weight, bias)`` with F.linear's contract; None runs F.linear.
+    kernel: Callable[..., torch.Tensor] | None = None
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
@@ -57,13 +60,14 @@ class ParallelLMHead(VocabParallelEmbedding):
     """The output projection, sharded like the embedding (so tied weights line up)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return compute_parallel_logits(hidden_states, self.weight, self.vocab_size)
+        return compute_parallel_logits(hidden_states, self.weight, self.vocab_size, self.kernel)
 
 
-def compute_parallel_logits(hidden_states: torch.Tensor, weight: torch.Tensor,
-                            vocab_size: int) -> torch.Tensor:
-    """Full float32 logits ``[N, vocab]`` from this rank's rows of the head ``weight``."""
-    logits = F.linear(hidden_states, weight)
+def compute_parallel_logits(hidden_states: torch.Tensor, weight: torch.Tensor, vocab_size: int,
+                            kernel: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    """Full float32 logits ``[N, vocab]`` from this rank's rows of the head ``weight``
+    (multiplied by ``kernel`` when given, else F.linear)."""
+    logits = F.linear(hidden_states, weight) if kernel is None else kernel(hidden_states, weight, None)
     if get_tp_size() > 1:
         logits = tp_all_gather(logits, dim=-1)[:, :vocab_size]
     return logits.float()

@@ -9,7 +9,7 @@ Hugging Face checkpoint names.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -34,18 +34,26 @@ _ACTIVATIONS = {
 
 
 class LlamaMLP(nn.Module):
+    # A platform may set a fused ``act_and_mul_kernel(gate_up) -> act(gate) * up`` on a
+    # loaded model whose activation it implements (``act_name``); None runs torch's ops.
+    act_and_mul_kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
+
     def __init__(self, config: Any, bias: bool) -> None:
         super().__init__()
         act = getattr(config, "hidden_act", "silu")
         if act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act={act!r} is not supported; supported: {', '.join(_ACTIVATIONS)}.")
+        self.act_name = act
         self.act = _ACTIVATIONS[act]
         inter = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias=bias)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.act_and_mul_kernel is not None:
+            return self.down_proj(self.act_and_mul_kernel(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 
@@ -147,8 +155,8 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return compute_parallel_logits(hidden_states, weight, self.config.vocab_size)
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        return compute_parallel_logits(hidden_states, head.weight, self.config.vocab_size, head.kernel)
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
         """Copy Hugging Face-named tensors into this model's (fused, sharded) parameters.

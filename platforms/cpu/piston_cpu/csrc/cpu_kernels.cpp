@@ -1,0 +1,409 @@
+// Piston's CPU kernels: float32, AVX2 + FMA, threaded with ATen's intra-op pool.
+//
+// Built on first use by piston_cpu/kernels.py (torch.utils.cpp_extension). Every kernel
+// has a torch fallback there, used when this file cannot be built or the CPU lacks AVX2.
+//
+//   linear                 y[M,N] = x[M,K] @ w[N,K]^T (+ b), for small M: streams each
+//                          weight row once for all M rows of x (torch's GEMV path streams
+//                          small matrices at about half the machine's bandwidth).
+//   rms_norm               out = w * x / sqrt(mean(x^2) + eps), optionally after x += residual.
+//   silu_and_mul           silu(x[:, :I]) * x[:, I:].
+//   rotary_neox            rotate-half RoPE of q and k in place, from a cos|sin cache.
+//   paged_decode_attention one query token per sequence over its paged K/V, read in place.
+//
+// Compiled with -ffp-contract=off: a multiply followed by an add rounds twice, as torch's
+// element-wise ops do; fused multiply-adds appear only where written (_mm256_fmadd_ps).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v);
+  __m128 hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_hadd_ps(lo, lo);
+  lo = _mm_hadd_ps(lo, lo);
+  return _mm_cvtss_f32(lo);
+}
+
+// exp(x) for 8 floats: Cephes' range reduction and degree-5 polynomial (relative error
+// about 2e-7 over the float range; inputs below -87.3 give 0, above 88.3 give inf).
+inline __m256 exp256(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f);
+  const __m256 lo = _mm256_set1_ps(-87.3365478515625f);
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 c1 = _mm256_set1_ps(0.693359375f);
+  const __m256 c2 = _mm256_set1_ps(-2.12194440e-4f);
+  __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  __m256 over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
+  x = _mm256_min_ps(x, hi);
+  x = _mm256_max_ps(x, lo);
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_sub_ps(x, _mm256_mul_ps(fx, c1));
+  x = _mm256_sub_ps(x, _mm256_mul_ps(fx, c2));
+  __m256 z = _mm256_mul_ps(x, x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, z, x);
+  y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
+  __m256i n = _mm256_cvtps_epi32(fx);
+  n = _mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+  y = _mm256_andnot_ps(under, y);
+  return _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), over);
+}
+
+void check_f32(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32,
+              name, " must be a float32 CPU tensor");
+}
+
+// ---------------------------------------------------------------------------------------
+// linear
+
+// Dot products of R consecutive weight rows with M rows of x; K elements each.
+template <int R>
+inline void dot_rows(const float* w, int64_t K, const float* x, int64_t x_stride, int64_t M,
+                     float* y, int64_t y_stride, const float* bias) {
+  const int64_t K8 = K & ~int64_t(7);
+  int64_t m = 0;
+  for (; m + 2 <= M; m += 2) {
+    const float* x0 = x + m * x_stride;
+    const float* x1 = x0 + x_stride;
+    __m256 a[R], b[R];
+    for (int r = 0; r < R; ++r) a[r] = b[r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K8; k += 8) {
+      __m256 xv0 = _mm256_loadu_ps(x0 + k), xv1 = _mm256_loadu_ps(x1 + k);
+      for (int r = 0; r < R; ++r) {
+        __m256 wv = _mm256_loadu_ps(w + r * K + k);
+        a[r] = _mm256_fmadd_ps(wv, xv0, a[r]);
+        b[r] = _mm256_fmadd_ps(wv, xv1, b[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      float s0 = hsum(a[r]), s1 = hsum(b[r]);
+      for (int64_t k = K8; k < K; ++k) {
+        s0 += w[r * K + k] * x0[k];
+        s1 += w[r * K + k] * x1[k];
+      }
+      float bb = bias ? bias[r] : 0.f;
+      y[m * y_stride + r] = s0 + bb;
+      y[(m + 1) * y_stride + r] = s1 + bb;
+    }
+  }
+  for (; m < M; ++m) {
+    const float* x0 = x + m * x_stride;
+    __m256 a[R];
+    for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K8; k += 8) {
+      __m256 xv0 = _mm256_loadu_ps(x0 + k);
+      for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * K + k), xv0, a[r]);
+    }
+    for (int r = 0; r < R; ++r) {
+      float s0 = hsum(a[r]);
+      for (int64_t k = K8; k < K; ++k) s0 += w[r * K + k] * x0[k];
+      y[m * y_stride + r] = s0 + (bias ? bias[r] : 0.f);
+    }
+  }
+}
+
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
+  check_f32(x, "x");
+  check_f32(w, "weight");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear: shapes ", x.sizes(), " and ",
+              w.sizes(), " do not match");
+  TORCH_CHECK(x.stride(1) == 1 && w.is_contiguous(), "linear: x rows and the weight must be contiguous");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const float* b = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    check_f32(*bias, "bias");
+    TORCH_CHECK(bias->is_contiguous() && bias->numel() == N, "linear: bias must have ", N, " elements");
+    b = bias->data_ptr<float>();
+  }
+  auto y = torch::empty({M, N}, x.options());
+  const float* X = x.data_ptr<float>();
+  const float* W = w.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const int64_t xs = x.stride(0);
+  const int64_t blocks = (N + 3) / 4;
+  // About 64 KiB of weights per task at least, so a small matrix is not split too finely.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 4 * K));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r = blk * 4;
+      const float* wr = W + r * K;
+      const float* br = b ? b + r : nullptr;
+      switch (std::min<int64_t>(4, N - r)) {
+        case 4: dot_rows<4>(wr, K, X, xs, M, Y + r, N, br); break;
+        case 3: dot_rows<3>(wr, K, X, xs, M, Y + r, N, br); break;
+        case 2: dot_rows<2>(wr, K, X, xs, M, Y + r, N, br); break;
+        default: dot_rows<1>(wr, K, X, xs, M, Y + r, N, br); break;
+      }
+    }
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------
+// rms_norm: returns (out, x + residual) when a residual is given, else (out, undefined).
+
+std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
+                                    const torch::Tensor& weight, double eps) {
+  check_f32(x, "x");
+  check_f32(weight, "weight");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "rms_norm: x must be 2-D with contiguous rows");
+  const int64_t M = x.size(0), H = x.size(1);
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == H, "rms_norm: weight must have ", H, " elements");
+  const bool has_res = residual.has_value() && residual->defined();
+  torch::Tensor sum;
+  const float* R = nullptr;
+  int64_t rs = 0;
+  if (has_res) {
+    check_f32(*residual, "residual");
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->stride(1) == 1, "rms_norm: residual must match x");
+    R = residual->data_ptr<float>();
+    rs = residual->stride(0);
+    sum = torch::empty({M, H}, x.options());
+  }
+  auto out = torch::empty({M, H}, x.options());
+  const float* X = x.data_ptr<float>();
+  const float* Wt = weight.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  float* S = has_res ? sum.data_ptr<float>() : nullptr;
+  const int64_t xs = x.stride(0);
+  const int64_t H8 = H & ~int64_t(7);
+  at::parallel_for(0, M, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, H)), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* xr = X + m * xs;
+      if (has_res) {
+        const float* rr = R + m * rs;
+        float* sr = S + m * H;
+        int64_t k = 0;
+        for (; k < H8; k += 8) _mm256_storeu_ps(sr + k, _mm256_add_ps(_mm256_loadu_ps(xr + k), _mm256_loadu_ps(rr + k)));
+        for (; k < H; ++k) sr[k] = xr[k] + rr[k];
+        xr = sr;
+      }
+      __m256 acc = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k < H8; k += 8) {
+        __m256 v = _mm256_loadu_ps(xr + k);
+        acc = _mm256_fmadd_ps(v, v, acc);
+      }
+      float ss = hsum(acc);
+      for (; k < H; ++k) ss += xr[k] * xr[k];
+      const float scale = 1.0f / std::sqrt(ss / static_cast<float>(H) + static_cast<float>(eps));
+      const __m256 sv = _mm256_set1_ps(scale);
+      float* orow = O + m * H;
+      for (k = 0; k < H8; k += 8) {
+        __m256 h = _mm256_mul_ps(_mm256_loadu_ps(xr + k), sv);
+        _mm256_storeu_ps(orow + k, _mm256_mul_ps(_mm256_loadu_ps(Wt + k), h));
+      }
+      for (; k < H; ++k) orow[k] = Wt[k] * (xr[k] * scale);
+    }
+  });
+  return {out, sum};
+}
+
+// ---------------------------------------------------------------------------------------
+// silu_and_mul
+
+torch::Tensor silu_and_mul(const torch::Tensor& x) {
+  check_f32(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % 2 == 0, "silu_and_mul: x must be [M, 2I]");
+  const int64_t M = x.size(0), I = x.size(1) / 2;
+  auto out = torch::empty({M, I}, x.options());
+  const float* X = x.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  const int64_t xs = x.stride(0);
+  const int64_t I8 = I & ~int64_t(7);
+  at::parallel_for(0, M, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, I)), [&](int64_t begin, int64_t end) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t m = begin; m < end; ++m) {
+      const float* g = X + m * xs;
+      const float* u = g + I;
+      float* o = O + m * I;
+      int64_t k = 0;
+      for (; k < I8; k += 8) {
+        __m256 gv = _mm256_loadu_ps(g + k);
+        __m256 e = exp256(_mm256_xor_ps(gv, sign));
+        __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(o + k, _mm256_mul_ps(s, _mm256_loadu_ps(u + k)));
+      }
+      for (; k < I; ++k) o[k] = g[k] / (1.0f + std::exp(-g[k])) * u[k];
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// rotary_neox: x[t, h, :rot] rotated in place; cache[pos] = cos[rot/2] | sin[rot/2].
+
+void rotate(float* x, const float* cs, int64_t half) {
+  const float* cosv = cs;
+  const float* sinv = cs + half;
+  float* x1 = x;
+  float* x2 = x + half;
+  int64_t k = 0;
+  for (; k + 8 <= half; k += 8) {
+    __m256 a = _mm256_loadu_ps(x1 + k), b = _mm256_loadu_ps(x2 + k);
+    __m256 c = _mm256_loadu_ps(cosv + k), s = _mm256_loadu_ps(sinv + k);
+    _mm256_storeu_ps(x1 + k, _mm256_sub_ps(_mm256_mul_ps(a, c), _mm256_mul_ps(b, s)));
+    _mm256_storeu_ps(x2 + k, _mm256_add_ps(_mm256_mul_ps(b, c), _mm256_mul_ps(a, s)));
+  }
+  for (; k < half; ++k) {
+    float a = x1[k], b = x2[k];
+    x1[k] = a * cosv[k] - b * sinv[k];
+    x2[k] = b * cosv[k] + a * sinv[k];
+  }
+}
+
+void rotary_neox(const torch::Tensor& positions, torch::Tensor q, torch::Tensor k, const torch::Tensor& cache,
+                 int64_t head_dim, int64_t rotary_dim) {
+  check_f32(q, "q");
+  check_f32(k, "k");
+  check_f32(cache, "cos_sin_cache");
+  TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.is_contiguous(), "positions must be int64");
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && q.stride(1) == 1 && k.stride(1) == 1, "q and k must be [T, heads*D]");
+  TORCH_CHECK(cache.is_contiguous() && cache.size(1) == rotary_dim && rotary_dim % 2 == 0 && rotary_dim <= head_dim,
+              "rotary_neox: bad cos/sin cache");
+  const int64_t T = q.size(0), hq = q.size(1) / head_dim, hk = k.size(1) / head_dim;
+  const int64_t* P = positions.data_ptr<int64_t>();
+  const float* C = cache.data_ptr<float>();
+  const int64_t max_pos = cache.size(0);
+  float* Q = q.data_ptr<float>();
+  float* Kp = k.data_ptr<float>();
+  const int64_t qs = q.stride(0), ks = k.stride(0), half = rotary_dim / 2;
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(P[t] >= 0 && P[t] < max_pos, "position ", P[t], " is out of range");
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* cs = C + P[t] * rotary_dim;
+      for (int64_t h = 0; h < hq; ++h) rotate(Q + t * qs + h * head_dim, cs, half);
+      for (int64_t h = 0; h < hk; ++h) rotate(Kp + t * ks + h * head_dim, cs, half);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// paged_decode_attention
+//
+// For sequence b: its query row rows[b] of q ([T, H*D]), context seq_lens[b] tokens whose
+// K/V live in blocks block_table[b, :] of the caches ([num_blocks, block_size, KVH, D]).
+// Writes out[rows[b]] ([T, H*D]). One task per (sequence, KV head): the G = H / KVH query
+// heads sharing a KV head read each K and V row once.
+
+void paged_decode_attention(torch::Tensor out, const torch::Tensor& q, const torch::Tensor& key_cache,
+                            const torch::Tensor& value_cache, const torch::Tensor& block_table,
+                            const torch::Tensor& seq_lens, const torch::Tensor& rows, int64_t num_heads,
+                            double scale) {
+  check_f32(out, "out");
+  check_f32(q, "q");
+  check_f32(key_cache, "key_cache");
+  check_f32(value_cache, "value_cache");
+  TORCH_CHECK(key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.is_contiguous() &&
+                  value_cache.sizes() == key_cache.sizes(), "caches must be contiguous [blocks, block_size, kv_heads, D]");
+  TORCH_CHECK(block_table.scalar_type() == torch::kInt32 && block_table.dim() == 2 && block_table.is_contiguous(),
+              "block_table must be contiguous int32 [B, max_blocks]");
+  TORCH_CHECK(seq_lens.scalar_type() == torch::kInt32 && rows.scalar_type() == torch::kInt64 &&
+                  seq_lens.is_contiguous() && rows.is_contiguous(), "seq_lens int32, rows int64");
+  const int64_t B = block_table.size(0), max_blocks = block_table.size(1);
+  TORCH_CHECK(seq_lens.numel() == B && rows.numel() == B, "one seq_len and row per sequence");
+  const int64_t nblk = key_cache.size(0), bs = key_cache.size(1), KVH = key_cache.size(2), D = key_cache.size(3);
+  TORCH_CHECK(num_heads % KVH == 0 && q.size(1) == num_heads * D && out.size(1) == num_heads * D, "head counts");
+  TORCH_CHECK(D % 8 == 0 && D <= 256, "head_dim must be a multiple of 8, at most 256");
+  TORCH_CHECK(q.stride(1) == 1 && out.stride(1) == 1, "q and out rows must be contiguous");
+  const int64_t G = num_heads / KVH;
+  const int32_t* BT = block_table.data_ptr<int32_t>();
+  const int32_t* SL = seq_lens.data_ptr<int32_t>();
+  const int64_t* RW = rows.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(SL[b] >= 1 && SL[b] <= max_blocks * bs, "seq_len ", SL[b], " does not fit the block table");
+    TORCH_CHECK(RW[b] >= 0 && RW[b] < q.size(0), "query row out of range");
+  }
+  const float* Q = q.data_ptr<float>();
+  const float* KC = key_cache.data_ptr<float>();
+  const float* VC = value_cache.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  const int64_t qs = q.stride(0), os = out.stride(0);
+  const int64_t tok_stride = KVH * D;  // between consecutive tokens of a block
+  const float sc = static_cast<float>(scale);
+  const int64_t D8 = D / 8;
+
+  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<float> acc(G * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / KVH, kh = task % KVH;
+      const int64_t L = SL[b];
+      const int32_t* table = BT + b * max_blocks;
+      const float* qb = Q + RW[b] * qs + kh * G * D;
+      scores.resize(G * L);
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t blk = table[t / bs];
+        TORCH_CHECK(blk >= 0 && blk < nblk, "block id ", blk, " out of range");
+        const float* kr = KC + (blk * bs + t % bs) * tok_stride + kh * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qr = qb + g * D;
+          __m256 a = _mm256_setzero_ps();
+          for (int64_t i = 0; i < D8; ++i) a = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * i), _mm256_loadu_ps(kr + 8 * i), a);
+          scores[g * L + t] = hsum(a) * sc;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* s = scores.data() + g * L;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < L; ++t) mx = std::max(mx, s[t]);
+        const __m256 mv = _mm256_set1_ps(mx);
+        __m256 sumv = _mm256_setzero_ps();
+        int64_t t = 0;
+        for (; t + 8 <= L; t += 8) {
+          __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
+          _mm256_storeu_ps(s + t, e);
+          sumv = _mm256_add_ps(sumv, e);
+        }
+        float sum = hsum(sumv);
+        for (; t < L; ++t) {
+          s[t] = std::exp(s[t] - mx);
+          sum += s[t];
+        }
+        const float inv = 1.0f / sum;
+        for (t = 0; t < L; ++t) s[t] *= inv;
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t blk = table[t / bs];
+        const float* vr = VC + (blk * bs + t % bs) * tok_stride + kh * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const __m256 p = _mm256_set1_ps(scores[g * L + t]);
+          float* ar = acc.data() + g * D;
+          for (int64_t i = 0; i < D8; ++i)
+            _mm256_storeu_ps(ar + 8 * i, _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * i), _mm256_loadu_ps(ar + 8 * i)));
+        }
+      }
+      float* ob = O + RW[b] * os + kh * G * D;
+      for (int64_t g = 0; g < G; ++g) std::copy(acc.data() + g * D, acc.data() + (g + 1) * D, ob + g * D);
+    }
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", &linear, "y = x @ w.T + b for small batches", py::arg("x"), py::arg("weight"),
+        py::arg("bias") = py::none());
+  m.def("rms_norm", &rms_norm, "RMSNorm, optionally after adding a residual", py::arg("x"), py::arg("residual"),
+        py::arg("weight"), py::arg("eps"));
+  m.def("silu_and_mul", &silu_and_mul, "silu(x[:, :I]) * x[:, I:]");
+  m.def("rotary_neox", &rotary_neox, "rotate-half RoPE of q and k in place");
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
+}

@@ -1,0 +1,76 @@
+"""Puts Piston's C++ CPU kernels into a loaded model's layers (their ``kernel`` slots).
+
+Only float32 models run eagerly get them: the kernels are float32 AVX2 code, and a
+piecewise-compiled model is traced by Dynamo, which cannot look inside them. Each
+wrapper falls back to torch for shapes the kernel does not take.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from piston.model_executor.layers.layernorm import RMSNorm
+from piston.model_executor.layers.linear import ParallelLinearBase
+from piston.model_executor.layers.rotary_embedding import RotaryEmbedding
+from piston.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from piston.model_executor.models.llama import LlamaMLP
+
+logger = logging.getLogger(__name__)
+
+# Up to this many rows, the kernel's one pass over each weight row beats torch's GEMM
+# (measured with benchmarks/cpu_kernels.py: 2.2x at 1 row, about equal near 100 rows).
+MAX_KERNEL_ROWS = 64
+
+
+def make_linear(ops: ModuleType):
+    kernel = ops.linear
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] <= MAX_KERNEL_ROWS and x.stride(1) == 1 and x.dtype == torch.float32:
+            return kernel(x, weight, bias)
+        return F.linear(x, weight, bias)
+
+    return linear
+
+
+def make_rms_norm(ops: ModuleType):
+    kernel = ops.rms_norm
+
+    def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+        if x.dim() == 2 and x.stride(1) == 1:
+            out, summed = kernel(x, residual, weight, eps)
+            return out, (summed if residual is not None else None)
+        shape = x.shape  # q/k norms see [tokens, heads, head_dim]
+        x2 = x.reshape(-1, shape[-1])
+        r2 = None if residual is None else residual.reshape(-1, shape[-1])
+        out, summed = kernel(x2, r2, weight, eps)
+        return out.view(shape), (summed.view(shape) if residual is not None else None)
+
+    return rms_norm
+
+
+def install(model: nn.Module, ops: ModuleType) -> int:
+    """Sets the kernels on every layer of ``model`` they apply to; returns how many."""
+    linear, rms_norm = make_linear(ops), make_rms_norm(ops)
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (ParallelLinearBase, VocabParallelEmbedding)):
+            if module.weight.dtype == torch.float32 and module.weight.is_contiguous():
+                module.kernel = linear
+                count += 1
+        elif isinstance(module, RMSNorm):
+            module.kernel = rms_norm
+            count += 1
+        elif isinstance(module, RotaryEmbedding):
+            if module.cos_sin_cache.dtype == torch.float32 and module.cos_sin_cache.is_contiguous():
+                module.kernel = ops.rotary_neox
+                count += 1
+        elif isinstance(module, LlamaMLP) and module.act_name == "silu":
+            module.act_and_mul_kernel = ops.silu_and_mul
+            count += 1
+    return count

@@ -1,0 +1,112 @@
+"""Piston's C++ CPU kernels against torch on random data, and in a model against torch's path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from piston_cpu import kernels
+
+pytestmark = pytest.mark.skipif(kernels.unavailable_reason() is not None,
+                                reason=f"CPU kernels: {kernels.unavailable_reason()}")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    module = kernels.load()
+    assert module is not None, "the CPU kernels should build on this machine"
+    return module
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 64])
+@pytest.mark.parametrize("out_features,in_features", [(960, 576), (7, 13), (1, 8), (33, 1536)])
+def test_linear_matches_torch(ops, rows, out_features, in_features):
+    torch.manual_seed(rows)
+    x, w, b = torch.randn(rows, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
+    torch.testing.assert_close(ops.linear(x, w, b), F.linear(x, w, b), atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(ops.linear(x, w), F.linear(x, w), atol=2e-4, rtol=1e-5)
+    # Rows of a wider tensor (a strided view), as the model passes q, k, v slices.
+    wide = torch.randn(rows, in_features + 5)
+    torch.testing.assert_close(ops.linear(wide[:, :in_features], w), F.linear(wide[:, :in_features], w),
+                               atol=2e-4, rtol=1e-5)
+
+
+def test_linear_rejects_mismatched_shapes(ops):
+    with pytest.raises(RuntimeError, match="do not match"):
+        ops.linear(torch.randn(2, 5), torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("hidden", [576, 13, 64])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_torch(ops, hidden, with_residual):
+    from piston.model_executor.layers.layernorm import RMSNorm
+
+    torch.manual_seed(hidden)
+    norm = RMSNorm(hidden, eps=1e-5)
+    norm.weight.data.normal_()
+    x, residual = torch.randn(5, hidden) * 3, torch.randn(5, hidden)
+    out, summed = ops.rms_norm(x, residual if with_residual else None, norm.weight, norm.eps)
+    if with_residual:
+        ref_out, ref_sum = norm(x, residual)
+        torch.testing.assert_close(summed, ref_sum, atol=0, rtol=0)
+    else:
+        ref_out = norm(x)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("width", [1536, 20])
+def test_silu_and_mul_matches_torch(ops, width):
+    torch.manual_seed(width)
+    x = torch.randn(7, 2 * width) * 6
+    x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -88.0])  # saturation and zero
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(ops.silu_and_mul(x), F.silu(gate) * up, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim,rotary_dim", [(64, 64), (128, 64), (32, 24)])
+def test_rotary_matches_torch(ops, head_dim, rotary_dim):
+    from piston.model_executor.layers.rotary_embedding import RotaryEmbedding
+
+    torch.manual_seed(head_dim)
+    rope = RotaryEmbedding(head_dim, rotary_dim, 4096, 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2) / rotary_dim)))
+    qkv = torch.randn(6, (4 + 2 + 2) * head_dim)
+    q, k = qkv[:, :4 * head_dim], qkv[:, 4 * head_dim:6 * head_dim]
+    positions = torch.tensor([0, 1, 17, 400, 4095, 3])
+    ref_q, ref_k = rope(positions, q.clone(), k.clone())
+    ops.rotary_neox(positions, q, k, rope.cos_sin_cache, head_dim, rotary_dim)  # in place, on views
+    torch.testing.assert_close(q, ref_q, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(k, ref_k, atol=1e-6, rtol=1e-6)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.rotary_neox(torch.tensor([4096]), q[:1], k[:1], rope.cos_sin_cache, head_dim, rotary_dim)
+
+
+def test_decode_attention_rejects_a_short_block_table(ops):
+    cache = torch.zeros(4, 16, 1, 64)
+    q = torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        ops.paged_decode_attention(torch.empty(1, 64), q, cache, cache, torch.zeros(1, 1, dtype=torch.int32),
+                                   torch.tensor([17], dtype=torch.int32), torch.tensor([0]), 1, 0.125)
+
+
+def test_model_with_kernels_matches_torch_path(ops):
+    """A tiny Llama's hidden states and logits with every layer kernel equal torch's."""
+    from transformers import LlamaConfig
+
+    from piston.model_executor.models.llama import LlamaForCausalLM
+    from piston_cpu import layer_kernels
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(config).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    ids, positions = torch.randint(0, 300, (9,)), torch.arange(9)
+    with torch.inference_mode():
+        ref_h = model(ids, positions)
+        ref_logits = model.compute_logits(ref_h)
+        # 4 linears and 2 norms a layer, the final norm, the shared RoPE, 2 MLPs, embedding, lm_head.
+        assert layer_kernels.install(model, ops) == 8 + 4 + 1 + 1 + 2 + 2
+        h = model(ids, positions)
+        logits = model.compute_logits(h)
+    torch.testing.assert_close(h, ref_h, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
