@@ -299,8 +299,102 @@ void rotary_neox(const torch::Tensor& positions, torch::Tensor q, torch::Tensor 
 //
 // For sequence b: its query row rows[b] of q ([T, H*D]), context seq_lens[b] tokens whose
 // K/V live in blocks block_table[b, :] of the caches ([num_blocks, block_size, KVH, D]).
-// Writes out[rows[b]] ([T, H*D]). One task per (sequence, KV head): the G = H / KVH query
-// heads sharing a KV head read each K and V row once.
+// Writes out[rows[b]] ([T, H*D]). One task per (sequence, KV head), so the G = H / KVH
+// query heads that share a KV head read its K and V rows while they are still in cache.
+
+// Softmax of scores s[0:L] in place, unnormalized; returns 1 / their sum.
+inline float softmax_unnormalized(float* s, int64_t L) {
+  float mx = -INFINITY;
+  for (int64_t t = 0; t < L; ++t) mx = std::max(mx, s[t]);
+  const __m256 mv = _mm256_set1_ps(mx);
+  __m256 sumv = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= L; t += 8) {
+    __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
+    _mm256_storeu_ps(s + t, e);
+    sumv = _mm256_add_ps(sumv, e);
+  }
+  float sum = hsum(sumv);
+  for (; t < L; ++t) {
+    s[t] = std::exp(s[t] - mx);
+    sum += s[t];
+  }
+  return 1.0f / sum;
+}
+
+// Sums of four vectors' lanes, as one 4-lane vector (a, b, c, d).
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+// One query head (D = 8 * D8 floats, held in registers) over L context tokens at
+// off[t] in the caches: scores (4 tokens at a time, two accumulators each, so the FMA
+// chains overlap), softmax, then the probability-weighted sum of V rows into out.
+template <int D8>
+void attend_one(const float* q, const float* KC, const float* VC, const int64_t* off, int64_t L, float scale,
+                float* s, float* out) {
+  __m256 qv[D8];
+  for (int i = 0; i < D8; ++i) qv[i] = _mm256_loadu_ps(q + 8 * i);
+  const __m128 scv = _mm_set1_ps(scale);
+  int64_t t = 0;
+  for (; t + 4 <= L; t += 4) {
+    const float* k0 = KC + off[t];
+    const float* k1 = KC + off[t + 1];
+    const float* k2 = KC + off[t + 2];
+    const float* k3 = KC + off[t + 3];
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (int i = 0; i < D8; i += 2) {
+      a0 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(k0 + 8 * i), a0);
+      a1 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(k1 + 8 * i), a1);
+      a2 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(k2 + 8 * i), a2);
+      a3 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(k3 + 8 * i), a3);
+      b0 = _mm256_fmadd_ps(qv[i + 1], _mm256_loadu_ps(k0 + 8 * i + 8), b0);
+      b1 = _mm256_fmadd_ps(qv[i + 1], _mm256_loadu_ps(k1 + 8 * i + 8), b1);
+      b2 = _mm256_fmadd_ps(qv[i + 1], _mm256_loadu_ps(k2 + 8 * i + 8), b2);
+      b3 = _mm256_fmadd_ps(qv[i + 1], _mm256_loadu_ps(k3 + 8 * i + 8), b3);
+    }
+    __m128 dots = hsum4(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2), _mm256_add_ps(a3, b3));
+    _mm_storeu_ps(s + t, _mm_mul_ps(dots, scv));
+  }
+  for (; t < L; ++t) {
+    const float* k0 = KC + off[t];
+    __m256 a0 = _mm256_setzero_ps();
+    for (int i = 0; i < D8; ++i) a0 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(k0 + 8 * i), a0);
+    s[t] = hsum(a0) * scale;
+  }
+  const float inv = softmax_unnormalized(s, L);
+  __m256 acc[D8];
+  for (int i = 0; i < D8; ++i) acc[i] = _mm256_setzero_ps();
+  for (t = 0; t < L; ++t) {
+    const float* v = VC + off[t];
+    const __m256 p = _mm256_set1_ps(s[t]);
+    for (int i = 0; i < D8; ++i) acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * i), acc[i]);
+  }
+  const __m256 iv = _mm256_set1_ps(inv);
+  for (int i = 0; i < D8; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(acc[i], iv));
+}
+
+// The same for any D = 8 * D8 <= 256, with the query and accumulators in memory.
+void attend_any(const float* q, int64_t D8, const float* KC, const float* VC, const int64_t* off, int64_t L,
+                float scale, float* s, float* out) {
+  for (int64_t t = 0; t < L; ++t) {
+    const float* k0 = KC + off[t];
+    __m256 a0 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < D8; ++i) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), _mm256_loadu_ps(k0 + 8 * i), a0);
+    s[t] = hsum(a0) * scale;
+  }
+  const float inv = softmax_unnormalized(s, L);
+  float acc[256] = {0.0f};
+  for (int64_t t = 0; t < L; ++t) {
+    const float* v = VC + off[t];
+    const __m256 p = _mm256_set1_ps(s[t]);
+    for (int64_t i = 0; i < D8; ++i)
+      _mm256_storeu_ps(acc + 8 * i, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * i), _mm256_loadu_ps(acc + 8 * i)));
+  }
+  const __m256 iv = _mm256_set1_ps(inv);
+  for (int64_t i = 0; i < D8; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * i), iv));
+}
 
 void paged_decode_attention(torch::Tensor out, const torch::Tensor& q, const torch::Tensor& key_cache,
                             const torch::Tensor& value_cache, const torch::Tensor& block_table,
@@ -341,57 +435,28 @@ void paged_decode_attention(torch::Tensor out, const torch::Tensor& q, const tor
 
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    std::vector<float> acc(G * D);
+    std::vector<int64_t> offsets;  // element offset of each context token's row in a cache
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KVH, kh = task % KVH;
       const int64_t L = SL[b];
       const int32_t* table = BT + b * max_blocks;
-      const float* qb = Q + RW[b] * qs + kh * G * D;
-      scores.resize(G * L);
-      for (int64_t t = 0; t < L; ++t) {
-        const int64_t blk = table[t / bs];
+      offsets.resize(L);
+      for (int64_t t0 = 0, j = 0; t0 < L; t0 += bs, ++j) {
+        const int64_t blk = table[j];
         TORCH_CHECK(blk >= 0 && blk < nblk, "block id ", blk, " out of range");
-        const float* kr = KC + (blk * bs + t % bs) * tok_stride + kh * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qr = qb + g * D;
-          __m256 a = _mm256_setzero_ps();
-          for (int64_t i = 0; i < D8; ++i) a = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * i), _mm256_loadu_ps(kr + 8 * i), a);
-          scores[g * L + t] = hsum(a) * sc;
-        }
+        const int64_t n = std::min(bs, L - t0);
+        for (int64_t o = 0; o < n; ++o) offsets[t0 + o] = (blk * bs + o) * tok_stride + kh * D;
       }
-      for (int64_t g = 0; g < G; ++g) {
-        float* s = scores.data() + g * L;
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < L; ++t) mx = std::max(mx, s[t]);
-        const __m256 mv = _mm256_set1_ps(mx);
-        __m256 sumv = _mm256_setzero_ps();
-        int64_t t = 0;
-        for (; t + 8 <= L; t += 8) {
-          __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
-          _mm256_storeu_ps(s + t, e);
-          sumv = _mm256_add_ps(sumv, e);
-        }
-        float sum = hsum(sumv);
-        for (; t < L; ++t) {
-          s[t] = std::exp(s[t] - mx);
-          sum += s[t];
-        }
-        const float inv = 1.0f / sum;
-        for (t = 0; t < L; ++t) s[t] *= inv;
-      }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t t = 0; t < L; ++t) {
-        const int64_t blk = table[t / bs];
-        const float* vr = VC + (blk * bs + t % bs) * tok_stride + kh * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const __m256 p = _mm256_set1_ps(scores[g * L + t]);
-          float* ar = acc.data() + g * D;
-          for (int64_t i = 0; i < D8; ++i)
-            _mm256_storeu_ps(ar + 8 * i, _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * i), _mm256_loadu_ps(ar + 8 * i)));
-        }
-      }
+      scores.resize(L);
+      const float* qb = Q + RW[b] * qs + kh * G * D;
       float* ob = O + RW[b] * os + kh * G * D;
-      for (int64_t g = 0; g < G; ++g) std::copy(acc.data() + g * D, acc.data() + (g + 1) * D, ob + g * D);
+      for (int64_t g = 0; g < G; ++g) {
+        switch (D8) {
+          case 8: attend_one<8>(qb + g * D, KC, VC, offsets.data(), L, sc, scores.data(), ob + g * D); break;
+          case 16: attend_one<16>(qb + g * D, KC, VC, offsets.data(), L, sc, scores.data(), ob + g * D); break;
+          default: attend_any(qb + g * D, D8, KC, VC, offsets.data(), L, sc, scores.data(), ob + g * D); break;
+        }
+      }
     }
   });
 }
