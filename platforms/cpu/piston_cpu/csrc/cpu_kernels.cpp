@@ -76,6 +76,9 @@ template <int R>
 inline void dot_rows(const float* w, int64_t K, const float* x, int64_t x_stride, int64_t M,
                      float* y, int64_t y_stride, const float* bias) {
   const int64_t K8 = K & ~int64_t(7);
+  // The next R rows (the thread's next block) are fetched into cache while the first
+  // pass over this block runs: R/2 cache lines per 8 columns covers them exactly.
+  const float* next = w + R * K;
   int64_t m = 0;
   for (; m + 2 <= M; m += 2) {
     const float* x0 = x + m * x_stride;
@@ -83,6 +86,8 @@ inline void dot_rows(const float* w, int64_t K, const float* x, int64_t x_stride
     __m256 a[R], b[R];
     for (int r = 0; r < R; ++r) a[r] = b[r] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K8; k += 8) {
+      if (m == 0)
+        for (int i = 0; i < (R + 1) / 2; ++i) _mm_prefetch(reinterpret_cast<const char*>(next + R * k + 16 * i), _MM_HINT_T0);
       __m256 xv0 = _mm256_loadu_ps(x0 + k), xv1 = _mm256_loadu_ps(x1 + k);
       for (int r = 0; r < R; ++r) {
         __m256 wv = _mm256_loadu_ps(w + r * K + k);
@@ -106,6 +111,8 @@ inline void dot_rows(const float* w, int64_t K, const float* x, int64_t x_stride
     __m256 a[R];
     for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K8; k += 8) {
+      if (m == 0)
+        for (int i = 0; i < (R + 1) / 2; ++i) _mm_prefetch(reinterpret_cast<const char*>(next + R * k + 16 * i), _MM_HINT_T0);
       __m256 xv0 = _mm256_loadu_ps(x0 + k);
       for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * K + k), xv0, a[r]);
     }
