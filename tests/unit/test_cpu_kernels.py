@@ -79,12 +79,21 @@ def test_rotary_matches_torch(ops, head_dim, rotary_dim):
         ops.rotary_neox(torch.tensor([4096]), q[:1], k[:1], rope.cos_sin_cache, head_dim, rotary_dim)
 
 
-def test_decode_attention_rejects_a_short_block_table(ops):
+def test_paged_attention_rejects_bad_tables(ops):
     cache = torch.zeros(4, 16, 1, 64)
-    q = torch.randn(1, 64)
+    q, out = torch.randn(1, 64), torch.empty(1, 64)
+
+    def call(table, seq_idx, ctx):
+        ops.paged_attention(out, q, cache, cache, torch.tensor(table, dtype=torch.int32),
+                            torch.tensor(seq_idx, dtype=torch.int32), torch.tensor(ctx, dtype=torch.int32), 1, 0.125)
+
     with pytest.raises(RuntimeError, match="does not fit"):
-        ops.paged_decode_attention(torch.empty(1, 64), q, cache, cache, torch.zeros(1, 1, dtype=torch.int32),
-                                   torch.tensor([17], dtype=torch.int32), torch.tensor([0]), 1, 0.125)
+        call([[0]], [0], [17])  # 17 tokens, one 16-token block
+    with pytest.raises(RuntimeError, match="out of range"):
+        call([[0, 9]], [0], [17])  # block 9 of 4
+    with pytest.raises(RuntimeError, match="not in the block table"):
+        call([[0]], [1], [3])
+    call([[2, 9]], [0], [16])  # the unused entry is never read
 
 
 def test_model_with_kernels_matches_torch_path(ops):

@@ -1,7 +1,8 @@
 """Paged attention on the CPU.
 
-With Piston's CPU kernels (``piston_cpu.kernels``), decode rows (one query token) of a
-step go to one C++ call that reads each sequence's K/V from the paged cache in place.
+With Piston's CPU kernels (``piston_cpu.kernels``), every query row of a step (decode,
+fresh prompt or continuing chunk) goes to one C++ call that reads its sequence's K/V
+from the paged cache in place, after the step's own K/V are written there.
 Without them (a dtype other than float32, or no compiler), decode rows are batched into
 a few SDPA calls over their gathered, padded contexts: rows are sorted by length and
 split into up to four groups when that saves more padded work than the extra calls cost.
@@ -40,11 +41,11 @@ class DecodeGroup:
 
 
 @dataclass
-class DecodeBatch:
-    """Every decode row of the step, for the C++ kernel."""
-    rows: torch.Tensor  # [B] int64 rows of the step's tokens
-    block_table: torch.Tensor  # [B, max_blocks] int32, contiguous
-    seq_lens: torch.Tensor  # [B] int32
+class KernelRows:
+    """Every query row of the step, for the C++ kernel."""
+    seq_idx: torch.Tensor  # [T] int32: the row's sequence (its row of block_table)
+    ctx_lens: torch.Tensor  # [T] int32: tokens the row attends to (its position + 1)
+    block_table: torch.Tensor  # [num_reqs, max_blocks] int32, contiguous
 
 
 @dataclass
@@ -53,7 +54,7 @@ class CpuAttentionMetadata:
     num_actual_tokens: int
     decodes: list[DecodeGroup]
     prefills: list[PrefillSeq]
-    decode_batch: DecodeBatch | None = None
+    kernel_rows: KernelRows | None = None
 
 
 # One SDPA call costs about as much as this many padded (row, block) pairs of work.
@@ -92,15 +93,18 @@ class CpuAttention(AttentionImpl):
         qsl = common.query_start_loc_np
         seq_lens = common.seq_lens_np
         query_lens = np.diff(qsl)
+        if self.kernels is not None:
+            n = int(qsl[-1])
+            seq_idx = np.repeat(np.arange(len(query_lens), dtype=np.int32), query_lens)
+            # Row j of a sequence with query length ql and length sl sits at position
+            # sl - ql + j and attends to sl - ql + j + 1 tokens.
+            ctx = np.arange(n, dtype=np.int32) - qsl[:-1][seq_idx] + (seq_lens - query_lens)[seq_idx] + 1
+            rows = KernelRows(torch.from_numpy(seq_idx), torch.from_numpy(ctx.astype(np.int32)),
+                              common.block_table.contiguous())
+            return CpuAttentionMetadata(common.slot_mapping, common.num_actual_tokens, [], [], rows)
         decode_rows = np.flatnonzero(query_lens == 1)
-        decodes, decode_batch = [], None
-        if len(decode_rows) and self.kernels is not None:
-            rows = torch.from_numpy(decode_rows)
-            max_blocks = -(-int(seq_lens[decode_rows].max()) // bs)
-            decode_batch = DecodeBatch(torch.from_numpy(qsl[decode_rows].astype(np.int64)),
-                                       common.block_table[rows, :max_blocks].contiguous(),
-                                       torch.from_numpy(np.ascontiguousarray(seq_lens[decode_rows], dtype=np.int32)))
-        elif len(decode_rows):
+        decodes = []
+        if len(decode_rows):
             lens = seq_lens[decode_rows]
             order = np.argsort(lens, kind="stable")
             rows_sorted, lens_sorted = decode_rows[order], lens[order].astype(np.int64)
@@ -126,8 +130,7 @@ class CpuAttention(AttentionImpl):
             causal = torch.arange(seq_len)[None, :] <= q_pos
             prefills.append(PrefillSeq(start, end, seq_len, False,
                                        common.block_table[row, :nblocks].long(), causal))
-        return CpuAttentionMetadata(common.slot_mapping, common.num_actual_tokens, decodes,
-                                    prefills, decode_batch)
+        return CpuAttentionMetadata(common.slot_mapping, common.num_actual_tokens, decodes, prefills)
 
     def forward(self, layer, q, k, v, kv_cache, md: CpuAttentionMetadata) -> torch.Tensor:
         n = md.num_actual_tokens
@@ -141,10 +144,11 @@ class CpuAttention(AttentionImpl):
         value_cache.view(nb * bs, kvh, d).index_copy_(0, md.slot_mapping[:n], v)
 
         out = torch.empty_like(q)
-        if md.decode_batch is not None:
-            batch = md.decode_batch
-            self.kernels.paged_decode_attention(out.view(n, h * d), q.reshape(n, h * d), key_cache, value_cache,
-                                                batch.block_table, batch.seq_lens, batch.rows, h, layer.scale)
+        if md.kernel_rows is not None:
+            rows = md.kernel_rows
+            self.kernels.paged_attention(out.view(n, h * d), q.reshape(n, h * d), key_cache, value_cache,
+                                         rows.block_table, rows.seq_idx, rows.ctx_lens, h, layer.scale)
+            return out.view(n, h * d)
         for group in md.decodes:
             out[group.token_idx] = self._decode(layer, q[group.token_idx], key_cache,
                                                 value_cache, group)

@@ -9,7 +9,8 @@
 //   rms_norm               out = w * x / sqrt(mean(x^2) + eps), optionally after x += residual.
 //   silu_and_mul           silu(x[:, :I]) * x[:, I:].
 //   rotary_neox            rotate-half RoPE of q and k in place, from a cos|sin cache.
-//   paged_decode_attention one query token per sequence over its paged K/V, read in place.
+//   paged_attention        every query row of a step (decode or prompt) over its sequence's
+//                          paged K/V, read in place.
 //
 // Compiled with -ffp-contract=off: a multiply followed by an add rounds twice, as torch's
 // element-wise ops do; fused multiply-adds appear only where written (_mm256_fmadd_ps).
@@ -330,12 +331,16 @@ void rotary_neox(const torch::Tensor& positions, torch::Tensor q, torch::Tensor 
 }
 
 // ---------------------------------------------------------------------------------------
-// paged_decode_attention
+// paged_attention
 //
-// For sequence b: its query row rows[b] of q ([T, H*D]), context seq_lens[b] tokens whose
-// K/V live in blocks block_table[b, :] of the caches ([num_blocks, block_size, KVH, D]).
-// Writes out[rows[b]] ([T, H*D]). One task per (sequence, KV head), so the G = H / KVH
-// query heads that share a KV head read its K and V rows while they are still in cache.
+// Query row r of q ([T, H*D]) belongs to sequence seq_idx[r] and attends to the first
+// ctx_lens[r] tokens of it (its own position + 1: causal), whose K/V live in blocks
+// block_table[seq_idx[r], :] of the caches ([num_blocks, block_size, KVH, D]); the
+// step's own K/V are already written there. Writes out[r] ([T, H*D]). So one call
+// serves decodes, fresh prompts and prompt chunks that continue a sequence alike.
+// One task per (row, KV head), handed out dynamically (a prompt's later rows have
+// longer contexts); the G = H / KVH query heads that share a KV head read its K and
+// V rows while they are still in cache, and consecutive rows of a prompt share them too.
 
 // Softmax of scores s[0:L] in place, unnormalized; returns 1 / their sum.
 inline float softmax_unnormalized(float* s, int64_t L) {
@@ -425,10 +430,9 @@ void attend_any(const float* q, int64_t D8, const float* KC, const float* VC, co
   for (int64_t i = 0; i < D8; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * i), iv));
 }
 
-void paged_decode_attention(torch::Tensor out, const torch::Tensor& q, const torch::Tensor& key_cache,
-                            const torch::Tensor& value_cache, const torch::Tensor& block_table,
-                            const torch::Tensor& seq_lens, const torch::Tensor& rows, int64_t num_heads,
-                            double scale) {
+void paged_attention(torch::Tensor out, const torch::Tensor& q, const torch::Tensor& key_cache,
+                     const torch::Tensor& value_cache, const torch::Tensor& block_table, const torch::Tensor& seq_idx,
+                     const torch::Tensor& ctx_lens, int64_t num_heads, double scale) {
   check_f32(out, "out");
   check_f32(q, "q");
   check_f32(key_cache, "key_cache");
@@ -436,23 +440,30 @@ void paged_decode_attention(torch::Tensor out, const torch::Tensor& q, const tor
   TORCH_CHECK(key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.is_contiguous() &&
                   value_cache.sizes() == key_cache.sizes(), "caches must be contiguous [blocks, block_size, kv_heads, D]");
   TORCH_CHECK(block_table.scalar_type() == torch::kInt32 && block_table.dim() == 2 && block_table.is_contiguous(),
-              "block_table must be contiguous int32 [B, max_blocks]");
-  TORCH_CHECK(seq_lens.scalar_type() == torch::kInt32 && rows.scalar_type() == torch::kInt64 &&
-                  seq_lens.is_contiguous() && rows.is_contiguous(), "seq_lens int32, rows int64");
-  const int64_t B = block_table.size(0), max_blocks = block_table.size(1);
-  TORCH_CHECK(seq_lens.numel() == B && rows.numel() == B, "one seq_len and row per sequence");
+              "block_table must be contiguous int32 [sequences, max_blocks]");
+  TORCH_CHECK(seq_idx.scalar_type() == torch::kInt32 && ctx_lens.scalar_type() == torch::kInt32 &&
+                  seq_idx.is_contiguous() && ctx_lens.is_contiguous(), "seq_idx and ctx_lens must be contiguous int32");
+  const int64_t R = q.size(0), S = block_table.size(0), max_blocks = block_table.size(1);
+  TORCH_CHECK(seq_idx.numel() == R && ctx_lens.numel() == R && out.size(0) == R, "one seq_idx and ctx_len per row");
   const int64_t nblk = key_cache.size(0), bs = key_cache.size(1), KVH = key_cache.size(2), D = key_cache.size(3);
   TORCH_CHECK(num_heads % KVH == 0 && q.size(1) == num_heads * D && out.size(1) == num_heads * D, "head counts");
   TORCH_CHECK(D % 8 == 0 && D <= 256, "head_dim must be a multiple of 8, at most 256");
   TORCH_CHECK(q.stride(1) == 1 && out.stride(1) == 1, "q and out rows must be contiguous");
   const int64_t G = num_heads / KVH;
   const int32_t* BT = block_table.data_ptr<int32_t>();
-  const int32_t* SL = seq_lens.data_ptr<int32_t>();
-  const int64_t* RW = rows.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(SL[b] >= 1 && SL[b] <= max_blocks * bs, "seq_len ", SL[b], " does not fit the block table");
-    TORCH_CHECK(RW[b] >= 0 && RW[b] < q.size(0), "query row out of range");
+  const int32_t* SI = seq_idx.data_ptr<int32_t>();
+  const int32_t* CL = ctx_lens.data_ptr<int32_t>();
+  // Everything is checked here: the parallel region below must not throw.
+  std::vector<int64_t> longest(S, 0);
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(SI[r] >= 0 && SI[r] < S, "row ", r, ": sequence ", SI[r], " is not in the block table");
+    TORCH_CHECK(CL[r] >= 1 && CL[r] <= max_blocks * bs, "row ", r, ": context ", CL[r], " does not fit the block table");
+    longest[SI[r]] = std::max<int64_t>(longest[SI[r]], CL[r]);
   }
+  for (int64_t i = 0; i < S; ++i)
+    for (int64_t j = 0; j * bs < longest[i]; ++j)
+      TORCH_CHECK(BT[i * max_blocks + j] >= 0 && BT[i * max_blocks + j] < nblk, "block id ", BT[i * max_blocks + j],
+                  " out of range");
   const float* Q = q.data_ptr<float>();
   const float* KC = key_cache.data_ptr<float>();
   const float* VC = value_cache.data_ptr<float>();
@@ -461,24 +472,27 @@ void paged_decode_attention(torch::Tensor out, const torch::Tensor& q, const tor
   const int64_t tok_stride = KVH * D;  // between consecutive tokens of a block
   const float sc = static_cast<float>(scale);
   const int64_t D8 = D / 8;
+  const int64_t tasks = R * KVH;
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), tasks));
 
-  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+#pragma omp parallel num_threads(threads)
+  {
     std::vector<float> scores;
     std::vector<int64_t> offsets;  // element offset of each context token's row in a cache
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / KVH, kh = task % KVH;
-      const int64_t L = SL[b];
-      const int32_t* table = BT + b * max_blocks;
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t r = task / KVH, kh = task % KVH;
+      const int64_t L = CL[r];
+      const int32_t* table = BT + SI[r] * max_blocks;
       offsets.resize(L);
       for (int64_t t0 = 0, j = 0; t0 < L; t0 += bs, ++j) {
         const int64_t blk = table[j];
-        TORCH_CHECK(blk >= 0 && blk < nblk, "block id ", blk, " out of range");
         const int64_t n = std::min(bs, L - t0);
         for (int64_t o = 0; o < n; ++o) offsets[t0 + o] = (blk * bs + o) * tok_stride + kh * D;
       }
       scores.resize(L);
-      const float* qb = Q + RW[b] * qs + kh * G * D;
-      float* ob = O + RW[b] * os + kh * G * D;
+      const float* qb = Q + r * qs + kh * G * D;
+      float* ob = O + r * os + kh * G * D;
       for (int64_t g = 0; g < G; ++g) {
         switch (D8) {
           case 8: attend_one<8>(qb + g * D, KC, VC, offsets.data(), L, sc, scores.data(), ob + g * D); break;
@@ -487,7 +501,7 @@ void paged_decode_attention(torch::Tensor out, const torch::Tensor& q, const tor
         }
       }
     }
-  });
+  }
 }
 
 }  // namespace
@@ -499,5 +513,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weight"), py::arg("eps"));
   m.def("silu_and_mul", &silu_and_mul, "silu(x[:, :I]) * x[:, I:]");
   m.def("rotary_neox", &rotary_neox, "rotate-half RoPE of q and k in place");
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
+  m.def("paged_attention", &paged_attention, "causal attention of query rows over a paged KV cache");
 }
