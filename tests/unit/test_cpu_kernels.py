@@ -119,3 +119,31 @@ def test_model_with_kernels_matches_torch_path(ops):
         logits = model.compute_logits(h)
     torch.testing.assert_close(h, ref_h, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_engine_with_kernels_matches_torch_fallback(name, tiny_models, make_llm, monkeypatch):
+    """Greedy tokens and logprobs of the engine with the kernels equal those with
+    PISTON_CPU_KERNELS=0 (torch's ops, SDPA attention): mixed prefill and decode steps,
+    chunked prompts (max_num_batched_tokens=16) and Qwen3's per-head q/k norms."""
+    from piston import SamplingParams
+
+    prompts = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "Hi",
+               "List three primary colors, then explain why the sky is blue in two sentences:"]
+    params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=3, ignore_eos=True)
+    kwargs = dict(max_model_len=512, kv_cache_memory="64MiB", seed=0, dtype="float32",
+                  max_num_batched_tokens=16)
+    path = tiny_models(name)
+    llm = make_llm(path, **kwargs)
+    info = llm.collective_rpc("kernel_info")[0]
+    assert info["attention"] == "cpu_paged_kernel" and info["layers"] > 0
+    fast = llm.generate(prompts, params, use_tqdm=False)
+    monkeypatch.setenv("PISTON_CPU_KERNELS", "0")
+    llm = make_llm(path, **kwargs)
+    assert llm.collective_rpc("kernel_info")[0] == {"attention": "cpu_sdpa", "layers": 0}
+    slow = llm.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(fast, slow):
+        oa, ob = a.outputs[0], b.outputs[0]
+        assert oa.token_ids == ob.token_ids, a.prompt
+        for step_a, step_b, token in zip(oa.logprobs, ob.logprobs, oa.token_ids):
+            assert step_a[token].logprob == pytest.approx(step_b[token].logprob, abs=1e-4)

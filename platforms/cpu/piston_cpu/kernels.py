@@ -1,18 +1,22 @@
 """Piston's C++ CPU kernels (``csrc/cpu_kernels.cpp``): built on first use, cached on disk.
 
 ``load()`` returns the compiled module, or None, after logging why, when it cannot be
-used: ``PISTON_CPU_KERNELS=0``, a CPU without AVX2 and FMA, or no working C++ compiler.
-The first build takes about 20 s and is cached (keyed by the source and torch version)
-under ``$PISTON_CACHE_DIR/cpu_kernels``, default ``~/.cache/piston/cpu_kernels``;
-later starts load the cached library in well under a second. Every caller keeps a
+used: ``PISTON_CPU_KERNELS=0``, a CPU without AVX2 and FMA, no C++ compiler or ninja
+(``pip install ninja``), or a failed build. The first build takes about 20 s and is
+cached (keyed by the source, the flags and the torch version) under
+``$PISTON_CACHE_DIR/cpu_kernels``, default ``~/.cache/piston/cpu_kernels``; later starts
+import the cached library directly, in milliseconds. Every caller keeps a
 torch fallback, so the kernels change speed, never results beyond float rounding.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
+import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,6 +27,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+NAME = "piston_cpu_kernels"
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -47,12 +53,32 @@ def unavailable_reason() -> str | None:
     missing = {"avx2", "fma"} - cpu_flags()
     if missing:
         return f"this CPU lacks {', '.join(sorted(missing))}"
+    if any(build_dir().glob(f"{NAME}*.so")):
+        return None  # built before: no compiler needed
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler!r} is not on PATH; set CXX)"
+    if _find_ninja() is None:
+        return "ninja is not installed (pip install ninja)"
     return None
+
+
+def _find_ninja() -> str | None:
+    """ninja on PATH, or the one pip installed next to this Python (then put on PATH,
+    where torch's extension builder looks)."""
+    found = shutil.which("ninja")
+    if found is None:
+        beside = Path(sys.executable).parent / "ninja"
+        if beside.exists():
+            os.environ["PATH"] = f"{beside.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+            found = str(beside)
+    return found
 
 
 def build_dir() -> Path:
     base = Path(os.environ.get("PISTON_CACHE_DIR", Path.home() / ".cache" / "piston"))
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    key = SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
     return base / "cpu_kernels" / digest
 
 
@@ -76,17 +102,24 @@ def load() -> ModuleType | None:
 
 
 def _build() -> ModuleType:
+    directory = build_dir()
+    built = sorted(directory.glob(f"{NAME}*.so"))
+    start = time.perf_counter()
+    # The directory is keyed by source, flags and torch, so a library there is current
+    # unless another process is still building it (torch's builder holds "lock").
+    if built and not (directory / "lock").exists():
+        spec = importlib.util.spec_from_file_location(NAME, built[0])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        logger.info("Piston's CPU kernels loaded from %s in %.2f s.", built[0], time.perf_counter() - start)
+        return module
+
     from torch.utils.cpp_extension import load as load_extension
 
-    directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    cached = any(directory.glob("*.so"))
-    if not cached:
-        logger.info("Building Piston's CPU kernels (once per machine and torch version, about 20 s) in %s",
-                    directory)
-    start = time.perf_counter()
-    flags = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
-    module = load_extension("piston_cpu_kernels", [str(SOURCE)], extra_cflags=flags,
-                            extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
-    logger.info("Piston's CPU kernels %s in %.1f s.", "loaded" if cached else "built", time.perf_counter() - start)
+    logger.info("Building Piston's CPU kernels (once per machine and torch version, about 20 s) in %s",
+                directory)
+    module = load_extension(NAME, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                            build_directory=str(directory), verbose=False)
+    logger.info("Piston's CPU kernels built in %.1f s.", time.perf_counter() - start)
     return module

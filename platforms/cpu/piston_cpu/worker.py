@@ -25,13 +25,19 @@ class CpuWorker(Worker):
         # Piston's C++ kernels are float32 code: other dtypes run torch's kernels.
         self.kernels = kernels.load() if config.model_config.dtype == "float32" else None
         self.runner = TorchModelRunner(config, torch.device("cpu"), CpuAttention(self.kernels))
+        self.kernel_layers = 0
 
     def load_model(self) -> None:
         self.runner.load_model()
         if self.kernels is not None and self.runner.compiled is None:
-            count = layer_kernels.install(self.runner.model, self.kernels)
-            logger.info("CPU kernels: paged decode attention, and %d layers (linear up to %d rows, RMSNorm, "
-                        "RoPE, SiLU-and-mul).", count, layer_kernels.MAX_KERNEL_ROWS)
+            self.kernel_layers = layer_kernels.install(self.runner.model, self.kernels)
+            logger.info("CPU kernels: paged attention, and %d layers (linear up to %d rows, RMSNorm, RoPE, "
+                        "SiLU-and-mul).", self.kernel_layers, layer_kernels.MAX_KERNEL_ROWS)
+
+    def kernel_info(self) -> dict:
+        """Which kernels run (for collective_rpc): the attention backend's name and how
+        many layers use Piston's C++ kernels (0: torch's ops)."""
+        return {"attention": self.runner.attn_impl.name, "layers": self.kernel_layers}
 
     def determine_num_kv_blocks(self) -> int:
         # kv_cache_memory is the whole host's budget: each rank takes the share of its KV
