@@ -48,7 +48,7 @@ def _generate(folder: str, monkeypatch, triton_backend: bool) -> tuple[list[list
                 cascade_steps.append(md.cascade is not None)
                 return md
 
-        monkeypatch.setattr(piston_cpu.worker, "CpuAttention", lambda: CountingTriton(4, 2, 16))
+        monkeypatch.setattr(piston_cpu.worker, "CpuAttention", lambda kernels=None: CountingTriton(4, 2, 16))
     config = EngineArgs(model=folder, dtype="float32", kv_cache_memory="8MiB", max_model_len=512, seed=0,
                         max_num_batched_tokens=1024, platform="cpu").create_engine_config()
     core = EngineCore(config)

@@ -23,7 +23,7 @@ from piston.model_executor.models.llama import LlamaMLP
 logger = logging.getLogger(__name__)
 
 # Up to this many rows, the kernel's one pass over each weight row beats torch's GEMM
-# (measured with benchmarks/cpu_kernels.py: 2.2x at 1 row, about equal near 100 rows).
+# (python benchmarks/gemv_bandwidth.py: about 2.5x at 1 row, even near 100 rows).
 MAX_KERNEL_ROWS = 64
 
 
