@@ -81,10 +81,10 @@ def test_rotary_matches_torch(ops, head_dim, rotary_dim):
 
 def test_paged_attention_rejects_bad_tables(ops):
     cache = torch.zeros(4, 16, 1, 64)
-    q, out = torch.randn(1, 64), torch.empty(1, 64)
+    q, kv = torch.randn(1, 64), torch.randn(1, 64)
 
-    def call(table, seq_idx, ctx):
-        ops.paged_attention(out, q, cache, cache, torch.tensor(table, dtype=torch.int32),
+    def call(table, seq_idx, ctx, slot=5):
+        ops.paged_attention(q, kv, kv, cache, cache, torch.tensor([slot]), torch.tensor(table, dtype=torch.int32),
                             torch.tensor(seq_idx, dtype=torch.int32), torch.tensor(ctx, dtype=torch.int32), 1, 0.125)
 
     with pytest.raises(RuntimeError, match="does not fit"):
@@ -93,6 +93,8 @@ def test_paged_attention_rejects_bad_tables(ops):
         call([[0, 9]], [0], [17])  # block 9 of 4
     with pytest.raises(RuntimeError, match="not in the block table"):
         call([[0]], [1], [3])
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        call([[0]], [0], [3], slot=64)
     call([[2, 9]], [0], [16])  # the unused entry is never read
 
 

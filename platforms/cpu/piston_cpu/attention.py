@@ -2,7 +2,7 @@
 
 With Piston's CPU kernels (``piston_cpu.kernels``), every query row of a step (decode,
 fresh prompt or continuing chunk) goes to one C++ call that reads its sequence's K/V
-from the paged cache in place, after the step's own K/V are written there.
+from the paged cache in place, after writing the step's own K/V there.
 Without them (a dtype other than float32, or no compiler), decode rows are batched into
 a few SDPA calls over their gathered, padded contexts: rows are sorted by length and
 split into up to four groups when that saves more padded work than the extra calls cost.
@@ -134,6 +134,11 @@ class CpuAttention(AttentionImpl):
 
     def forward(self, layer, q, k, v, kv_cache, md: CpuAttentionMetadata) -> torch.Tensor:
         n = md.num_actual_tokens
+        if md.kernel_rows is not None:  # writes k/v to the cache, then attends
+            rows = md.kernel_rows
+            return self.kernels.paged_attention(q[:n], k, v, kv_cache[0], kv_cache[1], md.slot_mapping,
+                                                rows.block_table, rows.seq_idx, rows.ctx_lens,
+                                                layer.num_heads, layer.scale)
         h, kvh, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
         q = q[:n].view(n, h, d)
         k = k[:n].view(n, kvh, d)
@@ -144,11 +149,6 @@ class CpuAttention(AttentionImpl):
         value_cache.view(nb * bs, kvh, d).index_copy_(0, md.slot_mapping[:n], v)
 
         out = torch.empty_like(q)
-        if md.kernel_rows is not None:
-            rows = md.kernel_rows
-            self.kernels.paged_attention(out.view(n, h * d), q.reshape(n, h * d), key_cache, value_cache,
-                                         rows.block_table, rows.seq_idx, rows.ctx_lens, h, layer.scale)
-            return out.view(n, h * d)
         for group in md.decodes:
             out[group.token_idx] = self._decode(layer, q[group.token_idx], key_cache,
                                                 value_cache, group)

@@ -335,9 +335,10 @@ void rotary_neox(const torch::Tensor& positions, torch::Tensor q, torch::Tensor 
 //
 // Query row r of q ([T, H*D]) belongs to sequence seq_idx[r] and attends to the first
 // ctx_lens[r] tokens of it (its own position + 1: causal), whose K/V live in blocks
-// block_table[seq_idx[r], :] of the caches ([num_blocks, block_size, KVH, D]); the
-// step's own K/V are already written there. Writes out[r] ([T, H*D]). So one call
-// serves decodes, fresh prompts and prompt chunks that continue a sequence alike.
+// block_table[seq_idx[r], :] of the caches ([num_blocks, block_size, KVH, D]). The
+// step's own K and V rows (k, v: [T, KVH*D]) are first written to the caches at
+// slot_mapping. Returns out ([T, H*D]). So one call serves decodes, fresh prompts
+// and prompt chunks that continue a sequence alike.
 // One task per (row, KV head), handed out dynamically (a prompt's later rows have
 // longer contexts); the G = H / KVH query heads that share a KV head read its K and
 // V rows while they are still in cache, and consecutive rows of a prompt share them too.
@@ -430,11 +431,13 @@ void attend_any(const float* q, int64_t D8, const float* KC, const float* VC, co
   for (int64_t i = 0; i < D8; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * i), iv));
 }
 
-void paged_attention(torch::Tensor out, const torch::Tensor& q, const torch::Tensor& key_cache,
-                     const torch::Tensor& value_cache, const torch::Tensor& block_table, const torch::Tensor& seq_idx,
-                     const torch::Tensor& ctx_lens, int64_t num_heads, double scale) {
-  check_f32(out, "out");
+torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                              torch::Tensor key_cache, torch::Tensor value_cache, const torch::Tensor& slot_mapping,
+                              const torch::Tensor& block_table, const torch::Tensor& seq_idx,
+                              const torch::Tensor& ctx_lens, int64_t num_heads, double scale) {
   check_f32(q, "q");
+  check_f32(k, "k");
+  check_f32(v, "v");
   check_f32(key_cache, "key_cache");
   check_f32(value_cache, "value_cache");
   TORCH_CHECK(key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.is_contiguous() &&
@@ -444,11 +447,15 @@ void paged_attention(torch::Tensor out, const torch::Tensor& q, const torch::Ten
   TORCH_CHECK(seq_idx.scalar_type() == torch::kInt32 && ctx_lens.scalar_type() == torch::kInt32 &&
                   seq_idx.is_contiguous() && ctx_lens.is_contiguous(), "seq_idx and ctx_lens must be contiguous int32");
   const int64_t R = q.size(0), S = block_table.size(0), max_blocks = block_table.size(1);
-  TORCH_CHECK(seq_idx.numel() == R && ctx_lens.numel() == R && out.size(0) == R, "one seq_idx and ctx_len per row");
+  TORCH_CHECK(seq_idx.numel() == R && ctx_lens.numel() == R, "one seq_idx and ctx_len per row");
   const int64_t nblk = key_cache.size(0), bs = key_cache.size(1), KVH = key_cache.size(2), D = key_cache.size(3);
-  TORCH_CHECK(num_heads % KVH == 0 && q.size(1) == num_heads * D && out.size(1) == num_heads * D, "head counts");
+  TORCH_CHECK(num_heads % KVH == 0 && q.size(1) == num_heads * D, "head counts");
   TORCH_CHECK(D % 8 == 0 && D <= 256, "head_dim must be a multiple of 8, at most 256");
-  TORCH_CHECK(q.stride(1) == 1 && out.stride(1) == 1, "q and out rows must be contiguous");
+  TORCH_CHECK(q.stride(1) == 1 && k.stride(1) == 1 && v.stride(1) == 1, "q, k and v rows must be contiguous");
+  TORCH_CHECK(k.dim() == 2 && v.dim() == 2 && k.size(0) >= R && v.size(0) >= R && k.size(1) == KVH * D &&
+                  v.size(1) == KVH * D, "k and v must be [tokens, kv_heads * head_dim]");
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.is_contiguous() && slot_mapping.numel() >= R,
+              "slot_mapping must be contiguous int64 with a slot per row");
   const int64_t G = num_heads / KVH;
   const int32_t* BT = block_table.data_ptr<int32_t>();
   const int32_t* SI = seq_idx.data_ptr<int32_t>();
@@ -464,12 +471,22 @@ void paged_attention(torch::Tensor out, const torch::Tensor& q, const torch::Ten
     for (int64_t j = 0; j * bs < longest[i]; ++j)
       TORCH_CHECK(BT[i * max_blocks + j] >= 0 && BT[i * max_blocks + j] < nblk, "block id ", BT[i * max_blocks + j],
                   " out of range");
+  // The step's own K/V go to their slots first (rows may attend to earlier rows).
+  const int64_t tok_stride = KVH * D;  // between consecutive tokens of a block
+  const int64_t* SM = slot_mapping.data_ptr<int64_t>();
+  float* KCw = key_cache.data_ptr<float>();
+  float* VCw = value_cache.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(SM[r] >= 0 && SM[r] < nblk * bs, "row ", r, ": slot ", SM[r], " is outside the cache");
+    std::copy_n(k.data_ptr<float>() + r * k.stride(0), tok_stride, KCw + SM[r] * tok_stride);
+    std::copy_n(v.data_ptr<float>() + r * v.stride(0), tok_stride, VCw + SM[r] * tok_stride);
+  }
+  auto out = torch::empty({R, num_heads * D}, q.options());
   const float* Q = q.data_ptr<float>();
-  const float* KC = key_cache.data_ptr<float>();
-  const float* VC = value_cache.data_ptr<float>();
+  const float* KC = KCw;
+  const float* VC = VCw;
   float* O = out.data_ptr<float>();
   const int64_t qs = q.stride(0), os = out.stride(0);
-  const int64_t tok_stride = KVH * D;  // between consecutive tokens of a block
   const float sc = static_cast<float>(scale);
   const int64_t D8 = D / 8;
   const int64_t tasks = R * KVH;
@@ -502,6 +519,7 @@ void paged_attention(torch::Tensor out, const torch::Tensor& q, const torch::Ten
       }
     }
   }
+  return out;
 }
 
 }  // namespace
