@@ -42,7 +42,20 @@ def main() -> None:
     elapsed = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     print(f"{elapsed:.1f} s, {generated / elapsed:.1f} output tokens/s")
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(args.top)
+    stats = pstats.Stats(profiler)
+    stats.sort_stats("tottime").print_stats(args.top)
+
+    # Model time: the model's forward and logits, wherever they are called from. All
+    # the rest of the wall time (scheduler, input preparation, sampler, detokenizer,
+    # outputs, the profiler's own cost) is engine overhead.
+    from piston.model_executor.models.llama import LlamaForCausalLM
+
+    model_fns = {(LlamaForCausalLM.forward.__code__.co_filename, LlamaForCausalLM.forward.__code__.co_firstlineno),
+                 (LlamaForCausalLM.compute_logits.__code__.co_filename,
+                  LlamaForCausalLM.compute_logits.__code__.co_firstlineno)}
+    model = sum(entry[3] for (file, line, _), entry in stats.stats.items() if (file, line) in model_fns)
+    print(f"model forward + logits {model:.2f} s; engine overhead {elapsed - model:.2f} s "
+          f"= {100 * (elapsed - model) / elapsed:.1f}% of wall time (profiler cost included)")
 
 
 if __name__ == "__main__":
