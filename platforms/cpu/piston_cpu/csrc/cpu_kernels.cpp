@@ -345,12 +345,17 @@ void rotary_neox(const torch::Tensor& positions, torch::Tensor q, torch::Tensor 
 
 // Softmax of scores s[0:L] in place, unnormalized; returns 1 / their sum.
 inline float softmax_unnormalized(float* s, int64_t L) {
-  float mx = -INFINITY;
-  for (int64_t t = 0; t < L; ++t) mx = std::max(mx, s[t]);
+  __m256 mxv = _mm256_set1_ps(-INFINITY);
+  int64_t t = 0;
+  for (; t + 8 <= L; t += 8) mxv = _mm256_max_ps(mxv, _mm256_loadu_ps(s + t));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mxv), _mm256_extractf128_ps(mxv, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+  float mx = _mm_cvtss_f32(m4);
+  for (; t < L; ++t) mx = std::max(mx, s[t]);
   const __m256 mv = _mm256_set1_ps(mx);
   __m256 sumv = _mm256_setzero_ps();
-  int64_t t = 0;
-  for (; t + 8 <= L; t += 8) {
+  for (t = 0; t + 8 <= L; t += 8) {
     __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
     _mm256_storeu_ps(s + t, e);
     sumv = _mm256_add_ps(sumv, e);
