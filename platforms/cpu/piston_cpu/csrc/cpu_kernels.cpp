@@ -78,7 +78,8 @@ void check_f32(const torch::Tensor& t, const char* name) {
 // ---------------------------------------------------------------------------------------
 // linear
 
-// Dot products of R consecutive weight rows with M rows of x; K elements each.
+// Dot products of R consecutive weight rows with M rows of x; K elements each. Up to 4
+// rows go two x rows at a time (2R accumulators); more rows go one x row at a time.
 template <int R>
 inline void dot_rows(const float* w, int64_t K, const float* x, int64_t x_stride, int64_t M,
                      float* y, int64_t y_stride, const float* bias) {
@@ -88,7 +89,7 @@ inline void dot_rows(const float* w, int64_t K, const float* x, int64_t x_stride
   // the fetches over all passes measured slower: they arrive later.)
   const float* next = w + R * K;
   int64_t m = 0;
-  for (; m + 2 <= M; m += 2) {
+  for (; R <= 4 && m + 2 <= M; m += 2) {
     const float* x0 = x + m * x_stride;
     const float* x1 = x0 + x_stride;
     __m256 a[R], b[R];
@@ -137,6 +138,18 @@ inline void dot_rows(const float* w, int64_t K, const float* x, int64_t x_stride
       __m256 xv0 = _mm256_loadu_ps(x0 + k);
       for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * K + k), xv0, a[r]);
     }
+    if constexpr (R == 8) {
+      if (K8 == K) {
+        __m128 y0 = hsum4(a[0], a[1], a[2], a[3]), y1 = hsum4(a[4], a[5], a[6], a[7]);
+        if (bias) {
+          y0 = _mm_add_ps(y0, _mm_loadu_ps(bias));
+          y1 = _mm_add_ps(y1, _mm_loadu_ps(bias + 4));
+        }
+        _mm_storeu_ps(y + m * y_stride, y0);
+        _mm_storeu_ps(y + m * y_stride + 4, y1);
+        continue;
+      }
+    }
     if constexpr (R == 4) {
       if (K8 == K) {
         __m128 y0 = hsum4(a[0], a[1], a[2], a[3]);
@@ -171,15 +184,23 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::
   const float* W = w.data_ptr<float>();
   float* Y = y.data_ptr<float>();
   const int64_t xs = x.stride(0);
-  const int64_t blocks = (N + 3) / 4;
+  // Blocks of 4 weight rows against pairs of x rows up to 16 rows of x; from there,
+  // blocks of 8 weight rows against one x row at a time, which halves the reads of x per
+  // multiply-add (measured: 5% faster at 64 rows, slower at 8).
+  const int64_t R = M >= 16 ? 8 : 4;
+  const int64_t blocks = (N + R - 1) / R;
   // About 64 KiB of weights per task at least, so a small matrix is not split too finely.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 4 * K));
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, R * K));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t r = blk * 4;
+      const int64_t r = blk * R;
       const float* wr = W + r * K;
       const float* br = b ? b + r : nullptr;
-      switch (std::min<int64_t>(4, N - r)) {
+      switch (std::min<int64_t>(R, N - r)) {
+        case 8: dot_rows<8>(wr, K, X, xs, M, Y + r, N, br); break;
+        case 7: dot_rows<7>(wr, K, X, xs, M, Y + r, N, br); break;
+        case 6: dot_rows<6>(wr, K, X, xs, M, Y + r, N, br); break;
+        case 5: dot_rows<5>(wr, K, X, xs, M, Y + r, N, br); break;
         case 4: dot_rows<4>(wr, K, X, xs, M, Y + r, N, br); break;
         case 3: dot_rows<3>(wr, K, X, xs, M, Y + r, N, br); break;
         case 2: dot_rows<2>(wr, K, X, xs, M, Y + r, N, br); break;
