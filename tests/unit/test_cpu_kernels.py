@@ -17,7 +17,7 @@ def ops():
     return module
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 16, 64, 300])
 @pytest.mark.parametrize("out_features,in_features", [(960, 576), (7, 13), (1, 8), (33, 1536)])
 def test_linear_matches_torch(ops, rows, out_features, in_features):
     torch.manual_seed(rows)
