@@ -31,4 +31,4 @@ def test_load_falls_back_with_one_warning(monkeypatch, caplog):
         assert kernels.load() is None
         assert kernels.load() is None  # decided once per process
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "PISTON_CPU_KERNELS=0" in warnings[0] and "torch's kernels" in warnings[0]
+    assert len(warnings) == 1 and "PISTON_CPU_KERNELS=off" in warnings[0] and "torch's kernels" in warnings[0]

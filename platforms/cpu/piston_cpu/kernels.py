@@ -46,8 +46,9 @@ def cpu_flags() -> set[str]:
 
 def unavailable_reason() -> str | None:
     """Why the kernels cannot be used here, or None when they can be built."""
-    if os.environ.get("PISTON_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off"):
-        return "disabled by PISTON_CPU_KERNELS=0"
+    setting = os.environ.get("PISTON_CPU_KERNELS", "1")
+    if setting.lower() in ("0", "false", "no", "off"):
+        return f"disabled by PISTON_CPU_KERNELS={setting}"
     if os.uname().machine not in ("x86_64", "AMD64"):
         return f"they are written for x86-64 with AVX2; this machine is {os.uname().machine}"
     missing = {"avx2", "fma"} - cpu_flags()
