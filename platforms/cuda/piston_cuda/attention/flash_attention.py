@@ -94,13 +94,8 @@ class FlashAttention(CudaAttentionBackend):
         self.lib = lib
 
     def forward(self, layer, q, k, v, kv_cache, md: CudaAttentionMetadata) -> torch.Tensor:
-        from piston_cuda.kernels.kv_cache_write import write_kv_cache
-
-        n = md.num_actual_tokens
+        n, q, key_cache, value_cache = self.write_step_kv(layer, q, k, v, kv_cache, md)
         h, d = layer.num_heads, layer.head_dim
-        key_cache, value_cache = kv_cache[0], kv_cache[1]
-        write_kv_cache(k[:n], v[:n], key_cache, value_cache, md.slot_mapping[:n])
-        q = q[:n].view(n, h, d)
         c = md.cascade
         if c is None:
             out, _ = self._attend(q, key_cache, value_cache, md.query_start_loc, md.max_query_len, md.seq_lens,

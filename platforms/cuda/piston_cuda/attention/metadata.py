@@ -92,6 +92,17 @@ class CudaAttentionBackend(AttentionImpl):
     def num_splits(self, num_reqs: int, max_query_len: int, max_seq_len: int) -> int:
         return 1
 
+    @staticmethod
+    def write_step_kv(layer, q, k, v, kv_cache, md: "CudaAttentionMetadata"):
+        """Write the step's K/V into the paged cache at the slot mapping; returns
+        ``(n, q as [n, heads, dim], key_cache, value_cache)`` for the attention pass."""
+        from piston_cuda.kernels.kv_cache_write import write_kv_cache
+
+        n = md.num_actual_tokens
+        key_cache, value_cache = kv_cache[0], kv_cache[1]
+        write_kv_cache(k[:n], v[:n], key_cache, value_cache, md.slot_mapping[:n])
+        return n, q[:n].view(n, layer.num_heads, layer.head_dim), key_cache, value_cache
+
     def _stage(self, device: torch.device, *arrays: np.ndarray) -> Sequence[torch.Tensor]:
         if self.stage is not None:
             return self.stage(*arrays)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from piston_cuda.attention.metadata import CudaAttentionBackend, CudaAttentionMetadata
-from piston_cuda.kernels.kv_cache_write import write_kv_cache
 from piston_cuda.kernels.merge_attn_states import merge_attn_states
 from piston_cuda.kernels.paged_attention import num_kv_splits, paged_attention
 
@@ -24,11 +23,8 @@ class TritonAttention(CudaAttentionBackend):
         return num_kv_splits(num_reqs, self.num_kv_heads, max_query_len, max_seq_len, self.num_sms)
 
     def forward(self, layer, q, k, v, kv_cache, md: CudaAttentionMetadata) -> torch.Tensor:
-        n = md.num_actual_tokens
+        n, q, key_cache, value_cache = self.write_step_kv(layer, q, k, v, kv_cache, md)
         h, d = layer.num_heads, layer.head_dim
-        key_cache, value_cache = kv_cache[0], kv_cache[1]
-        write_kv_cache(k[:n], v[:n], key_cache, value_cache, md.slot_mapping[:n])
-        q = q[:n].view(n, h, d)
         out = torch.empty((n, h, d), dtype=q.dtype, device=q.device)
         c = md.cascade
         if c is None:
