@@ -100,6 +100,17 @@ class Worker(abc.ABC):
     def determine_num_kv_blocks(self) -> int:
         """How many KV-cache blocks fit in the memory this worker may use."""
 
+    @staticmethod
+    def kv_blocks_in(budget: int, bytes_per_block: int, block_size: int) -> int:
+        """How many KV blocks of ``bytes_per_block`` fit in ``budget`` bytes (a helper for
+        ``determine_num_kv_blocks``); ValueError naming the sizes when not even one does."""
+        num_blocks = budget // bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory={budget} bytes holds no KV block; one block of "
+                f"{block_size} tokens needs {bytes_per_block} bytes for this model.")
+        return int(num_blocks)
+
     @abc.abstractmethod
     def initialize_cache(self, num_blocks: int) -> None:
         """Allocate the paged KV cache with ``num_blocks`` blocks (the same on every rank)."""

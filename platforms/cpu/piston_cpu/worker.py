@@ -46,13 +46,7 @@ class CpuWorker(Worker):
         total_kv = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
         budget = (self.config.cache_config.kv_cache_memory * self.runner.num_kv_heads
                   // num_kv_head_copies(total_kv, self.world_size))
-        per_block = self.runner.kv_cache_bytes_per_block()
-        num_blocks = budget // per_block
-        if num_blocks < 1:
-            raise ValueError(
-                f"kv_cache_memory={budget} bytes holds no KV block; one block of "
-                f"{self.runner.block_size} tokens needs {per_block} bytes for this model.")
-        return int(num_blocks)
+        return self.kv_blocks_in(budget, self.runner.kv_cache_bytes_per_block(), self.runner.block_size)
 
     def initialize_cache(self, num_blocks: int) -> None:
         self.runner.initialize_kv_cache(num_blocks)

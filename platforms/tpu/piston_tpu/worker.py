@@ -25,17 +25,11 @@ class TpuWorker(Worker):
 
     def determine_num_kv_blocks(self) -> int:
         cc = self.config.cache_config
-        per_block = self.runner.kv_cache_bytes_per_block()
         budget = cc.kv_cache_memory
         if budget is None:
             budget = self._free_device_memory()
             cc.kv_cache_memory = budget
-        num_blocks = budget // per_block
-        if num_blocks < 1:
-            raise ValueError(
-                f"kv_cache_memory={budget} bytes holds no KV block; one block of "
-                f"{self.runner.block_size} tokens needs {per_block} bytes for this model.")
-        return int(num_blocks)
+        return self.kv_blocks_in(budget, self.runner.kv_cache_bytes_per_block(), self.runner.block_size)
 
     def _free_device_memory(self) -> int:
         """What gpu_memory_utilization of the chip leaves after the weights and a reserve."""
