@@ -43,14 +43,13 @@ def make_rms_norm(ops: ModuleType):
     kernel = ops.rms_norm
 
     def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+        # The kernel returns (out, None) without a residual.
         if x.dim() == 2 and x.stride(1) == 1:
-            out, summed = kernel(x, residual, weight, eps)
-            return out, (summed if residual is not None else None)
+            return kernel(x, residual, weight, eps)
         shape = x.shape  # q/k norms see [tokens, heads, head_dim]
-        x2 = x.reshape(-1, shape[-1])
         r2 = None if residual is None else residual.reshape(-1, shape[-1])
-        out, summed = kernel(x2, r2, weight, eps)
-        return out.view(shape), (summed.view(shape) if residual is not None else None)
+        out, summed = kernel(x.reshape(-1, shape[-1]), r2, weight, eps)
+        return out.view(shape), (None if summed is None else summed.view(shape))
 
     return rms_norm
 
