@@ -1,11 +1,15 @@
 """Nox sessions: lint, tests (unit), kernels-cuda-interpret, distributed, conformance-<platform>, bench.
 
 Every install passes `-c constraints.txt`: an unpinned torch pulls a multi-GB CUDA build.
-Sessions use the interpreter nox runs under and reuse their virtualenvs between runs.
+Sessions use the interpreter nox runs under and reuse their virtualenvs between runs. The
+`reference` extra (torch) is the transformers reference the tests compare against; the TPU
+session has no torch and runs the reference in another interpreter.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import nox
@@ -17,7 +21,7 @@ nox.options.sessions = ["lint", "tests", "kernels-cuda-interpret", "conformance-
 ROOT = Path(__file__).parent
 
 
-def _install(session: nox.Session, extras: str = "cpu,dev") -> None:
+def _install(session: nox.Session, extras: str = "cpu,dev,reference") -> None:
     session.install("-c", "constraints.txt", "-e", f".[{extras}]")
 
 
@@ -38,7 +42,7 @@ def tests(session: nox.Session) -> None:
 @nox.session(name="kernels-cuda-interpret")
 def kernels_cuda_interpret(session: nox.Session) -> None:
     """The CUDA platform's Triton kernels on the CPU through Triton's interpreter (float32, float16)."""
-    _install(session, "cpu,cuda,dev")
+    _install(session, "cpu,cuda,dev,reference")
     session.run("python", "-m", "pytest", "tests/kernels", "-q", *session.posargs,
                 env={"TRITON_INTERPRET": "1"})
 
@@ -46,7 +50,7 @@ def kernels_cuda_interpret(session: nox.Session) -> None:
 @nox.session
 def distributed(session: nox.Session) -> None:
     """Tensor parallelism on the CPU (gloo, TP=2): the mp executor and the Ray executor."""
-    _install(session, "cpu,dev,ray")
+    _install(session, "cpu,dev,reference,ray")
     session.run("python", "-m", "pytest", "tests/unit/test_tp_workers.py",
                 "tests/unit/test_ray_executor.py", "tests/conformance/test_tensor_parallel.py", "-q",
                 *session.posargs, env={"PISTON_PLATFORM": "cpu"})
@@ -68,23 +72,49 @@ def _conformance(session: nox.Session, platform: str, extras: str) -> None:
     )
 
 
+def _reference_python(session: nox.Session) -> str:
+    """An interpreter with torch and transformers for the reference: $PISTON_REFERENCE_PYTHON,
+    else .venv's (bash ci/test.sh makes it), else a venv built here once."""
+    given = os.environ.get("PISTON_REFERENCE_PYTHON")
+    if given:
+        return given
+    for python in (ROOT / ".venv" / "bin" / "python", ROOT / ".nox" / "reference" / "bin" / "python"):
+        if python.exists() and subprocess.run([str(python), "-c", "import torch, transformers"],
+                                              capture_output=True).returncode == 0:
+            return str(python)
+    folder = ROOT / ".nox" / "reference"
+    session.run("python", "-m", "venv", str(folder))
+    session.run(str(folder / "bin" / "python"), "-m", "pip", "install", "-q", "-c", "constraints.txt",
+                "-e", ".[dev,reference]", external=True)
+    return str(folder / "bin" / "python")
+
+
 @nox.session(name="conformance-cpu")
 def conformance_cpu(session: nox.Session) -> None:
     """The conformance suite on the CPU platform."""
-    _conformance(session, "cpu", "cpu,dev")
+    _conformance(session, "cpu", "cpu,dev,reference")
 
 
 @nox.session(name="conformance-cuda")
 def conformance_cuda(session: nox.Session) -> None:
     """The same suite on CUDA; fails with the platform's error when no GPU is present."""
-    _conformance(session, "cuda", "cuda,dev")
+    _conformance(session, "cuda", "cuda,dev,reference")
 
 
 @nox.session(name="conformance-tpu")
 def conformance_tpu(session: nox.Session) -> None:
-    """The same suite on the TPU plugin (JAX). Without a TPU it runs on JAX's CPU backend with
-    the Pallas kernel in interpret mode (PISTON_PLATFORM=tpu enables that fallback)."""
-    _conformance(session, "tpu", "cpu,tpu,dev")  # torch for the transformers reference
+    """The same suite on the TPU plugin (JAX), in an environment without torch: it installs
+    exactly ``.[tpu,dev]``, checks that torch is absent, and runs the transformers references
+    in another interpreter (``_reference_python``). Without a TPU it runs on JAX's CPU backend
+    with the Pallas kernel in interpret mode (PISTON_PLATFORM=tpu enables that fallback)."""
+    reference = _reference_python(session)
+    _install(session, "tpu,dev")
+    # A virtualenv reused from before this session went torch-free may still hold torch.
+    session.run("python", "-m", "pip", "uninstall", "-q", "-y", "torch", silent=True)
+    session.run("python", "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not "
+                "None and 'torch is installed in the TPU session; it must run without torch')")
+    session.run("python", "-m", "pytest", "tests/conformance", "tests/unit/test_torch_free.py", "-q",
+                *session.posargs, env={"PISTON_PLATFORM": "tpu", "PISTON_REFERENCE_PYTHON": reference})
 
 
 @nox.session

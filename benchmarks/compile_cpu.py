@@ -22,14 +22,13 @@ import time
 
 import numpy as np
 import torch
-
+from piston.attention.forward_context import ForwardContext, set_forward_context
 from piston.attention.layer import attention_layers
 from piston.attention.metadata import CommonAttentionMetadata
 from piston.compilation.compiled_model import compile_model
-from piston.config import CompilationConfig, EngineConfig, ModelConfig
-from piston.forward_context import ForwardContext, set_forward_context
-from piston.model_executor.model_loader import load_model
 from piston.model_resolver import default_model_path
+from piston.models.loader import load_model
+from piston.step.config import CompilationConfig, EngineConfig, ModelConfig
 
 BLOCK_SIZE = 16
 CONTEXT = 256

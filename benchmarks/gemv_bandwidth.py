@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=5)
     args = parser.parse_args()
 
-    from piston.benchmarks.roofline import calibrate_bandwidth
+    from piston.bench.roofline import calibrate_bandwidth
     from piston_cpu import kernels
 
     ops = kernels.load()

@@ -20,10 +20,9 @@ import time
 from types import SimpleNamespace
 
 import torch
-
-from piston.benchmarks import describe_model, engine_threads, run_metadata, write_json
-from piston.benchmarks.datasets import SampleRequest, add_dataset_args, sample_requests
-from piston.benchmarks.throughput import add_report_args, print_summary, throughput_figures
+from piston.bench import describe_model, engine_threads, run_metadata, write_json
+from piston.bench.datasets import SampleRequest, add_dataset_args, sample_requests
+from piston.bench.throughput import add_report_args, print_summary, throughput_figures
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,8 +64,7 @@ def generate_batch(model, batch: list[list[int]], max_new: int, pad_id: int) -> 
 
 def main(argv: list[str] | None = None) -> int:
     import transformers
-
-    from piston.benchmarks import roofline
+    from piston.bench import roofline
     from piston.model_resolver import resolve_model
     from piston.tokenizer import load_tokenizer
 

@@ -48,7 +48,7 @@ def main() -> None:
     # Model time: the model's forward and logits, wherever they are called from. All
     # the rest of the wall time (scheduler, input preparation, sampler, detokenizer,
     # outputs, the profiler's own cost) is engine overhead.
-    from piston.model_executor.models.llama import LlamaForCausalLM
+    from piston.models.llama import LlamaForCausalLM
 
     model_fns = {(LlamaForCausalLM.forward.__code__.co_filename, LlamaForCausalLM.forward.__code__.co_firstlineno),
                  (LlamaForCausalLM.compute_logits.__code__.co_filename,

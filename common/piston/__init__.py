@@ -2,7 +2,7 @@
 
 from piston.logger import configure_logging
 from piston.outputs import CompletionOutput, Logprob, RequestOutput
-from piston.sampling_params import SamplingParams
+from piston.step.sampling_params import SamplingParams
 from piston.version import __version__
 
 configure_logging()

@@ -60,7 +60,7 @@ def _load_gguf_tokenizer(gguf_path: str):
 
 
 def _gguf_chat_template(gguf_path: str) -> str | None:
-    from piston.model_executor.gguf_loader import open_gguf
+    from piston.step.gguf_metadata import open_gguf
 
     field = open_gguf(gguf_path).fields.get("tokenizer.chat_template")
     return None if field is None else field.contents()

@@ -1,5 +1,8 @@
 """Hugging Face transformers as the correctness reference (helpers, not tests).
 
+The transformers calls run through ``reference.reference()``: in this process when torch
+is installed, else in an interpreter that has it (see tests/reference.py).
+
 `hf_greedy` runs each prompt alone (batch 1, no padding, float32, greedy) and returns
 the new tokens plus the raw model log-probabilities (log_softmax of the unprocessed
 logits) at every generated position. `hf_prompt_logprobs` gives the teacher-forced
@@ -21,10 +24,10 @@ Comparison rules:
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple, Sequence
 
-import torch
+import numpy as np
+from reference import reference
 
 TOP_K = 5
 
@@ -65,63 +68,22 @@ LONG_PROMPT = " ".join([_ALICE] * 3)
 
 class HfSample(NamedTuple):
     """One greedy completion: new token ids, top-k logprobs per position, and the full
-    [num_new_tokens, vocab] raw log-probability matrix."""
+    [num_new_tokens, vocab] raw log-probability matrix (numpy float32)."""
 
     token_ids: list[int]
     logprobs: list[dict[int, float]]
-    full_logprobs: torch.Tensor
+    full_logprobs: np.ndarray
 
 
-@functools.lru_cache(maxsize=4)
-def load_hf_model(model_dir_or_gguf: str):
-    """A float32 transformers model from an HF folder or a .gguf file (cached)."""
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {"dtype": torch.float32}
-    path = model_dir_or_gguf
-    if path.endswith(".gguf"):
-        path, kwargs["gguf_file"] = os.path.dirname(path), os.path.basename(path)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    return model.eval()
-
-
-@functools.lru_cache(maxsize=4)
-def load_hf_tokenizer(model_dir_or_gguf: str):
-    from transformers import AutoTokenizer
-
-    if model_dir_or_gguf.endswith(".gguf"):
-        return AutoTokenizer.from_pretrained(
-            os.path.dirname(model_dir_or_gguf), gguf_file=os.path.basename(model_dir_or_gguf)
-        )
-    return AutoTokenizer.from_pretrained(model_dir_or_gguf)
-
-
-def _top_k(row: torch.Tensor, k: int) -> dict[int, float]:
-    values, ids = row.topk(k)
-    return dict(zip(ids.tolist(), values.tolist()))
+def _top_k(row: np.ndarray, k: int) -> dict[int, float]:
+    ids = np.argsort(-row, kind="stable")[:k]
+    return {int(i): float(row[i]) for i in ids}
 
 
 @functools.lru_cache(maxsize=64)
 def _greedy_one(path: str, prompt: tuple[int, ...], max_new_tokens: int) -> HfSample:
-    from transformers import GenerationConfig
-
-    model = load_hf_model(path)
-    eos = model.generation_config.eos_token_id
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=eos,
-        pad_token_id=model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None else eos,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt]), generation_config=config)
-    new_ids = out.sequences[0, len(prompt):].tolist()
-    full = torch.log_softmax(torch.stack(out.logits)[:, 0].float(), dim=-1)
-    assert full.shape[0] == len(new_ids)
-    return HfSample(new_ids, [_top_k(row, TOP_K) for row in full], full)
+    new_ids, full = reference().greedy(path, list(prompt), max_new_tokens)
+    return HfSample(list(new_ids), [_top_k(row, TOP_K) for row in full], full)
 
 
 def hf_greedy(
@@ -136,18 +98,23 @@ def hf_greedy(
     return [_greedy_one(path, tuple(int(t) for t in p), max_new_tokens) for p in prompt_token_ids_list]
 
 
-def hf_prompt_logprobs(model_dir_or_gguf: str, prompt_token_ids: Sequence[int]) -> torch.Tensor:
+def hf_prompt_logprobs(model_dir_or_gguf: str, prompt_token_ids: Sequence[int]) -> np.ndarray:
     """Teacher-forced raw log-probabilities: row i is the distribution of prompt token i+1."""
-    model = load_hf_model(str(model_dir_or_gguf))
-    with torch.inference_mode():
-        logits = model(torch.tensor([list(prompt_token_ids)])).logits[0, :-1]
-    return torch.log_softmax(logits.float(), dim=-1)
+    return reference().prompt_logprobs(str(model_dir_or_gguf), [int(t) for t in prompt_token_ids])
+
+
+@functools.lru_cache(maxsize=4)
+def hf_config(model_dir_or_gguf: str) -> dict:
+    """The model's config as transformers reads it, as a dict."""
+    return reference().config(str(model_dir_or_gguf))
 
 
 def min_greedy_margin(sample: HfSample) -> float:
     """Smallest top-1 minus top-2 log-probability gap along a greedy path."""
-    top2 = sample.full_logprobs.topk(2, dim=-1).values
-    return float((top2[:, 0] - top2[:, 1]).min()) if len(sample.token_ids) else float("inf")
+    if not len(sample.token_ids):
+        return float("inf")
+    top2 = np.sort(sample.full_logprobs, axis=-1)[:, -2:]
+    return float((top2[:, 1] - top2[:, 0]).min())
 
 
 def assert_no_near_ties(samples: Sequence[HfSample], margin: float = 1e-3) -> None:

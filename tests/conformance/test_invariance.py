@@ -8,8 +8,7 @@ are the near-tie-free REFERENCE_PROMPTS, so exact equality is a fair demand.
 from __future__ import annotations
 
 import pytest
-from hf_reference import REFERENCE_PROMPTS, assert_no_near_ties, hf_greedy, load_hf_model
-
+from hf_reference import REFERENCE_PROMPTS, assert_no_near_ties, hf_config, hf_greedy
 from piston import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
@@ -69,9 +68,9 @@ def test_preempted_requests_match_unpreempted(
 ):
     # 18 blocks hold 288 tokens: enough for any one request (<= 224), far from the ~530
     # the batch needs, so running requests must be preempted and recomputed.
-    config = load_hf_model(smollm2_path).config
-    head_dim = config.hidden_size // config.num_attention_heads
-    bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4
+    config = hf_config(smollm2_path)
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    bytes_per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 4
     kv_bytes = 18 * BLOCK_SIZE * bytes_per_token
 
     kwargs = {**smollm2_llm_kwargs, "kv_cache_memory": kv_bytes, "max_model_len": 256}
@@ -91,9 +90,9 @@ def test_prompt_alone_matches_prompt_in_batch(baseline, smollm2_llm):
 
 def test_seeded_sampling_survives_preemption(make_llm, smollm2_path, smollm2_llm_kwargs):
     # A resumed request replays its seeded draws, so preemption does not change samples.
-    config = load_hf_model(smollm2_path).config
-    head_dim = config.hidden_size // config.num_attention_heads
-    bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4
+    config = hf_config(smollm2_path)
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    bytes_per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 4
     sampled = [SamplingParams(temperature=1.0, top_p=0.95, seed=100 + i, max_tokens=24,
                               ignore_eos=True)
                for i in range(len(REFERENCE_PROMPTS))]

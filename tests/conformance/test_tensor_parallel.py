@@ -8,9 +8,8 @@ Runs on every platform that can run two ranks (the mp executor: one process per 
 from __future__ import annotations
 
 import pytest
-
 from piston import SamplingParams
-from piston.platforms.registry import get_platform
+from piston.hal.registry import get_platform
 
 TP_KWARGS = dict(kv_cache_memory="32MiB", max_model_len=512, seed=0, dtype="float32")
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fibonacci(n):", "1 2 3 4"]

@@ -36,8 +36,8 @@ def _generate(folder: str, monkeypatch, triton_backend: bool) -> tuple[list[list
     import piston_cpu.worker
     from piston.engine.arg_utils import EngineArgs
     from piston.engine.engine_core import EngineCore
-    from piston.engine.messages import EngineCoreRequest
-    from piston.sampling_params import SamplingParams
+    from piston.step.engine_messages import EngineCoreRequest
+    from piston.step.sampling_params import SamplingParams
     from piston_cuda.attention.triton_attention import TritonAttention
 
     cascade_steps = []

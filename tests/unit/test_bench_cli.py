@@ -11,9 +11,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-from piston.benchmarks import roofline
-from piston.benchmarks.datasets import prefix_requests, random_requests, sharegpt_requests
+from piston.bench import roofline
+from piston.bench.datasets import prefix_requests, random_requests, sharegpt_requests
 from piston.entrypoints.cli import main as piston_main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,7 +113,7 @@ def test_prefix_requests_share_their_prefix(tokenizer):
 
 def test_bench_imports_nothing_for_other_commands():
     code = ("import sys, piston.entrypoints.cli as c\ntry:\n    c.main(['serve', '--help'])\n"
-            "except SystemExit:\n    pass\nprint('piston.benchmarks' in sys.modules)")
+            "except SystemExit:\n    pass\nprint('piston.bench' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip().splitlines()[-1] == "False"
 

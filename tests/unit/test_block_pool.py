@@ -1,11 +1,10 @@
 """BlockPool, FreeBlockQueue and chained block hashing."""
 
 import pytest
-
 from piston.core.block_hash import ROOT_BLOCK_HASH, hash_block_tokens, update_request_block_hashes
 from piston.core.block_pool import BlockPool, FreeBlockQueue, KVCacheBlock
-from piston.request import Request
-from piston.sampling_params import SamplingParams
+from piston.core.request import Request
+from piston.step.sampling_params import SamplingParams
 
 
 def make_request(req_id, tokens):

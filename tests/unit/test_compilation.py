@@ -12,18 +12,17 @@ import logging
 import pytest
 import torch
 import torch._inductor
-from transformers import LlamaConfig
-
 from piston import SamplingParams
+from piston.attention.forward_context import ForwardContext, set_forward_context
 from piston.attention.layer import attention_layers
 from piston.compilation.attention_op import attention as attention_op
 from piston.compilation.capture import NoCapture, default_capture_sizes, pad_to_capture_size
 from piston.compilation.compile_cache import CompileCache
 from piston.compilation.compiled_model import compile_model, resolve_mode
-from piston.compilation.cuda_graph import CudaGraphStrategy
-from piston.config import CompilationConfig, EngineConfig, ModelConfig
-from piston.forward_context import ForwardContext, set_forward_context
-from piston.model_executor.model_loader import load_model
+from piston.models.loader import load_model
+from piston.step.config import CompilationConfig, EngineConfig, ModelConfig
+from piston_cuda.cuda_graph import CudaGraphStrategy
+from transformers import LlamaConfig
 
 NUM_LAYERS = 3
 VOCAB = 512
@@ -222,7 +221,7 @@ def test_graph_strategy_in_the_engine_pads_replays_and_matches_eager(tiny_models
     """The CUDA strategy end to end on the CPU (ReplayOps standing in for CUDA graphs): the
     runner's warm-up captures every size, then real steps pad, replay with the paged
     attention in between, and give the eager engine's tokens."""
-    import piston.worker.model_runner as model_runner
+    import piston.torch_runner.model_runner as model_runner
     from piston_cpu.worker import CpuWorker
 
     ops = ReplayOps()

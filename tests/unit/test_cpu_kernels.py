@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from piston_cpu import kernels
 
 pytestmark = pytest.mark.skipif(kernels.unavailable_reason() is not None,
@@ -38,7 +37,7 @@ def test_linear_rejects_mismatched_shapes(ops):
 @pytest.mark.parametrize("hidden", [576, 13, 64])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_matches_torch(ops, hidden, with_residual):
-    from piston.model_executor.layers.layernorm import RMSNorm
+    from piston.models.layers.layernorm import RMSNorm
 
     torch.manual_seed(hidden)
     norm = RMSNorm(hidden, eps=1e-5)
@@ -64,10 +63,14 @@ def test_silu_and_mul_matches_torch(ops, width):
 
 @pytest.mark.parametrize("head_dim,rotary_dim", [(64, 64), (128, 64), (32, 24)])
 def test_rotary_matches_torch(ops, head_dim, rotary_dim):
-    from piston.model_executor.layers.rotary_embedding import RotaryEmbedding
+    from types import SimpleNamespace
+
+    from piston.models.layers.rotary_embedding import get_rope
 
     torch.manual_seed(head_dim)
-    rope = RotaryEmbedding(head_dim, rotary_dim, 4096, 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2) / rotary_dim)))
+    config = SimpleNamespace(rope_theta=10000.0, max_position_embeddings=4096,
+                             partial_rotary_factor=rotary_dim / head_dim)
+    rope = get_rope(config, head_dim)
     qkv = torch.randn(6, (4 + 2 + 2) * head_dim)
     q, k = qkv[:, :4 * head_dim], qkv[:, 4 * head_dim:6 * head_dim]
     positions = torch.tensor([0, 1, 17, 400, 4095, 3])
@@ -100,10 +103,9 @@ def test_paged_attention_rejects_bad_tables(ops):
 
 def test_model_with_kernels_matches_torch_path(ops):
     """A tiny Llama's hidden states and logits with every layer kernel equal torch's."""
-    from transformers import LlamaConfig
-
-    from piston.model_executor.models.llama import LlamaForCausalLM
+    from piston.models.llama import LlamaForCausalLM
     from piston_cpu import layer_kernels
+    from transformers import LlamaConfig
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=200, num_hidden_layers=2,

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from piston.engine.detokenizer import IncrementalDetokenizer, decode_token
+from piston.step.sampling_params import SamplingParams
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
-
-from piston.engine.detokenizer import IncrementalDetokenizer, decode_token
-from piston.sampling_params import SamplingParams
 
 CORPUS = [
     "Hello world, the quick brown fox jumps over the lazy dog.",

@@ -9,10 +9,9 @@ import time
 
 import psutil
 import pytest
-
 from piston import LLM, SamplingParams
 from piston.engine.core_client import EngineCoreClient, EngineDeadError
-from piston.engine.messages import EngineCoreRequest
+from piston.step.engine_messages import EngineCoreRequest
 
 TINY_KWARGS = dict(kv_cache_memory="32MiB", max_model_len=256, seed=0, dtype="float32")
 PROMPTS = ["Hello, my name is", "The capital of France is", "1 2 3 4"]

@@ -1,10 +1,9 @@
 """KVCacheManager: prefix hits, allocation, reference counts, eviction order, no leaks."""
 
 import pytest
-
 from piston.core.kv_cache_manager import KVCacheManager
-from piston.request import Request
-from piston.sampling_params import SamplingParams
+from piston.core.request import Request
+from piston.step.sampling_params import SamplingParams
 
 BS = 4
 

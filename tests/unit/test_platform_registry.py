@@ -4,10 +4,9 @@ import ast
 import pathlib
 
 import pytest
-
-from piston.platforms import registry
-from piston.platforms.interface import PLATFORM_INTERFACE_VERSION, Platform
-from piston.platforms.registry import PlatformError, get_platform, installed_platforms
+from piston.hal import registry
+from piston.hal.interface import PLATFORM_INTERFACE_VERSION, Platform
+from piston.hal.registry import PlatformError, get_platform, installed_platforms
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PLATFORM_PACKAGES = {"piston_cpu", "piston_cuda", "piston_tpu"}

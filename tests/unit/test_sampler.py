@@ -6,15 +6,14 @@ import math
 
 import pytest
 import torch
-
-from piston.engine.messages import Logprobs
-from piston.model_executor.sampler import (
+from piston.step.engine_messages import Logprobs
+from piston.torch_runner.sampler import (
     Sampler,
     apply_penalties,
     compute_logprobs,
     gather_logprobs,
 )
-from piston.model_executor.sampling_metadata import SamplingMetadata
+from piston.torch_runner.sampling_metadata import SamplingMetadata
 
 
 def make_md(

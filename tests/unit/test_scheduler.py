@@ -4,13 +4,12 @@ import random
 import zlib
 
 import pytest
-
-from piston.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from piston.core.request import Request, RequestStatus
 from piston.core.scheduler import Scheduler
-from piston.engine.messages import Logprobs
-from piston.request import Request, RequestStatus
-from piston.sampling_params import SamplingParams
-from piston.worker.runner_output import ModelRunnerOutput
+from piston.step.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from piston.step.engine_messages import Logprobs
+from piston.step.runner_output import ModelRunnerOutput
+from piston.step.sampling_params import SamplingParams
 
 EOS = 2
 
@@ -63,7 +62,7 @@ class FakeWorker:
         for new in out.scheduled_new_reqs:
             assert new.req_id not in self.state
             self.state[new.req_id] = [list(new.block_ids), new.num_computed_tokens]
-        cached = out.scheduled_cached_reqs
+        cached = out.scheduled_running_reqs
         for req_id, ids, n in zip(cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):
             self.state[req_id][0].extend(ids)
             self.state[req_id][1] = n
@@ -144,7 +143,7 @@ def test_decode_and_prefill_mix_in_one_step():
     out, _ = worker.step()
     assert out.num_scheduled_tokens == {"a": 1, "b": 15}
     assert [n.req_id for n in out.scheduled_new_reqs] == ["b"]
-    assert out.scheduled_cached_reqs.req_ids == ["a"]
+    assert out.scheduled_running_reqs.req_ids == ["a"]
 
 
 def test_max_num_seqs_caps_running_requests():

@@ -3,13 +3,12 @@
 import time
 
 import pytest
-
-from piston.config import SchedulerConfig
 from piston.core.policies import FairPolicy, PriorityPolicy, SchedulingPolicy
+from piston.core.request import RequestStatus
 from piston.core.request_queue import PriorityRequestQueue
 from piston.core.scheduler import Scheduler
 from piston.engine.engine_core import load_scheduler_cls
-from piston.request import RequestStatus
+from piston.step.config import SchedulerConfig
 from test_scheduler import FakeWorker, assert_no_leak, make_config, make_request, make_scheduler
 
 

@@ -11,11 +11,10 @@ import time
 import msgspec
 import psutil
 import pytest
-
 from piston import LLM, SamplingParams
-from piston.distributed.parallel_state import head_partition, split_range
 from piston.engine.core_client import EngineDeadError
-from piston.executor.messages import ExecuteModel
+from piston.step.tp_layout import head_partition, split_range
+from piston.step.worker_messages import ExecuteModel
 
 TP_KWARGS = dict(kv_cache_memory="32MiB", max_model_len=512, seed=0, dtype="float32")
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fibonacci(n):", "1 2 3 4"]
@@ -80,7 +79,7 @@ def test_collective_rpc_returns_one_result_per_rank(tiny_models, make_llm, ext_e
     assert len({i["pid"] for i in info}) == 2 and os.getpid() not in {i["pid"] for i in info}
     assert [i["num_kv_heads"] for i in info] == [2, 1]  # 3 KV heads split 2 + 1
     assert llm.collective_rpc("echo", ("x",), {"times": 2}) == [["x", "x"], ["x", "x"]]
-    assert llm.collective_rpc("determine_num_kv_blocks")[0] > 0
+    assert llm.collective_rpc("determine_num_kv_blocks")[0]["num_blocks"] > 0
 
 
 def test_worker_extension_that_shadows_a_worker_method_is_rejected(tiny_models, tmp_path, monkeypatch):
@@ -97,9 +96,9 @@ def test_worker_extension_that_shadows_a_worker_method_is_rejected(tiny_models, 
 def test_decode_steps_broadcast_only_the_diff(tiny_models):
     """A decode step's broadcast carries no prompt or output tokens: its size does not grow
     with the prompts, and is a few bytes per running request."""
+    from piston.core.request import Request
     from piston.core.scheduler import Scheduler
     from piston.engine.arg_utils import EngineArgs
-    from piston.request import Request
 
     sizes = {}
     for prompt_len in (16, 400):
@@ -124,7 +123,7 @@ def test_decode_steps_broadcast_only_the_diff(tiny_models):
 def _advance(scheduler, so) -> None:
     """Feed the scheduler what a runner would return: a token for each request whose prompt
     is complete after this step (num_computed_tokens already counts the step)."""
-    from piston.worker.runner_output import ModelRunnerOutput
+    from piston.step.runner_output import ModelRunnerOutput
 
     ids = list(so.num_scheduled_tokens)
     sampled = [[7] if scheduler.requests[r].num_computed_tokens >= scheduler.requests[r].num_prompt_tokens

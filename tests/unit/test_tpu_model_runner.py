@@ -14,10 +14,9 @@ import pytest
 jax = pytest.importorskip("jax")
 transformers = pytest.importorskip("transformers")
 import jax.numpy as jnp  # noqa: E402
-
-from piston.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
-from piston.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput  # noqa: E402
-from piston.sampling_params import SamplingParams  # noqa: E402
+from piston.step.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
+from piston.step.sampling_params import SamplingParams  # noqa: E402
+from piston.step.scheduler_output import NewRequestData, RunningRequestData, SchedulerOutput  # noqa: E402
 from piston_tpu.model_runner import JaxModelRunner  # noqa: E402
 from piston_tpu.recompile_detector import RecompileDetector, RecompileError  # noqa: E402
 
@@ -49,7 +48,7 @@ def _new(req_id: str, blocks: list[int], computed: int = 0) -> NewRequestData:
 
 def _step(new=(), cached=(), num=None, finished=()) -> SchedulerOutput:
     cached = list(cached)
-    data = CachedRequestData([c[0] for c in cached], [c[1] for c in cached], [c[2] for c in cached])
+    data = RunningRequestData([c[0] for c in cached], [c[1] for c in cached], [c[2] for c in cached])
     return SchedulerOutput(list(new), data, dict(num), sum(num.values()), list(finished))
 
 

@@ -13,9 +13,8 @@ import pytest
 jax = pytest.importorskip("jax")
 torch = pytest.importorskip("torch")
 import jax.numpy as jnp  # noqa: E402
-
-from piston.model_executor import sampler as cpu  # noqa: E402
-from piston.model_executor.sampling_metadata import SamplingMetadata  # noqa: E402
+from piston.torch_runner import sampler as cpu  # noqa: E402
+from piston.torch_runner.sampling_metadata import SamplingMetadata  # noqa: E402
 from piston_tpu import sampler as tpu  # noqa: E402
 
 VOCAB = 64

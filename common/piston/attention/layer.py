@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from piston.attention.forward_context import get_forward_context
 from piston.compilation import attention_op
-from piston.forward_context import get_forward_context
 
 
 class Attention(nn.Module):

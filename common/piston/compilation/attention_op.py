@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from piston.forward_context import get_forward_context
+from piston.attention.forward_context import get_forward_context
 
 OP_NAME = "piston::attention"
 

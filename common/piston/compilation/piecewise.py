@@ -22,9 +22,9 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.split_module import split_module
 
+from piston.attention.forward_context import ForwardContext, set_forward_context
 from piston.compilation.attention_op import is_attention_node
 from piston.compilation.compile_cache import CompileCache, graph_key
-from piston.forward_context import ForwardContext, set_forward_context
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import struct
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
-    from piston.request import Request
+    from piston.core.request import Request
 
 _HASH_BYTES = 16
 # Parent of a request's first block; fixed so hashes are stable across processes and runs.

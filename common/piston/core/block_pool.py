@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 if TYPE_CHECKING:
-    from piston.request import Request
+    from piston.core.request import Request
 
 
 class KVCacheBlock:

@@ -18,7 +18,7 @@ from piston.core.block_hash import update_request_block_hashes
 from piston.core.block_pool import BlockPool, KVCacheBlock
 
 if TYPE_CHECKING:
-    from piston.request import Request
+    from piston.core.request import Request
 
 
 class KVCacheManager:

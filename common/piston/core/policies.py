@@ -26,10 +26,14 @@ from __future__ import annotations
 import sys
 from typing import Hashable
 
+from piston.core.request import Request
 from piston.core.request_queue import (
-    ClientRequestQueue, FCFSRequestQueue, PriorityRequestQueue, RequestQueue, priority_key,
+    ClientRequestQueue,
+    FCFSRequestQueue,
+    PriorityRequestQueue,
+    RequestQueue,
+    priority_key,
 )
-from piston.request import Request
 
 
 class SchedulingPolicy:

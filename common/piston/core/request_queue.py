@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from typing import Any, Callable, Hashable, Iterable, Iterator
 
-from piston.request import Request
+from piston.core.request import Request
 
 
 class RequestQueue(ABC):

@@ -27,13 +27,13 @@ import sys
 import time
 from typing import Iterable
 
-from piston.config import EngineConfig
 from piston.core.kv_cache_manager import KVCacheManager
 from piston.core.policies import SchedulingPolicy, make_policy
-from piston.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
-from piston.engine.messages import EngineCoreOutput, Logprobs, SchedulerStats
-from piston.request import Request, RequestStatus
-from piston.worker.runner_output import ModelRunnerOutput
+from piston.core.request import Request, RequestStatus
+from piston.step.config import EngineConfig
+from piston.step.engine_messages import EngineCoreOutput, Logprobs, SchedulerStats
+from piston.step.runner_output import ModelRunnerOutput
+from piston.step.scheduler_output import NewRequestData, RunningRequestData, SchedulerOutput
 
 
 class Scheduler:
@@ -198,7 +198,7 @@ class Scheduler:
                 )
                 for r in new_reqs
             ],
-            scheduled_cached_reqs=CachedRequestData(
+            scheduled_running_reqs=RunningRequestData(
                 req_ids=list(cached_block_ids),
                 new_block_ids=list(cached_block_ids.values()),
                 num_computed_tokens=[self.requests[r].num_computed_tokens for r in cached_block_ids],

@@ -7,8 +7,16 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-from piston.config import (CacheConfig, CompilationConfig, EngineConfig, ModelConfig,
-                           ParallelConfig, SchedulerConfig, parse_size)
+from piston.step.config import (
+    CacheConfig,
+    CompilationConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    parse_size,
+)
+from piston.step.hf_config import native_context_length
 
 logger = logging.getLogger(__name__)
 
@@ -107,16 +115,16 @@ class EngineArgs:
 
     def create_engine_config(self) -> EngineConfig:
         """Resolve the model, read its config and fill in every derived setting."""
-        from piston.model_executor.model_loader import load_hf_config
+        from piston.checkpoint.checkpoint_reader import read_hf_config
         from piston.model_resolver import DEFAULT_MODEL_NAME, resolve_model
 
         self._validate()
         path = resolve_model(self.model)
+        hf_config = read_hf_config(path)
         mc = ModelConfig(model=self.model or DEFAULT_MODEL_NAME, path=path, tokenizer=self.tokenizer,
                          dtype=self.dtype, seed=self.seed, load_format=self.load_format,
-                         enforce_eager=self.enforce_eager)
-        load_hf_config(mc)
-        native = _native_context(mc.hf_config)
+                         enforce_eager=self.enforce_eager, hf_config=hf_config)
+        native = native_context_length(hf_config)
         if self.max_model_len is None:
             mc.max_model_len = native
         elif self.max_model_len > native:
@@ -144,10 +152,3 @@ class EngineArgs:
             cache_dir=self.compilation_cache_dir)
         return EngineConfig(mc, cache, sched, parallel, compilation, platform=self.platform or "")
 
-
-def _native_context(hf_config) -> int:
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = getattr(hf_config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 2048

@@ -17,11 +17,11 @@ import msgspec
 from piston.engine.arg_utils import EngineArgs
 from piston.engine.core_client import EngineCoreClient, EngineDeadError
 from piston.engine.input_processor import InputProcessor, PromptType
-from piston.engine.messages import EngineCoreRequest, SchedulerStats
 from piston.engine.output_processor import OutputProcessor
 from piston.engine.stat_logger import StatLogger
 from piston.outputs import RequestOutput
-from piston.sampling_params import SamplingParams
+from piston.step.engine_messages import EngineCoreRequest, SchedulerStats
+from piston.step.sampling_params import SamplingParams
 from piston.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)

@@ -25,12 +25,19 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from piston.config import EngineConfig
+from piston.child_process import ChildProcess
 from piston.engine.arg_utils import EngineArgs
-from piston.engine.child_process import ChildProcess
-from piston.engine.core_proc import ENGINE_DEAD_CALL_ID, EngineCoreReady, encode_engine_config
-from piston.engine.messages import (EngineCoreOutputs, EngineCoreRequest, EngineCoreRequestType,
-                                    UtilityOutput, UtilityRequest)
+from piston.step.config import EngineConfig
+from piston.step.config_codec import encode_engine_config
+from piston.step.engine_messages import (
+    ENGINE_DEAD_CALL_ID,
+    EngineCoreOutputs,
+    EngineCoreReady,
+    EngineCoreRequest,
+    EngineCoreRequestType,
+    UtilityOutput,
+    UtilityRequest,
+)
 
 # How often a waiting client wakes to check that the engine process is alive.
 _POLL_MS = 100
@@ -119,7 +126,8 @@ class _EngineProcess:
         self.input_socket.bind(self.input_addr)
         self.output_socket = ctx.socket(zmq.PULL)
         self.output_socket.bind(self.output_addr)
-        self.proc = ChildProcess(encode_engine_config(config), self.input_addr, self.output_addr)
+        self.proc = ChildProcess("piston.engine.core_proc", [self.input_addr, self.output_addr],
+                                 encode_engine_config(config), ready_pipe=True)
         ready_recv = self.proc.ready_conn
         self.ready = self._wait_ready(ready_recv)
 
@@ -168,13 +176,7 @@ class _EngineProcess:
                 self._send_shutdown()
             except zmq.ZMQError:
                 pass  # the socket is unusable: terminate below
-            self.proc.join(5)
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(2)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(2)
+        self.proc.stop(grace_s=5)
         self.proc.close()
         self.input_socket.close(linger=0)
         self.output_socket.close(linger=0)
@@ -396,6 +398,7 @@ class AsyncMPClient(EngineCoreClient):
 
 
 def _adopt_engine_facts(config: EngineConfig, engine: _EngineProcess) -> None:
-    # The engine decided these; the front end reads them from its own config.
+    # The engine decided these and said so in its handshake; the front end keeps its own copy.
     config.platform = engine.ready.platform
     config.cache_config.num_blocks = engine.ready.num_blocks
+    config.cache_config.kv_cache_memory = engine.ready.kv_cache_memory

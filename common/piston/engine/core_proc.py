@@ -1,30 +1,15 @@
 """EngineCoreProc: the EngineCore busy loop in its own process, fed over ZMQ.
 
-Wire protocol (msgspec msgpack, never pickle):
-
-- front end -> engine, on the input socket (PUSH -> PULL): two frames,
-  ``[EngineCoreRequestType.value, payload]``; the payload is a list of EngineCoreRequest
-  (ADD, so a batch arrives in one step), a list of request ids (ABORT), a UtilityRequest
-  (UTILITY) or empty (SHUTDOWN).
-- engine -> front end, on the output socket (PUSH -> PULL): one frame, an
-  EngineCoreOutputs. A reply to a utility call carries ``utility_output``.
-- The "engine dead" signal is an EngineCoreOutputs whose utility_output has
-  ``call_id=ENGINE_DEAD_CALL_ID`` (-1) and ``failure`` = the traceback; the process then
-  exits non-zero.
-- Start-up handshake, over a multiprocessing pipe as raw bytes: one EngineCoreReady,
-  sent after the model is loaded and the KV cache allocated, or carrying the error.
-
-Two threads do the socket work, so encoding and sending overlap model execution.
+The wire protocol and its message types are in piston.step.engine_messages. The process
+is started by piston.child_process (``python -m piston.engine.core_proc IN OUT``); its
+start-up handshake goes back over the pipe the launcher provides. Two threads do the
+socket work, so encoding and sending overlap model execution.
 """
 
 from __future__ import annotations
 
-import atexit
-import dataclasses
 import logging
-import os
 import queue
-import signal
 import sys
 import threading
 import traceback
@@ -33,49 +18,33 @@ from typing import Any
 import msgspec
 import zmq
 
-from piston.config import EngineConfig
-from piston.engine.messages import (EngineCoreOutputs, EngineCoreRequest, EngineCoreRequestType,
-                                    UtilityOutput, UtilityRequest)
+from piston.child_process import ChildContext, exit_now
+from piston.step.config import EngineConfig
+from piston.step.config_codec import decode_engine_config
+from piston.step.engine_messages import (
+    ENGINE_DEAD_CALL_ID,
+    EngineCoreOutputs,
+    EngineCoreReady,
+    EngineCoreRequest,
+    EngineCoreRequestType,
+    UtilityOutput,
+    UtilityRequest,
+)
 
 logger = logging.getLogger(__name__)
 
-ENGINE_DEAD_CALL_ID = -1
 # How often the input thread wakes to check that the parent process is still alive.
 _PARENT_POLL_MS = 1000
-
-
-class EngineCoreReady(msgspec.Struct, array_like=True, omit_defaults=True):
-    """The child's start-up handshake: the engine's facts, or why it could not start."""
-
-    error: str | None = None
-    error_type: str = ""  # the exception's class name, so the parent raises the same kind
-    platform: str = ""
-    num_blocks: int = 0
-
-
-def encode_engine_config(config: EngineConfig) -> bytes:
-    """The config as JSON, without hf_config (a transformers object the child reloads)."""
-    mc = dataclasses.replace(config.model_config, hf_config=None)
-    return msgspec.json.encode(dataclasses.replace(config, model_config=mc))
-
-
-def decode_engine_config(data: bytes) -> EngineConfig:
-    """The inverse of encode_engine_config; reloads hf_config from the model's files."""
-    from piston.model_executor.model_loader import load_hf_config
-
-    config = msgspec.json.decode(data, type=EngineConfig)
-    load_hf_config(config.model_config)
-    return config
 
 
 class EngineCoreProc:
     """Runs an EngineCore; an input thread feeds it, an output thread sends its results."""
 
     def __init__(self, config: EngineConfig, input_addr: str, output_addr: str,
-                 parent_pid: int) -> None:
+                 child: ChildContext) -> None:
         from piston.engine.engine_core import EngineCore
 
-        self.parent_pid = parent_pid
+        self.child = child
         self.input_queue: queue.Queue[tuple[EngineCoreRequestType, Any]] = queue.Queue()
         self.output_queue: queue.Queue[EngineCoreOutputs | None] = queue.Queue()
         self.engine_core = EngineCore(config)
@@ -99,7 +68,7 @@ class EngineCoreProc:
         try:
             while True:
                 if not sock.poll(_PARENT_POLL_MS):
-                    if os.getppid() != self.parent_pid:
+                    if not self.child.parent_alive():
                         logger.warning("The front-end process died; the engine shuts down.")
                         self.input_queue.put((EngineCoreRequestType.SHUTDOWN, None))
                         return
@@ -189,55 +158,32 @@ class EngineCoreProc:
         self.output_queue.put(EngineCoreOutputs(utility_output=dead))
 
 
-def run_engine_core(config_bytes: bytes, input_addr: str, output_addr: str, ready_pipe,
-                    parent_pid: int) -> None:
-    """Entry point of the engine process (see piston.engine.child_process).
-
-    Builds the EngineCore, answers the handshake on ``ready_pipe`` with an
-    EngineCoreReady, then serves until shut down. Exits 0 on SHUTDOWN or parent death,
-    1 when start-up or a step failed.
+def run_engine_core(child: ChildContext, input_addr: str, output_addr: str) -> int:
+    """Build the EngineCore, answer the handshake with an EngineCoreReady, then serve until
+    shut down. Returns 0 after SHUTDOWN or the parent's death, 1 when start-up or a step failed.
     """
-    # Ctrl-C reaches the whole process group; the front end decides, then shuts us down.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     encoder = msgspec.msgpack.Encoder()
+    ready = child.ready_conn
     try:
-        config = decode_engine_config(config_bytes)
-        proc = EngineCoreProc(config, input_addr, output_addr, parent_pid)
+        config = decode_engine_config(child.config_bytes)
+        proc = EngineCoreProc(config, input_addr, output_addr, child)
     except BaseException as e:
         logger.debug("Engine start-up failed", exc_info=True)
-        ready_pipe.send_bytes(encoder.encode(EngineCoreReady(error=str(e),
-                                                             error_type=type(e).__name__)))
-        ready_pipe.close()
-        _exit(1)
-    ready_pipe.send_bytes(encoder.encode(EngineCoreReady(
-        platform=config.platform, num_blocks=config.cache_config.num_blocks)))
-    ready_pipe.close()
-    _exit(proc.run_busy_loop())
-
-
-def _exit(code: int) -> None:
-    # Skip interpreter teardown (seconds with torch loaded): everything is closed already.
-    # Run the exit hooks ourselves; they release multiprocessing locks (tqdm's) and logs.
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        ready.send_bytes(encoder.encode(EngineCoreReady(error=str(e), error_type=type(e).__name__)))
+        ready.close()
+        return 1
+    ready.send_bytes(encoder.encode(EngineCoreReady(
+        platform=config.platform, num_blocks=config.cache_config.num_blocks,
+        kv_cache_memory=proc.engine_core.kv_cache_memory)))
+    ready.close()
+    return proc.run_busy_loop()
 
 
 def main(argv: list[str]) -> None:
-    """``python -m piston.engine.core_proc READY_FD INPUT_ADDR OUTPUT_ADDR PARENT_PID``,
-    with the encoded EngineConfig in $PISTON_ENGINE_CONFIG (hex)."""
-    from multiprocessing.connection import Connection
-
-    from piston.engine.child_process import CONFIG_ENV
-    from piston.logger import configure_logging
-
-    configure_logging()
-    ready_fd, input_addr, output_addr, parent_pid = argv
-    config_bytes = bytes.fromhex(os.environ.pop(CONFIG_ENV))
-    run_engine_core(config_bytes, input_addr, output_addr,
-                    Connection(int(ready_fd), readable=False), int(parent_pid))
+    """``python -m piston.engine.core_proc INPUT_ADDR OUTPUT_ADDR``, started by ChildProcess."""
+    child = ChildContext.enter()
+    input_addr, output_addr = argv
+    exit_now(run_engine_core(child, input_addr, output_addr))
 
 
 if __name__ == "__main__":

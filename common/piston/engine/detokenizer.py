@@ -10,7 +10,7 @@ Each update therefore costs O(window), not O(sequence length).
 
 from __future__ import annotations
 
-from piston.sampling_params import SamplingParams
+from piston.step.sampling_params import SamplingParams
 
 # Prompt tokens decoded as context, so the first output token gets the leading
 # space (or merge) it would have after the prompt.

@@ -7,12 +7,13 @@ import logging
 import time
 from typing import Any, Iterable
 
-from piston.config import EngineConfig
+from piston.core.request import Request, RequestStatus
 from piston.core.scheduler import Scheduler
-from piston.engine.messages import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
+from piston.executor import executor_class
 from piston.executor.abstract import Executor
-from piston.platforms.registry import get_platform
-from piston.request import Request, RequestStatus
+from piston.hal.registry import get_platform
+from piston.step.config import EngineConfig, cdiv
+from piston.step.engine_messages import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ class EngineCore:
             raise ValueError(f"tensor_parallel_size={tp}: the {platform.name} platform runs one rank "
                              "only; use tensor_parallel_size=1.")
         self.config = config
-        self.executor = Executor.get_class(config)(config, platform)
+        self.kv_cache_memory = 0  # bytes per rank, once the workers have reported
+        self.executor: Executor = executor_class(config)(config, platform)
         try:
             self._init_cache(config)
             self.scheduler = load_scheduler_cls(config.scheduler_config.policy)(config)
@@ -55,22 +57,26 @@ class EngineCore:
             "(%.2f GiB), max_num_seqs=%d, max_num_batched_tokens=%d, prefix caching %s, "
             "tensor parallel %d (%s executor)",
             platform.name, time.perf_counter() - start, cc.num_blocks, cc.block_size,
-            cc.num_blocks * cc.block_size, (cc.kv_cache_memory or 0) / 2**30,
+            cc.num_blocks * cc.block_size, self.kv_cache_memory / 2**30,
             config.scheduler_config.max_num_seqs, config.scheduler_config.max_num_batched_tokens,
             "on" if cc.enable_prefix_caching else "off", config.parallel_config.tensor_parallel_size,
             config.parallel_config.executor_backend)
 
     def _init_cache(self, config: EngineConfig) -> None:
+        """Size the KV cache from the workers' reports (the smallest rank decides) and
+        allocate it on every rank."""
         cc = config.cache_config
-        num_blocks = self.executor.determine_num_kv_blocks()
-        blocks_per_seq = -(-config.model_config.max_model_len // cc.block_size)
+        reports = self.executor.determine_num_kv_blocks()
+        num_blocks = min(r.num_blocks for r in reports)
+        self.kv_cache_memory = num_blocks * reports[0].bytes_per_block
+        blocks_per_seq = cdiv(config.model_config.max_model_len, cc.block_size)
         if num_blocks < blocks_per_seq:
             raise ValueError(
-                f"The KV cache ({num_blocks} blocks of {cc.block_size} tokens, from "
-                f"kv_cache_memory={cc.kv_cache_memory} bytes) cannot hold one sequence of "
+                f"The KV cache ({num_blocks} blocks of {cc.block_size} tokens, "
+                f"{self.kv_cache_memory} bytes per rank) cannot hold one sequence of "
                 f"max_model_len={config.model_config.max_model_len} tokens; raise kv_cache_memory "
                 f"or lower max_model_len to at most {num_blocks * cc.block_size}.")
-        cc.num_blocks = num_blocks
+        cc.num_blocks = num_blocks  # the engine's own decision, in the engine's own config
         self.executor.initialize_cache(num_blocks)
 
     def add_request(self, request: EngineCoreRequest) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from piston.config import EngineConfig
-from piston.sampling_params import SamplingParams
+from piston.step.config import EngineConfig
+from piston.step.sampling_params import SamplingParams
 
 PromptType = str | Sequence[int]
 

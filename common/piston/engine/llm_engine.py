@@ -9,14 +9,14 @@ from typing import Any, Sequence
 
 import msgspec
 
-from piston.config import EngineConfig
 from piston.engine.arg_utils import EngineArgs
 from piston.engine.core_client import EngineCoreClient
 from piston.engine.input_processor import InputProcessor, PromptType
-from piston.engine.messages import EngineCoreRequest, SchedulerStats
 from piston.engine.output_processor import OutputProcessor
 from piston.outputs import RequestOutput
-from piston.sampling_params import SamplingParams
+from piston.step.config import EngineConfig
+from piston.step.engine_messages import EngineCoreRequest, SchedulerStats
+from piston.step.sampling_params import SamplingParams
 from piston.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)

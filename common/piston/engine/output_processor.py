@@ -10,9 +10,9 @@ import time
 from dataclasses import dataclass, field
 
 from piston.engine.detokenizer import IncrementalDetokenizer, decode_token
-from piston.engine.messages import EngineCoreOutput, Logprobs
 from piston.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
-from piston.sampling_params import SamplingParams
+from piston.step.engine_messages import EngineCoreOutput, Logprobs
+from piston.step.sampling_params import SamplingParams
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from piston.engine.messages import EngineCoreOutputs
+from piston.step.engine_messages import EngineCoreOutputs
 
 logger = logging.getLogger("piston.engine")
 

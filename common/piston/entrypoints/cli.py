@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from piston.engine.arg_utils import EngineArgs
-from piston.platforms.registry import PlatformError
+from piston.hal.registry import PlatformError
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +83,7 @@ BENCH_TOOLS = {
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
-    return importlib.import_module(f"piston.benchmarks.{args.bench_tool}").main(args)
+    return importlib.import_module(f"piston.bench.{args.bench_tool}").main(args)
 
 
 def _add_bench_parser(sub, tool_named: str | None) -> None:
@@ -96,7 +96,7 @@ def _add_bench_parser(sub, tool_named: str | None) -> None:
     for name, help_text in BENCH_TOOLS.items():
         tool = tools.add_parser(name, help=help_text, description=help_text)
         if name == tool_named:
-            importlib.import_module(f"piston.benchmarks.{name}").add_cli_args(tool)
+            importlib.import_module(f"piston.bench.{name}").add_cli_args(tool)
         tool.set_defaults(func=cmd_bench)
 
 

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from piston.engine.arg_utils import EngineArgs
 from piston.engine.llm_engine import LLMEngine, PromptType
 from piston.outputs import RequestOutput
-from piston.sampling_params import SamplingParams
+from piston.step.sampling_params import SamplingParams
 
 Conversation = list[dict[str, Any]]
 

@@ -11,10 +11,13 @@ import abc
 import logging
 from typing import Any
 
-from piston.config import EngineConfig
-from piston.core.scheduler_output import SchedulerOutput
-from piston.platforms.interface import Platform
-from piston.worker.runner_output import ModelRunnerOutput
+import msgspec
+
+from piston.hal.interface import Platform
+from piston.step.config import EngineConfig
+from piston.step.runner_output import ModelRunnerOutput
+from piston.step.scheduler_output import SchedulerOutput
+from piston.step.worker_messages import KVCacheReport
 
 logger = logging.getLogger(__name__)
 
@@ -31,26 +34,10 @@ class Executor(abc.ABC):
         # Set once a worker has failed: every later call raises it.
         self.dead: WorkerError | None = None
 
-    @staticmethod
-    def get_class(config: EngineConfig) -> type["Executor"]:
-        backend = config.parallel_config.executor_backend
-        if backend == "uni":
-            from piston.executor.uniproc import UniProcExecutor
-
-            return UniProcExecutor
-        if backend == "mp":
-            from piston.executor.multiproc import MultiprocExecutor
-
-            return MultiprocExecutor
-        if backend == "ray":
-            from piston.executor.ray_executor import RayExecutor
-
-            return RayExecutor
-        raise ValueError(f"distributed_executor_backend={backend!r} is unknown; use uni, mp or ray.")
-
-    def determine_num_kv_blocks(self) -> int:
-        """The KV blocks every rank can hold: the minimum over ranks."""
-        return min(self.collective_rpc("determine_num_kv_blocks"))
+    def determine_num_kv_blocks(self) -> list[KVCacheReport]:
+        """Every rank's KVCacheReport, in rank order (the engine takes the minimum)."""
+        return [r if isinstance(r, KVCacheReport) else msgspec.convert(r, KVCacheReport)
+                for r in self.collective_rpc("determine_num_kv_blocks")]
 
     def initialize_cache(self, num_blocks: int) -> None:
         self.collective_rpc("initialize_cache", (num_blocks,))

@@ -10,11 +10,8 @@ other workers are shut down, so nothing hangs.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from typing import Any
@@ -22,14 +19,14 @@ from typing import Any
 import msgspec
 import zmq
 
-from piston.config import EngineConfig
-from piston.core.scheduler_output import SchedulerOutput
+from piston.child_process import ChildProcess
 from piston.executor.abstract import Executor
-from piston.executor.messages import (CollectiveRpc, ExecuteModel, Ping, Shutdown, WorkerCommand,
-                                      WorkerReply)
-from piston.executor.worker_proc import CONFIG_ENV
-from piston.platforms.interface import Platform
-from piston.worker.runner_output import ModelRunnerOutput
+from piston.hal.interface import Platform
+from piston.step.config import EngineConfig
+from piston.step.config_codec import encode_engine_config
+from piston.step.runner_output import ModelRunnerOutput
+from piston.step.scheduler_output import SchedulerOutput
+from piston.step.worker_messages import CollectiveRpc, ExecuteModel, Ping, Shutdown, WorkerCommand, WorkerReply
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +42,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig, platform: type[Platform]) -> None:
-        from piston.engine.core_proc import encode_engine_config
-
         super().__init__(config, platform)
         start = time.perf_counter()
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[ChildProcess] = []
         self.ctx = zmq.Context()
         self.tmpdir = tempfile.mkdtemp(prefix="piston-workers-")
         bcast_addr, reply_addr = f"ipc://{self.tmpdir}/bcast", f"ipc://{self.tmpdir}/reply"
@@ -64,14 +59,13 @@ class MultiprocExecutor(Executor):
         # Bytes of the last step's broadcast (the per-step diff), for stats and benchmarks.
         self.last_broadcast_bytes = 0
         init_method = f"tcp://127.0.0.1:{free_port()}"
-        env = dict(os.environ, **{CONFIG_ENV: encode_engine_config(config).hex()},
-                   PISTON_PLATFORM=platform.name)
+        config_bytes = encode_engine_config(config)
         try:
             for rank in range(self.world_size):
-                self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "piston.executor.worker_proc", str(rank), str(self.world_size),
-                     bcast_addr, reply_addr, init_method, str(os.getpid())],
-                    env=env, stdin=subprocess.DEVNULL))
+                self.procs.append(ChildProcess(
+                    "piston.executor.worker_proc",
+                    [str(rank), str(self.world_size), bcast_addr, reply_addr, init_method],
+                    config_bytes, env={"PISTON_PLATFORM": platform.name}))
             self._wait_all("ready", None, _STARTUP_TIMEOUT_S)
             self._handshake()
         except BaseException:
@@ -91,7 +85,7 @@ class MultiprocExecutor(Executor):
 
     def _check_procs(self) -> None:
         for rank, proc in enumerate(self.procs):
-            code = proc.poll()
+            code = proc.exitcode
             if code is not None:
                 self._fail(f"Worker rank {rank} (pid {proc.pid}) died unexpectedly with exit code {code}.")
 
@@ -101,7 +95,7 @@ class MultiprocExecutor(Executor):
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:
             for rank, proc in enumerate(self.procs):
-                code = proc.poll()
+                code = proc.exitcode
                 if code is not None and rank != msg.rank:
                     last = msg.error.strip().splitlines()[-1] if msg.error.strip() else ""
                     self._fail(f"Worker rank {rank} (pid {proc.pid}) died unexpectedly with exit code "
@@ -174,17 +168,9 @@ class MultiprocExecutor(Executor):
             except zmq.ZMQError:
                 pass
         deadline = time.monotonic() + 5
-        for proc in procs:
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(2)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        for proc in procs:  # together, the ranks get 5 s to exit on their own
+            proc.stop(grace_s=max(0.0, deadline - time.monotonic()))
+            proc.close()
         if not self.pub.closed:
             self.pub.close(linger=0)
             self.pull.close(linger=0)

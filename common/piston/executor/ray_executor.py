@@ -20,11 +20,11 @@ from typing import Any
 
 import msgspec
 
-from piston.config import EngineConfig
-from piston.core.scheduler_output import SchedulerOutput
 from piston.executor.abstract import Executor
-from piston.platforms.interface import Platform
-from piston.worker.runner_output import ModelRunnerOutput
+from piston.hal.interface import Platform
+from piston.step.config import EngineConfig
+from piston.step.runner_output import ModelRunnerOutput
+from piston.step.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +53,9 @@ class RayWorkerActor:
         return ip, free_port(ip)
 
     def start(self, init_method: str) -> int:
-        from piston.engine.core_proc import decode_engine_config
         from piston.executor.worker_factory import create_worker
-        from piston.platforms.registry import get_platform
+        from piston.hal.registry import get_platform
+        from piston.step.config_codec import decode_engine_config
 
         config = decode_engine_config(self.config_bytes)
         platform = get_platform(config.platform or None)
@@ -79,7 +79,7 @@ class RayExecutor(Executor):
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
         except ImportError as e:
             raise ImportError("distributed_executor_backend='ray' needs Ray: pip install 'piston[ray]'.") from e
-        from piston.engine.core_proc import encode_engine_config
+        from piston.step.config_codec import encode_engine_config
 
         super().__init__(config, platform)
         self.ray = ray

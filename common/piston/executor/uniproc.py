@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from piston.config import EngineConfig
-from piston.core.scheduler_output import SchedulerOutput
 from piston.executor.abstract import Executor
 from piston.executor.worker_factory import create_worker
-from piston.platforms.interface import Platform
-from piston.worker.runner_output import ModelRunnerOutput
+from piston.hal.interface import Platform
+from piston.step.config import EngineConfig
+from piston.step.runner_output import ModelRunnerOutput
+from piston.step.scheduler_output import SchedulerOutput
 
 
 class UniProcExecutor(Executor):

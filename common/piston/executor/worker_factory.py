@@ -6,8 +6,8 @@ import importlib
 import logging
 import random
 
-from piston.config import EngineConfig
-from piston.platforms.interface import Platform, Worker
+from piston.hal.interface import Platform, Worker
+from piston.step.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""A tensor-parallel rank's process: ``python -m piston.executor.worker_proc``.
+"""A tensor-parallel rank's process: ``python -m piston.executor.worker_proc``, started by
+piston.child_process like the engine process.
 
 It loads the model, answers ``ready``, then applies each broadcast command in order:
 every rank runs each step (the collectives need all of them), and only rank 0 sends the
@@ -8,40 +9,26 @@ when told to, or when the engine process that started it dies.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
-import signal
 import sys
 import traceback
 
 import msgspec
 import zmq
 
-from piston.executor.messages import (CollectiveRpc, ExecuteModel, Ping, Shutdown, WorkerCommand,
-                                      WorkerReply)
+from piston.child_process import ChildContext, exit_now
+from piston.step.config_codec import decode_engine_config
+from piston.step.worker_messages import CollectiveRpc, ExecuteModel, Ping, Shutdown, WorkerCommand, WorkerReply
 
 logger = logging.getLogger(__name__)
 
-CONFIG_ENV = "PISTON_WORKER_CONFIG"
 _PARENT_POLL_MS = 1000
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this process when its parent (the engine) exits."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass  # not Linux: the poll loop below notices the parent's death instead
-
-
-def run_worker(config_bytes: bytes, rank: int, world_size: int, bcast_addr: str, reply_addr: str,
-               init_method: str, parent_pid: int) -> int:
-    from piston.engine.core_proc import decode_engine_config
+def run_worker(child: ChildContext, rank: int, world_size: int, bcast_addr: str, reply_addr: str,
+               init_method: str) -> int:
     from piston.executor.worker_factory import create_worker
-    from piston.platforms.registry import get_platform
+    from piston.hal.registry import get_platform
 
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
@@ -56,7 +43,7 @@ def run_worker(config_bytes: bytes, rank: int, world_size: int, bcast_addr: str,
         push.send(encoder.encode(WorkerReply(rank=rank, **fields)), copy=False)
 
     try:
-        config = decode_engine_config(config_bytes)
+        config = decode_engine_config(child.config_bytes)
         platform = get_platform(config.platform or None)
         worker = create_worker(config, platform, rank, world_size, init_method)
         worker.load_model()
@@ -68,7 +55,7 @@ def run_worker(config_bytes: bytes, rank: int, world_size: int, bcast_addr: str,
     try:
         while True:
             if not sub.poll(_PARENT_POLL_MS):
-                if os.getppid() != parent_pid:
+                if not child.parent_alive():
                     logger.warning("Rank %d: the engine process died; exiting.", rank)
                     return 0
                 continue
@@ -103,21 +90,10 @@ def run_worker(config_bytes: bytes, rank: int, world_size: int, bcast_addr: str,
 
 
 def main(argv: list[str]) -> None:
-    """``python -m piston.executor.worker_proc RANK WORLD BCAST_ADDR REPLY_ADDR INIT_METHOD
-    PARENT_PID``, with the encoded EngineConfig in $PISTON_WORKER_CONFIG (hex)."""
-    from piston.logger import configure_logging
-
-    _die_with_parent()
-    # Ctrl-C reaches the whole process group; the engine decides, then shuts us down.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    configure_logging()
-    rank, world_size, bcast_addr, reply_addr, init_method, parent_pid = argv
-    config_bytes = bytes.fromhex(os.environ.pop(CONFIG_ENV))
-    code = run_worker(config_bytes, int(rank), int(world_size), bcast_addr, reply_addr, init_method,
-                      int(parent_pid))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    """``python -m piston.executor.worker_proc RANK WORLD BCAST_ADDR REPLY_ADDR INIT_METHOD``."""
+    child = ChildContext.enter(die_with_parent=True)
+    rank, world_size, bcast_addr, reply_addr, init_method = argv
+    exit_now(run_worker(child, int(rank), int(world_size), bcast_addr, reply_addr, init_method))
 
 
 if __name__ == "__main__":

@@ -12,13 +12,12 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+from piston.models.layers.layernorm import RMSNorm
+from piston.models.layers.linear import ParallelLinearBase
+from piston.models.layers.rotary_embedding import RotaryEmbedding
+from piston.models.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from piston.models.llama import LlamaMLP
 from torch import nn
-
-from piston.model_executor.layers.layernorm import RMSNorm
-from piston.model_executor.layers.linear import ParallelLinearBase
-from piston.model_executor.layers.rotary_embedding import RotaryEmbedding
-from piston.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
-from piston.model_executor.models.llama import LlamaMLP
 
 logger = logging.getLogger(__name__)
 

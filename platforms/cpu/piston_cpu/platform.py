@@ -6,7 +6,7 @@ import logging
 import os
 import platform as _platform
 
-from piston.platforms.interface import Platform
+from piston.hal.interface import Platform
 
 logger = logging.getLogger(__name__)
 

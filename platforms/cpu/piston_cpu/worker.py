@@ -6,10 +6,11 @@ import logging
 import os
 
 import torch
+from piston.hal.interface import Worker
+from piston.step.tp_layout import num_kv_head_copies
+from piston.step.worker_messages import KVCacheReport
+from piston.torch_runner.model_runner import TorchModelRunner
 
-from piston.distributed.parallel_state import num_kv_head_copies
-from piston.platforms.interface import Worker
-from piston.worker.model_runner import TorchModelRunner
 from piston_cpu import kernels, layer_kernels
 from piston_cpu.attention import CpuAttention
 
@@ -26,6 +27,7 @@ class CpuWorker(Worker):
         self.kernels = kernels.load() if config.model_config.dtype == "float32" else None
         self.runner = TorchModelRunner(config, torch.device("cpu"), CpuAttention(self.kernels))
         self.kernel_layers = 0
+        self.num_blocks = 0
 
     def load_model(self) -> None:
         self.runner.load_model()
@@ -39,16 +41,16 @@ class CpuWorker(Worker):
         many layers use Piston's C++ kernels (0: torch's ops)."""
         return {"attention": self.runner.attn_impl.name, "layers": self.kernel_layers}
 
-    def determine_num_kv_blocks(self) -> int:
+    def determine_num_kv_blocks(self) -> KVCacheReport:
         # kv_cache_memory is the whole host's budget: each rank takes the share of its KV
         # heads, so TP keeps the total memory (and, unless heads are replicated, the blocks).
-        hf = self.config.model_config.hf_config
-        total_kv = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        total_kv = self.config.model_config.num_kv_heads
         budget = (self.config.cache_config.kv_cache_memory * self.runner.num_kv_heads
                   // num_kv_head_copies(total_kv, self.world_size))
         return self.kv_blocks_in(budget, self.runner.kv_cache_bytes_per_block(), self.runner.block_size)
 
     def initialize_cache(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
         self.runner.initialize_kv_cache(num_blocks)
 
     def execute_model(self, scheduler_output):
@@ -58,4 +60,4 @@ class CpuWorker(Worker):
         self.runner.kv_caches = []
 
     def wake_up(self) -> None:
-        self.runner.initialize_kv_cache(self.config.cache_config.num_blocks)
+        self.runner.initialize_kv_cache(self.num_blocks)

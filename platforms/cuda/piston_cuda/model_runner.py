@@ -13,13 +13,13 @@ import logging
 
 import numpy as np
 import torch
-
+from piston.attention.forward_context import ForwardContext, set_forward_context
 from piston.attention.metadata import CommonAttentionMetadata
-from piston.config import EngineConfig
-from piston.core.scheduler_output import SchedulerOutput
-from piston.forward_context import ForwardContext, set_forward_context
-from piston.worker.model_runner import TorchModelRunner
-from piston.worker.runner_output import ModelRunnerOutput
+from piston.step.config import EngineConfig
+from piston.step.runner_output import ModelRunnerOutput
+from piston.step.scheduler_output import SchedulerOutput
+from piston.torch_runner.model_runner import TorchModelRunner
+
 from piston_cuda.attention.metadata import CudaAttentionBackend
 from piston_cuda.staging import PinnedStaging
 
@@ -50,9 +50,9 @@ class CudaModelRunner(TorchModelRunner):
     def _flush_to_device(self) -> None:
         self.staging.flush()
 
-    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self.staging.reset()
-        return super().execute_model(so)
+        return super().execute_model(scheduler_output)
 
     # ----- start-up ---------------------------------------------------------------
 

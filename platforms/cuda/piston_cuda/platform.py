@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from piston.platforms.interface import Platform
+from piston.hal.interface import Platform
 
 logger = logging.getLogger(__name__)
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 
 import torch
+from piston.distributed.parallel_state import get_tp_rank, get_tp_size
+from piston.hal.interface import Worker
+from piston.step.worker_messages import KVCacheReport
 
-from piston.compilation.cuda_graph import CudaGraphStrategy
-from piston.distributed.parallel_state import get_tp_rank, get_tp_size, head_partition
-from piston.platforms.interface import Worker
 from piston_cuda.attention.selector import make_attention_backend
+from piston_cuda.cuda_graph import CudaGraphStrategy
 from piston_cuda.model_runner import CudaModelRunner
 
 logger = logging.getLogger(__name__)
@@ -36,23 +37,21 @@ class CudaWorker(Worker):
         self.device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(self.device)
         mc = config.model_config
-        hf = mc.hf_config
-        total_kv = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
-        heads = head_partition(hf.num_attention_heads, total_kv, get_tp_size(), get_tp_rank())
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        heads = mc.heads_of_rank(get_tp_size(), get_tp_rank())
         attn = make_attention_backend(getattr(torch, mc.dtype), config.cache_config.block_size,
-                                      heads.num_heads, heads.num_kv_heads, head_dim, self.device)
+                                      heads.num_heads, heads.num_kv_heads, mc.head_dim, self.device)
         self.runner = CudaModelRunner(config, self.device, attn)
         # Piecewise CUDA graphs around the attention op; compiled by default on CUDA.
         self.runner.capture_strategy = CudaGraphStrategy.from_config(config, self.device)
         self.runner.default_compilation_mode = "piecewise"
+        self.num_blocks = 0
 
     def load_model(self) -> None:
         self.runner.load_model()
         logger.info("Weights on %s: %.2f GiB allocated.", torch.cuda.get_device_name(self.device),
                     torch.cuda.memory_allocated(self.device) / GiB)
 
-    def determine_num_kv_blocks(self) -> int:
+    def determine_num_kv_blocks(self) -> KVCacheReport:
         cc = self.config.cache_config
         per_block = self.runner.kv_cache_bytes_per_block()
         if cc.kv_cache_memory is not None:
@@ -66,8 +65,7 @@ class CudaWorker(Worker):
                 f"{source} leaves {max(budget, 0) / GiB:.2f} GiB for the KV cache, less than one block "
                 f"({per_block} bytes for {self.runner.block_size} tokens of this model). Raise "
                 f"--gpu-memory-utilization or --kv-cache-memory, or lower --max-num-batched-tokens.")
-        cc.kv_cache_memory = int(num_blocks * per_block)
-        return int(num_blocks)
+        return KVCacheReport(int(num_blocks), per_block)
 
     def _profile_budget(self, utilization: float) -> int:
         torch.cuda.empty_cache()
@@ -84,6 +82,7 @@ class CudaWorker(Worker):
         return budget
 
     def initialize_cache(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
         self.runner.initialize_kv_cache(num_blocks)
 
     def warm_up(self) -> None:
@@ -98,7 +97,7 @@ class CudaWorker(Worker):
         torch.cuda.empty_cache()
 
     def wake_up(self) -> None:
-        self.runner.initialize_kv_cache(self.config.cache_config.num_blocks)
+        self.runner.initialize_kv_cache(self.num_blocks)
 
     def shutdown(self) -> None:
         self.runner.kv_caches = []

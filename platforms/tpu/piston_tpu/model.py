@@ -53,9 +53,10 @@ class LlamaSpec:
     qk_norm: bool
 
     @classmethod
-    def from_hf_config(cls, config: Any) -> "LlamaSpec":
+    def from_model_config(cls, model_config: Any) -> "LlamaSpec":
         """Raises ValueError for an architecture or activation the JAX models do not implement."""
-        names = list(getattr(config, "architectures", None) or [])
+        config = model_config.hf_config
+        names = model_config.architectures
         arch = next((n for n in names if n in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
             raise ValueError(f"Model architecture {names or '(none given)'} is not supported on the TPU "
@@ -63,7 +64,6 @@ class LlamaSpec:
         act = getattr(config, "hidden_act", "silu")
         if act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act={act!r} is not supported; supported: {', '.join(_ACTIVATIONS)}.")
-        heads = config.num_attention_heads
         attention_bias = bool(getattr(config, "attention_bias", False))
         if arch == "MistralForCausalLM":
             window = getattr(config, "sliding_window", None)
@@ -72,13 +72,13 @@ class LlamaSpec:
                                "so outputs past %d tokens differ from the reference.", window, window)
         return cls(
             architecture=arch,
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
+            vocab_size=model_config.vocab_size,
+            hidden_size=model_config.hidden_size,
             intermediate_size=config.intermediate_size,
-            num_layers=config.num_hidden_layers,
-            num_heads=heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            num_layers=model_config.num_layers,
+            num_heads=model_config.num_attention_heads,
+            num_kv_heads=model_config.num_kv_heads,
+            head_dim=model_config.head_dim,
             rms_norm_eps=float(config.rms_norm_eps),
             hidden_act=act,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),

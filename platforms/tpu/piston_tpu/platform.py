@@ -14,7 +14,7 @@ import importlib.util
 import logging
 import os
 
-from piston.platforms.interface import Platform
+from piston.hal.interface import Platform
 
 # Under "piston" so the engine's log handler shows it.
 logger = logging.getLogger(__name__.replace("piston_tpu", "piston.tpu", 1))

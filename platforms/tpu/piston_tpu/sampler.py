@@ -1,6 +1,6 @@
 """Sampling in JAX: from a padded batch of logits to one token per row.
 
-The same parameters and order as the CPU sampler (piston.model_executor.sampler):
+The same parameters and order as the CPU sampler (piston.torch_runner.sampler):
 1. raw logprobs = log_softmax(logits), before any processing (when a row asks);
 2. min_tokens: forbid eos and stop tokens on rows still too short;
 3. penalties: repetition (prompt + output), frequency and presence (output only);

@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from piston.step.input_batch import InputBatch, ScheduledTokens
 
-from piston.core.scheduler_output import SchedulerOutput
-from piston.worker.input_batch import InputBatch
 from piston_tpu.attention_metadata import AttentionMetadata
 
 
@@ -40,15 +39,15 @@ class StepInputBuilder:
         # Entries past a sequence's own blocks keep stale (valid) page ids: never attended.
         self.page_table = np.zeros((max_seqs, pages_per_seq), np.int32)
 
-    def build(self, so: SchedulerOutput, bucket_of) -> StepInputs:
-        """``bucket_of(num_tokens)`` picks the token bucket."""
+    def build(self, scheduled: ScheduledTokens, bucket: int) -> StepInputs:
+        """The step's inputs padded to the token ``bucket``."""
         batch = self.batch
-        st = batch.schedule(so.num_scheduled_tokens, self.block_size)
-        rows, num_sched, cu, computed, positions = (st.rows, st.num_scheduled, st.cu_num_scheduled,
-                                                    st.num_computed, st.positions)
-        n, total = len(rows), st.num_tokens
-        bucket = bucket_of(total)
-        req_idx, token_rows, blocks = st.req_idx, st.token_rows, st.block_numbers.astype(np.int64)
+        rows, num_sched, cu, computed, positions = (scheduled.rows, scheduled.num_scheduled,
+                                                    scheduled.cu_num_scheduled, scheduled.num_computed,
+                                                    scheduled.positions)
+        n, total = len(rows), scheduled.num_tokens
+        req_idx, token_rows = scheduled.req_idx, scheduled.token_rows
+        blocks = scheduled.block_numbers.astype(np.int64)
 
         input_ids = np.zeros(bucket, np.int32)
         input_ids[:total] = batch.token_ids[token_rows, positions]

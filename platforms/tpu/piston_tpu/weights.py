@@ -1,23 +1,19 @@
 """Checkpoint weights for the JAX Llama family, as numpy arrays stacked by layer.
 
-Safetensors folders are read with ``safetensors`` in numpy mode (no torch). A GGUF file
-goes through the shared loader (``piston.model_executor.gguf_loader``, which dequantizes
-with the ``gguf`` package and yields torch CPU tensors, viewed here as numpy without a
-copy) and is cached as a safetensors folder by ``gguf_cache`` exactly as on the CPU
-platform, so later start-ups on either platform read the converted copy.
+The tensors come from the core's torch-free CheckpointReader (safetensors in numpy mode;
+a GGUF file dequantized with the ``gguf`` package and cached as a safetensors folder
+exactly as on the other platforms, so later start-ups on any platform read the copy).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterator
 
 import numpy as np
+from piston.checkpoint.checkpoint_reader import CheckpointReader
+from piston.step.config import ModelConfig
 from tqdm import tqdm
-
-from piston.config import ModelConfig
-from piston.model_executor.weight_loader import safetensors_files
 
 # Under "piston" so the engine's log handler shows it.
 logger = logging.getLogger(__name__.replace("piston_tpu", "piston.tpu", 1))
@@ -71,45 +67,7 @@ def _slot_rows(spec, param: str, slot: str | None) -> tuple[int, int] | None:
     return offsets[(param.removesuffix("_bias"), slot)]
 
 
-def _iterate_safetensors_numpy(folder: str) -> Iterator[tuple[str, np.ndarray]]:
-    from safetensors import safe_open
-
-    for path in safetensors_files(folder):
-        with safe_open(path, framework="numpy") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-
-
-def _iterate_gguf(path: str, hf_config: Any) -> Iterator[tuple[str, np.ndarray]]:
-    from piston.model_executor import gguf_cache, gguf_loader  # these import torch
-
-    converted: dict = {}
-    for name, tensor in gguf_cache.recording(gguf_loader.iterate_gguf_weights(path, hf_config), converted):
-        yield name, tensor.numpy()
-    if converted:
-        gguf_cache.save(path, hf_config, converted)
-
-
-def checkpoint_tensors(model_config: ModelConfig, hf_config: Any) -> tuple[Iterator[tuple[str, np.ndarray]], int]:
-    """(name, numpy array) pairs of the checkpoint, and how many there are."""
-    path = model_config.path or model_config.model
-    source = path
-    if path.endswith(".gguf"):
-        from piston.model_executor import gguf_cache, gguf_loader  # these import torch
-
-        source = gguf_cache.cached_folder(path) or path
-        if source.endswith(".gguf"):
-            return _iterate_gguf(path, hf_config), gguf_loader.count_gguf_tensors(path)
-    total = 0
-    from safetensors import safe_open
-
-    for file in safetensors_files(source):
-        with safe_open(file, framework="numpy") as f:
-            total += len(list(f.keys()))
-    return _iterate_safetensors_numpy(source), total
-
-
-def load_params(spec, model_config: ModelConfig, hf_config: Any, dtype: np.dtype) -> dict[str, np.ndarray]:
+def load_params(spec, model_config: ModelConfig, dtype: np.dtype) -> dict[str, np.ndarray]:
     """Every parameter of ``spec`` as a numpy array of ``dtype``, filled from the checkpoint.
 
     ``load_format="dummy"`` gives small seeded random values instead. Raises ValueError
@@ -127,8 +85,9 @@ def load_params(spec, model_config: ModelConfig, hf_config: Any, dtype: np.dtype
     params = {name: np.empty(shape, dtype) for name, shape in shapes.items()}
     filled: dict[str, int] = {name: 0 for name in shapes}  # rows (or layers x rows) written
     unexpected: list[str] = []
-    tensors, total = checkpoint_tensors(model_config, hf_config)
-    for name, tensor in tqdm(tensors, total=total, desc="Loading weights", unit="tensor",
+    reader = CheckpointReader(model_config.path or model_config.model, model_config.hf_config)
+    total = reader.count()
+    for name, tensor in tqdm(reader.tensors(), total=total, desc="Loading weights", unit="tensor",
                              leave=False, disable=None):
         target, layer, rows = _place(spec, name)
         if target is None:

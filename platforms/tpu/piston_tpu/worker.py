@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from piston.platforms.interface import Worker
+from piston.hal.interface import Worker
+from piston.step.worker_messages import KVCacheReport
+
 from piston_tpu.model_runner import JaxModelRunner
 
 # Under "piston" so the engine's log handler shows it.
@@ -23,12 +25,10 @@ class TpuWorker(Worker):
     def load_model(self) -> None:
         self.runner.load_model()
 
-    def determine_num_kv_blocks(self) -> int:
-        cc = self.config.cache_config
-        budget = cc.kv_cache_memory
+    def determine_num_kv_blocks(self) -> KVCacheReport:
+        budget = self.config.cache_config.kv_cache_memory
         if budget is None:
             budget = self._free_device_memory()
-            cc.kv_cache_memory = budget
         return self.kv_blocks_in(budget, self.runner.kv_cache_bytes_per_block(), self.runner.block_size)
 
     def _free_device_memory(self) -> int:
@@ -46,7 +46,7 @@ class TpuWorker(Worker):
         return max(budget, 0)
 
     def initialize_cache(self, num_blocks: int) -> None:
-        self.runner.initialize_kv_cache(num_blocks)
+        self.runner.initialize_kv_cache(num_blocks)  # the runner keeps num_blocks for wake_up
 
     def warm_up(self) -> None:
         self.runner.warm_up()
@@ -58,7 +58,7 @@ class TpuWorker(Worker):
         self.runner.release_kv_cache()
 
     def wake_up(self) -> None:
-        self.runner.initialize_kv_cache(self.config.cache_config.num_blocks)
+        self.runner.initialize_kv_cache(self.runner.num_blocks)
 
     def shutdown(self) -> None:
         self.runner.close()

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from piston.sampling_params import SamplingParams
+from piston.step.sampling_params import SamplingParams
 
 
 class OpenAIModel(BaseModel):

@@ -9,12 +9,23 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from piston.entrypoints.openai.protocol import (CompletionChoice, CompletionLogprobs,
-                                                CompletionRequest, CompletionResponse)
-from piston.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, bad_request,
-                                                      collect_until_disconnected, iterate_in_task,
-                                                      merge_async_iterators, sse,
-                                                      to_openai_error, usage_of)
+from piston.entrypoints.openai.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
+from piston.entrypoints.openai.serving_engine import (
+    SSE_DONE,
+    OpenAIServing,
+    bad_request,
+    collect_until_disconnected,
+    iterate_in_task,
+    merge_async_iterators,
+    sse,
+    to_openai_error,
+    usage_of,
+)
 from piston.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 
 
@@ -100,23 +111,23 @@ class OpenAIServingCompletion(OpenAIServing):
                 self.observe(out)
                 for c in out.outputs:
                     index = i * params.n + c.index
-                    st = states.setdefault(index, _StreamState())
-                    if st.done:
+                    stream = states.setdefault(index, _StreamState())
+                    if stream.done:
                         continue
                     finished = c.finish_reason is not None
-                    end = len(c.text) if finished else max(len(c.text) - hold, st.sent_chars)
-                    delta = c.text[st.sent_chars:end]
+                    end = len(c.text) if finished else max(len(c.text) - hold, stream.sent_chars)
+                    delta = c.text[stream.sent_chars:end]
                     num_tokens = len(c.token_ids)
-                    if not delta and num_tokens == st.sent_tokens and not finished \
-                            and (st.started or not request.echo):
+                    if not delta and num_tokens == stream.sent_tokens and not finished \
+                            and (stream.started or not request.echo):
                         continue
-                    prefix = prompt_texts[i] if request.echo and not st.started else ""
+                    prefix = prompt_texts[i] if request.echo and not stream.started else ""
                     logprobs = None
                     if request.logprobs is not None:
-                        logprobs, st.text_offset = self._logprobs(
-                            out, c, prefix != "", st.sent_tokens, num_tokens, st.text_offset)
-                    st.started, st.done = True, finished
-                    st.sent_chars, st.sent_tokens = end, num_tokens
+                        logprobs, stream.text_offset = self._logprobs(
+                            out, c, prefix != "", stream.sent_tokens, num_tokens, stream.text_offset)
+                    stream.started, stream.done = True, finished
+                    stream.sent_chars, stream.sent_tokens = end, num_tokens
                     yield sse(CompletionResponse(
                         id=request_id, created=created, model=self.served_model_name,
                         choices=[CompletionChoice(

@@ -14,7 +14,7 @@ from piston.engine.core_client import EngineDeadError
 from piston.entrypoints.openai.metrics import ServerMetrics
 from piston.entrypoints.openai.protocol import OpenAIError, SamplingFields, UsageInfo
 from piston.outputs import RequestOutput
-from piston.sampling_params import SamplingParams
+from piston.step.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,150 @@
+"""The hardware-abstraction layer: what a platform plugin provides to the core.
+
+A plugin is a package that registers a ``Platform`` subclass under the entry-point
+group ``piston.platforms``. The core only talks to these two classes; it never imports
+a platform package by name. Anything a plugin needs from the core is an argument here.
+
+Interface version history:
+  1: Platform (availability, device info, config hook, worker factory, distributed
+     backend) and Worker (load, size and allocate the KV cache, execute a step).
+  2: tensor parallelism. ``Platform.ray_resource`` names what one rank claims in a Ray
+     placement group. With ``world_size > 1`` the executor joins the torch.distributed
+     group (backend ``distributed_backend()``) before ``make_worker``; the shared torch
+     models then split themselves over the ranks (piston.distributed). Each rank runs the
+     same steps; only rank 0's ModelRunnerOutput is used. A platform that cannot run
+     several ranks sets ``supports_tensor_parallel = False`` (the engine then rejects
+     ``tensor_parallel_size > 1`` with a clear error).
+  3: the step layer. The interface moved from ``piston.platforms`` to ``piston.hal``.
+     Model runners build on ``piston.step.model_runner.ModelRunner`` (the shared step:
+     the scheduler's diff, the rows to sample, prompt-logprob spans, the output) and
+     implement only ``forward``, ``prompt_logprobs`` and ``sample``. The wire types
+     (SchedulerOutput, ModelRunnerOutput, Logprobs) live in ``piston.step``, and the
+     model's shape facts in ``ModelConfig`` (``num_kv_heads``, ``head_dim``,
+     ``heads_of_rank``, ``kv_bytes_per_block``). ``Worker.determine_num_kv_blocks``
+     returns a ``KVCacheReport`` instead of an int, and a worker no longer writes what it
+     measured into the config (under the mp and Ray executors that write happened in
+     another process); ``wake_up`` re-allocates the block count ``initialize_cache`` got.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, Any
+
+from piston.step.worker_messages import KVCacheReport
+
+if TYPE_CHECKING:
+    from piston.step.config import EngineConfig
+    from piston.step.runner_output import ModelRunnerOutput
+    from piston.step.scheduler_output import SchedulerOutput
+
+PLATFORM_INTERFACE_VERSION = 3
+
+
+class Platform(abc.ABC):
+    """One kind of hardware. Subclasses are stateless apart from cached device info."""
+
+    #: Short name used by ``PISTON_PLATFORM`` and ``--platform``.
+    name: str = ""
+    #: The interface version the plugin was written against.
+    interface_version: int = PLATFORM_INTERFACE_VERSION
+    #: Whether several ranks can run the shared torch models over ``distributed_backend()``.
+    supports_tensor_parallel: bool = True
+
+    @classmethod
+    @abc.abstractmethod
+    def is_available(cls) -> bool:
+        """True when this machine can run the platform (never raises)."""
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        """One line telling a user why ``is_available()`` is False."""
+        return "not available on this machine"
+
+    @classmethod
+    @abc.abstractmethod
+    def device_name(cls) -> str:
+        """A human-readable name of the device, for logs and benchmark records."""
+
+    @classmethod
+    @abc.abstractmethod
+    def total_memory(cls) -> int:
+        """Bytes of device memory (host RAM on CPU)."""
+
+    @classmethod
+    def check_and_update_config(cls, config: "EngineConfig") -> None:
+        """Adjust or reject settings the platform cannot run (raise ValueError)."""
+
+    @classmethod
+    def distributed_backend(cls) -> str:
+        """The torch.distributed backend name (or another collective system)."""
+        return "gloo"
+
+    @classmethod
+    def ray_resource(cls) -> str:
+        """The Ray resource one rank reserves in a placement group ("CPU", "GPU", "TPU")."""
+        return "CPU"
+
+    @classmethod
+    @abc.abstractmethod
+    def make_worker(cls, config: "EngineConfig", rank: int = 0, world_size: int = 1) -> "Worker":
+        """Create the worker that runs the model for one rank."""
+
+
+class Worker(abc.ABC):
+    """Runs the model on one device. The engine calls the methods in this order:
+
+    ``load_model`` -> ``determine_num_kv_blocks`` -> ``initialize_cache`` -> ``warm_up``
+    -> ``execute_model`` once per step. Any other public method can be reached through
+    ``collective_rpc``.
+    """
+
+    def __init__(self, config: "EngineConfig", rank: int = 0, world_size: int = 1) -> None:
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+
+    @abc.abstractmethod
+    def load_model(self) -> None:
+        """Build the model and load its weights."""
+
+    @abc.abstractmethod
+    def determine_num_kv_blocks(self) -> KVCacheReport:
+        """How many KV-cache blocks fit in the memory this worker may use, and their size.
+        Measure only: the engine takes the minimum over ranks and decides."""
+
+    @staticmethod
+    def kv_blocks_in(budget: int, bytes_per_block: int, block_size: int) -> KVCacheReport:
+        """How many KV blocks of ``bytes_per_block`` fit in ``budget`` bytes (a helper for
+        ``determine_num_kv_blocks``); ValueError naming the sizes when not even one does."""
+        num_blocks = budget // bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory={budget} bytes holds no KV block; one block of "
+                f"{block_size} tokens needs {bytes_per_block} bytes for this model.")
+        return KVCacheReport(int(num_blocks), int(bytes_per_block))
+
+    @abc.abstractmethod
+    def initialize_cache(self, num_blocks: int) -> None:
+        """Allocate the paged KV cache with ``num_blocks`` blocks (the same on every rank).
+        A worker remembers the count: ``wake_up`` allocates it again."""
+
+    def warm_up(self) -> None:
+        """Compile or capture graphs before the first request (optional)."""
+
+    @abc.abstractmethod
+    def execute_model(self, scheduler_output: "SchedulerOutput") -> "ModelRunnerOutput":
+        """Apply the step's diff, run the model and sample."""
+
+    def sleep(self) -> None:
+        """Release the KV cache memory (optional)."""
+
+    def wake_up(self) -> None:
+        """Re-allocate what ``sleep`` released, ``initialize_cache``'s block count (optional)."""
+
+    def shutdown(self) -> None:
+        """Free resources (optional)."""
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Dispatch target of ``collective_rpc``."""
+        return getattr(self, method)(*args, **kwargs)

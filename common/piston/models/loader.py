@@ -1,0 +1,105 @@
+"""Build a torch model from a ModelConfig and fill it with its checkpoint's weights."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from piston.checkpoint.checkpoint_reader import CheckpointReader, read_hf_config
+from piston.models import weight_loader
+from piston.models.layers.rotary_embedding import RotaryEmbedding
+from piston.models.registry import get_model_class
+from piston.step.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={name!r} is not a torch floating-point type; use float32, bfloat16 or float16.")
+    return dtype
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(prev)
+
+
+@torch.no_grad()
+def _init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Small uniform values (as vLLM's dummy format): finite activations at any depth,
+    norm weights 1 so hidden states keep their scale. Drawn on the parameters' device, so
+    an 8B-parameter model on a GPU initializes in a second."""
+    generators: dict[torch.device, torch.Generator] = {}
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+            continue
+        gen = generators.setdefault(param.device, torch.Generator(device=param.device).manual_seed(seed))
+        if param.dtype == torch.float32:
+            param.uniform_(-1e-3, 1e-3, generator=gen)
+        else:  # draw in float32 (bf16 uniform_ is not on every device), one tensor at a time
+            param.copy_(torch.empty(param.shape, dtype=torch.float32, device=param.device)
+                        .uniform_(-1e-3, 1e-3, generator=gen))
+
+
+def _checkpoint_weights(model_config: ModelConfig) -> tuple[Iterator[tuple[str, Any]], int]:
+    """The checkpoint's tensors and their count. A safetensors folder yields lazy slices,
+    so a tensor-parallel rank reads only its own shard; a GGUF file yields its dequantized
+    arrays as tensors (no copy)."""
+    reader = CheckpointReader(model_config.path or model_config.model, model_config.hf_config)
+    if reader.folder is not None:
+        return weight_loader.iterate_safetensors(reader.folder, lazy=True), reader.count()
+    return ((name, torch.from_numpy(array)) for name, array in reader.tensors()), reader.count()
+
+
+def load_model(model_config: ModelConfig, device: str | torch.device = "cpu") -> nn.Module:
+    """The model for ``model_config`` on ``device``, in ``model_config.dtype``, with all weights.
+
+    Raises ValueError for an unsupported architecture or a checkpoint that lacks some of
+    the model's parameters.
+    """
+    start = time.perf_counter()
+    if model_config.hf_config is None:
+        model_config.hf_config = read_hf_config(model_config.path or model_config.model)
+    hf_config = model_config.hf_config
+    model_cls = get_model_class(hf_config)
+    # Build on the meta device: no time spent on random init that the weights overwrite.
+    with _default_dtype(_torch_dtype(model_config.dtype)), torch.device("meta"):
+        model = model_cls(hf_config)
+    model = model.to_empty(device=device)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.build_cache()  # its float32 cache was not materialized by to_empty
+
+    if model_config.load_format == "dummy":
+        _init_dummy_weights(model, model_config.seed)
+        model.eval()
+        logger.info("Built %s with random (dummy) weights in %.2f s: %.1fM parameters in %s on %s.",
+                    model_cls.__name__, time.perf_counter() - start,
+                    sum(p.numel() for p in model.parameters()) / 1e6, model_config.dtype, device)
+        return model
+
+    weights, total = _checkpoint_weights(model_config)
+    with torch.no_grad():
+        model.load_weights(tqdm(weights, total=total, desc="Loading weights", unit="tensor",
+                                leave=False, disable=None))
+    model.eval()
+    num_params = sum(p.numel() for p in model.parameters())
+    num_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    logger.info("Loaded %s (%s) in %.2f s: %.1fM parameters, %.2f GB in %s on %s.",
+                model_config.path or model_config.model, model_cls.__name__, time.perf_counter() - start,
+                num_params / 1e6, num_bytes / 1e9, model_config.dtype, device)
+    return model

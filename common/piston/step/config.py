@@ -1,0 +1,174 @@
+"""Engine configuration: what every component of one engine instance agrees on.
+
+``ModelConfig`` also gives the model's shape facts (layers, heads, KV heads, head size,
+vocabulary, per-rank heads, KV bytes per block), derived from its Hugging Face config here
+and nowhere else; the torch models, which see only the Hugging Face config, use the same
+``hf_num_kv_heads`` and ``hf_head_dim``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from piston.step.tp_layout import HeadPartition, head_partition
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def parse_size(value: int | float | str) -> int:
+    """Bytes from ``4GiB``, ``512MiB``, ``2G``, ``1e9`` or a plain number of bytes."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ValueError(f"kv_cache_memory: cannot read {value!r} as a size; use e.g. 4GiB or 512MiB.")
+    unit = (m.group(2) or "").lower().rstrip("b")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def hf_num_kv_heads(hf_config: Any) -> int:
+    """KV heads of a Hugging Face config (equal to the attention heads without GQA)."""
+    return getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+
+
+def hf_head_dim(hf_config: Any) -> int:
+    """The config's explicit head_dim, else hidden_size // num_attention_heads."""
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+@dataclass
+class ModelConfig:
+    """The model and how to run it."""
+
+    model: str  # what the user named: a folder, a .gguf file or a hub id
+    path: str = ""  # the resolved local folder or .gguf file
+    tokenizer: str | None = None  # folder with tokenizer files; defaults to the model's
+    dtype: str = "float32"
+    max_model_len: int = 0  # 0 = the model's own context length
+    seed: int = 0
+    # "auto": the checkpoint's weights; "dummy": random weights in the checkpoint's
+    # shapes (benchmarks of big models without downloading them; needs only config.json).
+    load_format: str = "auto"
+    # Run the model eagerly: no torch.compile, no graph capture.
+    enforce_eager: bool = False
+    hf_config: Any = None  # transformers.PretrainedConfig (piston.step.hf_config)
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.path.endswith(".gguf")
+
+    # ----- shape facts, derived from hf_config here and nowhere else -------------------
+
+    @property
+    def architectures(self) -> list[str]:
+        return list(getattr(self.hf_config, "architectures", None) or [])
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hf_config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.hf_config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads of the whole model (equal to the attention heads without GQA)."""
+        return hf_num_kv_heads(self.hf_config)
+
+    @property
+    def head_dim(self) -> int:
+        return hf_head_dim(self.hf_config)
+
+    def heads_of_rank(self, tp_size: int = 1, tp_rank: int = 0) -> HeadPartition:
+        """The attention and KV heads one tensor-parallel rank computes and caches."""
+        return head_partition(self.num_attention_heads, self.num_kv_heads, tp_size, tp_rank)
+
+    def kv_bytes_per_block(self, block_size: int, num_kv_heads: int | None = None) -> int:
+        """Bytes of one KV block over every layer, for ``num_kv_heads`` (default: all)."""
+        heads = self.num_kv_heads if num_kv_heads is None else num_kv_heads
+        return 2 * block_size * heads * self.head_dim * DTYPE_BYTES[self.dtype] * self.num_layers
+
+
+@dataclass
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; None = the platform's default
+    # Accelerators: the fraction of device memory the engine may use (weights, activations
+    # and KV cache) when kv_cache_memory is not given. The CPU platform ignores it.
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    num_blocks: int = 0  # decided by the EngineCore from the workers' KVCacheReports
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    enable_chunked_prefill: bool = True
+    policy: str = "fcfs"  # "fcfs", "priority", "fair", or "module:Class" of a custom scheduler
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    # "uni" (one worker in the engine process), "mp" (one process per rank) or "ray".
+    # None: "uni" for one rank, "mp" for more.
+    distributed_executor_backend: str | None = None
+    # "module:Class" mixed into every worker: its methods become collective_rpc targets.
+    worker_extension_cls: str | None = None
+
+    @property
+    def executor_backend(self) -> str:
+        if self.distributed_executor_backend:
+            return self.distributed_executor_backend
+        return "uni" if self.tensor_parallel_size == 1 else "mp"
+
+
+@dataclass
+class CompilationConfig:
+    """How a platform compiles the model and captures graphs (see piston.compilation).
+
+    ``mode``: "auto" lets the platform choose its default; "eager" runs the plain model;
+    "piecewise" traces once, splits at attention and compiles each piece.
+    """
+
+    mode: str = "auto"
+    # Batch sizes (in tokens) to capture graphs for; None = the platform's default
+    # (1, 2, 4, 8, 16, ... up to max_num_seqs on CUDA).
+    capture_sizes: list[int] | None = None
+    # Where compiled artifacts are cached between start-ups; None = the user cache dir.
+    cache_dir: str | None = None
+
+
+@dataclass
+class EngineConfig:
+    model_config: ModelConfig
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+    compilation_config: CompilationConfig = field(default_factory=CompilationConfig)
+    platform: str = ""  # the platform's name, set by the engine at start-up
+
+    def replace(self, **changes) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)

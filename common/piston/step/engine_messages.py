@@ -1,0 +1,104 @@
+"""Messages between the front end and the EngineCore process (msgspec structs, never pickle).
+
+Wire protocol, over ZMQ (see piston.engine.core_proc):
+
+- front end -> engine (PUSH -> PULL): two frames, ``[EngineCoreRequestType.value, payload]``;
+  the payload is a list of EngineCoreRequest (ADD, so a batch arrives in one step), a list
+  of request ids (ABORT), a UtilityRequest (UTILITY) or empty (SHUTDOWN).
+- engine -> front end (PUSH -> PULL): one frame, an EngineCoreOutputs. A reply to a utility
+  call carries ``utility_output``. The "engine dead" signal is a utility output with
+  ``call_id=ENGINE_DEAD_CALL_ID`` and the traceback as ``failure``.
+- start-up, over a pipe: one EngineCoreReady, after the model is loaded and the KV cache
+  allocated, or carrying the error.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+from piston.step.runner_output import Logprobs
+from piston.step.sampling_params import SamplingParams
+
+ENGINE_DEAD_CALL_ID = -1
+
+
+class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """What the front end sends the EngineCore to start a request (already tokenized)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_id: int | None = None
+    arrival_time: float = 0.0
+    priority: int = 0
+    # Who sent it (the API's `user` field or the API key): the fair policy shares by it.
+    client_id: str | None = None
+
+
+class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: Logprobs | None = None
+    new_prompt_logprobs: Logprobs | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    # Seconds between the core receiving the request and first scheduling it; set on
+    # the request's first output only.
+    queue_time: float | None = None
+
+
+class SchedulerStats(msgspec.Struct, array_like=True, gc=False):
+    """The scheduler's state after a step, for metrics and logs."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_hit_rate: float = 0.0
+    num_preemptions: int = 0
+    num_free_blocks: int = 0
+
+
+class UtilityRequest(msgspec.Struct, array_like=True, gc=False):
+    """Call ``EngineCore.<method>(*args)`` in the engine process; the reply carries call_id."""
+
+    call_id: int
+    method: str
+    args: list = []
+
+
+class UtilityOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    call_id: int
+    result: Any = None  # any msgspec-encodable value
+    failure: str | None = None  # the exception text when the call raised
+
+
+class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    outputs: list[EngineCoreOutput] = []
+    scheduler_stats: SchedulerStats | None = None
+    # Set on the reply to a utility call instead of outputs.
+    utility_output: UtilityOutput | None = None
+
+
+class EngineCoreRequestType(enum.Enum):
+    """The first frame of every front end -> engine message names its type."""
+
+    ADD = b"\x00"
+    ABORT = b"\x01"
+    UTILITY = b"\x02"
+    SHUTDOWN = b"\x03"
+
+
+class EngineCoreReady(msgspec.Struct, array_like=True, omit_defaults=True):
+    """The engine process's start-up handshake: the facts it decided, or why it could not start."""
+
+    error: str | None = None
+    error_type: str = ""  # the exception's class name, so the parent raises the same kind
+    platform: str = ""
+    num_blocks: int = 0
+    kv_cache_memory: int = 0  # bytes the KV cache takes on each rank

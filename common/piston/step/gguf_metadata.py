@@ -1,0 +1,105 @@
+"""A GGUF file's metadata: the cached reader, and a transformers config built from it.
+
+Reading a GGUF's metadata parses its whole token list (seconds), so one reader per file
+is kept and shared with the tensor reader (piston.checkpoint.gguf_tensors).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import numpy as np
+
+# general.architecture -> (transformers config class name, HF architectures name)
+GGUF_ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _reader(path: str, mtime: float, size: int):
+    import gguf
+
+    return gguf.GGUFReader(path)
+
+
+def open_gguf(path: str):
+    """A (cached) ``gguf.GGUFReader`` for ``path``."""
+    st = os.stat(path)
+    return _reader(os.path.abspath(path), st.st_mtime, st.st_size)
+
+
+def gguf_field(reader, key: str, default: Any = None) -> Any:
+    """The value of metadata ``key``, or ``default`` when the file lacks it."""
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def dequantize(tensor) -> np.ndarray:
+    """A GGUF tensor as a writable float32 numpy array (any type the gguf package reads)."""
+    from gguf.quants import dequantize as gguf_dequantize
+
+    w = gguf_dequantize(tensor.data, tensor.tensor_type)
+    # F32 comes back as a read-only view of the memory-mapped file: copy only then.
+    if not w.flags.writeable or w.dtype != np.float32:
+        w = np.array(w, dtype=np.float32)
+    return w
+
+
+def config_from_gguf(path: str):
+    """A transformers config (Llama/Qwen2/Qwen3Config) built from the file's metadata.
+
+    Raises ValueError for an architecture other than llama, qwen2 or qwen3.
+    """
+    import transformers
+
+    reader = open_gguf(path)
+    arch = gguf_field(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; "
+                         f"supported: {', '.join(GGUF_ARCHITECTURES)}.")
+    config_cls, hf_arch = GGUF_ARCHITECTURES[arch]
+
+    def meta(key: str, default: Any = None) -> Any:
+        return gguf_field(reader, f"{arch}.{key}", default)
+
+    hidden, heads = meta("embedding_length"), meta("attention.head_count")
+    tensors = {t.name: t for t in reader.tensors}
+    # The embedding's rows are the vocabulary the weights need (the token list may be shorter).
+    vocab = int(tensors["token_embd.weight"].shape[-1]) if "token_embd.weight" in tensors else \
+        len(reader.fields["tokenizer.ggml.tokens"].data)
+    kwargs: dict[str, Any] = dict(
+        architectures=[hf_arch],
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=meta("feed_forward_length"),
+        num_hidden_layers=meta("block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=meta("attention.head_count_kv", heads),
+        head_dim=meta("attention.key_length") or meta("rope.dimension_count") or hidden // heads,
+        max_position_embeddings=meta("context_length", 2048),
+        rms_norm_eps=meta("attention.layer_norm_rms_epsilon", 1e-6),
+        rope_theta=meta("rope.freq_base", 10000.0),
+        tie_word_embeddings="output.weight" not in tensors,
+        bos_token_id=gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=gguf_field(reader, "tokenizer.ggml.padding_token_id"),
+    )
+    scaling = meta("rope.scaling.type")
+    if scaling in ("linear", "yarn"):
+        rope = {"rope_type": scaling, "factor": meta("rope.scaling.factor", 1.0)}
+        if scaling == "yarn":
+            rope["original_max_position_embeddings"] = meta("rope.scaling.original_context_length")
+            for gguf_key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+                if meta(f"rope.scaling.{gguf_key}") is not None:
+                    rope[hf_key] = meta(f"rope.scaling.{gguf_key}")
+        kwargs["rope_scaling"] = rope
+    config = getattr(transformers, config_cls)(**kwargs)
+    if "rope_freqs.weight" in tensors:
+        # llama.cpp's per-dimension frequency divisors (Llama 3.1 scaling), read by the RoPE tables.
+        config.rope_freq_factors = dequantize(tensors["rope_freqs.weight"]).reshape(-1).tolist()
+    return config

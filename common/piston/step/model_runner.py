@@ -1,0 +1,124 @@
+"""ModelRunner: the step every platform's model runner takes, in numpy.
+
+``execute_model`` is the whole step, the same on every platform:
+
+1. apply the scheduler's diff to the persistent InputBatch (``on_new_request`` lets a
+   platform attach state to a new request);
+2. flatten the step's tokens and choose the requests that sample (those whose tokens this
+   step reach the end of what they hold);
+3. ``forward``: the platform's device inputs and model call;
+4. prompt logprobs for the prompt positions this chunk predicts (``prompt_logprobs``
+   computes them on the device);
+5. ``sample``: the platform's sampler, given the sampled rows' SamplingBatch;
+6. append the sampled tokens to the batch and assemble the ModelRunnerOutput.
+
+A platform's runner implements only ``forward``, ``prompt_logprobs`` and ``sample``
+(plus its own set-up: loading weights, the KV cache, warm-up).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import numpy as np
+
+from piston.step.config import EngineConfig, cdiv
+from piston.step.input_batch import InputBatch, RunnerRequestState, ScheduledTokens
+from piston.step.runner_output import EMPTY_MODEL_RUNNER_OUTPUT, Logprobs, ModelRunnerOutput
+from piston.step.sampling_batch import SamplingBatch
+from piston.step.scheduler_output import NewRequestData, SchedulerOutput
+
+
+class ModelRunner(abc.ABC):
+    def __init__(self, config: EngineConfig) -> None:
+        mc, sc = config.model_config, config.scheduler_config
+        self.config = config
+        self.vocab_size = mc.vocab_size
+        self.block_size = config.cache_config.block_size
+        self.max_model_len = mc.max_model_len
+        self.batch = InputBatch(sc.max_num_seqs, self.max_model_len, cdiv(self.max_model_len, self.block_size))
+
+    # ----- what a platform implements -------------------------------------------------
+
+    def on_new_request(self, state: RunnerRequestState, new: NewRequestData) -> None:
+        """A request entered the batch (new, or resumed after preemption with
+        ``new.output_token_ids`` already generated)."""
+
+    @abc.abstractmethod
+    def forward(self, scheduled: ScheduledTokens, scheduler_output: SchedulerOutput) -> Any:
+        """Build the step's device inputs from ``scheduled`` and run the model; returns the
+        hidden states of every scheduled token in the platform's own form."""
+
+    @abc.abstractmethod
+    def prompt_logprobs(self, hidden: Any, token_indices: np.ndarray, targets: np.ndarray,
+                        k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Logprobs of ``targets`` [N] predicted by the hidden states at ``token_indices`` [N]:
+        (token ids [N, k + 1], logprobs [N, k + 1], ranks [N]); column 0 is the target,
+        then the k most likely tokens (see Logprobs)."""
+
+    @abc.abstractmethod
+    def sample(self, hidden: Any, scheduled: ScheduledTokens, sampling: SamplingBatch
+               ) -> tuple[np.ndarray, Logprobs | None]:
+        """One token per sampled request (hidden rows ``scheduled.logits_indices``), and
+        their logprobs when ``sampling.max_num_logprobs`` is set (rows of k_max + 1)."""
+
+    # ----- the step ---------------------------------------------------------------------
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        batch = self.batch
+        new_states = batch.apply_diff(scheduler_output)
+        for state, new in zip(new_states, scheduler_output.scheduled_new_reqs):
+            self.on_new_request(state, new)
+        if scheduler_output.total_num_scheduled_tokens == 0:
+            return EMPTY_MODEL_RUNNER_OUTPUT
+        scheduled = batch.schedule(scheduler_output.num_scheduled_tokens, self.block_size)
+        hidden = self.forward(scheduled, scheduler_output)
+        prompt_logprobs = self._prompt_logprobs(scheduled, hidden)
+        sample_rows = scheduled.sample_rows
+        # Chunks that sampled nothing but have prompt logprobs ride after the sampled rows,
+        # so logprobs row i still belongs to req_ids[i].
+        chunk_only: list[str] = []
+        if prompt_logprobs:
+            sampled_ids = {batch.req_ids[r] for r in sample_rows.tolist()}
+            chunk_only = [r for r in prompt_logprobs if r not in sampled_ids]
+        if len(sample_rows) == 0:
+            return ModelRunnerOutput(req_ids=chunk_only, sampled_token_ids=[[] for _ in chunk_only],
+                                     prompt_logprobs=prompt_logprobs)
+        sampling = SamplingBatch.from_batch(batch, sample_rows, self.vocab_size)
+        tokens, logprobs = self.sample(hidden, scheduled, sampling)
+        batch.append_tokens(sample_rows, tokens)
+        req_ids = [batch.req_ids[r] for r in sample_rows.tolist()]
+        return ModelRunnerOutput(
+            req_ids=req_ids + chunk_only,
+            sampled_token_ids=[[t] for t in tokens.tolist()] + [[] for _ in chunk_only],
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+
+    def _prompt_logprobs(self, scheduled: ScheduledTokens, hidden: Any) -> dict[str, Logprobs]:
+        """Logprobs of the prompt tokens this step's chunk predicts, for requests that ask."""
+        batch = self.batch
+        ks = batch.num_prompt_logprobs[scheduled.rows]
+        wanted = np.flatnonzero(ks >= 0)
+        if len(wanted) == 0:
+            return {}
+        spans = []  # (req_id, k, first token index, targets)
+        qsl = scheduled.query_start_loc
+        for i in wanted.tolist():
+            row = int(scheduled.rows[i])
+            start = int(scheduled.num_computed[i])
+            # Position p predicts prompt token p + 1; the last prompt position predicts output.
+            stop = min(start + int(scheduled.num_scheduled[i]), int(batch.num_prompt_tokens[row]) - 1)
+            if stop > start:
+                spans.append((batch.req_ids[row], int(ks[i]), int(qsl[i]), batch.token_ids[row, start + 1:stop + 1]))
+        if not spans:
+            return {}
+        token_indices = np.concatenate([np.arange(q0, q0 + len(t)) for _, _, q0, t in spans])
+        targets = np.concatenate([t for *_, t in spans])
+        ids, values, ranks = self.prompt_logprobs(hidden, token_indices, targets, max(k for _, k, _, _ in spans))
+        result, offset = {}, 0
+        for req_id, k, _, t in spans:
+            part = slice(offset, offset + len(t))
+            result[req_id] = Logprobs(token_ids=ids[part, :k + 1].tolist(), logprobs=values[part, :k + 1].tolist(),
+                                      ranks=ranks[part].tolist())
+            offset += len(t)
+        return result

@@ -1,0 +1,34 @@
+"""What a worker returns for one step: sampled token ids and logprobs."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Logprobs(msgspec.Struct, array_like=True, gc=False):
+    """Top-k logprobs for a run of positions.
+
+    Row i describes one position: ``token_ids[i][0]`` is the chosen (sampled or prompt)
+    token and ``token_ids[i][1:]`` the k most likely tokens, with matching ``logprobs``.
+    ``ranks[i]`` is the chosen token's rank (1 = most likely).
+    """
+
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    ranks: list[int]
+
+
+class ModelRunnerOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    # Order of the requests in this output (the runner's batch order).
+    req_ids: list[str]
+    # One list per request: the sampled token, or empty when the request only
+    # advanced a prompt chunk this step.
+    sampled_token_ids: list[list[int]]
+    # Row i of each matrix belongs to req_ids[i]; None when no request asked. Rows carry
+    # the batch's largest k; the scheduler trims each to its request's own k.
+    logprobs: Logprobs | None = None
+    # Prompt logprobs computed this step, per request that asked for them.
+    prompt_logprobs: dict[str, Logprobs] = {}
+
+
+EMPTY_MODEL_RUNNER_OUTPUT = ModelRunnerOutput(req_ids=[], sampled_token_ids=[])

@@ -1,0 +1,81 @@
+"""SamplingBatch: the sampling parameters of one step's sampled rows, as numpy arrays.
+
+Built once per step from the InputBatch with vector operations; each platform's sampler
+turns it into its own tensors (torch on CPU and CUDA, JAX on TPU). Row i is the i-th
+request that samples this step, in batch order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from piston.step.input_batch import InputBatch
+
+
+@dataclass
+class SamplingBatch:
+    rows: np.ndarray  # [B] the batch rows that sample
+    temperature: np.ndarray  # [B] float32; 0.0 on greedy rows
+    top_p: np.ndarray  # [B] float32; 1.0 = off
+    top_k: np.ndarray  # [B] int64; vocab_size = off
+    min_p: np.ndarray  # [B] float32; 0.0 = off
+    presence_penalty: np.ndarray  # [B] float32; 0 = off
+    frequency_penalty: np.ndarray  # [B] float32; 0 = off
+    repetition_penalty: np.ndarray  # [B] float32; 1 = off
+    seeds: np.ndarray  # [B] uint64: each request's sampling seed modulo 2**64 (0 when unseeded)
+    seeded: np.ndarray  # [B] bool: the request gave a seed
+    num_output_tokens: np.ndarray  # [B] int64: tokens each request generated so far
+    # row -> token ids to forbid (eos and stop_token_ids) while min_tokens are not out yet.
+    min_tokens: dict[int, list[int]]
+    # Largest ``logprobs`` k asked for in the batch; None when no row wants logprobs.
+    max_num_logprobs: int | None
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+    @property
+    def all_greedy(self) -> bool:
+        return bool((self.temperature == 0.0).all())
+
+    @property
+    def all_random(self) -> bool:
+        return bool((self.temperature != 0.0).all())
+
+    @property
+    def uses_top_p(self) -> bool:
+        return bool((self.top_p < 1.0).any())
+
+    @property
+    def uses_min_p(self) -> bool:
+        return bool((self.min_p > 0.0).any())
+
+    @property
+    def no_penalties(self) -> bool:
+        return bool((self.presence_penalty == 0).all() and (self.frequency_penalty == 0).all()
+                    and (self.repetition_penalty == 1).all())
+
+    @classmethod
+    def from_batch(cls, batch: InputBatch, rows: np.ndarray, vocab_size: int) -> "SamplingBatch":
+        num_out = batch.num_output_tokens(rows)
+        num_logprobs = batch.num_logprobs[rows]
+        k_max = int(num_logprobs.max()) if len(rows) and num_logprobs.max() >= 0 else None
+        min_tokens: dict[int, list[int]] = {}
+        for i in np.flatnonzero(num_out < batch.min_tokens[rows]).tolist():
+            state = batch.states[int(rows[i])]
+            stop_ids = set(state.sampling_params.stop_token_ids or ())
+            if state.eos_token_id is not None and not state.sampling_params.ignore_eos:
+                stop_ids.add(state.eos_token_id)
+            stop_ids = sorted(t for t in stop_ids if t < vocab_size)
+            if stop_ids:
+                min_tokens[i] = stop_ids
+        top_k = batch.top_k[rows]
+        return cls(rows=rows, temperature=batch.temperature[rows], top_p=batch.top_p[rows],
+                   top_k=np.where(top_k == 0, vocab_size, top_k), min_p=batch.min_p[rows],
+                   presence_penalty=batch.presence_penalty[rows],
+                   frequency_penalty=batch.frequency_penalty[rows],
+                   repetition_penalty=batch.repetition_penalty[rows],
+                   seeds=batch.seed[rows], seeded=batch.seeded[rows], num_output_tokens=num_out,
+                   min_tokens=min_tokens, max_num_logprobs=k_max)

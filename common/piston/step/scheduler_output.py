@@ -1,0 +1,42 @@
+"""SchedulerOutput: one step's decision, sent to the workers as a diff."""
+
+from __future__ import annotations
+
+import msgspec
+
+from piston.step.sampling_params import SamplingParams
+
+
+class NewRequestData(msgspec.Struct, array_like=True, gc=False):
+    """A request the workers have not seen (or must rebuild after preemption), in full."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    # Tokens already generated: non-empty only when a preempted request resumes.
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    # The request's EOS token, which the sampler forbids until min_tokens are out.
+    eos_token_id: int | None = None
+
+
+class RunningRequestData(msgspec.Struct, array_like=True, gc=False):
+    """Requests the workers already hold from earlier steps: only what changed since the
+    last step (new KV blocks and the computed count)."""
+
+    req_ids: list[str] = []
+    new_block_ids: list[list[int]] = []
+    num_computed_tokens: list[int] = []
+
+
+class SchedulerOutput(msgspec.Struct, array_like=True, gc=False):
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_running_reqs: RunningRequestData
+    # {request_id: number of tokens to compute this step}: the whole decision.
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    # Requests the workers must forget: finished, aborted or preempted since last step.
+    finished_req_ids: list[str]
+    # Blocks shared by every running request (for cascade attention).
+    num_common_prefix_blocks: int = 0

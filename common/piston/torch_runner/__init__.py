@@ -1,0 +1,1 @@
+"""The torch model runner shared by the CPU and CUDA platforms, and its sampler."""

@@ -1,0 +1,185 @@
+"""TorchModelRunner: the torch half of the model runner, shared by the CPU and CUDA platforms.
+
+The step itself (the scheduler's diff, the rows to sample, prompt-logprob spans, the
+output) is the step layer's ModelRunner. This class supplies what needs torch: device
+inputs and attention metadata, the model call inside a forward context, logits, the
+sampler, and set-up (weights, KV cache, compilation and graph capture).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from piston.attention.backend import AttentionImpl
+from piston.attention.forward_context import ForwardContext, set_forward_context
+from piston.attention.layer import attention_layers
+from piston.attention.metadata import CommonAttentionMetadata
+from piston.compilation.capture import CaptureStrategy, dummy_decode_metadata
+from piston.compilation.compiled_model import CompiledModel, capture_graphs, compile_model
+from piston.distributed.parallel_state import get_tp_rank, get_tp_size
+from piston.step.config import EngineConfig
+from piston.step.input_batch import RunnerRequestState, ScheduledTokens
+from piston.step.model_runner import ModelRunner
+from piston.step.runner_output import Logprobs
+from piston.step.sampling_batch import SamplingBatch
+from piston.step.scheduler_output import NewRequestData, SchedulerOutput
+from piston.torch_runner.sampler import Sampler, compute_logprobs, gather_logprobs
+from piston.torch_runner.sampling_metadata import SamplingMetadata
+
+logger = logging.getLogger(__name__)
+
+
+class TorchModelRunner(ModelRunner):
+    def __init__(self, config: EngineConfig, device: torch.device, attn_impl: AttentionImpl) -> None:
+        super().__init__(config)
+        self.device = device
+        self.attn_impl = attn_impl
+        mc = config.model_config
+        self.dtype = getattr(torch, mc.dtype)
+        self.num_layers = mc.num_layers
+        # This rank's KV heads: the cache holds only those (split or replicated over TP ranks).
+        self.num_kv_heads = mc.heads_of_rank(get_tp_size(), get_tp_rank()).num_kv_heads
+        self.head_dim = mc.head_dim
+        self.sampler = Sampler()
+        self.model: torch.nn.Module | None = None
+        self.kv_caches: list[torch.Tensor] = []
+        self.attn_layers: dict = {}
+        # piston.compilation: the worker may set these two before load_model: the strategy
+        # that runs the compiled pieces (None: run them as they are) and what compilation
+        # mode "auto" means on its platform. ``compiled`` is None when the model runs eagerly.
+        self.capture_strategy: CaptureStrategy | None = None
+        self.default_compilation_mode = "eager"
+        self.compiled: CompiledModel | None = None
+
+    # ----- set-up -----------------------------------------------------------------
+
+    def load_model(self) -> None:
+        from piston.models.loader import load_model
+
+        self.model = load_model(self.config.model_config, device=self.device)
+        self.attn_layers = attention_layers(self.model)
+        self.compiled = compile_model(self.model, self.config, self.device, self.attn_layers,
+                                      self.capture_strategy, self.default_compilation_mode)
+
+    def capture_model(self) -> None:
+        """Capture graphs for every capture size (after initialize_kv_cache); a no-op when the
+        model runs eagerly or the strategy captures nothing."""
+        if self.compiled is not None:
+            capture_graphs(self.compiled, self._dummy_decode_forward)
+
+    def _dummy_decode_forward(self, num_tokens: int) -> None:
+        """One compiled forward pass of ``num_tokens`` one-token sequences that all live in
+        block 0 (warm-up and capture run before any request owns a block)."""
+        common = dummy_decode_metadata(num_tokens, self.block_size, self.device)
+        ids, positions = self._to_device(np.zeros(num_tokens, dtype=np.int64), np.zeros(num_tokens, dtype=np.int64))
+        ctx = ForwardContext(self.attn_impl.build_metadata(common), self.kv_caches, self.attn_impl,
+                             self.attn_layers)
+        self._flush_to_device()
+        with set_forward_context(ctx):
+            self.compiled(ids, positions)
+
+    def kv_cache_bytes_per_block(self) -> int:
+        return self.config.model_config.kv_bytes_per_block(self.block_size, self.num_kv_heads)
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        shape = self.attn_impl.kv_cache_shape(num_blocks, self.block_size, self.num_kv_heads,
+                                              self.head_dim)
+        # Zeros: padded reads of unused slots must be finite so masking can remove them.
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(self.num_layers)]
+
+    # ----- host-to-device copies (an accelerator runner overrides these) ----------------
+
+    def _to_device(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        """The host arrays as tensors on the device, in order. The base copies each one now
+        (nothing at all on the CPU); a runner may instead stage them and copy them together
+        at the next ``_flush_to_device``, so the tensors must not be read before it."""
+        return [torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in arrays]
+
+    def _flush_to_device(self) -> None:
+        """Issue the copies ``_to_device`` deferred (none in the base runner)."""
+
+    # ----- the platform's part of a step --------------------------------------------------
+
+    def on_new_request(self, state: RunnerRequestState, new: NewRequestData) -> None:
+        params = new.sampling_params
+        if params.seed is not None and not params.greedy:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed % 2**64)
+            # A resumed request replays its draws so seeded output survives preemption.
+            for _ in new.output_token_ids:
+                torch.empty(self.vocab_size, device=self.device).exponential_(generator=gen)
+            state.generator = gen
+
+    @torch.inference_mode()
+    def forward(self, scheduled: ScheduledTokens, scheduler_output: SchedulerOutput) -> torch.Tensor:
+        batch, positions = self.batch, scheduled.positions
+        input_ids = batch.token_ids[scheduled.token_rows, positions]
+        slot_mapping = scheduled.block_numbers.astype(np.int64) * self.block_size + positions % self.block_size
+        query_start_loc = scheduled.query_start_loc
+        seq_lens = (scheduled.num_computed + scheduled.num_scheduled).astype(np.int32)
+        rows = scheduled.rows
+        max_blocks = int(batch.num_blocks[rows].max())
+        qsl_t, seq_lens_t, block_table_t, slot_mapping_t, input_ids_t, positions_t = self._to_device(
+            query_start_loc, seq_lens, batch.block_table[rows, :max_blocks], slot_mapping, input_ids, positions)
+        common = CommonAttentionMetadata(
+            num_reqs=len(rows), num_actual_tokens=scheduled.num_tokens,
+            max_query_len=int(scheduled.num_scheduled.max()), max_seq_len=int(seq_lens.max()),
+            query_start_loc_np=query_start_loc, seq_lens_np=seq_lens, query_start_loc=qsl_t,
+            seq_lens=seq_lens_t, block_table=block_table_t, slot_mapping=slot_mapping_t,
+            block_size=self.block_size, num_common_prefix_blocks=scheduler_output.num_common_prefix_blocks)
+        ctx = ForwardContext(self.attn_impl.build_metadata(common), self.kv_caches, self.attn_impl,
+                             self.attn_layers)
+        self._flush_to_device()
+        model = self.model if self.compiled is None else self.compiled  # pads to a capture size itself
+        with set_forward_context(ctx):
+            return model(input_ids_t, positions_t)
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, hidden: torch.Tensor, token_indices: np.ndarray, targets: np.ndarray,
+                        k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        index, target = self._to_device(token_indices.astype(np.int64), targets.astype(np.int64))
+        self._flush_to_device()
+        logits = self.model.compute_logits(hidden[index])
+        lp = gather_logprobs(compute_logprobs(logits), k, target)
+        return lp.token_ids.cpu().numpy(), lp.logprobs.cpu().numpy(), lp.ranks.cpu().numpy()
+
+    @torch.inference_mode()
+    def sample(self, hidden: torch.Tensor, scheduled: ScheduledTokens, sampling: SamplingBatch
+               ) -> tuple[np.ndarray, Logprobs | None]:
+        (logits_index,) = self._to_device(scheduled.logits_indices.astype(np.int64))
+        metadata = self._sampling_metadata(sampling)
+        self._flush_to_device()
+        logits = self.model.compute_logits(hidden[logits_index])
+        out = self.sampler(logits, metadata)
+        logprobs = out.logprobs.tolists() if out.logprobs is not None else None
+        return out.sampled_token_ids.cpu().numpy(), logprobs
+
+    def _sampling_metadata(self, s: SamplingBatch) -> SamplingMetadata:
+        def t(a: np.ndarray) -> torch.Tensor:
+            return self._to_device(a)[0]
+
+        batch, rows = self.batch, s.rows
+        no_penalties = s.no_penalties
+        prompt_ids = output_ids = None
+        if not no_penalties:
+            prompt_ids = t(batch.padded_token_ids(rows, outputs=False, pad=self.vocab_size))
+            output_ids = [batch.token_ids[r, batch.num_prompt_tokens[r]:batch.num_tokens[r]].tolist()
+                          for r in rows.tolist()]
+        generators: dict[int, Any] = {}
+        for i in np.flatnonzero(s.seeded).tolist():
+            gen = batch.states[int(rows[i])].generator
+            if gen is not None:
+                generators[i] = gen
+        return SamplingMetadata(
+            temperature=t(s.temperature), all_greedy=s.all_greedy, all_random=s.all_random,
+            top_p=t(s.top_p) if s.uses_top_p else None,
+            top_k=t(s.top_k) if bool((s.top_k < self.vocab_size).any()) else None,
+            min_p=t(s.min_p) if s.uses_min_p else None,
+            generators=generators, max_num_logprobs=s.max_num_logprobs, no_penalties=no_penalties,
+            presence_penalties=t(s.presence_penalty), frequency_penalties=t(s.frequency_penalty),
+            repetition_penalties=t(s.repetition_penalty), prompt_token_ids=prompt_ids,
+            output_token_ids=output_ids or [[] for _ in range(len(rows))], min_tokens=s.min_tokens)

@@ -1,0 +1,84 @@
+"""The transformers reference, wherever torch is: in this process, or in another interpreter.
+
+With torch importable, ``reference()`` is the ``reference_impl`` module itself. Without it
+(the torch-free TPU session), it is a client of ``reference_impl --serve`` run by the
+interpreter ``$PISTON_REFERENCE_PYTHON`` (one with torch and transformers installed), so
+the same tests compare against the same transformers outputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+
+import numpy as np
+
+REFERENCE_PYTHON_ENV = "PISTON_REFERENCE_PYTHON"
+_IMPL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_impl.py")
+
+
+def torch_installed() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+class RemoteReference:
+    """``reference_impl`` run by another interpreter; the same calls, arrays via .npy files."""
+
+    def __init__(self, python: str) -> None:
+        self.proc = subprocess.Popen([python, _IMPL, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        self.tmp = tempfile.mkdtemp(prefix="piston-reference-")
+        self.lock = threading.Lock()
+        self.count = 0
+
+    def _call(self, name: str, *args, returns_array: bool = False):
+        with self.lock:
+            self.count += 1
+            out = os.path.join(self.tmp, f"{self.count}.npy") if returns_array else None
+            self.proc.stdin.write(json.dumps({"call": name, "args": list(args), "out": out}) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the reference process ({self.proc.args[0]}) exited with {self.proc.poll()}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"reference {name} failed: {reply['error']}")
+        if out is None:
+            return reply["result"]
+        array = np.load(out)
+        os.remove(out)
+        return array if reply["result"] is None else (reply["result"], array)
+
+    def build_tiny_model(self, name: str, folder: str, tokenizer_gguf: str) -> str:
+        return self._call("build_tiny_model", name, str(folder), tokenizer_gguf)
+
+    def greedy(self, path: str, prompt: list[int], max_new_tokens: int) -> tuple[list[int], np.ndarray]:
+        return self._call("greedy", path, list(prompt), max_new_tokens, returns_array=True)
+
+    def prompt_logprobs(self, path: str, prompt: list[int]) -> np.ndarray:
+        return self._call("prompt_logprobs", path, list(prompt), returns_array=True)
+
+    def config(self, path: str) -> dict:
+        return self._call("config", path)
+
+
+@functools.lru_cache(maxsize=1)
+def reference():
+    """The reference implementation: in-process with torch, else the remote one."""
+    if torch_installed():
+        sys.path.insert(0, os.path.dirname(_IMPL))
+        import reference_impl
+
+        return reference_impl
+    python = os.environ.get(REFERENCE_PYTHON_ENV)
+    if not python:
+        raise RuntimeError(f"torch is not installed here, so the transformers reference must run in another "
+                           f"interpreter: set {REFERENCE_PYTHON_ENV} to a python with torch and transformers "
+                           "(nox -s conformance-tpu does).")
+    return RemoteReference(python)

@@ -1,0 +1,193 @@
+"""Hugging Face transformers as the correctness reference: the part that needs torch.
+
+Used in-process when torch is installed, and otherwise run as a server by another
+interpreter that has torch (``python tests/reference_impl.py --serve``, driven by
+tests/reference.py), so a torch-free test environment (the TPU session) still checks
+against transformers.
+
+- ``build_tiny_model(name, folder)``: a seeded random-weight HF model folder (config.json +
+  model.safetensors + the SmolLM2 tokenizer), so the engine and transformers load the very
+  same complete local folder.
+- ``greedy(path, prompt_ids, max_new_tokens)``: new token ids and the full raw
+  log-probability matrix [new tokens, vocab] of HF greedy generation, prompt run alone.
+- ``prompt_logprobs(path, prompt_ids)``: teacher-forced raw log-probabilities.
+- ``config(path)``: the model's config as transformers reads it, as a dict.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Random weights give near-flat next-token distributions in which float32 noise can
+# swap the argmax. A large init std plus a final-norm gain spreads the logits (std ~10)
+# so greedy margins are wide enough to compare tokens exactly.
+_INIT_STD = 0.3
+_FINAL_NORM_GAIN = 4.0
+
+_SHARED = dict(
+    vocab_size=49152,  # the SmolLM2 tokenizer's, so its files can live in the same folder
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    initializer_range=_INIT_STD,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+    dtype="float32",
+)
+
+# name -> (transformers config class name, overrides). Each one exercises a model
+# feature the engine implements separately. Weights are seeded by TINY_MODEL_SEEDS.
+TINY_MODEL_SPECS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", dict(num_hidden_layers=3)),
+    "llama-tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
+    "llama3-rope-scaling": (
+        "LlamaConfig",
+        dict(
+            hidden_size=128,
+            head_dim=32,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=128,
+            ),
+        ),
+    ),
+    "qwen2": ("Qwen2Config", dict(num_hidden_layers=3)),  # q/k/v projections carry a bias
+    "qwen3": ("Qwen3Config", dict(head_dim=32, num_hidden_layers=4)),  # per-head q/k RMSNorm
+    # One KV head: with tensor parallelism it cannot be split, so every rank replicates it.
+    "llama-mqa": ("LlamaConfig", dict(num_key_value_heads=1)),
+    # 3 KV heads (and an odd MLP width) over 2 ranks: split 2 + 1, as SmolLM2's 3 KV heads are.
+    "llama-uneven": ("LlamaConfig", dict(hidden_size=96, head_dim=16, num_attention_heads=6,
+                                         num_key_value_heads=3, intermediate_size=130)),
+}
+# Seeds whose greedy paths on the reference prompts have no near-ties (top-2 gap > 1e-3).
+TINY_MODEL_SEEDS = {**{name: 0 for name in TINY_MODEL_SPECS}, "llama-tied": 3}
+
+
+@functools.lru_cache(maxsize=2)
+def load_tokenizer(gguf_path: str):
+    """The tokenizer as transformers loads it from the GGUF file (adds no BOS)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path))
+
+
+def _randomize_norms_and_biases(model) -> None:
+    """HF initialises norms to 1 and biases to 0, which would hide an engine that never
+    loads them; give them random values too (seeded by the caller)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                param.normal_(0.0, _INIT_STD)
+        model.model.norm.weight.mul_(_FINAL_NORM_GAIN)
+
+
+def build_tiny_model(name: str, folder: str, tokenizer_gguf: str) -> str:
+    """Write a seeded random-weight model ``name`` (see TINY_MODEL_SPECS) as an HF folder,
+    with the tokenizer of the GGUF file ``tokenizer_gguf``."""
+    import transformers
+
+    cls_name, overrides = TINY_MODEL_SPECS[name]
+    config = getattr(transformers, cls_name)(**{**_SHARED, **overrides})
+    torch.manual_seed(TINY_MODEL_SEEDS[name])
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomize_norms_and_biases(model)
+    model.generation_config.eos_token_id = _SHARED["eos_token_id"]
+    model.generation_config.pad_token_id = _SHARED["pad_token_id"]
+    model.save_pretrained(folder, safe_serialization=True)
+    load_tokenizer(tokenizer_gguf).save_pretrained(folder)
+    return str(folder)
+
+
+@functools.lru_cache(maxsize=4)
+def load_hf_model(model_dir_or_gguf: str):
+    """A float32 transformers model from an HF folder or a .gguf file (cached)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": torch.float32}
+    path = model_dir_or_gguf
+    if path.endswith(".gguf"):
+        path, kwargs["gguf_file"] = os.path.dirname(path), os.path.basename(path)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model.eval()
+
+
+def greedy(path: str, prompt: list[int], max_new_tokens: int) -> tuple[list[int], np.ndarray]:
+    """HF greedy generation of one prompt: new token ids (EOS included when generated) and
+    their raw log-probabilities [new tokens, vocab] (float32)."""
+    from transformers import GenerationConfig
+
+    model = load_hf_model(path)
+    eos = model.generation_config.eos_token_id
+    pad = model.generation_config.pad_token_id
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos,
+                              pad_token_id=pad if pad is not None else eos, output_logits=True,
+                              return_dict_in_generate=True)
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), generation_config=config)
+    new_ids = out.sequences[0, len(prompt):].tolist()
+    full = torch.log_softmax(torch.stack(out.logits)[:, 0].float(), dim=-1)
+    assert full.shape[0] == len(new_ids)
+    return new_ids, full.numpy()
+
+
+def prompt_logprobs(path: str, prompt: list[int]) -> np.ndarray:
+    """Teacher-forced raw log-probabilities: row i is the distribution of prompt token i+1."""
+    model = load_hf_model(path)
+    with torch.inference_mode():
+        logits = model(torch.tensor([list(prompt)])).logits[0, :-1]
+    return torch.log_softmax(logits.float(), dim=-1).numpy()
+
+
+def config(path: str) -> dict:
+    """The model's config as transformers reads it (HF folder or .gguf file)."""
+    return load_hf_model(path).config.to_dict()
+
+
+def serve() -> None:
+    """JSON lines on stdin -> JSON lines on stdout; arrays go through .npy files.
+
+    Request: {"call": name, "args": [...], "out": path-or-null}; a returned array is saved
+    to ``out`` and the reply says so. Reply: {"result": ...} or {"error": text}.
+    """
+    calls = {"build_tiny_model": build_tiny_model, "greedy": greedy, "prompt_logprobs": prompt_logprobs,
+             "config": config}
+    reply_stream = sys.stdout
+    sys.stdout = sys.stderr  # library prints must not corrupt the protocol
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            result = calls[request["call"]](*request["args"])
+            if isinstance(result, tuple):
+                ids, array = result
+                np.save(request["out"], array)
+                result = ids
+            elif isinstance(result, np.ndarray):
+                np.save(request["out"], result)
+                result = None
+            reply = {"result": result}
+        except Exception as e:  # handed back to the test that asked
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        reply_stream.write(json.dumps(reply) + "\n")
+        reply_stream.flush()
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
+    serve()
