@@ -113,7 +113,8 @@ def conformance_tpu(session: nox.Session) -> None:
     session.run("python", "-m", "pip", "uninstall", "-q", "-y", "torch", silent=True)
     session.run("python", "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not "
                 "None and 'torch is installed in the TPU session; it must run without torch')")
-    session.run("python", "-m", "pytest", "tests/conformance", "tests/unit/test_torch_free.py", "-q",
+    session.run("python", "-m", "pytest", "tests/conformance", "tests/unit/test_torch_free.py",
+                "tests/e2e/test_serve_without_torch.py", "-q",
                 *session.posargs, env={"PISTON_PLATFORM": "tpu", "PISTON_REFERENCE_PYTHON": reference})
 
 

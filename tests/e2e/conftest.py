@@ -35,7 +35,8 @@ def free_port() -> int:
 class ServerProcess:
     """One `piston serve` subprocess; its output goes to a log file shown on failure."""
 
-    def __init__(self, model: str, *args: str, api_key: str | None = API_KEY) -> None:
+    def __init__(self, model: str, *args: str, api_key: str | None = API_KEY,
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.api_key = api_key
         self.log = tempfile.NamedTemporaryFile("w+", prefix="piston-serve-", suffix=".log",
@@ -45,7 +46,7 @@ class ServerProcess:
         if api_key:
             cmd += ["--api-key", api_key]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self.ready = False
 
     @property
