@@ -119,6 +119,24 @@ def conformance_tpu(session: nox.Session) -> None:
 
 
 @nox.session
+def soak(session: nox.Session) -> None:
+    """The server soak for 10 minutes (PISTON_SOAK_SECONDS; the default suite runs 20 s)."""
+    _install(session)
+    session.run("python", "-m", "pytest", "tests/e2e/test_soak.py", "-q", "-s", *session.posargs,
+                env={"PISTON_PLATFORM": "cpu", "PISTON_SOAK_SECONDS": os.environ.get("PISTON_SOAK_SECONDS", "600")})
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """schemathesis over the server's OpenAPI schema with 200 examples per operation and phase
+    (PISTON_FUZZ_EXAMPLES; the default suite runs 10)."""
+    _install(session)
+    session.run("python", "-m", "pytest", "tests/e2e/test_openapi_fuzz.py", "-q", "-s", *session.posargs,
+                env={"PISTON_PLATFORM": "cpu",
+                     "PISTON_FUZZ_EXAMPLES": os.environ.get("PISTON_FUZZ_EXAMPLES", "200")})
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Piston against transformers on the issue's workload (benchmarks/compare.sh).
 

@@ -311,39 +311,46 @@ def _engine_children(pid: int) -> list[int]:
 
 # Runs last: it kills the engine of the module's tiny server (a second server would
 # cost a model load on a busy machine).
-def test_engine_death_makes_health_503_and_server_exit_nonzero(tiny_server):
+def test_engine_death_fails_in_flight_requests_makes_health_503_and_exits_nonzero(tiny_server):
     server = tiny_server
+    body = {"model": TINY, "prompt": "x", "max_tokens": 240, "ignore_eos": True}
     outcome: dict = {}
 
-    def in_flight():
-        try:
-            server.openai().completions.create(model=TINY, prompt="x", max_tokens=240,
-                                               extra_body={"ignore_eos": True})
-            outcome["result"] = "completed"
-        except openai.APIStatusError as e:
-            outcome["result"] = e.status_code
-        except openai.APIConnectionError:
-            outcome["result"] = "connection closed"
+    def plain():
+        r = httpx.post(f"{server.url}/v1/completions", json=body, headers=server.headers, timeout=60)
+        outcome["plain"] = (r.status_code, r.json())
 
-    thread = threading.Thread(target=in_flight, daemon=True)
+    thread = threading.Thread(target=plain, daemon=True)
     thread.start()
-    time.sleep(0.5)
-    children = _engine_children(server.proc.pid)
-    assert children, "the server has no engine process"
-    for pid in children:
-        os_kill(pid)
-    start = time.monotonic()
-    try:
-        status = httpx.get(f"{server.url}/health", timeout=5).status_code
-        assert status in (503, 200)  # 200 only if the watcher has not noticed yet
-    except httpx.HTTPError:
-        pass  # already gone
+    events = []
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True},
+                      headers=server.headers, timeout=60) as r:
+        lines = r.iter_lines()
+        for line in lines:  # the first generated token: both requests are mid-generation now
+            if line.startswith("data: {"):
+                break
+        children = _engine_children(server.proc.pid)
+        assert children, "the server has no engine process"
+        for pid in children:
+            os_kill(pid)
+        start = time.monotonic()
+        while (health := httpx.get(f"{server.url}/health", timeout=5)).status_code == 200:
+            assert time.monotonic() - start < 3, "/health still says 200 three seconds after the engine died"
+            time.sleep(0.05)
+        events = [line for line in lines if line.startswith("data:")]
+    assert health.status_code == 503, health.text
+    assert health.json()["error"]["type"] == "service_unavailable_error"
+    # The stream ends with an error event (OpenAI's error shape), then [DONE].
+    assert events[-1] == "data: [DONE]", events[-3:]
+    error = json.loads(events[-2][len("data: "):])
+    assert error["error"]["code"] == 503 and "engine" in error["error"]["message"], error
+    thread.join(30)
+    assert not thread.is_alive(), "an in-flight request hung after the engine died"
+    status, payload = outcome["plain"]
+    assert status == 503 and payload["error"]["type"] == "service_unavailable_error", outcome
     returncode = server.proc.wait(15)
     assert returncode != 0, server.log_tail()
     assert time.monotonic() - start < 15
-    thread.join(10)
-    assert not thread.is_alive(), "an in-flight request hung after the engine died"
-    assert outcome["result"] in (503, "completed", "connection closed"), outcome
 
 
 def os_kill(pid: int) -> None:

@@ -160,11 +160,13 @@ class BlockPool:
         blocks: Sequence[KVCacheBlock],
         num_cached_blocks: int,
         num_full_blocks: int,
+        registered: list[KVCacheBlock] | None = None,
     ) -> None:
         """Register ``blocks[num_cached_blocks:num_full_blocks]`` under the request's hashes.
 
         ``request.block_hashes`` must already cover ``num_full_blocks`` blocks. Blocks that
-        came from a prefix hit already hold their hash and are left alone.
+        came from a prefix hit already hold their hash and are left alone. The blocks given a
+        hash here are appended to ``registered``, when given.
         """
         if not self.enable_caching:
             return
@@ -178,6 +180,14 @@ class BlockPool:
             if block_hash not in cache:
                 block.block_hash = block_hash
                 cache[block_hash] = block
+                if registered is not None:
+                    registered.append(block)
+
+    def uncache(self, blocks: Iterable[KVCacheBlock]) -> None:
+        """Forget the hashes of ``blocks`` (their KV was never written); their references stay."""
+        for block in blocks:
+            if block.block_hash is not None:
+                self._evict(block)
 
     def get_num_free_blocks(self) -> int:
         """Blocks that can be handed out now, evictable cached blocks included."""

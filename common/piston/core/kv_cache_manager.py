@@ -35,6 +35,18 @@ class KVCacheManager:
         # Prefix-cache statistics, in tokens.
         self.prefix_queries = 0
         self.prefix_hits = 0
+        # Blocks registered in the prefix cache since begin_step: the step that fills them
+        # has not run yet, so a failed step must take their hashes back (uncache_step).
+        self.step_registered: list[KVCacheBlock] = []
+
+    def begin_step(self) -> None:
+        """A new step is being scheduled."""
+        self.step_registered.clear()
+
+    def uncache_step(self) -> None:
+        """The step failed: blocks it registered hold no KV, so no request may hit them."""
+        self.block_pool.uncache(self.step_registered)
+        self.step_registered.clear()
 
     def get_computed_blocks(self, request: "Request") -> tuple[list[KVCacheBlock], int]:
         """The longest cached prefix of ``request`` in full blocks, and its length in tokens.
@@ -106,7 +118,7 @@ class KVCacheManager:
         if num_full_blocks <= num_cached:
             return
         update_request_block_hashes(request, self.block_size)
-        self.block_pool.cache_full_blocks(request, blocks, num_cached, num_full_blocks)
+        self.block_pool.cache_full_blocks(request, blocks, num_cached, num_full_blocks, self.step_registered)
         self.num_cached_blocks[request.request_id] = num_full_blocks
 
     def free(self, request: "Request") -> None:

@@ -23,6 +23,7 @@ name a ``module:Class`` subclass of ``Scheduler``. Its hooks, from small to larg
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import Iterable
@@ -32,8 +33,11 @@ from piston.core.policies import SchedulingPolicy, make_policy
 from piston.core.request import Request, RequestStatus
 from piston.step.config import EngineConfig
 from piston.step.engine_messages import EngineCoreOutput, Logprobs, SchedulerStats
+from piston.step.fault_injection import maybe_fail
 from piston.step.runner_output import ModelRunnerOutput
 from piston.step.scheduler_output import NewRequestData, RunningRequestData, SchedulerOutput
+
+logger = logging.getLogger(__name__)
 
 
 class Scheduler:
@@ -142,6 +146,7 @@ class Scheduler:
         cached_block_ids: dict[str, list[int]] = {}
         preempted: set[str] = set()
         admitting = True
+        kv.begin_step()
         policy.begin_step(self.running, self.waiting, budget)
 
         i = 0  # self.running[:i] are served (or skipped) this step; victims come from the end
@@ -252,12 +257,13 @@ class Scheduler:
             request.num_cached_tokens = num_hit
         return num_new
 
-    def _preempt(self, request: Request) -> None:
+    def _preempt(self, request: Request, count: bool = True) -> None:
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
-        request.num_preemptions += 1
-        self.num_preemptions += 1
+        if count:
+            request.num_preemptions += 1
+            self.num_preemptions += 1
         self.policy.on_preempted(request)
         self.waiting.prepend(request)
         # The workers drop its state now; it comes back as a new request on resume.
@@ -285,43 +291,91 @@ class Scheduler:
             request = self.requests.get(req_id)
             if request is None or request.is_finished():
                 continue
-            sampled = sampled_all[row]
-            new_prompt_lp = prompt_logprobs.get(req_id) if prompt_logprobs else None
-            if not sampled and new_prompt_lp is None:
-                continue
-
-            new_lp = None
-            queue_time = None
-            if sampled:
-                if request.num_output_tokens == 0:
-                    queue_time = _queue_time(request)
-                sampled = self._append_and_check_stop(request, sampled)
-                k = request.sampling_params.logprobs
-                if logprobs is not None and k is not None:
-                    new_lp = _slice_logprobs(logprobs, k + 1, row)
-            k = request.sampling_params.prompt_logprobs
-            if new_prompt_lp is not None and k is not None:
-                new_prompt_lp = _slice_logprobs(new_prompt_lp, k + 1)
-            outputs.append(
-                EngineCoreOutput(
-                    request_id=req_id,
-                    new_token_ids=sampled,
-                    new_logprobs=new_lp,
-                    new_prompt_logprobs=new_prompt_lp,
-                    finish_reason=request.get_finish_reason(),
-                    stop_reason=request.stop_reason,
-                    num_cached_tokens=max(request.num_cached_tokens, 0),
-                    queue_time=queue_time,
-                )
-            )
-            if request.is_finished():
+            try:
+                maybe_fail("scheduler", req_id)
+                output = self._apply_output(request, row, sampled_all[row], logprobs, prompt_logprobs)
+            except Exception as e:  # this request's bookkeeping failed: fail it alone
+                logger.exception("Request %s failed while applying its step output", req_id)
+                outputs.append(self._fail_request(request, f"applying the step's output failed: "
+                                                            f"{type(e).__name__}: {e}"))
                 finished.append(request)
+                continue
+            if output is not None:
+                outputs.append(output)
+                if request.is_finished():
+                    finished.append(request)
 
         if finished:
             for request in finished:
                 self._free_request(request)
             self.running = [r for r in self.running if not r.is_finished()]
         return outputs
+
+    def _apply_output(self, request: Request, row: int, sampled: list[int], logprobs: Logprobs | None,
+                      prompt_logprobs: dict[str, Logprobs] | None) -> EngineCoreOutput | None:
+        """One request's share of a step's result: append its tokens, check stops, slice its
+        logprobs; None when the step produced nothing for it."""
+        req_id = request.request_id
+        new_prompt_lp = prompt_logprobs.get(req_id) if prompt_logprobs else None
+        if not sampled and new_prompt_lp is None:
+            return None
+        new_lp = None
+        queue_time = None
+        if sampled:
+            if request.num_output_tokens == 0:
+                queue_time = _queue_time(request)
+            sampled = self._append_and_check_stop(request, sampled)
+            k = request.sampling_params.logprobs
+            if logprobs is not None and k is not None:
+                new_lp = _slice_logprobs(logprobs, k + 1, row)
+        k = request.sampling_params.prompt_logprobs
+        if new_prompt_lp is not None and k is not None:
+            new_prompt_lp = _slice_logprobs(new_prompt_lp, k + 1)
+        return EngineCoreOutput(
+            request_id=req_id,
+            new_token_ids=sampled,
+            new_logprobs=new_lp,
+            new_prompt_logprobs=new_prompt_lp,
+            finish_reason=request.get_finish_reason(),
+            stop_reason=request.stop_reason,
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+            queue_time=queue_time,
+        )
+
+    # ----- faults -------------------------------------------------------------------
+
+    def _fail_request(self, request: Request, message: str) -> EngineCoreOutput:
+        """Mark ``request`` failed (the caller frees it) and say so to the front end."""
+        request.status = RequestStatus.FINISHED_ERROR
+        request.error = message
+        return EngineCoreOutput(request_id=request.request_id, new_token_ids=[], finish_reason="error",
+                                num_cached_tokens=max(request.num_cached_tokens, 0), error=message)
+
+    def fail_step(self, scheduler_output: SchedulerOutput, failed_req_ids: Iterable[str],
+                  message: str) -> list[EngineCoreOutput]:
+        """The step ``scheduler_output`` failed because of ``failed_req_ids``: fail those,
+        and send the step's other requests back to the waiting queue to be computed again.
+
+        The step's KV was not (or not all) written, so every block it registered in the
+        prefix cache is taken back, and every request it scheduled leaves the workers and
+        comes back as a new one. Returns one error output per failed request.
+        """
+        failed = set(failed_req_ids)
+        self.kv_cache_manager.uncache_step()
+        scheduled = [self.requests[r] for r in scheduler_output.num_scheduled_tokens
+                     if r in self.requests and not self.requests[r].is_finished()]
+        gone = set(map(id, scheduled))
+        self.running = [r for r in self.running if id(r) not in gone]
+        outputs = []
+        # Reversed, so the requeued ones keep their order at the front of the queue.
+        for request in reversed(scheduled):
+            if request.request_id in failed:
+                logger.error("Request %s failed: %s", request.request_id, message)
+                outputs.append(self._fail_request(request, message))
+                self._free_request(request)
+            else:
+                self._preempt(request, count=False)
+        return outputs[::-1]
 
     def _append_and_check_stop(self, request: Request, sampled: list[int]) -> list[int]:
         """Append tokens up to and including the first stop; return the appended ones."""

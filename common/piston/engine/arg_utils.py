@@ -41,6 +41,7 @@ class EngineArgs:
     worker_extension_cls: str | None = None
     load_format: str = "auto"
     enforce_eager: bool = False
+    max_logprobs: int = 20
     gpu_memory_utilization: float = 0.9
     compilation_mode: str = "auto"
     capture_sizes: list[int] | None = None
@@ -76,6 +77,8 @@ class EngineArgs:
         add("--load-format", default=d.load_format, choices=["auto", "dummy"],
             help="dummy: random weights in the checkpoint's shapes (needs only config.json)")
         add("--enforce-eager", action="store_true", help="no compilation and no graph capture")
+        add("--max-logprobs", type=int, default=d.max_logprobs,
+            help="the most logprobs and prompt logprobs a request may ask for per position (-1: no cap)")
         add("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
             help="accelerators: fraction of device memory to use when --kv-cache-memory is not given")
         add("--compilation-mode", default=d.compilation_mode, choices=["auto", "eager", "piecewise"],
@@ -110,6 +113,8 @@ class EngineArgs:
             raise ValueError(f"compilation_mode must be auto, eager or piecewise, got {self.compilation_mode!r}.")
         if self.capture_sizes is not None and any(s < 1 for s in self.capture_sizes):
             raise ValueError(f"capture_sizes must be positive, got {self.capture_sizes}.")
+        if self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be >= 0 (or -1 for no cap), got {self.max_logprobs}.")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")
 
@@ -123,7 +128,7 @@ class EngineArgs:
         hf_config = read_hf_config(path)
         mc = ModelConfig(model=self.model or DEFAULT_MODEL_NAME, path=path, tokenizer=self.tokenizer,
                          dtype=self.dtype, seed=self.seed, load_format=self.load_format,
-                         enforce_eager=self.enforce_eager, hf_config=hf_config)
+                         enforce_eager=self.enforce_eager, max_logprobs=self.max_logprobs, hf_config=hf_config)
         native = native_context_length(hf_config)
         if self.max_model_len is None:
             mc.max_model_len = native

@@ -16,10 +16,11 @@ import queue
 import shutil
 import tempfile
 import threading
+import time
 import weakref
 from concurrent.futures import Future
 from multiprocessing.connection import wait as wait_for_fds
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import zmq
@@ -35,6 +36,8 @@ from piston.step.engine_messages import (
     EngineCoreReady,
     EngineCoreRequest,
     EngineCoreRequestType,
+    Heartbeat,
+    SchedulerStats,
     UtilityOutput,
     UtilityRequest,
 )
@@ -42,6 +45,8 @@ from piston.step.engine_messages import (
 # How often a waiting client wakes to check that the engine process is alive.
 _POLL_MS = 100
 _STARTUP_TIMEOUT_S = 600
+# The engine sends a heartbeat every second; this much silence means it is not answering.
+HEARTBEAT_TIMEOUT_S = 15.0
 
 
 class EngineDeadError(RuntimeError):
@@ -184,6 +189,12 @@ class _EngineProcess:
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
+class EngineHealth(NamedTuple):
+    healthy: bool
+    state: str  # "idle", "busy" (healthy); "dead", "unresponsive", "wedged" (not)
+    detail: str
+
+
 class _OutputRouter:
     """Decodes engine messages and routes them: outputs to a queue, utility replies to
     their waiting future. Knows when the engine is dead and why. No link to the client."""
@@ -196,9 +207,24 @@ class _OutputRouter:
         self.lock = threading.Lock()
         self.dead: EngineDeadError | None = None
         self.dead_text = ""  # what the engine said before exiting, if anything
+        # The engine's latest heartbeat and when it arrived (monotonic seconds).
+        self.heartbeat: Heartbeat | None = None
+        self.heartbeat_at = time.monotonic()
+        # The scheduler's latest state, from step outputs and heartbeats alike.
+        self.stats: SchedulerStats | None = None
+        # When the latest step output arrived: a step the last heartbeat saw running has
+        # ended if output came after it began (both are CLOCK_MONOTONIC readings).
+        self.output_at = 0.0
 
     def route(self, frame: bytes) -> None:
         outputs = self.decoder.decode(frame)
+        if outputs.heartbeat is not None:
+            self.heartbeat, self.heartbeat_at = outputs.heartbeat, time.monotonic()
+            self.stats = outputs.heartbeat.scheduler_stats or self.stats
+            return
+        if outputs.scheduler_stats is not None:
+            self.stats = outputs.scheduler_stats
+            self.output_at = time.monotonic()
         reply = outputs.utility_output
         if reply is None:
             self.outputs.put_nowait(outputs)
@@ -229,6 +255,23 @@ class _OutputRouter:
             if self.dead is not None:
                 raise self.dead
             self.pending[call_id] = future
+
+    def health(self) -> "EngineHealth":
+        """Whether the engine is alive, from its heartbeats: no round trip to the busy loop."""
+        now = time.monotonic()
+        if self.dead is not None or not self.engine.is_alive():
+            return EngineHealth(False, "dead", str(self.dead or "the engine process exited"))
+        silent = now - self.heartbeat_at
+        if silent > HEARTBEAT_TIMEOUT_S:
+            return EngineHealth(False, "unresponsive", f"no heartbeat from the engine for {silent:.0f} s")
+        beat = self.heartbeat
+        if beat is None or not beat.step_started_at or self.output_at > beat.step_started_at:
+            return EngineHealth(True, "idle", "")
+        busy = now - beat.step_started_at
+        if busy > beat.step_deadline_s:
+            return EngineHealth(False, "wedged", f"one engine step has run for {busy:.0f} s, past its "
+                                                 f"{beat.step_deadline_s:.0f} s deadline")
+        return EngineHealth(True, "busy", f"in a step for {busy:.1f} s (deadline {beat.step_deadline_s:.0f} s)")
 
     def check(self) -> None:
         if self.dead is not None:
@@ -387,6 +430,15 @@ class AsyncMPClient(EngineCoreClient):
         router.register(call_id, future)
         await self._send(EngineCoreRequestType.UTILITY, UtilityRequest(call_id, method, list(args)))
         return _utility_result(await future, method)
+
+    def health(self) -> EngineHealth:
+        """The engine's health from its heartbeats (call in the running loop)."""
+        return self._ensure_reader().health()
+
+    @property
+    def latest_stats(self) -> SchedulerStats | None:
+        """The scheduler's state as of the engine's last step or heartbeat (no round trip)."""
+        return self._router.stats if self._router is not None else None
 
     def shutdown(self) -> None:
         """Stop the engine process and free its sockets; safe to call twice."""

@@ -12,6 +12,7 @@ import logging
 import queue
 import sys
 import threading
+import time
 import traceback
 from typing import Any
 
@@ -20,6 +21,7 @@ import zmq
 
 from piston.child_process import ChildContext, exit_now
 from piston.step.config import EngineConfig
+from piston.engine.engine_core import STEP_TIMEOUT_S, EngineCore
 from piston.step.config_codec import decode_engine_config
 from piston.step.engine_messages import (
     ENGINE_DEAD_CALL_ID,
@@ -27,6 +29,7 @@ from piston.step.engine_messages import (
     EngineCoreReady,
     EngineCoreRequest,
     EngineCoreRequestType,
+    Heartbeat,
     UtilityOutput,
     UtilityRequest,
 )
@@ -35,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 # How often the input thread wakes to check that the parent process is still alive.
 _PARENT_POLL_MS = 1000
+HEARTBEAT_INTERVAL_S = 1.0
 
 
 class EngineCoreProc:
@@ -42,8 +46,6 @@ class EngineCoreProc:
 
     def __init__(self, config: EngineConfig, input_addr: str, output_addr: str,
                  child: ChildContext) -> None:
-        from piston.engine.engine_core import EngineCore
-
         self.child = child
         self.input_queue: queue.Queue[tuple[EngineCoreRequestType, Any]] = queue.Queue()
         self.output_queue: queue.Queue[EngineCoreOutputs | None] = queue.Queue()
@@ -54,8 +56,12 @@ class EngineCoreProc:
                                              name="EngineCoreInput", daemon=True)
         self.output_thread = threading.Thread(target=self._output_loop, args=(output_addr,),
                                               name="EngineCoreOutput", daemon=True)
+        self.stopping = threading.Event()
+        self.heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="EngineCoreHeartbeat",
+                                                 daemon=True)
         self.input_thread.start()
         self.output_thread.start()
+        self.heartbeat_thread.start()
 
     # ----- socket threads ---------------------------------------------------------------
 
@@ -96,6 +102,15 @@ class EngineCoreProc:
             # Give the last messages (the dead signal above all) time to reach the front end.
             sock.close(linger=5000)
 
+    def _heartbeat_loop(self) -> None:
+        """Every second, what the busy loop is doing: the front end's /health reads it, so a
+        long step is not mistaken for a dead engine, and a wedged one is noticed."""
+        core = self.engine_core
+        while not self.stopping.wait(HEARTBEAT_INTERVAL_S):
+            self.output_queue.put(EngineCoreOutputs(heartbeat=Heartbeat(
+                sent_at=time.monotonic(), step_started_at=core.busy_since,
+                step_deadline_s=core.busy_deadline_s, num_steps=core.num_steps, scheduler_stats=core.stats)))
+
     # ----- the busy loop ----------------------------------------------------------------
 
     def run_busy_loop(self) -> int:
@@ -122,6 +137,7 @@ class EngineCoreProc:
             self._send_dead(text)
             return 1
         finally:
+            self.stopping.set()
             self.output_queue.put(None)
             self.output_thread.join(timeout=10)
             core.shutdown()
@@ -132,10 +148,17 @@ class EngineCoreProc:
         if kind is EngineCoreRequestType.ADD:
             for request in payload:
                 self.engine_core.add_request(request)
+            self.engine_core.stats = self.engine_core.scheduler.make_stats()
         elif kind is EngineCoreRequestType.ABORT:
             self.engine_core.abort_requests(payload)
+            self.engine_core.stats = self.engine_core.scheduler.make_stats()
         elif kind is EngineCoreRequestType.UTILITY:
-            self.output_queue.put(EngineCoreOutputs(utility_output=self._call_utility(payload)))
+            core = self.engine_core
+            core.busy_deadline_s, core.busy_since = STEP_TIMEOUT_S, time.monotonic()
+            try:
+                self.output_queue.put(EngineCoreOutputs(utility_output=self._call_utility(payload)))
+            finally:
+                core.busy_since = 0.0
         elif kind is EngineCoreRequestType.SHUTDOWN:
             return False
         else:

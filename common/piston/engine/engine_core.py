@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import time
 from typing import Any, Iterable
 
@@ -13,9 +14,16 @@ from piston.executor import executor_class
 from piston.executor.abstract import Executor
 from piston.hal.registry import get_platform
 from piston.step.config import EngineConfig, cdiv
-from piston.step.engine_messages import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
+from piston.step.engine_messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, SchedulerStats
+from piston.step.runner_output import RequestFailedError
 
 logger = logging.getLogger(__name__)
+
+# A step may take this long, plus a share per scheduled token, before the engine counts as
+# wedged (see Heartbeat): 60 s + 50 ms per token is 160 s for a 2048-token step, over ten
+# times what a 2-core CPU needs. PISTON_STEP_TIMEOUT_S replaces the 60 s.
+STEP_TIMEOUT_S = float(os.environ.get("PISTON_STEP_TIMEOUT_S", 60.0))
+STEP_TIMEOUT_PER_TOKEN_S = 0.05
 
 
 def load_scheduler_cls(policy: str) -> type[Scheduler]:
@@ -44,6 +52,14 @@ class EngineCore:
                              "only; use tensor_parallel_size=1.")
         self.config = config
         self.kv_cache_memory = 0  # bytes per rank, once the workers have reported
+        # Error outputs of requests that failed outside a step, sent with the next step's.
+        self.failed_outputs: list[EngineCoreOutput] = []
+        # What the engine is doing, for the heartbeat (read from another thread): when the
+        # current step or call began (0.0 when idle), and how long it may take.
+        self.busy_since = 0.0
+        self.busy_deadline_s = 0.0
+        self.num_steps = 0
+        self.stats: SchedulerStats | None = None  # as of the last step or handled message
         self.executor: Executor = executor_class(config)(config, platform)
         try:
             self._init_cache(config)
@@ -80,22 +96,45 @@ class EngineCore:
         self.executor.initialize_cache(num_blocks)
 
     def add_request(self, request: EngineCoreRequest) -> None:
-        self.scheduler.add_request(Request.from_engine_core_request(request))
+        """Queue a request. One the scheduler cannot take fails alone: its error output goes
+        out with the next step's outputs."""
+        try:
+            self.scheduler.add_request(Request.from_engine_core_request(request))
+        except Exception as e:
+            logger.exception("Request %s could not be added", request.request_id)
+            self.failed_outputs.append(EngineCoreOutput(
+                request_id=request.request_id, new_token_ids=[], finish_reason="error",
+                error=f"the engine could not accept the request: {type(e).__name__}: {e}"))
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         self.scheduler.finish_requests(list(request_ids), RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self.failed_outputs)
 
     def step(self) -> EngineCoreOutputs:
-        """Run one scheduling step; returns what each request produced, and the stats."""
-        if not self.scheduler.has_unfinished_requests():
-            return EngineCoreOutputs(scheduler_stats=self.scheduler.make_stats())
-        scheduler_output = self.scheduler.schedule()
-        runner_output = self.executor.execute_model(scheduler_output)
-        outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
-        return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.scheduler.make_stats())
+        """Run one scheduling step; returns what each request produced, and the stats.
+
+        A step that fails because of some requests (RequestFailedError) fails those alone
+        and recomputes the others; any other exception means the engine cannot go on.
+        """
+        outputs, self.failed_outputs = self.failed_outputs, []
+        if self.scheduler.has_unfinished_requests():
+            self.busy_deadline_s, self.busy_since = STEP_TIMEOUT_S, time.monotonic()
+            try:
+                scheduler_output = self.scheduler.schedule()
+                self.busy_deadline_s += STEP_TIMEOUT_PER_TOKEN_S * scheduler_output.total_num_scheduled_tokens
+                try:
+                    runner_output = self.executor.execute_model(scheduler_output)
+                except RequestFailedError as e:
+                    outputs += self.scheduler.fail_step(scheduler_output, e.req_ids, e.message)
+                else:
+                    outputs += self.scheduler.update_from_output(scheduler_output, runner_output)
+            finally:
+                self.busy_since = 0.0
+                self.num_steps += 1
+        self.stats = self.scheduler.make_stats()
+        return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.stats)
 
     # ----- utility calls (reachable from the front end by name) ---------------------
 

@@ -14,7 +14,9 @@ class InputProcessor:
     def __init__(self, config: EngineConfig, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = config.model_config.max_model_len
-        self.vocab_size = config.model_config.hf_config.vocab_size
+        self.vocab_size = config.model_config.vocab_size
+        max_logprobs = config.model_config.max_logprobs
+        self.max_logprobs = self.vocab_size if max_logprobs < 0 else min(max_logprobs, self.vocab_size)
 
     def process_prompt(self, prompt: PromptType, params: SamplingParams
                        ) -> tuple[str | None, list[int], SamplingParams]:
@@ -54,10 +56,11 @@ class InputProcessor:
             if t >= self.vocab_size:
                 raise ValueError(f"stop_token_ids contains {t}, outside the vocabulary "
                                  f"[0, {self.vocab_size}).")
-        if params.logprobs is not None and params.logprobs > self.vocab_size:
-            raise ValueError(f"logprobs={params.logprobs} exceeds the vocabulary size.")
-        if params.prompt_logprobs is not None and params.prompt_logprobs > self.vocab_size:
-            raise ValueError(f"prompt_logprobs={params.prompt_logprobs} exceeds the vocabulary size.")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > self.max_logprobs:
+                raise ValueError(f"{name}={k} exceeds the most logprobs this server returns per position, "
+                                 f"max_logprobs={self.max_logprobs} (--max-logprobs).")
         return text, token_ids, params
 
     @staticmethod

@@ -6,13 +6,22 @@ request), converts logprobs, and merges the ``n`` child requests of one user req
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 from piston.engine.detokenizer import IncrementalDetokenizer, decode_token
 from piston.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from piston.step.engine_messages import EngineCoreOutput, Logprobs
+from piston.step.fault_injection import maybe_fail
 from piston.step.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineRequestError(RuntimeError):
+    """One request failed (in the engine or while its output was processed); the others
+    and the engine are fine."""
 
 
 @dataclass
@@ -41,6 +50,7 @@ class RequestState:
     num_cached_tokens: int = 0
     num_finished: int = 0
     metrics: dict = field(default_factory=dict)
+    error: str | None = None  # why the request failed, if it did
 
     @property
     def finished(self) -> bool:
@@ -96,7 +106,11 @@ class OutputProcessor:
 
     def process_outputs(self, outputs: list[EngineCoreOutput], final_only: bool = False
                         ) -> tuple[list[RequestOutput], list[str]]:
-        """Apply one step's outputs. Returns (request outputs, engine ids to abort)."""
+        """Apply one step's outputs. Returns (request outputs, engine ids to abort).
+
+        An output whose processing raises fails its request alone: the request finishes
+        with ``error`` set (and its other children are aborted); the others go on.
+        """
         touched: dict[str, RequestState] = {}
         to_abort: list[str] = []
         for out in outputs:
@@ -104,33 +118,16 @@ class OutputProcessor:
             if entry is None:
                 continue  # aborted by the user meanwhile
             state, child = entry
-            state.num_cached_tokens = out.num_cached_tokens
-            if out.queue_time is not None and state.metrics["queue_time"] is None:
-                state.metrics["queue_time"] = out.queue_time
-            if out.new_token_ids and "first_token_time" not in state.metrics:
-                state.metrics["first_token_time"] = time.monotonic()
-            if out.new_prompt_logprobs is not None and state.prompt_logprobs is not None \
-                    and child.index == 0:
-                state.prompt_logprobs.extend(self._convert_logprobs(out.new_prompt_logprobs))
-            if out.new_token_ids:
-                stop_terminated = out.finish_reason == "stop" and not isinstance(out.stop_reason, str)
-                stop_str = child.detokenizer.update(out.new_token_ids, stop_terminated)
-                if child.logprobs is not None and out.new_logprobs is not None:
-                    converted = self._convert_logprobs(out.new_logprobs)
-                    child.logprobs.extend(converted)
-                    for tok, pos in zip(out.new_token_ids, converted):
-                        child.cumulative_logprob += pos[tok].logprob
-                if stop_str is not None and out.finish_reason is None:
-                    out_reason, out_stop = "stop", stop_str
-                    to_abort.append(child.engine_id)
-                else:
-                    out_reason, out_stop = out.finish_reason, out.stop_reason
-            else:
-                out_reason, out_stop = out.finish_reason, out.stop_reason
-            if out_reason is not None and child.finish_reason is None:
-                child.finish_reason, child.stop_reason = out_reason, out_stop
-                state.num_finished += 1
-                self.child_to_parent.pop(child.engine_id, None)
+            try:
+                maybe_fail("output", out.request_id)
+                if out.error is not None:
+                    raise EngineRequestError(out.error)
+                self._apply(state, child, out, to_abort)
+            except Exception as e:
+                if not isinstance(e, EngineRequestError):
+                    logger.exception("Processing the output of request %s failed", out.request_id)
+                    e = EngineRequestError(f"processing the request's output failed: {type(e).__name__}: {e}")
+                self._fail(state, str(e), to_abort, engine_failed=out.request_id if out.error else None)
             touched[state.request_id] = state
 
         results = []
@@ -142,6 +139,47 @@ class OutputProcessor:
                 continue
             results.append(self._make_output(state))
         return results, to_abort
+
+    def _apply(self, state: RequestState, child: ChildState, out: EngineCoreOutput, to_abort: list[str]) -> None:
+        state.num_cached_tokens = out.num_cached_tokens
+        if out.queue_time is not None and state.metrics["queue_time"] is None:
+            state.metrics["queue_time"] = out.queue_time
+        if out.new_token_ids and "first_token_time" not in state.metrics:
+            state.metrics["first_token_time"] = time.monotonic()
+        if out.new_prompt_logprobs is not None and state.prompt_logprobs is not None \
+                and child.index == 0:
+            state.prompt_logprobs.extend(self._convert_logprobs(out.new_prompt_logprobs))
+        if out.new_token_ids:
+            stop_terminated = out.finish_reason == "stop" and not isinstance(out.stop_reason, str)
+            stop_str = child.detokenizer.update(out.new_token_ids, stop_terminated)
+            if child.logprobs is not None and out.new_logprobs is not None:
+                converted = self._convert_logprobs(out.new_logprobs)
+                child.logprobs.extend(converted)
+                for tok, pos in zip(out.new_token_ids, converted):
+                    child.cumulative_logprob += pos[tok].logprob
+            if stop_str is not None and out.finish_reason is None:
+                out_reason, out_stop = "stop", stop_str
+                to_abort.append(child.engine_id)
+            else:
+                out_reason, out_stop = out.finish_reason, out.stop_reason
+        else:
+            out_reason, out_stop = out.finish_reason, out.stop_reason
+        if out_reason is not None and child.finish_reason is None:
+            child.finish_reason, child.stop_reason = out_reason, out_stop
+            state.num_finished += 1
+            self.child_to_parent.pop(child.engine_id, None)
+
+    def _fail(self, state: RequestState, message: str, to_abort: list[str], engine_failed: str | None) -> None:
+        """Finish every child of ``state`` with an error; abort those the engine still runs
+        (all but ``engine_failed``, which the engine already finished)."""
+        state.error = state.error or message
+        for child in state.children:
+            if child.finish_reason is None:
+                child.finish_reason = "error"
+                state.num_finished += 1
+                if child.engine_id != engine_failed:
+                    to_abort.append(child.engine_id)
+            self.child_to_parent.pop(child.engine_id, None)
 
     def _make_output(self, state: RequestState) -> RequestOutput:
         completions = [
@@ -157,7 +195,7 @@ class OutputProcessor:
             prompt_token_ids=state.prompt_token_ids, outputs=completions,
             finished=state.finished,
             prompt_logprobs=list(state.prompt_logprobs) if state.prompt_logprobs is not None else None,
-            num_cached_tokens=max(state.num_cached_tokens, 0), metrics=dict(state.metrics))
+            num_cached_tokens=max(state.num_cached_tokens, 0), metrics=dict(state.metrics), error=state.error)
 
     def _convert_logprobs(self, lp: Logprobs) -> list[PositionLogprobs]:
         result = []

@@ -60,15 +60,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _add_serve_parser(sub) -> None:
+    from piston.entrypoints.openai.server_config import ServerConfig
+
     serve = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API")
     serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                        help="Hugging Face folder, .gguf file or hub id (same as --model)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None,
-                       help="require 'Authorization: Bearer <key>' on every /v1 route")
     serve.add_argument("--served-model-name", default=None,
                        help="the model name clients use (default: MODEL as given)")
+    ServerConfig.add_cli_args(serve)
     EngineArgs.add_cli_args(serve)
     serve.set_defaults(func=cmd_serve)
 

@@ -24,7 +24,7 @@ from piston.executor.abstract import Executor
 from piston.hal.interface import Platform
 from piston.step.config import EngineConfig
 from piston.step.config_codec import encode_engine_config
-from piston.step.runner_output import ModelRunnerOutput
+from piston.step.runner_output import ModelRunnerOutput, RequestFailedError
 from piston.step.scheduler_output import SchedulerOutput
 from piston.step.worker_messages import CollectiveRpc, ExecuteModel, Ping, Shutdown, WorkerCommand, WorkerReply
 
@@ -104,10 +104,11 @@ class MultiprocExecutor(Executor):
         where = "while starting" if msg.call_id == -1 else "in a call"
         self._fail(f"Worker rank {msg.rank} failed {where}:\n{msg.error}")
 
-    def _wait_all(self, kind: str, call_id: int | None, timeout_s: float | None,
+    def _wait_all(self, kind: str | tuple[str, ...], call_id: int | None, timeout_s: float | None,
                   ranks: range | None = None) -> dict[int, WorkerReply]:
-        """Replies of ``kind`` (and ``call_id``) from ``ranks``; raises WorkerError on any
-        error reply or dead worker."""
+        """Replies of ``kind`` (one kind or several) and ``call_id`` from ``ranks``; raises
+        WorkerError on any error reply or dead worker."""
+        kinds = (kind,) if isinstance(kind, str) else kind
         ranks = ranks if ranks is not None else range(self.world_size)
         got: dict[int, WorkerReply] = {}
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -116,7 +117,7 @@ class MultiprocExecutor(Executor):
                 msg = self.decoder.decode(self.pull.recv())
                 if msg.kind == "error":
                     self._fail_on_error(msg)
-                if msg.kind == kind and (call_id is None or msg.call_id == call_id) and msg.rank in ranks:
+                if msg.kind in kinds and (call_id is None or msg.call_id == call_id) and msg.rank in ranks:
                     got[msg.rank] = msg
                 continue
             self._check_procs()
@@ -150,7 +151,11 @@ class MultiprocExecutor(Executor):
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self.last_broadcast_bytes = self._send(ExecuteModel(scheduler_output))
-        return self._wait_all("step", None, None, ranks=range(1))[0].output
+        # Rank 0 answers for every rank; the others' step_failed replies are dropped unread.
+        reply = self._wait_all(("step", "step_failed"), None, None, ranks=range(1))[0]
+        if reply.kind == "step_failed":
+            raise RequestFailedError(reply.failed_req_ids, reply.error)
+        return reply.output
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list[Any]:
         """Call ``method`` on every rank; arguments and results must be msgpack-able

@@ -23,7 +23,8 @@ import msgspec
 from piston.executor.abstract import Executor
 from piston.hal.interface import Platform
 from piston.step.config import EngineConfig
-from piston.step.runner_output import ModelRunnerOutput
+from piston.step.runner_output import ModelRunnerOutput, RequestFailedError
+from piston.step.worker_messages import WorkerReply
 from piston.step.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -64,8 +65,14 @@ class RayWorkerActor:
         return os.getpid()
 
     def execute_model(self, scheduler_output: bytes) -> bytes | None:
-        output = self.worker.execute_model(self.decoder.decode(scheduler_output))
-        return self.encoder.encode(output) if self.rank == 0 else None
+        """Rank 0's WorkerReply (the step, or the requests that failed it), encoded."""
+        try:
+            output = self.worker.execute_model(self.decoder.decode(scheduler_output))
+        except RequestFailedError as e:  # every rank fails the same requests
+            reply = WorkerReply(self.rank, "step_failed", error=e.message, failed_req_ids=e.req_ids)
+        else:
+            reply = WorkerReply(self.rank, "step", output=output)
+        return self.encoder.encode(reply) if self.rank == 0 else None
 
     def call(self, method: str, args: tuple, kwargs: dict) -> Any:
         return msgspec.to_builtins(self.worker.call(method, *args, **kwargs))
@@ -141,7 +148,10 @@ class RayExecutor(Executor):
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         ref = self.ray.put(msgspec.msgpack.encode(scheduler_output))
         results = self._get([a.execute_model.remote(ref) for a in self.actors])
-        return msgspec.msgpack.decode(results[0], type=ModelRunnerOutput)
+        reply = msgspec.msgpack.decode(results[0], type=WorkerReply)
+        if reply.kind == "step_failed":
+            raise RequestFailedError(reply.failed_req_ids, reply.error)
+        return reply.output
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list[Any]:
         return self._get([a.call.remote(method, tuple(args), kwargs or {}) for a in self.actors])

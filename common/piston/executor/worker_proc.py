@@ -18,6 +18,7 @@ import zmq
 
 from piston.child_process import ChildContext, exit_now
 from piston.step.config_codec import decode_engine_config
+from piston.step.runner_output import RequestFailedError
 from piston.step.worker_messages import CollectiveRpc, ExecuteModel, Ping, Shutdown, WorkerCommand, WorkerReply
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ def run_worker(child: ChildContext, rank: int, world_size: int, bcast_addr: str,
             if isinstance(cmd, ExecuteModel):
                 try:
                     output = worker.execute_model(cmd.scheduler_output)
+                except RequestFailedError as e:  # every rank fails the same requests
+                    reply(kind="step_failed", error=e.message, failed_req_ids=e.req_ids)
+                    continue
                 except Exception:
                     reply(kind="error", error=traceback.format_exc())
                     continue

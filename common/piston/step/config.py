@@ -61,6 +61,8 @@ class ModelConfig:
     load_format: str = "auto"
     # Run the model eagerly: no torch.compile, no graph capture.
     enforce_eager: bool = False
+    # The most logprobs (and prompt logprobs) a request may ask for per position; -1: the vocabulary.
+    max_logprobs: int = 20
     hf_config: Any = None  # transformers.PretrainedConfig (piston.step.hf_config)
 
     @property

@@ -45,12 +45,14 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     new_token_ids: list[int]
     new_logprobs: Logprobs | None = None
     new_prompt_logprobs: Logprobs | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     # Seconds between the core receiving the request and first scheduling it; set on
     # the request's first output only.
     queue_time: float | None = None
+    # With finish_reason "error": what failed. The request alone failed; the engine runs on.
+    error: str | None = None
 
 
 class SchedulerStats(msgspec.Struct, array_like=True, gc=False):
@@ -78,11 +80,27 @@ class UtilityOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fals
     failure: str | None = None  # the exception text when the call raised
 
 
+class Heartbeat(msgspec.Struct, array_like=True, gc=False):
+    """Sent by the engine process every second from a thread of its own, so the front end
+    can tell a busy engine (a long step, still within its deadline) from a dead or wedged
+    one. Times are CLOCK_MONOTONIC seconds, which every process on the host shares."""
+
+    sent_at: float
+    # When the step that is running began (0.0 while the engine is idle between steps).
+    step_started_at: float = 0.0
+    # How long that step may take before the engine counts as wedged (scales with its size).
+    step_deadline_s: float = 0.0
+    num_steps: int = 0
+    # The scheduler's state after the last step or the last message the engine handled.
+    scheduler_stats: SchedulerStats | None = None
+
+
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     outputs: list[EngineCoreOutput] = []
     scheduler_stats: SchedulerStats | None = None
     # Set on the reply to a utility call instead of outputs.
     utility_output: UtilityOutput | None = None
+    heartbeat: Heartbeat | None = None
 
 
 class EngineCoreRequestType(enum.Enum):

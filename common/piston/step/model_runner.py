@@ -14,18 +14,27 @@
 
 A platform's runner implements only ``forward``, ``prompt_logprobs`` and ``sample``
 (plus its own set-up: loading weights, the KV cache, warm-up).
+
+Faults: an exception in a stage that serves named requests becomes a RequestFailedError
+naming them (a new request's set-up: that request; the forward pass: the step's requests;
+sampling: the sampled ones), so the engine fails those alone and runs on. Running out of
+memory, or a batch that no longer matches the scheduler, is not a request's fault and
+propagates as it is.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import numpy as np
 
 from piston.step.config import EngineConfig, cdiv
+from piston.step.fault_injection import faulty, maybe_stall
 from piston.step.input_batch import InputBatch, RunnerRequestState, ScheduledTokens
-from piston.step.runner_output import EMPTY_MODEL_RUNNER_OUTPUT, Logprobs, ModelRunnerOutput
+from piston.step.runner_output import (EMPTY_MODEL_RUNNER_OUTPUT, Logprobs, ModelRunnerOutput,
+                                       RequestFailedError)
 from piston.step.sampling_batch import SamplingBatch
 from piston.step.scheduler_output import NewRequestData, SchedulerOutput
 
@@ -69,11 +78,16 @@ class ModelRunner(abc.ABC):
         batch = self.batch
         new_states = batch.apply_diff(scheduler_output)
         for state, new in zip(new_states, scheduler_output.scheduled_new_reqs):
-            self.on_new_request(state, new)
+            with blame([new.req_id], "setting up the request"):
+                self.on_new_request(state, new)
         if scheduler_output.total_num_scheduled_tokens == 0:
             return EMPTY_MODEL_RUNNER_OUTPUT
+        step_ids = list(scheduler_output.num_scheduled_tokens)
+        _inject("runner", step_ids)
+        maybe_stall([new.req_id for new in scheduler_output.scheduled_new_reqs])
         scheduled = batch.schedule(scheduler_output.num_scheduled_tokens, self.block_size)
-        hidden = self.forward(scheduled, scheduler_output)
+        with blame(step_ids, "the forward pass"):
+            hidden = self.forward(scheduled, scheduler_output)
         prompt_logprobs = self._prompt_logprobs(scheduled, hidden)
         sample_rows = scheduled.sample_rows
         # Chunks that sampled nothing but have prompt logprobs ride after the sampled rows,
@@ -85,10 +99,12 @@ class ModelRunner(abc.ABC):
         if len(sample_rows) == 0:
             return ModelRunnerOutput(req_ids=chunk_only, sampled_token_ids=[[] for _ in chunk_only],
                                      prompt_logprobs=prompt_logprobs)
-        sampling = SamplingBatch.from_batch(batch, sample_rows, self.vocab_size)
-        tokens, logprobs = self.sample(hidden, scheduled, sampling)
-        batch.append_tokens(sample_rows, tokens)
         req_ids = [batch.req_ids[r] for r in sample_rows.tolist()]
+        _inject("sampler", req_ids)
+        with blame(req_ids, "sampling"):
+            sampling = SamplingBatch.from_batch(batch, sample_rows, self.vocab_size)
+            tokens, logprobs = self.sample(hidden, scheduled, sampling)
+        batch.append_tokens(sample_rows, tokens)
         return ModelRunnerOutput(
             req_ids=req_ids + chunk_only,
             sampled_token_ids=[[t] for t in tokens.tolist()] + [[] for _ in chunk_only],
@@ -114,7 +130,8 @@ class ModelRunner(abc.ABC):
             return {}
         token_indices = np.concatenate([np.arange(q0, q0 + len(t)) for _, _, q0, t in spans])
         targets = np.concatenate([t for *_, t in spans])
-        ids, values, ranks = self.prompt_logprobs(hidden, token_indices, targets, max(k for _, k, _, _ in spans))
+        with blame([req_id for req_id, *_ in spans], "computing prompt logprobs"):
+            ids, values, ranks = self.prompt_logprobs(hidden, token_indices, targets, max(k for _, k, _, _ in spans))
         result, offset = {}, 0
         for req_id, k, _, t in spans:
             part = slice(offset, offset + len(t))
@@ -122,3 +139,27 @@ class ModelRunner(abc.ABC):
                                       ranks=ranks[part].tolist())
             offset += len(t)
         return result
+
+
+def _is_fatal(e: BaseException) -> bool:
+    """Out of memory is the engine's fault, whichever request was running."""
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e)
+
+
+@contextlib.contextmanager
+def blame(req_ids: list[str], what: str) -> Iterator[None]:
+    """Turn an exception inside the block into a RequestFailedError naming ``req_ids``."""
+    try:
+        yield
+    except RequestFailedError:
+        raise
+    except Exception as e:
+        if _is_fatal(e):
+            raise
+        raise RequestFailedError(req_ids, f"{what} failed: {type(e).__name__}: {e}") from e
+
+
+def _inject(stage: str, req_ids: list[str]) -> None:
+    failing = faulty(stage, req_ids)
+    if failing:
+        raise RequestFailedError(failing, f"injected fault at stage {stage!r}")

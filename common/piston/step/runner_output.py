@@ -32,3 +32,18 @@ class ModelRunnerOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=
 
 
 EMPTY_MODEL_RUNNER_OUTPUT = ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+
+
+class RequestFailedError(RuntimeError):
+    """A step failed because of some of its requests, not because the engine is broken.
+
+    Raised by a model runner (and carried back by every executor) naming the requests to
+    fail; the EngineCore fails those alone, recomputes the step's other requests, and runs
+    on. Any other exception from a step is a fault the engine cannot continue after.
+    """
+
+    def __init__(self, req_ids: list[str], message: str) -> None:
+        super().__init__(message)
+        self.req_ids = list(req_ids)
+        self.message = message
+

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 
 _GREEDY_EPS = 1e-5
+# Seeds and priorities are 64-bit integers on the wire and in every sampler.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -48,6 +52,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"{name} {why}, got {getattr(self, name)!r}.")
 
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise bad(name, "must be a finite number")
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", "must be an integer >= 1")
         if self.temperature < 0.0:
@@ -83,8 +92,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             (not isinstance(t, int)) or t < 0 for t in self.stop_token_ids
         ):
             raise bad("stop_token_ids", "must be a list of non-negative integers")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "must be an integer")
+        if self.seed is not None and (not isinstance(self.seed, int) or not INT64_MIN <= self.seed <= INT64_MAX):
+            raise bad("seed", f"must be an integer in [{INT64_MIN}, {INT64_MAX}]")
 
     @property
     def greedy(self) -> bool:

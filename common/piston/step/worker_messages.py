@@ -41,12 +41,14 @@ WorkerCommand = ExecuteModel | CollectiveRpc | Ping | Shutdown
 
 class WorkerReply(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     rank: int
-    # "ready" (model loaded), "pong", "step" (rank 0 only), "rpc", or "error".
+    # "ready" (model loaded), "pong", "step" (rank 0 only), "step_failed" (a step failed
+    # because of ``failed_req_ids``; every rank sends it), "rpc", or "error".
     kind: str
     call_id: int = 0
     output: ModelRunnerOutput | None = None
     result: Any = None
     error: str = ""
+    failed_req_ids: list[str] = []
 
 
 class KVCacheReport(msgspec.Struct, frozen=True):

@@ -1,4 +1,10 @@
-"""The OpenAI-compatible HTTP server: a FastAPI app around one AsyncLLM, run by uvicorn."""
+"""The OpenAI-compatible HTTP server: a FastAPI app around one AsyncLLM, run by uvicorn.
+
+Hardened for many clients at once: a body-size limit before any parsing, an API key (one
+of several) on /v1 and optionally /metrics, limits on every size a request controls
+(ServerConfig), a bound on waiting requests (503 with Retry-After past it), and /health
+answered from the engine's heartbeat, never from the busy loop.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +13,37 @@ import asyncio
 import contextlib
 import hmac
 import logging
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from piston.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
-from piston.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest,
-                                                ModelCard, ModelList, OpenAIError)
+from piston.entrypoints.openai.openapi_schema import ERROR_RESPONSES, STREAM_RESPONSE, document_limits
+from piston.entrypoints.openai.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                                                CompletionResponse, HealthResponse, ModelCard, ModelList,
+                                                OpenAIError, VersionResponse)
+from piston.entrypoints.openai.request_limits import BodySizeLimit
+from piston.entrypoints.openai.server_config import ServerConfig
 from piston.entrypoints.openai.serving_chat import OpenAIServingChat
 from piston.entrypoints.openai.serving_completion import OpenAIServingCompletion
-from piston.entrypoints.openai.serving_engine import (engine_dead_error, is_engine_dead,
-                                                      to_openai_error)
+from piston.entrypoints.openai.serving_engine import engine_dead_error, to_openai_error
 from piston.version import __version__
 
 logger = logging.getLogger(__name__)
 
 HEALTH_POLL_S = 1.0
-_HEALTH_TIMEOUT_S = 5.0
+# After the engine dies the server answers 503 this long before it exits, so in-flight
+# responses are flushed and health probes see why.
+DEAD_ENGINE_EXIT_DELAY_S = 2.0
+_bearer = HTTPBearer(auto_error=False, description="One of the server's API keys, when it has any.")
 
 
 def error_response(err: OpenAIError) -> JSONResponse:
-    return JSONResponse(err.to_response().model_dump(), status_code=err.status)
+    return JSONResponse(err.to_response().model_dump(), status_code=err.status, headers=err.headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -44,32 +59,24 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 async def _watch_engine(app: FastAPI) -> None:
-    """Poll the engine's health; once it is dead, mark the app and ask the server to exit."""
+    """Watch the engine's health; once it is dead, mark the app and ask the server to exit."""
     engine = app.state.engine
     while not app.state.engine_dead:
         await asyncio.sleep(HEALTH_POLL_S)
-        dead = engine.errored
-        if not dead:
-            try:
-                await asyncio.wait_for(engine.check_health(), _HEALTH_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                logger.warning("The engine did not answer a health check in %.0f s.",
-                               _HEALTH_TIMEOUT_S)
-            except Exception as e:
-                dead = is_engine_dead(e) or engine.errored
-                if not dead:
-                    logger.warning("Health check failed: %s", e)
-        if dead:
+        health = engine.health()
+        if health.state == "dead" or engine.errored:
             app.state.engine_dead = True
-            logger.error("The engine died (%s); shutting the server down.", engine.dead_error)
+            logger.error("The engine died (%s); shutting the server down.", engine.dead_error or health.detail)
+            await asyncio.sleep(DEAD_ENGINE_EXIT_DELAY_S)
             app.state.on_engine_dead()
+        elif not health.healthy:
+            logger.warning("The engine is %s: %s", health.state, health.detail)
 
 
-def build_app(engine, served_model_name: str, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine`` under ``served_model_name``.
+def build_app(engine, config: ServerConfig) -> FastAPI:
+    """The FastAPI app serving ``engine`` as ``config.served_model_name``.
 
-    With ``api_key`` every /v1 route requires ``Authorization: Bearer <api_key>``. The
-    app watches the engine and calls ``app.state.on_engine_dead()`` once it dies.
+    The app watches the engine and calls ``app.state.on_engine_dead()`` once it dies.
     """
 
     @contextlib.asynccontextmanager
@@ -81,13 +88,15 @@ def build_app(engine, served_model_name: str, api_key: str | None = None) -> Fas
             watcher.cancel()
 
     app = FastAPI(title="Piston OpenAI-compatible API", version=__version__, lifespan=lifespan)
-    metrics = ServerMetrics(served_model_name)
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_request_body_bytes)
+    name = config.served_model_name
+    metrics = ServerMetrics(name)
     app.state.engine = engine
     app.state.engine_dead = False
     app.state.on_engine_dead = lambda: None
     app.state.metrics = metrics
-    completion = OpenAIServingCompletion(engine, served_model_name, metrics, api_key)
-    chat = OpenAIServingChat(engine, served_model_name, metrics, api_key)
+    completion = OpenAIServingCompletion(engine, config, metrics)
+    chat = OpenAIServingChat(engine, config, metrics)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
@@ -98,57 +107,74 @@ def build_app(engine, served_model_name: str, api_key: str | None = None) -> Fas
     async def on_openai_error(request: Request, exc: OpenAIError):
         return error_response(exc)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        # Starlette's own errors (no such route, wrong method) in OpenAI's error shape too.
+        kind = "invalid_request_error" if exc.status_code < 500 else "internal_server_error"
+        return error_response(OpenAIError(str(exc.detail), status=exc.status_code, type=kind, headers=exc.headers))
+
     # A dependency, not an HTTP middleware: BaseHTTPMiddleware would hide client
     # disconnects from the handlers, which must abort abandoned requests.
-    async def check_api_key(request: Request) -> None:
-        if api_key:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                raise OpenAIError("Invalid or missing API key; send 'Authorization: Bearer <key>'.",
-                                  status=401, type="authentication_error", code="invalid_api_key")
+    async def authenticate(request: Request,
+                           credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        """Record which key the caller used (request.state.client_key); 401 without a valid one."""
+        request.state.client_key = None
+        if not config.api_keys:
+            return
+        given = credentials.credentials if credentials is not None else ""
+        for key in config.api_keys:
+            if hmac.compare_digest(given.encode(), key.encode()):
+                request.state.client_key = key
+                return
+        raise OpenAIError("Invalid or missing API key; send 'Authorization: Bearer <key>'.",
+                          status=401, type="authentication_error", code="invalid_api_key")
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)], responses=ERROR_RESPONSES)
 
-    @v1.post("/completions")
+    @v1.post("/completions", response_model=CompletionResponse, responses={200: STREAM_RESPONSE})
     async def create_completion(request: CompletionRequest, raw_request: Request):
         try:
             return await completion.create_completion(request, raw_request)
         except Exception as e:
             return error_response(to_openai_error(e))
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", response_model=ChatCompletionResponse, responses={200: STREAM_RESPONSE})
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request):
         try:
             return await chat.create_chat_completion(request, raw_request)
         except Exception as e:
             return error_response(to_openai_error(e))
 
-    @v1.get("/models")
+    @v1.get("/models", response_model=ModelList)
     async def list_models():
-        mc = engine.config.model_config
-        return ModelList(data=[ModelCard(id=served_model_name, root=mc.model,
-                                         max_model_len=mc.max_model_len)])
+        # The served name only: the model's file path is nobody's business.
+        return ModelList(data=[ModelCard(id=name, root=name,
+                                         max_model_len=engine.config.model_config.max_model_len)])
 
     app.include_router(v1)
 
-    @app.get("/health")
+    @app.get("/health", response_model=HealthResponse, responses={503: ERROR_RESPONSES[503]})
     async def health():
-        if app.state.engine_dead or engine.errored:
-            return error_response(engine_dead_error(engine.dead_error))
-        try:
-            await asyncio.wait_for(engine.check_health(), _HEALTH_TIMEOUT_S)
-        except Exception as e:
-            return error_response(engine_dead_error(e))
-        return Response(status_code=200)
+        """200 while the engine is alive, busy or not; 503 once it is dead or wedged."""
+        state = engine.health()
+        if app.state.engine_dead or not state.healthy:
+            return error_response(engine_dead_error(state.detail or engine.dead_error, state.state))
+        return HealthResponse(engine=state.state, detail=state.detail)
 
-    @app.get("/version")
+    @app.get("/version", response_model=VersionResponse)
     async def version():
-        return {"version": __version__}
+        return VersionResponse(version=__version__)
 
-    @app.get("/metrics")
+    metrics_auth = [Depends(authenticate)] if config.metrics_require_api_key else []
+
+    @app.get("/metrics", dependencies=metrics_auth, response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
+                              "description": "Prometheus metrics, in the text exposition format."},
+                        **({401: ERROR_RESPONSES[401]} if config.metrics_require_api_key else {})})
     async def get_metrics():
         return Response(await metrics.render(engine), media_type=CONTENT_TYPE)
 
+    document_limits(app, config, engine.config)
     return app
 
 
@@ -160,12 +186,13 @@ async def serve(args: argparse.Namespace) -> int:
     from piston.engine.async_llm import AsyncLLM
     from piston.model_resolver import DEFAULT_MODEL_NAME
 
-    engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args))
     name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
-    app = build_app(engine, name, args.api_key)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                            timeout_graceful_shutdown=3, timeout_keep_alive=5)
-    server = uvicorn.Server(config)
+    config = ServerConfig.from_cli_args(args, name)
+    engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args), config.max_waiting_requests)
+    app = build_app(engine, config)
+    uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                    timeout_graceful_shutdown=3, timeout_keep_alive=5)
+    server = uvicorn.Server(uvicorn_config)
 
     def on_engine_dead() -> None:
         server.should_exit = True

@@ -85,16 +85,18 @@ class ServerMetrics:
             self.queue_time.labels(name).observe(m["queue_time"])
 
     async def refresh_gauges(self, engine) -> None:
-        """Read the scheduler's current state from the engine; leaves gauges as they were
-        if the engine does not answer."""
+        """The scheduler's state as of the engine's last step (no round trip to a busy
+        engine); asks the engine only before its first step. Leaves the gauges as they were
+        if it does not answer."""
         name = self.model_name
-        try:
-            stats = await asyncio.wait_for(engine.get_stats(), _STATS_TIMEOUT_S)
-            total_fn = getattr(engine, "get_num_total_blocks", None)
-            total = await asyncio.wait_for(total_fn(), _STATS_TIMEOUT_S) if total_fn else None
-        except Exception as e:  # a dead or busy engine must not break /metrics
-            logger.warning("Could not read engine stats for /metrics: %s", e)
-            return
+        stats = engine.last_stats
+        total = engine.config.cache_config.num_blocks
+        if stats is None:
+            try:
+                stats = await asyncio.wait_for(engine.get_stats(), _STATS_TIMEOUT_S)
+            except Exception as e:  # a dead or busy engine must not break /metrics
+                logger.warning("Could not read engine stats for /metrics: %s", e)
+                return
         self.running.labels(name).set(stats.num_running)
         self.waiting.labels(name).set(stats.num_waiting)
         self.kv_usage.labels(name).set(stats.kv_cache_usage)

@@ -1,21 +1,49 @@
 """Pydantic models of the OpenAI API that Piston serves (requests, responses, chunks, errors).
 
 Request models ignore fields they do not know, as OpenAI-compatible servers do. Besides
-OpenAI's own fields they accept vLLM's extra sampling fields (top_k, min_p, ...).
+OpenAI's own fields they accept vLLM's extra sampling fields (top_k, min_p, ...). Every
+constraint a request must meet that does not depend on the server's settings is stated
+here, so the OpenAPI schema says it; the settings' limits (the most n, stop strings,
+logprobs, tokens...) are written into the schema by ``openapi_schema.document_limits``.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from piston.step.sampling_params import SamplingParams
 
 
+def _integral(value: Any) -> Any:
+    # JSON Schema's "integer" is a number without a fraction, 2.0 included.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def json_int(**bounds: int) -> Any:
+    """An integer field with ``bounds`` (ge, le) that the schema states as minimum/maximum."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
+# Seeds and priorities: integers every JSON parser reads exactly (JavaScript's included).
+JSON_SAFE_INT = 2**53 - 1
+SafeInt = json_int(ge=-JSON_SAFE_INT, le=JSON_SAFE_INT)
+NonEmptyText = Annotated[str, Field(min_length=1)]
+TokenId = json_int(ge=0)
+PositiveInt = json_int(ge=1)
+NonNegativeInt = json_int(ge=0)
+
+
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class RequestModel(OpenAIModel):
+    # Strict: a value of the wrong JSON type (0 for a boolean, "1" for a number) is an error,
+    # as the schema says. JSON has no NaN or Infinity, but Python's parser reads them: refuse them.
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), allow_inf_nan=False, strict=True)
 
 
 # ----- errors --------------------------------------------------------------------------
@@ -36,10 +64,12 @@ class OpenAIError(Exception):
     """An error the server reports to the client as OpenAI error JSON with ``status``."""
 
     def __init__(self, message: str, status: int = 400, type: str = "invalid_request_error",
-                 param: str | None = None, code: int | str | None = None) -> None:
+                 param: str | None = None, code: int | str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message, self.status, self.type, self.param = message, status, type, param
         self.code = code if code is not None else status
+        self.headers = headers
 
     def to_response(self) -> ErrorResponse:
         return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type,
@@ -49,34 +79,35 @@ class OpenAIError(Exception):
 # ----- requests ------------------------------------------------------------------------
 
 
-class StreamOptions(OpenAIModel):
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class SamplingFields(OpenAIModel):
+class SamplingFields(RequestModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    n: PositiveInt = 1
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: NonEmptyText | list[NonEmptyText] | None = None
+    seed: SafeInt | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = Field(None, max_length=256)
     # vLLM's extra body fields.
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: json_int(ge=-1) | None = None
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
-    min_tokens: int = 0
-    priority: int = 0
+    min_tokens: NonNegativeInt = Field(0, description="At most max_tokens.")
+    # Lower runs first; negative values (ahead of the default) may be reserved to API keys.
+    priority: SafeInt = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -102,9 +133,11 @@ class SamplingFields(OpenAIModel):
 class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: (NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)]
+             | Annotated[list[TokenId], Field(min_length=1)]
+             | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)])
+    max_tokens: PositiveInt | None = 16
+    logprobs: NonNegativeInt | None = None
     echo: bool = False
 
     def to_sampling_params(self) -> SamplingParams:
@@ -112,13 +145,13 @@ class CompletionRequest(SamplingFields):
         return self._sampling_params(self.max_tokens, self.logprobs, prompt_lp)
 
 
-class TextPart(OpenAIModel):
-    type: str
-    text: str | None = None
+class TextPart(RequestModel):
+    type: Literal["text"]
+    text: str
 
 
-class ChatMessage(OpenAIModel):
-    role: str
+class ChatMessage(RequestModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
 
@@ -126,18 +159,21 @@ class ChatMessage(OpenAIModel):
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
-    messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    # top_logprobs needs logprobs=true: said in the schema too, so clients know before sending.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"top_logprobs": {"type": "integer"}}, "required": ["top_logprobs"]},
+        "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}})
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: NonNegativeInt | None = None
     add_generation_prompt: bool = True  # vLLM extra
 
     def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs=true.")
-        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
-            raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}.")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None \
             else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
@@ -240,9 +276,22 @@ class ModelCard(OpenAIModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "piston"
     root: str | None = None
+    parent: str | None = None
     max_model_len: int | None = None
 
 
 class ModelList(OpenAIModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class HealthResponse(OpenAIModel):
+    """GET /health: 200 while the engine is alive (idle, or busy within its step deadline)."""
+
+    status: Literal["ok"] = "ok"
+    engine: Literal["idle", "busy"]
+    detail: str = ""
+
+
+class VersionResponse(OpenAIModel):
+    version: str

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -26,49 +25,39 @@ def _token_bytes(token: str) -> list[int]:
 
 
 class OpenAIServingChat(OpenAIServing):
-    def render_prompt(self, request: ChatCompletionRequest) -> str:
-        """The conversation as prompt text, via the model's chat template (400 if it fails)."""
+    def conversation(self, request: ChatCompletionRequest) -> list[dict]:
+        """The messages as the chat template takes them (400 if the model has no template)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise OpenAIError("This model's tokenizer has no chat template; use /v1/completions.",
                               param="messages")
-        if not request.messages:
-            raise OpenAIError("messages is empty; give at least one message.", param="messages")
         conversation = []
         for m in request.messages:
             content = m.content
             if isinstance(content, list):
-                parts = []
-                for part in content:
-                    if part.type != "text" or part.text is None:
-                        raise OpenAIError(f"Content part type {part.type!r} is not supported; "
-                                          "this server accepts text parts only.", param="messages")
-                    parts.append(part.text)
-                content = "\n".join(parts)
+                content = "\n".join(part.text for part in content)
             message = {"role": m.role, "content": content or ""}
             if m.name:
                 message["name"] = m.name
             conversation.append(message)
-        try:
-            return self.tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=request.add_generation_prompt)
-        except Exception as e:  # jinja raises for conversations the template rejects
-            raise OpenAIError(f"The chat template rejected the messages: {e}",
-                              param="messages") from e
+        return conversation
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request):
         """Serve one /v1/chat/completions request; raises OpenAIError for a bad request."""
-        self.check_request(request)
+        self.check_request(request, raw_request)
         try:
             params = request.to_sampling_params()
         except (ValueError, TypeError) as e:
             raise bad_request(e) from e
-        text = self.render_prompt(request)
-        # The template already holds any special tokens the model expects.
-        token_ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        [(_, token_ids, params)] = self.validate_prompts([token_ids], params)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        try:
+            token_ids = await self.engine.tokenize_chat(self.conversation(request), request.add_generation_prompt)
+        except OpenAIError:
+            raise
+        except Exception as e:  # jinja raises for conversations the template rejects
+            raise OpenAIError(f"The chat template rejected the messages: {e}", param="messages") from e
+        [(_, token_ids, params)] = await self.validate_prompts([token_ids], params)
+        request_id = self.request_id("chatcmpl", raw_request)
         created = int(time.time())
-        gen = self.generate(token_ids, params, request_id, request)
+        gen = self.generate(token_ids, params, request_id, request, raw_request)
         if request.stream:
             return StreamingResponse(self._stream(gen, request, request_id, created, params),
                                      media_type="text/event-stream")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -59,18 +58,21 @@ class _StreamState:
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest, raw_request: Request):
         """Serve one /v1/completions request; raises OpenAIError for a bad request."""
-        self.check_request(request)
         try:
             prompts = as_prompt_list(request.prompt)
+        except (ValueError, TypeError) as e:
+            raise bad_request(e) from e
+        self.check_request(request, raw_request, len(prompts))
+        try:
             params = request.to_sampling_params()
         except (ValueError, TypeError) as e:
             raise bad_request(e) from e
-        processed = self.validate_prompts(prompts, params)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
+        processed = await self.validate_prompts(prompts, params)
+        request_id = self.request_id("cmpl", raw_request)
         created = int(time.time())
-        prompt_texts = [text if text is not None else self.tokenizer.decode(ids)
+        prompt_texts = [text if text is not None else (await self.engine.decode(ids) if request.echo else "")
                         for text, ids, _ in processed]
-        gens = [self.generate(ids, p, f"{request_id}-{i}", request)
+        gens = [self.generate(ids, p, f"{request_id}-{i}", request, raw_request)
                 for i, (_, ids, p) in enumerate(processed)]
         if request.stream:
             return StreamingResponse(

@@ -6,13 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import Request
 
+from piston.engine.async_llm import EngineOverloadedError
 from piston.engine.core_client import EngineDeadError
+from piston.engine.output_processor import EngineRequestError
 from piston.entrypoints.openai.metrics import ServerMetrics
 from piston.entrypoints.openai.protocol import OpenAIError, SamplingFields, UsageInfo
+from piston.entrypoints.openai.server_config import ServerConfig
 from piston.outputs import RequestOutput
 from piston.step.sampling_params import SamplingParams
 
@@ -20,13 +25,17 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _DISCONNECT_POLL_S = 0.5
+RETRY_AFTER_S = 1
+_REQUEST_ID_RE = re.compile(r"[^A-Za-z0-9._:-]")
 
 
-def engine_dead_error(e: BaseException | None = None) -> OpenAIError:
+def engine_dead_error(e: BaseException | str | None = None, state: str = "dead") -> OpenAIError:
     detail = f": {str(e).rstrip('.')}" if e else ""
-    return OpenAIError(f"The inference engine is not running{detail}. The server is shutting "
-                       "down; retry once it has restarted.", status=503,
-                       type="service_unavailable_error")
+    if state == "dead":
+        return OpenAIError(f"The inference engine is not running{detail}. The server is shutting "
+                           "down; retry once it has restarted.", status=503,
+                           type="service_unavailable_error")
+    return OpenAIError(f"The inference engine is {state}{detail}.", status=503, type="service_unavailable_error")
 
 
 def is_engine_dead(e: BaseException) -> bool:
@@ -51,6 +60,11 @@ def to_openai_error(e: BaseException) -> OpenAIError:
         return e
     if is_engine_dead(e):
         return engine_dead_error(e)
+    if isinstance(e, EngineOverloadedError):
+        return OpenAIError(str(e), status=503, type="service_unavailable_error",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(e, EngineRequestError):  # this request alone failed; the cause is logged
+        return OpenAIError(f"Internal server error: {e}", status=500, type="internal_server_error")
     if isinstance(e, (ValueError, TypeError)):
         return bad_request(e)
     logger.exception("Request failed", exc_info=e)
@@ -70,39 +84,87 @@ SSE_DONE = "data: [DONE]\n\n"
 class OpenAIServing:
     """State and helpers shared by the completion and chat handlers."""
 
-    def __init__(self, engine, served_model_name: str, metrics: ServerMetrics,
-                 api_key: str | None = None) -> None:
+    def __init__(self, engine, config: ServerConfig, metrics: ServerMetrics) -> None:
         self.engine = engine
-        self.served_model_name = served_model_name
+        self.config = config
+        self.served_model_name = config.served_model_name
         self.metrics = metrics
-        self.api_key = api_key
         self.tokenizer = engine.tokenizer
-        self.accepted_names = {served_model_name, engine.config.model_config.model}
+        self.accepted_names = {config.served_model_name, engine.config.model_config.model}
 
-    def check_request(self, request: SamplingFields) -> None:
-        """Raise 404 for a model this server does not serve, 503 if the engine is dead."""
+    def check_request(self, request: SamplingFields, raw_request: Request, num_prompts: int = 1) -> None:
+        """Raise 404 for a model this server does not serve, 503 if the engine is dead, 400
+        past a limit, 403 for a priority the caller may not set."""
         if request.model is not None and request.model not in self.accepted_names:
             raise OpenAIError(f"The model `{request.model}` does not exist; this server serves "
                               f"`{self.served_model_name}`.", status=404,
                               type="NotFoundError", param="model", code="model_not_found")
         if self.engine.errored:
             raise engine_dead_error(self.engine.dead_error)
+        self._check_limits(request, num_prompts)
+        if self.config.restrict_priority and request.priority < 0 and getattr(raw_request.state, "client_key",
+                                                                              None) is None:
+            raise OpenAIError(f"priority={request.priority} would run ahead of the default (0); only callers with "
+                              "an API key may set it (--restrict-priority).", status=403,
+                              type="permission_error", param="priority")
 
-    def client_id(self, request: SamplingFields) -> str | None:
-        return request.user or self.api_key
+    def _check_limits(self, request: SamplingFields, num_prompts: int) -> None:
+        c = self.config
 
-    def validate_prompts(self, prompts: list[str | list[int]], params: SamplingParams
-                         ) -> list[tuple[str | None, list[int], SamplingParams]]:
+        def over(param: str, value: int, limit: int, flag: str) -> OpenAIError:
+            return OpenAIError(f"{param}={value} exceeds this server's limit of {limit} ({flag}).", param=param)
+
+        if request.n > c.max_n:
+            raise over("n", request.n, c.max_n, "--max-n")
+        if num_prompts > c.max_prompts_per_request:
+            raise over("prompt", num_prompts, c.max_prompts_per_request, "--max-prompts-per-request; prompts")
+        if num_prompts * request.n > c.max_prompts_per_request:
+            raise OpenAIError(f"{num_prompts} prompts x n={request.n} = {num_prompts * request.n} completions "
+                              f"exceed this server's limit of {c.max_prompts_per_request} per request "
+                              "(--max-prompts-per-request).", param="n")
+        stops = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
+        if len(stops) > c.max_stop_sequences:
+            raise over("stop", len(stops), c.max_stop_sequences, "--max-stop-sequences; stop strings")
+        if len(request.stop_token_ids or ()) > c.max_stop_token_ids:
+            raise over("stop_token_ids", len(request.stop_token_ids), c.max_stop_token_ids,
+                       "--max-stop-token-ids; ids")
+        max_new = self.engine.config.model_config.max_model_len - 1
+        for name in ("max_tokens", "max_completion_tokens", "min_tokens"):
+            value = getattr(request, name, None)
+            if value is not None and value > max_new:
+                raise OpenAIError(f"{name}={value} exceeds the model's context (max_model_len={max_new + 1} "
+                                  "tokens, at least one of them prompt).", param=name)
+        top = getattr(request, "top_logprobs", None)
+        max_logprobs = self.engine.input_processor.max_logprobs
+        if top is not None and top > max_logprobs:
+            raise over("top_logprobs", top, max_logprobs, "--max-logprobs")
+
+    def client_id(self, request: SamplingFields, raw_request: Request) -> str | None:
+        """Who the fair policy shares by: the API key's holder when keys are in use (the
+        client-chosen ``user`` field would let anyone claim many shares), else ``user``."""
+        key = getattr(raw_request.state, "client_key", None)
+        if self.config.api_keys:
+            return self.config.client_of_key(key) if key else None
+        return request.user
+
+    @staticmethod
+    def request_id(prefix: str, raw_request: Request) -> str:
+        """A unique id that carries the client's X-Request-Id, when it sends one."""
+        given = _REQUEST_ID_RE.sub("", raw_request.headers.get("x-request-id", ""))[:64]
+        return f"{prefix}-{given}-{uuid.uuid4().hex[:16]}" if given else f"{prefix}-{uuid.uuid4().hex}"
+
+    async def validate_prompts(self, prompts: list[str | list[int]], params: SamplingParams
+                               ) -> list[tuple[str | None, list[int], SamplingParams]]:
         """Tokenize and check every prompt before any starts (400 on the first bad one)."""
         try:
-            return [self.engine.process_prompt(p, params) for p in prompts]
+            return [await self.engine.process_prompt(p, params) for p in prompts]
         except (ValueError, TypeError) as e:
             raise bad_request(e) from e
 
     def generate(self, token_ids: list[int], params: SamplingParams, request_id: str,
-                 request: SamplingFields) -> AsyncIterator[RequestOutput]:
+                 request: SamplingFields, raw_request: Request) -> AsyncIterator[RequestOutput]:
         return self.engine.generate(token_ids, params, request_id, priority=request.priority,
-                                    client_id=self.client_id(request))
+                                    client_id=self.client_id(request, raw_request))
 
     def observe(self, out: RequestOutput) -> None:
         """Record a finished request in the metrics."""

@@ -1,0 +1,91 @@
+"""ServerConfig: the HTTP server's own settings: access, and a limit on everything a request controls.
+
+Engine-wide limits live in EngineArgs (``--max-logprobs``, ``--max-model-len``); these are
+the server's. Every one has a flag and a default, and a request past one gets a 400 (413
+for the body, 503 with Retry-After at capacity) naming the parameter and the limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+from dataclasses import dataclass
+
+from piston.step.config import parse_size
+
+API_KEY_ENV = "PISTON_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    served_model_name: str
+    # Keys accepted in 'Authorization: Bearer <key>' on /v1 (any one of them); () = open.
+    api_keys: tuple[str, ...] = ()
+    # Require a key on /metrics too (it is open by default, for scrapers).
+    metrics_require_api_key: bool = False
+    # Only callers who sent a valid API key may set a priority ahead of the default (< 0).
+    restrict_priority: bool = False
+    max_n: int = 16
+    # Prompts in one /v1/completions request; n times the prompts is bounded by it too.
+    max_prompts_per_request: int = 64
+    max_stop_sequences: int = 16
+    max_stop_token_ids: int = 64
+    max_request_body_bytes: int = 16 * 2**20
+    # Engine requests that may wait beyond the max_num_seqs running ones; None = no bound.
+    max_waiting_requests: int | None = 1024
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        d = ServerConfig("")
+        add = parser.add_argument
+        add("--api-key", action="append", default=None,
+            help=f"require 'Authorization: Bearer <key>' on every /v1 route; repeat for several keys. "
+                 f"Also read from ${API_KEY_ENV} and --api-key-file (which keep the key out of `ps`)")
+        add("--api-key-file", default=None, help="a file of API keys, one per line")
+        add("--metrics-require-api-key", action="store_true", help="require an API key on /metrics too")
+        add("--restrict-priority", action="store_true",
+            help="only callers with a valid API key may set a priority ahead of the default (priority < 0)")
+        add("--max-n", type=int, default=d.max_n, help="the most completions (n) one request may ask for")
+        add("--max-prompts-per-request", type=int, default=d.max_prompts_per_request,
+            help="the most prompts in one /v1/completions request (and the most prompts x n)")
+        add("--max-stop-sequences", type=int, default=d.max_stop_sequences, help="the most stop strings per request")
+        add("--max-stop-token-ids", type=int, default=d.max_stop_token_ids,
+            help="the most stop_token_ids per request")
+        add("--max-request-body-bytes", default=str(d.max_request_body_bytes),
+            help="the largest request body, e.g. 16MiB (413 past it)")
+        add("--max-waiting-requests", type=int, default=d.max_waiting_requests,
+            help="engine requests that may wait beyond the running max_num_seqs; past it new requests get 503 "
+                 "with Retry-After (-1: no bound)")
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace, served_model_name: str) -> "ServerConfig":
+        keys = list(args.api_key or [])
+        if os.environ.get(API_KEY_ENV):
+            keys.append(os.environ[API_KEY_ENV])
+        if args.api_key_file:
+            with open(args.api_key_file) as f:
+                keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        config = cls(
+            served_model_name=served_model_name, api_keys=tuple(dict.fromkeys(keys)),
+            metrics_require_api_key=args.metrics_require_api_key, restrict_priority=args.restrict_priority,
+            max_n=args.max_n, max_prompts_per_request=args.max_prompts_per_request,
+            max_stop_sequences=args.max_stop_sequences, max_stop_token_ids=args.max_stop_token_ids,
+            max_request_body_bytes=parse_size(args.max_request_body_bytes),
+            max_waiting_requests=None if args.max_waiting_requests < 0 else args.max_waiting_requests)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for name in ("max_n", "max_prompts_per_request", "max_stop_sequences", "max_stop_token_ids",
+                     "max_request_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.metrics_require_api_key and not self.api_keys:
+            raise ValueError("--metrics-require-api-key needs an API key (--api-key, --api-key-file or "
+                             f"${API_KEY_ENV}).")
+
+    def client_of_key(self, key: str) -> str:
+        """A stable name for an API key's holder (the fair policy shares by it; the key
+        itself never reaches the engine or its logs)."""
+        return "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
