@@ -89,18 +89,22 @@ class MultiprocExecutor(Executor):
             if code is not None:
                 self._fail(f"Worker rank {rank} (pid {proc.pid}) died unexpectedly with exit code {code}.")
 
-    def _fail_on_error(self, msg: WorkerReply) -> None:
-        # A rank that dies makes its peers' collectives fail a moment later; name the dead
-        # rank as the cause when that is what happened.
-        deadline = time.monotonic() + 1.0
+    def _fail_if_a_rank_died(self, error: str, failed_rank: int | None = None, grace_s: float = 1.0) -> None:
+        """A rank that dies makes its peers' collectives fail a moment later: if one has
+        died (within ``grace_s``), fail the executor naming it as the cause."""
+        deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
             for rank, proc in enumerate(self.procs):
                 code = proc.exitcode
-                if code is not None and rank != msg.rank:
-                    last = msg.error.strip().splitlines()[-1] if msg.error.strip() else ""
+                if code is not None and rank != failed_rank:
+                    last = error.strip().splitlines()[-1] if error.strip() else ""
+                    then = f"; rank {failed_rank} then failed" if failed_rank is not None else "; then"
                     self._fail(f"Worker rank {rank} (pid {proc.pid}) died unexpectedly with exit code "
-                               f"{code}; rank {msg.rank} then failed: {last}")
+                               f"{code}{then}: {last}")
             time.sleep(0.05)
+
+    def _fail_on_error(self, msg: WorkerReply) -> None:
+        self._fail_if_a_rank_died(msg.error, msg.rank)
         where = "while starting" if msg.call_id == -1 else "in a call"
         self._fail(f"Worker rank {msg.rank} failed {where}:\n{msg.error}")
 
@@ -154,6 +158,8 @@ class MultiprocExecutor(Executor):
         # Rank 0 answers for every rank; the others' step_failed replies are dropped unread.
         reply = self._wait_all(("step", "step_failed"), None, None, ranks=range(1))[0]
         if reply.kind == "step_failed":
+            # A rank that died makes its peers' collectives fail: that is no request's fault.
+            self._fail_if_a_rank_died(reply.error)
             raise RequestFailedError(reply.failed_req_ids, reply.error)
         return reply.output
 
