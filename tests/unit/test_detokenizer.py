@@ -171,3 +171,16 @@ def test_first_token_decodes_in_prompt_context(tok):
 def test_decode_token_shows_special_and_partial_tokens(tok):
     assert decode_token(tok, tok.eos_token_id) == "<eos>"
     assert decode_token(tok, tok.encode("Hello")[0]) == tok.decode(tok.encode("Hello")[:1])
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_window_decoding_without_decode_stream_gives_the_same_text(tok, text, monkeypatch):
+    import piston.engine.detokenizer as detokenizer
+
+    ids = tok.encode(text)
+    fast, fast_deltas, _ = stream(tok, ids)
+    monkeypatch.setattr(detokenizer, "DecodeStream", None)
+    slow, slow_deltas, _ = stream(tok, ids)
+    assert slow._stream is None and fast._stream is not None
+    assert slow_deltas == fast_deltas
+    assert slow.output_text == tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -1,16 +1,23 @@
 """IncrementalDetokenizer: token ids to text, one step at a time, with stop strings.
 
-Each update decodes a short window of recent ids twice: the window's settled
-prefix [prefix_offset, read_offset) and the whole window [prefix_offset, end).
-The new text is what the second adds to the first. While the window ends in an
-unfinished UTF-8 character (decode shows U+FFFD) nothing is emitted and the
-window grows; once the character completes the offsets move up to the end.
-Each update therefore costs O(window), not O(sequence length).
+With a fast (Rust) tokenizer, each token goes through the tokenizers library's own
+``DecodeStream``, which holds the few ids of an unfinished character and returns the text
+a token completes: one call into Rust per token. Otherwise each update decodes a short
+window of recent ids twice: the window's settled prefix [prefix_offset, read_offset) and
+the whole window [prefix_offset, end). The new text is what the second adds to the first.
+While the window ends in an unfinished UTF-8 character (decode shows U+FFFD) nothing is
+emitted and the window grows; once the character completes the offsets move up to the
+end. Either way an update costs O(window), not O(sequence length).
 """
 
 from __future__ import annotations
 
 from piston.step.sampling_params import SamplingParams
+
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # tokenizers < 0.21
+    DecodeStream = None
 
 # Prompt tokens decoded as context, so the first output token gets the leading
 # space (or merge) it would have after the prompt.
@@ -80,6 +87,12 @@ class IncrementalDetokenizer:
         self._ids: list[int] = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
+        self._backend = getattr(tokenizer, "backend_tokenizer", None) if DecodeStream is not None else None
+        self._stream = None
+        if self._backend is not None:
+            self._stream = DecodeStream(skip_special_tokens=params.skip_special_tokens)
+            for token_id in self._ids:  # the prompt's end: context for the first output token
+                self._stream.step(self._backend, token_id)
         self._stop = params.stop or []
         # Streaming holds back a possible stop-string prefix, unless it is kept anyway.
         if self._stop and not params.include_stop_str_in_output:
@@ -142,6 +155,8 @@ class IncrementalDetokenizer:
 
     def _decode_next(self, token_id: int) -> str:
         """The text ``token_id`` completes, or "" while a character is unfinished."""
+        if self._stream is not None:
+            return self._stream.step(self._backend, token_id) or ""
         self._ids.append(token_id)
         skip = self.params.skip_special_tokens
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset], skip)
