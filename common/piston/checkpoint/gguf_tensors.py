@@ -1,19 +1,26 @@
-"""A GGUF file's tensors under Hugging Face names, dequantized to float32 numpy arrays.
+"""A GGUF file's tensors under Hugging Face names: packed as they are, or dequantized.
 
-Tensors are dequantized with ``gguf.quants.dequantize`` (F32, F16, BF16 and every quant
-type the gguf package implements). llama.cpp stores the q/k projections of the ``llama``
-architecture with rows permuted for its interleaved RoPE; they are permuted back exactly
-as transformers does, so the weights equal the original checkpoint's.
+With ``packed``, every 2-D tensor of a type in ``GGUF_PACKED_TYPES`` comes as a
+``PackedArray`` (its rows of blocks, unchanged); every other tensor is dequantized to a
+float32 array with ``gguf.quants.dequantize`` (F32, F16, BF16 and every quant type the
+gguf package implements), and the quantized ones among them are named in one log line.
+llama.cpp stores the q/k projections of the ``llama`` architecture with rows permuted
+for its interleaved RoPE; they are permuted back exactly as transformers does (whole
+rows, so packed rows too), so the weights equal the original checkpoint's.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, Iterator
 
 import numpy as np
 
+from piston.checkpoint.packed import GGUF_PACKED_TYPES, PackedArray
 from piston.step.gguf_metadata import dequantize, gguf_field, open_gguf
+
+logger = logging.getLogger(__name__)
 
 _TOP_LEVEL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -53,8 +60,27 @@ def _reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def iterate_gguf_tensors(path: str, config: Any) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(hf_name, float32 array)`` for each tensor of the file, dequantized.
+def _stays_packed(tensor) -> bool:
+    return len(tensor.shape) == 2 and tensor.tensor_type.name in GGUF_PACKED_TYPES
+
+
+def _packed(tensor) -> PackedArray:
+    """The tensor's rows as they are in the file (a view of the memory-mapped file)."""
+    cols = int(tensor.shape[0])  # GGUF lists dimensions innermost first
+    rows = int(np.prod([int(d) for d in tensor.shape[1:]]))
+    return PackedArray(tensor.tensor_type.name, np.asarray(tensor.data).view(np.uint8).reshape(rows, -1), cols)
+
+
+def packed_tensor_formats(path: str) -> dict[str, str]:
+    """``{hf_name: format}`` of the tensors ``iterate_gguf_tensors(packed=True)`` yields packed."""
+    return {gguf_hf_name(t.name) or t.name: t.tensor_type.name for t in open_gguf(path).tensors
+            if _stays_packed(t)}
+
+
+def iterate_gguf_tensors(path: str, config: Any, packed: bool = False
+                         ) -> Iterator[tuple[str, np.ndarray | PackedArray]]:
+    """Yield ``(hf_name, array)`` for each tensor of the file: a float32 array, or with
+    ``packed`` a ``PackedArray`` for the tensors ``packed_tensor_formats`` names.
 
     Tensors with no Hugging Face counterpart keep their llama.cpp name (the model's
     loader reports them); ``rope_freqs`` is skipped, since the config already holds it.
@@ -63,15 +89,27 @@ def iterate_gguf_tensors(path: str, config: Any) -> Iterator[tuple[str, np.ndarr
     permute = gguf_field(reader, "general.architecture") == "llama"
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    dequantized: list[str] = []
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":
             continue
-        w = dequantize(tensor)
+        keep = packed and _stays_packed(tensor)
+        if packed and not keep and tensor.tensor_type.name not in ("F32", "F16", "BF16"):
+            dequantized.append(f"{tensor.name} ({tensor.tensor_type.name})")
+        w: Any = _packed(tensor) if keep else dequantize(tensor)
+        heads = None
         if permute and tensor.name.startswith("blk.") and ".attn_q." in tensor.name:
-            w = np.ascontiguousarray(_reverse_permute(w, n_head))
+            heads = n_head
         elif permute and tensor.name.startswith("blk.") and ".attn_k." in tensor.name:
-            w = np.ascontiguousarray(_reverse_permute(w, n_kv))
+            heads = n_kv
+        if heads is not None and keep:
+            w = PackedArray(w.fmt, np.ascontiguousarray(_reverse_permute(w.data, heads)), w.cols)
+        elif heads is not None:
+            w = np.ascontiguousarray(_reverse_permute(w, heads))
         yield gguf_hf_name(tensor.name) or tensor.name, w
+    if dequantized:
+        logger.info("Dequantized %d GGUF tensors to float32 at load (their types are not served packed): %s",
+                    len(dequantized), ", ".join(dequantized))
 
 
 def count_gguf_tensors(path: str) -> int:

@@ -42,6 +42,7 @@ class EngineArgs:
     load_format: str = "auto"
     enforce_eager: bool = False
     max_logprobs: int = 20
+    quantization: str | None = None
     gpu_memory_utilization: float = 0.9
     compilation_mode: str = "auto"
     capture_sizes: list[int] | None = None
@@ -79,6 +80,10 @@ class EngineArgs:
         add("--enforce-eager", action="store_true", help="no compilation and no graph capture")
         add("--max-logprobs", type=int, default=d.max_logprobs,
             help="the most logprobs and prompt logprobs a request may ask for per position (-1: no cap)")
+        add("--quantization", default=None, choices=["auto", "gguf", "int8", "none"],
+            help="gguf: serve a .gguf file's quantized weights packed (the default for one); int8: "
+            "quantize a float checkpoint's linear weights to int8 per output channel at load; none: "
+            "dequantize to --dtype")
         add("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
             help="accelerators: fraction of device memory to use when --kv-cache-memory is not given")
         add("--compilation-mode", default=d.compilation_mode, choices=["auto", "eager", "piecewise"],
@@ -115,12 +120,15 @@ class EngineArgs:
             raise ValueError(f"capture_sizes must be positive, got {self.capture_sizes}.")
         if self.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be >= 0 (or -1 for no cap), got {self.max_logprobs}.")
+        if self.quantization not in (None, "auto", "gguf", "int8", "none"):
+            raise ValueError(f"quantization must be auto, gguf, int8 or none, got {self.quantization!r}.")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")
 
     def create_engine_config(self) -> EngineConfig:
         """Resolve the model, read its config and fill in every derived setting."""
         from piston.checkpoint.checkpoint_reader import read_hf_config
+        from piston.checkpoint.packed import resolve_quantization
         from piston.model_resolver import DEFAULT_MODEL_NAME, resolve_model
 
         self._validate()
@@ -129,6 +137,7 @@ class EngineArgs:
         mc = ModelConfig(model=self.model or DEFAULT_MODEL_NAME, path=path, tokenizer=self.tokenizer,
                          dtype=self.dtype, seed=self.seed, load_format=self.load_format,
                          enforce_eager=self.enforce_eager, max_logprobs=self.max_logprobs, hf_config=hf_config)
+        mc.quantization = resolve_quantization(self.quantization, path)
         native = native_context_length(hf_config)
         if self.max_model_len is None:
             mc.max_model_len = native

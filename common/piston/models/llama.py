@@ -17,7 +17,12 @@ from torch import nn
 
 from piston.attention.layer import Attention
 from piston.models.layers.layernorm import RMSNorm
-from piston.models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from piston.models.layers.linear import (
+    MergedColumnParallelLinear,
+    ParallelLinearBase,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from piston.models.layers.rotary_embedding import RotaryEmbedding, get_rope
 from piston.models.layers.vocab_parallel_embedding import (
     ParallelLMHead,
@@ -159,37 +164,63 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        return compute_parallel_logits(hidden_states, head.weight, self.config.vocab_size, head.kernel)
+        return compute_parallel_logits(hidden_states, head, self.config.vocab_size)
+
+    # HF sub-module name -> (fused module name, shard id).
+    _SHARDS = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def _target(self, name: str) -> tuple[str, Any]:
+        """(this model's parameter name, shard id) of Hugging Face tensor ``name``."""
+        parts = name.split(".")
+        shard = self._SHARDS.get(parts[-2]) if len(parts) >= 2 else None
+        if shard is not None:
+            parts[-2] = shard[0]
+        return ".".join(parts), (shard[1] if shard is not None else None)
+
+    def use_packed_weights(self, packed_names: Iterable[str], int8: bool = False) -> int:
+        """Before the model's memory is allocated: the layers that checkpoint tensors
+        ``packed_names`` fill hold their weight packed, as do, with ``int8``, all linear
+        layers (quantizing their float weights at load). Returns how many layers."""
+        modules = dict(self.named_modules())
+        chosen: dict[str, str | None] = {}
+        for name in packed_names:
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue
+            module_name, _, param_name = self._target(name)[0].rpartition(".")
+            if param_name == "weight" and hasattr(modules.get(module_name), "use_packed_weight"):
+                chosen[module_name] = None
+        if int8:
+            chosen.update({n: "int8" for n, m in modules.items() if isinstance(m, ParallelLinearBase)})
+        for module_name, quantize in chosen.items():
+            modules[module_name].use_packed_weight(quantize)
+        return len(chosen)
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
         """Copy Hugging Face-named tensors into this model's (fused, sharded) parameters.
 
-        ``weights`` yields tensors or lazy safetensors slices; a tensor-parallel layer reads
-        only its rank's part. Raises ValueError naming any parameter the checkpoint left
+        ``weights`` yields tensors, lazy safetensors slices or packed arrays; a
+        tensor-parallel layer reads only its rank's part, and a layer with a packed weight
+        keeps it packed. Raises ValueError naming any parameter the checkpoint left
         unfilled, or any tensor whose shape does not match. Unknown names are logged and
         skipped.
         """
-        # HF sub-module name -> (fused module name, shard id).
-        shards = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-                  "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
         params = dict(self.named_parameters())
         modules = dict(self.named_modules())
+        # Packed weights are no parameters, but checkpoint tensors fill them the same way.
+        targets = dict.fromkeys([*params, *(f"{n}.weight" for n, m in modules.items()
+                                             if getattr(m, "qweight", None) is not None)])
         filled: dict[str, set] = {}  # param -> shard ids written
         unexpected = []
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.lm_head is None):
                 continue
-            parts = name.split(".")
-            shard = shards.get(parts[-2]) if len(parts) >= 2 else None
-            if shard is not None:
-                parts[-2] = shard[0]
-            target = ".".join(parts)
-            if target not in params:
+            target, shard_id = self._target(name)
+            if target not in targets:
                 unexpected.append(name)
                 continue
             module_name, _, param_name = target.rpartition(".")
             module = modules[module_name]
-            shard_id = shard[1] if shard is not None else None
             if hasattr(module, "load"):
                 module.load(param_name, tensor, shard_id)
             else:
@@ -204,7 +235,7 @@ class LlamaForCausalLM(nn.Module):
             logger.warning("Skipped %d checkpoint tensors the model has no place for: %s",
                            len(unexpected), ", ".join(unexpected[:5]))
         missing = []
-        for n in params:
+        for n in targets:
             module = modules[n.rpartition(".")[0]]
             expected = set(getattr(module, "shard_ids", (None,)))
             if not expected <= filled.get(n, set()):

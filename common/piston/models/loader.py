@@ -1,4 +1,10 @@
-"""Build a torch model from a ModelConfig and fill it with its checkpoint's weights."""
+"""Build a torch model from a ModelConfig and fill it with its checkpoint's weights.
+
+Quantized weights (``model_config.quantization``, piston.checkpoint.packed): with "gguf"
+the layers whose GGUF tensors are in a packed format hold them packed; with "int8" every
+linear layer quantizes its float weight at load. Either way the choice is made on the
+meta model, so no float copy of a packed weight is ever allocated.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,9 @@ from torch import nn
 from tqdm import tqdm
 
 from piston.checkpoint.checkpoint_reader import CheckpointReader, read_hf_config
+from piston.checkpoint.packed import PackedArray, resolve_quantization
 from piston.models import weight_loader
+from piston.models.layers.quantized import describe_packed
 from piston.models.layers.rotary_embedding import RotaryEmbedding
 from piston.models.registry import get_model_class
 from piston.step.config import ModelConfig
@@ -55,14 +63,14 @@ def _init_dummy_weights(model: nn.Module, seed: int) -> None:
                         .uniform_(-1e-3, 1e-3, generator=gen))
 
 
-def _checkpoint_weights(model_config: ModelConfig) -> tuple[Iterator[tuple[str, Any]], int]:
+def _checkpoint_weights(reader: CheckpointReader) -> tuple[Iterator[tuple[str, Any]], int]:
     """The checkpoint's tensors and their count. A safetensors folder yields lazy slices,
     so a tensor-parallel rank reads only its own shard; a GGUF file yields its dequantized
-    arrays as tensors (no copy)."""
-    reader = CheckpointReader(model_config.path or model_config.model, model_config.hf_config)
+    arrays as tensors (no copy), and its packed ones as PackedArrays."""
     if reader.folder is not None:
         return weight_loader.iterate_safetensors(reader.folder, lazy=True), reader.count()
-    return ((name, torch.from_numpy(array)) for name, array in reader.tensors()), reader.count()
+    return ((name, a if isinstance(a, PackedArray) else torch.from_numpy(a)) for name, a in reader.tensors()), \
+        reader.count()
 
 
 def load_model(model_config: ModelConfig, device: str | torch.device = "cpu") -> nn.Module:
@@ -76,15 +84,21 @@ def load_model(model_config: ModelConfig, device: str | torch.device = "cpu") ->
         model_config.hf_config = read_hf_config(model_config.path or model_config.model)
     hf_config = model_config.hf_config
     model_cls = get_model_class(hf_config)
+    path = model_config.path or model_config.model
+    quantization = resolve_quantization(model_config.quantization or "none", path)
+    dummy = model_config.load_format == "dummy"
+    reader = None if dummy else CheckpointReader(path, hf_config, packed=quantization == "gguf")
     # Build on the meta device: no time spent on random init that the weights overwrite.
     with _default_dtype(_torch_dtype(model_config.dtype)), torch.device("meta"):
         model = model_cls(hf_config)
+        if reader is not None and quantization in ("gguf", "int8"):
+            model.use_packed_weights(reader.packed_formats(), int8=quantization == "int8")
     model = model.to_empty(device=device)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.build_cache()  # its float32 cache was not materialized by to_empty
 
-    if model_config.load_format == "dummy":
+    if reader is None:
         _init_dummy_weights(model, model_config.seed)
         model.eval()
         logger.info("Built %s with random (dummy) weights in %.2f s: %.1fM parameters in %s on %s.",
@@ -92,14 +106,18 @@ def load_model(model_config: ModelConfig, device: str | torch.device = "cpu") ->
                     sum(p.numel() for p in model.parameters()) / 1e6, model_config.dtype, device)
         return model
 
-    weights, total = _checkpoint_weights(model_config)
+    weights, total = _checkpoint_weights(reader)
     with torch.no_grad():
         model.load_weights(tqdm(weights, total=total, desc="Loading weights", unit="tensor",
                                 leave=False, disable=None))
+    del weights
+    if reader.packed:
+        reader.close()  # unmap the file: the packed weights were copied out of it
     model.eval()
     num_params = sum(p.numel() for p in model.parameters())
     num_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    logger.info("Loaded %s (%s) in %.2f s: %.1fM parameters, %.2f GB in %s on %s.",
-                model_config.path or model_config.model, model_cls.__name__, time.perf_counter() - start,
-                num_params / 1e6, num_bytes / 1e9, model_config.dtype, device)
+    packed = describe_packed(model)
+    logger.info("Loaded %s (%s) in %.2f s: %.1fM float parameters, %.2f GB in %s on %s%s.",
+                path, model_cls.__name__, time.perf_counter() - start, num_params / 1e6, num_bytes / 1e9,
+                model_config.dtype, device, "" if packed.startswith("0 ") else f"; {packed}")
     return model

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
+from piston.checkpoint.packed import PackedArray
 from piston.checkpoint.safetensors_files import safetensors_files
 
 
@@ -27,19 +29,30 @@ def iterate_safetensors(folder: str, lazy: bool = False) -> Iterator[tuple[str, 
 
 
 def shape_of(t: Any) -> tuple[int, ...]:
-    """Shape of a tensor or of a lazy safetensors slice."""
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t.get_shape())
+    """Shape of a tensor, a numpy or packed array, or a lazy safetensors slice."""
+    if isinstance(t, (torch.Tensor, np.ndarray, PackedArray)):
+        return tuple(t.shape)
+    return tuple(t.get_shape())
 
 
 def narrow(t: Any, dim: int, start: int, length: int) -> Any:
-    """``t.narrow(dim, start, length)`` for a tensor or a lazy slice (reads only that part)."""
-    if isinstance(t, torch.Tensor):
+    """``t.narrow(dim, start, length)`` for a tensor, a numpy or packed array (whose
+    columns come back dequantized when they cut through its blocks) or a lazy slice
+    (reads only that part)."""
+    if isinstance(t, (torch.Tensor, PackedArray)):
         return t.narrow(dim, start, length)
+    if isinstance(t, np.ndarray):
+        return np.take(t, np.arange(start, start + length), axis=dim) if dim else t[start:start + length]
     index = [slice(None)] * len(t.get_shape())
     index[dim] = slice(start, start + length)
     return t[tuple(index)]
 
 
 def materialize(t: Any) -> torch.Tensor:
-    """The tensor itself, or a lazy slice read in full."""
+    """The tensor itself; a numpy array as a tensor; a packed array dequantized; a lazy
+    slice read in full."""
+    if isinstance(t, PackedArray):
+        t = t.dequantize()
+    if isinstance(t, np.ndarray):
+        return torch.from_numpy(t)
     return t if isinstance(t, torch.Tensor) else t[:]

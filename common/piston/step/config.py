@@ -63,6 +63,11 @@ class ModelConfig:
     enforce_eager: bool = False
     # The most logprobs (and prompt logprobs) a request may ask for per position; -1: the vocabulary.
     max_logprobs: int = 20
+    # How weights are held (piston.checkpoint.packed): "gguf" keeps a GGUF file's quantized
+    # tensors packed, "int8" quantizes a float checkpoint's linear weights at load, "auto"
+    # is "gguf" for a .gguf file, else "none"; "none" (and None) dequantizes everything.
+    # EngineArgs fills it in ("auto" unless --quantization says otherwise).
+    quantization: str | None = None
     hf_config: Any = None  # transformers.PretrainedConfig (piston.step.hf_config)
 
     @property

@@ -10,27 +10,35 @@
   needs a single collective.
 
 Each layer loads checkpoint tensors with ``load(param_name, tensor, shard_id)``: it reads
-only this rank's slice, from a tensor or a lazy safetensors slice.
+only this rank's slice, from a tensor or a lazy safetensors slice. A layer may instead
+hold its weight packed (``use_packed_weight``: a GGUF file's quantized blocks, or int8
+quantized at load; see piston.models.layers.quantized): it then has ``qweight`` and no
+float ``weight``, and runs its ``qkernel`` slot.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from piston.checkpoint.packed import PackedArray
 from piston.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
-from piston.models.weight_loader import narrow, shape_of
+from piston.models.layers.quantized import PackedWeight
+from piston.models.weight_loader import materialize, narrow, shape_of
 from piston.step.tp_layout import head_partition, split_range
+
+logger = logging.getLogger(__name__)
 
 
 def _copy(dst: torch.Tensor, src: Any, name: str) -> None:
     if tuple(dst.shape) != shape_of(src):
         raise ValueError(f"Checkpoint tensor for {name} has shape {shape_of(src)}, but this rank "
                          f"expects {tuple(dst.shape)}: the config does not match the weights.")
-    dst.copy_(src if isinstance(src, torch.Tensor) else src[:])
+    dst.copy_(materialize(src))
 
 
 class ParallelLinearBase(nn.Module):
@@ -38,26 +46,69 @@ class ParallelLinearBase(nn.Module):
 
     ``shard_ids``: the checkpoint tensors that together fill the parameters (None for a
     single one); the model's loader uses it to report what a checkpoint left out.
+    Subclasses say where each shard goes: ``_weight_part`` (this rank's part of a
+    checkpoint tensor) and ``_weight_rows`` (where it lands in the local weight).
     """
 
     shard_ids: tuple[Any, ...] = (None,)
     # A platform may set a faster ``kernel(x, weight, bias) -> x @ weight.T + bias`` on a
     # loaded model's layers (same contract as F.linear); None runs F.linear.
     kernel: Callable[..., torch.Tensor] | None = None
+    # The same for a packed weight: ``qkernel(x, qweight, bias)``; None dequantizes it
+    # with torch on every call (PackedWeight.linear).
+    qkernel: Callable[..., torch.Tensor] | None = None
 
     def __init__(self, in_local: int, out_local: int, bias: bool) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.in_local, self.out_local = in_local, out_local
         self.weight = nn.Parameter(torch.empty(out_local, in_local))
         self.bias = nn.Parameter(torch.empty(out_local)) if bias else None
+        self.qweight: PackedWeight | None = None  # set by use_packed_weight
+
+    def use_packed_weight(self, quantize: str | None = None) -> None:
+        """Hold the weight packed (call on the model before its memory is allocated):
+        ``qweight`` replaces the float ``weight``, filled at load from packed checkpoint
+        tensors, or from float ones quantized with ``quantize`` ("int8") or kept as F32."""
+        self.weight = None
+        shards = [(shard_id, self._weight_rows(shard_id)[1]) for shard_id in self.shard_ids]
+        self.qweight = PackedWeight(self.in_local, shards, quantize)
+
+    def _weight_rows(self, shard_id: Any) -> tuple[int, int]:
+        """(first row, rows) of shard ``shard_id`` in this rank's weight."""
+        return 0, self.out_local
+
+    def _weight_part(self, loaded: Any, shard_id: Any) -> Any:
+        """This rank's part of checkpoint weight tensor ``loaded`` (shard ``shard_id``)."""
+        raise NotImplementedError
+
+    def load(self, param_name: str, loaded: Any, shard_id: Any = None) -> None:
+        if param_name == "bias":
+            start, rows = self._weight_rows(shard_id)
+            _copy(self.bias.data.narrow(0, start, rows), self._bias_part(loaded, shard_id), f"bias[{shard_id}]")
+            return
+        part = self._weight_part(loaded, shard_id)
+        if self.qweight is not None:
+            if isinstance(loaded, PackedArray) and not isinstance(part, PackedArray):
+                logger.info("A %s weight cut through its blocks on this rank: served as float32.", loaded.fmt)
+            self.qweight.add(shard_id, part, f"weight[{shard_id}]")
+            return
+        start, rows = self._weight_rows(shard_id)
+        _copy(self.weight.data.narrow(0, start, rows), part, f"weight[{shard_id}]")
+
+    def _bias_part(self, loaded: Any, shard_id: Any) -> Any:
+        return self._weight_part(loaded, shard_id)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.qweight is not None:
+            qkernel = self.qkernel
+            return self.qweight.linear(x, bias) if qkernel is None else qkernel(x, self.qweight, bias)
         kernel = self.kernel
         return F.linear(x, self.weight, bias) if kernel is None else kernel(x, self.weight, bias)
 
     def extra_repr(self) -> str:
-        in_f, out_f = self.weight.shape[1], self.weight.shape[0]
-        return f"in={in_f}, out={out_f}, bias={self.bias is not None}, tp={self.tp_rank}/{self.tp_size}"
+        return (f"in={self.in_local}, out={self.out_local}, bias={self.bias is not None}, "
+                f"tp={self.tp_rank}/{self.tp_size}")
 
 
 class ColumnParallelLinear(ParallelLinearBase):
@@ -72,9 +123,8 @@ class ColumnParallelLinear(ParallelLinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
 
-    def load(self, param_name: str, loaded: Any, shard_id: Any = None) -> None:
-        param = getattr(self, param_name)
-        _copy(param.data, narrow(loaded, 0, self.out_start, param.shape[0]), param_name)
+    def _weight_part(self, loaded: Any, shard_id: Any) -> Any:
+        return narrow(loaded, 0, self.out_start, self.out_local)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -88,11 +138,12 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(input_size, sum(output_sizes), bias,
                          partition=(0, sum(rows for _, rows in self.parts)))
 
-    def load(self, param_name: str, loaded: Any, shard_id: Any = None) -> None:
-        param = getattr(self, param_name)
+    def _weight_rows(self, shard_id: Any) -> tuple[int, int]:
+        return sum(r for _, r in self.parts[:shard_id]), self.parts[shard_id][1]
+
+    def _weight_part(self, loaded: Any, shard_id: Any) -> Any:
         start, rows = self.parts[shard_id]
-        offset = sum(r for _, r in self.parts[:shard_id])
-        _copy(param.data.narrow(0, offset, rows), narrow(loaded, 0, start, rows), f"{param_name}[{shard_id}]")
+        return narrow(loaded, 0, start, rows)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -108,22 +159,18 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.num_heads, self.num_kv_heads = self.heads.num_heads, self.heads.num_kv_heads
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
-        nn.Module.__init__(self)
         self.output_size = (num_heads + 2 * num_kv_heads) * head_dim
-        self.tp_rank, self.tp_size = rank, tp
-        out_local = self.q_size + 2 * self.kv_size
-        self.weight = nn.Parameter(torch.empty(out_local, hidden_size))
-        self.bias = nn.Parameter(torch.empty(out_local)) if bias else None
+        ParallelLinearBase.__init__(self, hidden_size, self.q_size + 2 * self.kv_size, bias)
 
-    def load(self, param_name: str, loaded: Any, shard_id: Any = None) -> None:
-        param = getattr(self, param_name)
+    def _weight_rows(self, shard_id: Any) -> tuple[int, int]:
         if shard_id == "q":
-            dst_offset, rows, src_start = 0, self.q_size, self.heads.q_start * self.head_dim
-        else:
-            dst_offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
-            rows, src_start = self.kv_size, self.heads.kv_start * self.head_dim
-        _copy(param.data.narrow(0, dst_offset, rows), narrow(loaded, 0, src_start, rows),
-              f"{param_name}[{shard_id}]")
+            return 0, self.q_size
+        return self.q_size + (0 if shard_id == "k" else self.kv_size), self.kv_size
+
+    def _weight_part(self, loaded: Any, shard_id: Any) -> Any:
+        if shard_id == "q":
+            return narrow(loaded, 0, self.heads.q_start * self.head_dim, self.q_size)
+        return narrow(loaded, 0, self.heads.kv_start * self.head_dim, self.kv_size)
 
 
 class RowParallelLinear(ParallelLinearBase):
@@ -145,9 +192,8 @@ class RowParallelLinear(ParallelLinearBase):
         out = tp_all_reduce(self.matmul(x, None))
         return out if self.bias is None else out + self.bias
 
-    def load(self, param_name: str, loaded: Any, shard_id: Any = None) -> None:
-        param = getattr(self, param_name)
-        if param_name == "bias":  # added once, after the sum
-            _copy(param.data, loaded, param_name)
-            return
-        _copy(param.data, narrow(loaded, 1, self.in_start, param.shape[1]), param_name)
+    def _weight_part(self, loaded: Any, shard_id: Any) -> Any:
+        return narrow(loaded, 1, self.in_start, self.in_local)
+
+    def _bias_part(self, loaded: Any, shard_id: Any) -> Any:
+        return loaded  # added once, after the sum
