@@ -1,6 +1,8 @@
-"""Piston's C++ CPU kernels (``csrc/cpu_kernels.cpp``): built on first use, cached on disk.
+"""Piston's C++ CPU kernels (``csrc/``): built on first use, cached on disk.
 
-``load()`` returns the compiled module, or None, after logging why, when it cannot be
+``cpu_kernels.cpp`` holds the float32 kernels, ``quant_kernels.cpp`` those for packed
+(quantized) weights; both compile into one extension. ``load()`` returns the compiled
+module, or None, after logging why, when it cannot be
 used: ``PISTON_CPU_KERNELS=0``, a CPU without AVX2 and FMA, no C++ compiler or ninja
 (``pip install ninja``), or a failed build. The first build takes about 20 s and is
 cached (keyed by the source, the flags and the torch version) under
@@ -26,9 +28,12 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCE = CSRC / "cpu_kernels.cpp"
+SOURCES = [SOURCE, CSRC / "quant_kernels.cpp"]
+HEADERS = sorted(CSRC.glob("*.h"))
 NAME = "piston_cpu_kernels"
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -51,7 +56,7 @@ def unavailable_reason() -> str | None:
         return f"disabled by PISTON_CPU_KERNELS={setting}"
     if os.uname().machine not in ("x86_64", "AMD64"):
         return f"they are written for x86-64 with AVX2; this machine is {os.uname().machine}"
-    missing = {"avx2", "fma"} - cpu_flags()
+    missing = {"avx2", "fma"} - cpu_flags()  # every CPU with both has F16C (-mf16c) too
     if missing:
         return f"this CPU lacks {', '.join(sorted(missing))}"
     if any(build_dir().glob(f"{NAME}*.so")):
@@ -78,7 +83,7 @@ def _find_ninja() -> str | None:
 
 def build_dir() -> Path:
     base = Path(os.environ.get("PISTON_CACHE_DIR", Path.home() / ".cache" / "piston"))
-    key = SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode()
+    key = b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(CFLAGS).encode() + torch.__version__.encode()
     digest = hashlib.sha256(key).hexdigest()[:16]
     return base / "cpu_kernels" / digest
 
@@ -94,7 +99,8 @@ def load() -> ModuleType | None:
             try:
                 module = _build()
             except Exception as e:  # no compiler, no headers, a failed compile ...
-                reason = f"building {SOURCE.name} failed: {str(e).strip().splitlines()[-1] if str(e) else e!r}"
+                detail = str(e).strip().splitlines()[-1] if str(e) else repr(e)
+                reason = f"building {', '.join(p.name for p in SOURCES)} failed: {detail}"
         if module is None:
             logger.warning("Piston's CPU kernels are not used (%s); running torch's kernels instead, "
                            "which are slower at small batches.", reason)
@@ -120,7 +126,7 @@ def _build() -> ModuleType:
     directory.mkdir(parents=True, exist_ok=True)
     logger.info("Building Piston's CPU kernels (once per machine and torch version, about 20 s) in %s",
                 directory)
-    module = load_extension(NAME, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+    module = load_extension(NAME, [str(p) for p in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                             build_directory=str(directory), verbose=False)
     logger.info("Piston's CPU kernels built in %.1f s.", time.perf_counter() - start)
     return module

@@ -3,6 +3,11 @@
 Only float32 models run eagerly get them: the kernels are float32 AVX2 code, and a
 piecewise-compiled model is traced by Dynamo, which cannot look inside them. Each
 wrapper falls back to torch for shapes the kernel does not take.
+
+Layers with packed weights (piston.models.layers.quantized) get ``qkernel`` (and the
+embedding ``qembed_kernel``): the kernels decode the packed rows themselves, up to
+MAX_KERNEL_ROWS rows of x; bigger prefill steps decode the weight to float32 once and
+use torch's GEMM.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from piston.models.layers.layernorm import RMSNorm
 from piston.models.layers.linear import ParallelLinearBase
+from piston.models.layers.quantized import PackedWeight
 from piston.models.layers.rotary_embedding import RotaryEmbedding
 from piston.models.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from piston.models.llama import LlamaMLP
@@ -38,6 +44,37 @@ def make_linear(ops: ModuleType):
     return linear
 
 
+def kernel_takes(packed: PackedWeight) -> bool:
+    """Whether the C++ kernels decode this packed weight (rows of whole 32-value chunks)."""
+    return packed.in_features % 32 == 0 and packed.loaded and all(s.is_contiguous() for s in packed.segments)
+
+
+def make_qlinear(ops: ModuleType):
+    qlinear, qdequantize = ops.qlinear, ops.qdequantize
+
+    def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() == 2 and x.stride(1) == 1 and x.dtype == torch.float32:
+            if x.shape[0] <= MAX_KERNEL_ROWS:
+                return qlinear(x, packed.segments, packed.codes, bias)
+            return F.linear(x, qdequantize(packed.segments, packed.codes, packed.in_features), bias)
+        return packed.linear(x, bias)
+
+    return linear
+
+
+def make_qembedding(ops: ModuleType):
+    qembedding = ops.qembedding
+
+    def embedding(ids: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
+        if len(packed.segments) == 1 and packed.dtype == torch.float32:
+            flat = ids.reshape(-1).contiguous().to(torch.int64)
+            return qembedding(flat, packed.segments[0], packed.codes[0], packed.in_features).view(
+                *ids.shape, packed.in_features)
+        return packed.embedding(ids)
+
+    return embedding
+
+
 def make_rms_norm(ops: ModuleType):
     kernel = ops.rms_norm
 
@@ -56,9 +93,16 @@ def make_rms_norm(ops: ModuleType):
 def install(model: nn.Module, ops: ModuleType) -> int:
     """Sets the kernels on every layer of ``model`` they apply to; returns how many."""
     linear, rms_norm = make_linear(ops), make_rms_norm(ops)
+    qlinear, qembedding = make_qlinear(ops), make_qembedding(ops)
     count = 0
     for module in model.modules():
-        if isinstance(module, (ParallelLinearBase, VocabParallelEmbedding)):
+        if isinstance(module, (ParallelLinearBase, VocabParallelEmbedding)) and module.qweight is not None:
+            if kernel_takes(module.qweight):
+                module.qkernel = qlinear
+                if isinstance(module, VocabParallelEmbedding):
+                    module.qembed_kernel = qembedding
+                count += 1
+        elif isinstance(module, (ParallelLinearBase, VocabParallelEmbedding)):
             if module.weight.dtype == torch.float32 and module.weight.is_contiguous():
                 module.kernel = linear
                 count += 1

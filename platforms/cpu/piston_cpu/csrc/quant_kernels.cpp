@@ -1,0 +1,248 @@
+// Piston's CPU kernels for packed (quantized) weights: float32 activations and sums.
+//
+//   qlinear        y[M,N] = x[M,K] @ W^T (+ b), W packed (quant_formats.h), given as
+//                  segments of rows (a fused layer whose shards differ in format has
+//                  several). No activation is quantized on either path:
+//                  - up to kGemvRows rows of x: each weight row is decoded once, in
+//                    registers, and multiplied with every row of x (the packed bytes are
+//                    the only weight traffic: batch-1 decode reads 4-8x fewer bytes than
+//                    float32 weights);
+//                  - more rows: blocks of 8 weight rows are decoded into a float32 tile in
+//                    L1/L2 and reused across all rows of x by the float32 kernel
+//                    (dot_rows), which stays compute-bound.
+//   qembedding     rows ids of a packed weight, decoded (the token embedding).
+//   qdequantize    a packed weight as float32 [N, K] (for batches past the kernel's range,
+//                  which go to torch's GEMM).
+//
+// Compiled with the other kernels into one extension (cpu_kernels.cpp binds these).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "quant_formats.h"
+#include "simd.h"
+
+namespace piston_cpu {
+namespace {
+
+constexpr int kGemvRows = 8;  // rows of x the register path takes; more go to the tile path
+constexpr int64_t kUnitRows = 8;  // weight rows per unit of work (and per decoded tile)
+
+struct Unit {
+  const uint8_t* w;  // first row
+  int64_t row_bytes, rows, code, n0;  // n0: its first output column
+};
+
+// The segments' rows in units of kUnitRows; N gets the total rows.
+std::vector<Unit> make_units(const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& codes, int64_t K,
+                             int64_t& N) {
+  TORCH_CHECK(!weights.empty() && weights.size() == codes.size(), "one format code per weight segment");
+  TORCH_CHECK(K > 0 && K % 32 == 0, "packed kernels take rows of a multiple of 32 values, got ", K);
+  std::vector<Unit> units;
+  N = 0;
+  for (size_t s = 0; s < weights.size(); ++s) {
+    const torch::Tensor& w = weights[s];
+    const int64_t row_bytes = format_row_bytes(codes[s], K);
+    TORCH_CHECK(row_bytes > 0, "unknown packed format ", codes[s], " (or ", K, " values are not whole blocks)");
+    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous() &&
+                    w.size(1) == row_bytes, "segment ", s, " must be contiguous uint8 [rows, ", row_bytes, "], got ",
+                w.sizes());
+    const uint8_t* data = w.data_ptr<uint8_t>();
+    for (int64_t r = 0; r < w.size(0); r += kUnitRows)
+      units.push_back({data + r * row_bytes, row_bytes, std::min(kUnitRows, w.size(0) - r), codes[s], N + r});
+    N += w.size(0);
+  }
+  return units;
+}
+
+// Register path: M rows of x against each weight row of the unit, decoded once. The
+// chunk's unscaled codes meet x first; its scale multiplies their dot product, and its
+// offset m the sum of x over the chunk (xsum, [M, K/32]): d * sum(q x) + m * sum(x).
+template <class F, int M>
+void gemv_unit(const Unit& u, int64_t K, const float* X, int64_t xs, const float* xsum, float* Y, int64_t ys,
+               const float* bias) {
+  const int64_t C = K / 32;
+  for (int64_t n = 0; n < u.rows; ++n) {
+    const uint8_t* row = u.w + n * u.row_bytes;
+    __m256 acc[M][2];
+    float off[M];
+    for (int m = 0; m < M; ++m) {
+      acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+      off[m] = 0.0f;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      __m256 q[4];
+      Scales s;
+      F::raw(row, c, q, s);
+      const int a = static_cast<int>(c & 1);  // two accumulator chains
+      for (int m = 0; m < M; ++m) {
+        const float* xp = X + m * xs + 32 * c;
+        if constexpr (!F::kScaled) {
+          for (int i = 0; i < 4; ++i) acc[m][a] = _mm256_fmadd_ps(q[i], _mm256_loadu_ps(xp + 8 * i), acc[m][a]);
+        } else if constexpr (F::kTwoScales) {
+          __m256 t0 = _mm256_mul_ps(q[0], _mm256_loadu_ps(xp));
+          t0 = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xp + 8), t0);
+          __m256 t1 = _mm256_mul_ps(q[2], _mm256_loadu_ps(xp + 16));
+          t1 = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xp + 24), t1);
+          acc[m][a] = _mm256_fmadd_ps(t0, _mm256_set1_ps(s.d0), acc[m][a]);
+          acc[m][a] = _mm256_fmadd_ps(t1, _mm256_set1_ps(s.d1), acc[m][a]);
+        } else {
+          __m256 t = _mm256_mul_ps(q[0], _mm256_loadu_ps(xp));
+          t = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xp + 8), t);
+          t = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xp + 16), t);
+          t = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xp + 24), t);
+          acc[m][a] = _mm256_fmadd_ps(t, _mm256_set1_ps(s.d0), acc[m][a]);
+        }
+        if constexpr (F::kOffset) off[m] += s.m * xsum[m * C + c];
+      }
+    }
+    const int64_t col = u.n0 + n;
+    for (int m = 0; m < M; ++m)
+      Y[m * ys + col] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + off[m] + (bias ? bias[col] : 0.f);
+  }
+}
+
+template <class F>
+void decode_rows(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, float* out) {
+  const int64_t C = K / 32;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = w + r * row_bytes;
+    float* o = out + r * K;
+    for (int64_t c = 0; c < C; ++c) {
+      __m256 v[4];
+      decode<F>(row, c, v);
+      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(o + 32 * c + 8 * i, v[i]);
+    }
+  }
+}
+
+// Tile path: the unit's rows decoded to float32, then the float kernel over all M rows of x.
+void tile_unit(const Unit& u, int64_t K, const float* X, int64_t xs, int64_t M, float* Y, int64_t ys,
+               const float* bias, float* tile) {
+  with_format(u.code, [&](auto fmt) { decode_rows<decltype(fmt)>(u.w, u.row_bytes, u.rows, K, tile); });
+  float* y = Y + u.n0;
+  const float* b = bias ? bias + u.n0 : nullptr;
+  switch (u.rows) {
+    case 8: dot_rows<8>(tile, K, X, xs, M, y, ys, b); break;
+    case 7: dot_rows<7>(tile, K, X, xs, M, y, ys, b); break;
+    case 6: dot_rows<6>(tile, K, X, xs, M, y, ys, b); break;
+    case 5: dot_rows<5>(tile, K, X, xs, M, y, ys, b); break;
+    case 4: dot_rows<4>(tile, K, X, xs, M, y, ys, b); break;
+    case 3: dot_rows<3>(tile, K, X, xs, M, y, ys, b); break;
+    case 2: dot_rows<2>(tile, K, X, xs, M, y, ys, b); break;
+    default: dot_rows<1>(tile, K, X, xs, M, y, ys, b); break;
+  }
+}
+
+template <class Body>
+void with_rows(int64_t M, Body&& body) {
+  switch (M) {
+    case 1: body(std::integral_constant<int, 1>{}); break;
+    case 2: body(std::integral_constant<int, 2>{}); break;
+    case 3: body(std::integral_constant<int, 3>{}); break;
+    case 4: body(std::integral_constant<int, 4>{}); break;
+    case 5: body(std::integral_constant<int, 5>{}); break;
+    case 6: body(std::integral_constant<int, 6>{}); break;
+    case 7: body(std::integral_constant<int, 7>{}); break;
+    default: body(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+torch::Tensor qlinear(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
+                      const std::vector<int64_t>& codes, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.stride(1) == 1,
+              "qlinear: x must be a float32 CPU matrix with contiguous rows");
+  const int64_t M = x.size(0), K = x.size(1);
+  int64_t N = 0;
+  const std::vector<Unit> units = make_units(weights, codes, K, N);
+  const float* b = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
+                "qlinear: bias must be float32 with ", N, " elements");
+    b = bias->data_ptr<float>();
+  }
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
+  const float* X = x.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const int64_t xs = x.stride(0);
+  const int64_t nunits = static_cast<int64_t>(units.size());
+  // Units of at least about 32 KiB of packed bytes (or of decoded floats) per task.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, kUnitRows * K * (M <= kGemvRows ? 1 : 4)));
+  if (M <= kGemvRows) {
+    // Each 32-value chunk's sum, for the formats with an offset (Q4_0, Q4_1, Q5_*, Q4_K, Q5_K).
+    const int64_t C = K / 32;
+    std::vector<float> xsum(M * C);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t c = 0; c < C; ++c) {
+        const float* xp = X + m * xs + 32 * c;
+        __m256 v = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xp), _mm256_loadu_ps(xp + 8)),
+                                 _mm256_add_ps(_mm256_loadu_ps(xp + 16), _mm256_loadu_ps(xp + 24)));
+        xsum[m * C + c] = hsum(v);
+      }
+    const float* XS = xsum.data();
+    at::parallel_for(0, nunits, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const Unit& u = units[i];
+        with_format(u.code, [&](auto fmt) {
+          with_rows(M, [&](auto rows) {
+            gemv_unit<decltype(fmt), decltype(rows)::value>(u, K, X, xs, XS, Y, N, b);
+          });
+        });
+      }
+    });
+  } else {
+    at::parallel_for(0, nunits, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> tile(kUnitRows * K);
+      for (int64_t i = begin; i < end; ++i) tile_unit(units[i], K, X, xs, M, Y, N, b, tile.data());
+    });
+  }
+  return y;
+}
+
+torch::Tensor qembedding(const torch::Tensor& ids, const torch::Tensor& weight, int64_t code, int64_t K) {
+  TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.is_contiguous(), "qembedding: ids must be contiguous int64");
+  int64_t V = 0;
+  const std::vector<Unit> units = make_units({weight}, {code}, K, V);
+  const int64_t T = ids.numel(), row_bytes = units[0].row_bytes;
+  const int64_t* I = ids.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(I[t] >= 0 && I[t] < V, "qembedding: id ", I[t], " is out of range");
+  auto out = torch::empty({T, K}, torch::dtype(torch::kFloat32));
+  const uint8_t* W = weight.data_ptr<uint8_t>();
+  float* O = out.data_ptr<float>();
+  with_format(code, [&](auto fmt) {
+    at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) decode_rows<decltype(fmt)>(W + I[t] * row_bytes, row_bytes, 1, K, O + t * K);
+    });
+  });
+  return out;
+}
+
+torch::Tensor qdequantize(const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& codes, int64_t K) {
+  int64_t N = 0;
+  const std::vector<Unit> units = make_units(weights, codes, K, N);
+  auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Unit& u = units[i];
+      with_format(u.code, [&](auto fmt) { decode_rows<decltype(fmt)>(u.w, u.row_bytes, u.rows, K, O + u.n0 * K); });
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace piston_cpu
+
+void bind_quant_kernels(pybind11::module_& m) {
+  m.def("qlinear", &piston_cpu::qlinear, "y = x @ W.T + b with W packed, given as segments of rows",
+        py::arg("x"), py::arg("weights"), py::arg("codes"), py::arg("bias") = py::none());
+  m.def("qembedding", &piston_cpu::qembedding, "rows ids of a packed weight, as float32", py::arg("ids"),
+        py::arg("weight"), py::arg("code"), py::arg("cols"));
+  m.def("qdequantize", &piston_cpu::qdequantize, "a packed weight's segments as one float32 [N, K]",
+        py::arg("weights"), py::arg("codes"), py::arg("cols"));
+}
