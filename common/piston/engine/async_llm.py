@@ -69,12 +69,16 @@ class AsyncLLM:
     def __init__(self, args: EngineArgs, max_waiting_requests: int | None = None) -> None:
         self.config = args.create_engine_config()
         mc = self.config.model_config
-        self.tokenizer = load_tokenizer(mc.path, mc.tokenizer)
+
+        def load() -> None:
+            self.tokenizer = load_tokenizer(mc.path, mc.tokenizer)
+
+        # The tokenizer loads while the engine process starts.
+        self.engine_core = EngineCoreClient.make_client(self.config, asyncio_mode=True, while_starting=load)
         # Tokenization has its own copy: the tokenizer's Rust core must not be entered from
         # two threads at once while the output thread decodes with the other copy.
         self.input_processor = InputProcessor(self.config, copy.deepcopy(self.tokenizer))
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.engine_core = EngineCoreClient.make_client(self.config, asyncio_mode=True)
         self.max_requests = None if max_waiting_requests is None else \
             self.config.scheduler_config.max_num_seqs + max_waiting_requests
         self.collectors: dict[str, RequestOutputCollector] = {}

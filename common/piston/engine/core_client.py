@@ -20,7 +20,7 @@ import time
 import weakref
 from concurrent.futures import Future
 from multiprocessing.connection import wait as wait_for_fds
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import msgspec
 import zmq
@@ -60,8 +60,13 @@ class EngineCoreClient:
 
     @staticmethod
     def make_client(engine: EngineArgs | EngineConfig, asyncio_mode: bool,
-                    multiprocess: bool | None = None) -> "EngineCoreClient":
-        """A client for a new engine. Multiprocess unless PISTON_ENGINE_IN_PROCESS=1."""
+                    multiprocess: bool | None = None,
+                    while_starting: Callable[[], Any] | None = None) -> "EngineCoreClient":
+        """A client for a new engine. Multiprocess unless PISTON_ENGINE_IN_PROCESS=1.
+
+        ``while_starting`` runs in this process while the engine process starts (loading
+        the tokenizer, say), so the two overlap; in-process, it runs after.
+        """
         config = engine.create_engine_config() if isinstance(engine, EngineArgs) else engine
         if multiprocess is None:
             multiprocess = os.environ.get("PISTON_ENGINE_IN_PROCESS", "0") != "1"
@@ -69,8 +74,13 @@ class EngineCoreClient:
             if not multiprocess:
                 raise ValueError("The asyncio client needs the engine in its own process; "
                                  "unset PISTON_ENGINE_IN_PROCESS.")
-            return AsyncMPClient(config)
-        return SyncMPClient(config) if multiprocess else InprocClient(config)
+            return AsyncMPClient(config, while_starting)
+        if multiprocess:
+            return SyncMPClient(config, while_starting)
+        client = InprocClient(config)
+        if while_starting is not None:
+            while_starting()
+        return client
 
     def add_requests(self, requests: list[EngineCoreRequest]) -> None:
         """Add requests together, so the engine schedules them in the same step."""
@@ -122,7 +132,8 @@ class _EngineProcess:
     weakref.finalize (which also runs at exit) stops the process.
     """
 
-    def __init__(self, config: EngineConfig, ctx: zmq.Context) -> None:
+    def __init__(self, config: EngineConfig, ctx: zmq.Context,
+                 while_starting: Callable[[], Any] | None = None) -> None:
         self.ctx = ctx
         self.tmpdir = tempfile.mkdtemp(prefix="piston-engine-")
         self.input_addr = f"ipc://{self.tmpdir}/input"
@@ -133,8 +144,13 @@ class _EngineProcess:
         self.output_socket.bind(self.output_addr)
         self.proc = ChildProcess("piston.engine.core_proc", [self.input_addr, self.output_addr],
                                  encode_engine_config(config), ready_pipe=True)
-        ready_recv = self.proc.ready_conn
-        self.ready = self._wait_ready(ready_recv)
+        if while_starting is not None:
+            try:
+                while_starting()
+            except BaseException:
+                self.close()
+                raise
+        self.ready = self._wait_ready(self.proc.ready_conn)
 
     def _wait_ready(self, conn) -> EngineCoreReady:
         try:
@@ -306,8 +322,8 @@ def _stop_sync(stop: threading.Event, reader: threading.Thread, engine: _EngineP
 class SyncMPClient(EngineCoreClient):
     """The engine in a spawned process; blocking calls for LLMEngine."""
 
-    def __init__(self, config: EngineConfig) -> None:
-        engine = _EngineProcess(config, zmq.Context())
+    def __init__(self, config: EngineConfig, while_starting: Callable[[], Any] | None = None) -> None:
+        engine = _EngineProcess(config, zmq.Context(), while_starting)
         _adopt_engine_facts(config, engine)
         self.engine_pid = engine.proc.pid
         self._engine = engine
@@ -368,8 +384,8 @@ class SyncMPClient(EngineCoreClient):
 class AsyncMPClient(EngineCoreClient):
     """The engine in a spawned process; asyncio calls for AsyncLLM (zmq.asyncio)."""
 
-    def __init__(self, config: EngineConfig) -> None:
-        engine = _EngineProcess(config, zmq.asyncio.Context())
+    def __init__(self, config: EngineConfig, while_starting: Callable[[], Any] | None = None) -> None:
+        engine = _EngineProcess(config, zmq.asyncio.Context(), while_starting)
         _adopt_engine_facts(config, engine)
         self.engine_pid = engine.proc.pid
         self._engine = engine

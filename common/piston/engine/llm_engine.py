@@ -29,9 +29,13 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, multiprocess: bool | None = None) -> None:
         self.config = config
         mc = config.model_config
-        self.tokenizer = load_tokenizer(mc.path, mc.tokenizer)
-        self.engine_core = EngineCoreClient.make_client(config, asyncio_mode=False,
-                                                        multiprocess=multiprocess)
+
+        def load() -> None:
+            self.tokenizer = load_tokenizer(mc.path, mc.tokenizer)
+
+        # The tokenizer loads while the engine process starts.
+        self.engine_core = EngineCoreClient.make_client(config, asyncio_mode=False, multiprocess=multiprocess,
+                                                        while_starting=load)
         self.input_processor = InputProcessor(config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._pending_adds: list[EngineCoreRequest] = []

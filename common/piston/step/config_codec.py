@@ -1,8 +1,8 @@
 """The EngineConfig as bytes, for the engine and worker processes (JSON, never pickle).
 
-The model's Hugging Face config travels inside, as its own JSON, so a child process
-rebuilds it in microseconds instead of re-reading the checkpoint (a GGUF file's metadata
-takes seconds to parse).
+The model's Hugging Face config travels inside, complete (defaults included), and comes
+out as a PlainConfig: a child process neither re-reads the checkpoint (a GGUF file's
+metadata takes seconds to parse) nor imports transformers to rebuild a config class.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import msgspec
 
 from piston.step.config import EngineConfig
+from piston.step.plain_config import PlainConfig
 
 
 def encode_engine_config(config: EngineConfig) -> bytes:
@@ -31,7 +32,5 @@ def decode_engine_config(data: bytes) -> EngineConfig:
     config = msgspec.convert(payload["config"], EngineConfig)
     hf = payload["hf_config"]
     if hf is not None:
-        from transformers import AutoConfig
-
-        config.model_config.hf_config = AutoConfig.for_model(**hf)
+        config.model_config.hf_config = PlainConfig(hf)
     return config

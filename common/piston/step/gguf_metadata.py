@@ -12,11 +12,14 @@ from typing import Any
 
 import numpy as np
 
-# general.architecture -> (transformers config class name, HF architectures name)
+from piston.step.hf_defaults import complete
+from piston.step.plain_config import PlainConfig
+
+# general.architecture -> (model_type, HF architectures name)
 GGUF_ARCHITECTURES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "llama": ("llama", "LlamaForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
 }
 
 
@@ -51,18 +54,18 @@ def dequantize(tensor) -> np.ndarray:
 
 
 def config_from_gguf(path: str):
-    """A transformers config (Llama/Qwen2/Qwen3Config) built from the file's metadata.
+    """A PlainConfig (as transformers' Llama/Qwen2/Qwen3Config would have it) built from the
+    file's metadata.
 
     Raises ValueError for an architecture other than llama, qwen2 or qwen3.
     """
-    import transformers
 
     reader = open_gguf(path)
     arch = gguf_field(reader, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; "
                          f"supported: {', '.join(GGUF_ARCHITECTURES)}.")
-    config_cls, hf_arch = GGUF_ARCHITECTURES[arch]
+    model_type, hf_arch = GGUF_ARCHITECTURES[arch]
 
     def meta(key: str, default: Any = None) -> Any:
         return gguf_field(reader, f"{arch}.{key}", default)
@@ -98,8 +101,7 @@ def config_from_gguf(path: str):
                 if meta(f"rope.scaling.{gguf_key}") is not None:
                     rope[hf_key] = meta(f"rope.scaling.{gguf_key}")
         kwargs["rope_scaling"] = rope
-    config = getattr(transformers, config_cls)(**kwargs)
     if "rope_freqs.weight" in tensors:
         # llama.cpp's per-dimension frequency divisors (Llama 3.1 scaling), read by the RoPE tables.
-        config.rope_freq_factors = dequantize(tensors["rope_freqs.weight"]).reshape(-1).tolist()
-    return config
+        kwargs["rope_freq_factors"] = dequantize(tensors["rope_freqs.weight"]).reshape(-1).tolist()
+    return PlainConfig(complete(model_type, kwargs))

@@ -33,6 +33,17 @@ from piston.torch_runner.sampling_metadata import SamplingMetadata
 logger = logging.getLogger(__name__)
 
 
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor. In host memory it comes from calloc: the OS hands out zero pages as
+    they are first touched, so a 2 GiB KV cache costs nothing until it is used (torch.zeros
+    would write every byte at start-up, about a second per GiB here)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = np.zeros(int(np.prod(shape)) * itemsize, dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype).view(shape)
+
+
 class TorchModelRunner(ModelRunner):
     def __init__(self, config: EngineConfig, device: torch.device, attn_impl: AttentionImpl) -> None:
         super().__init__(config)
@@ -89,8 +100,7 @@ class TorchModelRunner(ModelRunner):
         shape = self.attn_impl.kv_cache_shape(num_blocks, self.block_size, self.num_kv_heads,
                                               self.head_dim)
         # Zeros: padded reads of unused slots must be finite so masking can remove them.
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                          for _ in range(self.num_layers)]
+        self.kv_caches = [zeros(shape, self.dtype, self.device) for _ in range(self.num_layers)]
 
     # ----- host-to-device copies (an accelerator runner overrides these) ----------------
 
