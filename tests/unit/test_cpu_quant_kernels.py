@@ -82,8 +82,8 @@ def test_layer_wrappers_cover_every_batch_and_fall_back(ops):
     for rows in (1, 64, layer_kernels.MAX_KERNEL_ROWS + 1):  # the last: decoded once, torch's GEMM
         x = torch.randn(rows, 256)
         _assert_close(qlinear(x, weight), x, dense)
-    x16 = torch.randn(3, 256, dtype=torch.bfloat16)  # not float32: the torch fallback
-    torch.testing.assert_close(qlinear(x16, weight), F.linear(x16, dense.bfloat16()))
+    x16 = torch.randn(2, 3, 256, dtype=torch.bfloat16)  # not a float32 matrix: converted around the kernel
+    torch.testing.assert_close(qlinear(x16, weight), F.linear(x16.float(), dense).bfloat16())
     embed = PackedWeight(256, [(None, 24)])
     embed.add(None, random_packed("Q8_0", 24, 256, rng))
     ids = torch.tensor([[1, 2, 3], [23, 0, 5]])

@@ -53,24 +53,27 @@ def make_qlinear(ops: ModuleType):
     qlinear, qdequantize = ops.qlinear, ops.qdequantize
 
     def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dim() == 2 and x.stride(1) == 1 and x.dtype == torch.float32:
-            if x.shape[0] <= MAX_KERNEL_ROWS:
-                return qlinear(x, packed.segments, packed.codes, bias)
-            return F.linear(x, qdequantize(packed.segments, packed.codes, packed.in_features), bias)
-        return packed.linear(x, bias)
+        if x.dim() != 2 or x.stride(1) != 1 or x.dtype != torch.float32:  # the kernels take these only
+            flat = x.reshape(-1, x.shape[-1]).float().contiguous()
+            out = linear(flat, packed, None if bias is None else bias.float())
+            return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+        if x.shape[0] <= MAX_KERNEL_ROWS:
+            return qlinear(x, packed.segments, packed.codes, bias)
+        return F.linear(x, qdequantize(packed.segments, packed.codes, packed.in_features), bias)
 
     return linear
 
 
 def make_qembedding(ops: ModuleType):
-    qembedding = ops.qembedding
+    qembedding, qdequantize = ops.qembedding, ops.qdequantize
 
     def embedding(ids: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
-        if len(packed.segments) == 1 and packed.dtype == torch.float32:
-            flat = ids.reshape(-1).contiguous().to(torch.int64)
-            return qembedding(flat, packed.segments[0], packed.codes[0], packed.in_features).view(
-                *ids.shape, packed.in_features)
-        return packed.embedding(ids)
+        flat = ids.reshape(-1).contiguous().to(torch.int64)
+        if len(packed.segments) == 1:
+            rows = qembedding(flat, packed.segments[0], packed.codes[0], packed.in_features)
+        else:
+            rows = qdequantize(packed.segments, packed.codes, packed.in_features)[flat]
+        return rows.to(packed.dtype).view(*ids.shape, packed.in_features)
 
     return embedding
 

@@ -58,6 +58,53 @@ std::vector<Unit> make_units(const std::vector<torch::Tensor>& weights, const st
   return units;
 }
 
+// Eight vectors' lane sums as one vector: lane j = the sum of t[j].
+inline __m256 hsum8(const __m256 t[8]) {
+  const __m256 a = _mm256_hadd_ps(t[0], t[1]), b = _mm256_hadd_ps(t[2], t[3]);
+  const __m256 c = _mm256_hadd_ps(t[4], t[5]), d = _mm256_hadd_ps(t[6], t[7]);
+  const __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);
+  return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
+}
+
+// One row of x (batch-1 decode): a group's eight dot products of unscaled codes are summed
+// across lanes together, then scaled by the group's eight scales in one multiply-add, so
+// the scales cost a load per eight chunks instead of a conversion and broadcast per chunk.
+template <class F>
+inline float dot_row1(const uint8_t* row, int64_t C, const float* x, const float* xsum) {
+  __m256 acc = _mm256_setzero_ps(), acc_m = _mm256_setzero_ps();
+  float tail = 0.0f;
+  int64_t c = 0;
+  if constexpr (F::kGroup > 0) {
+    for (; c + F::kGroup <= C; c += F::kGroup) {
+      __m256 t[8], d, m;
+      F::group_dots(row, c, C, x, t);
+      F::group_scales(row, c, C, d, m);
+      acc = _mm256_fmadd_ps(hsum8(t), d, acc);
+      if constexpr (F::kOffset) acc_m = _mm256_fmadd_ps(m, _mm256_loadu_ps(xsum + c), acc_m);
+    }
+  }
+  __m256 acc2 = _mm256_setzero_ps();
+  for (; c < C; ++c) {  // the chunks after the last whole group, and formats without groups
+    __m256 q[4];
+    Scales s;
+    F::raw(row, c, C, q, s);
+    const float* xp = x + 32 * c;
+    if constexpr (!F::kScaled) {
+      for (int i = 0; i < 4; ++i) acc2 = _mm256_fmadd_ps(q[i], _mm256_loadu_ps(xp + 8 * i), acc2);
+    } else if constexpr (F::kTwoScales) {
+      acc2 = _mm256_fmadd_ps(_mm256_fmadd_ps(q[1], _mm256_loadu_ps(xp + 8), _mm256_mul_ps(q[0], _mm256_loadu_ps(xp))),
+                             _mm256_set1_ps(s.d0), acc2);
+      acc2 = _mm256_fmadd_ps(_mm256_fmadd_ps(q[3], _mm256_loadu_ps(xp + 24),
+                                             _mm256_mul_ps(q[2], _mm256_loadu_ps(xp + 16))),
+                             _mm256_set1_ps(s.d1), acc2);
+    } else {
+      acc2 = _mm256_fmadd_ps(dot4(q, xp), _mm256_set1_ps(s.d0), acc2);
+    }
+    if constexpr (F::kOffset) tail += s.m * xsum[c];
+  }
+  return hsum(_mm256_add_ps(_mm256_add_ps(acc, acc_m), acc2)) + tail;
+}
+
 // Register path: M rows of x against each weight row of the unit, decoded once. The
 // chunk's unscaled codes meet x first; its scale multiplies their dot product, and its
 // offset m the sum of x over the chunk (xsum, [M, K/32]): d * sum(q x) + m * sum(x).
@@ -65,6 +112,13 @@ template <class F, int M>
 void gemv_unit(const Unit& u, int64_t K, const float* X, int64_t xs, const float* xsum, float* Y, int64_t ys,
                const float* bias) {
   const int64_t C = K / 32;
+  if constexpr (M == 1) {
+    for (int64_t n = 0; n < u.rows; ++n) {
+      const int64_t col = u.n0 + n;
+      Y[col] = dot_row1<F>(u.w + n * u.row_bytes, C, X, xsum) + (bias ? bias[col] : 0.f);
+    }
+    return;
+  }
   for (int64_t n = 0; n < u.rows; ++n) {
     const uint8_t* row = u.w + n * u.row_bytes;
     __m256 acc[M][2];
@@ -76,7 +130,7 @@ void gemv_unit(const Unit& u, int64_t K, const float* X, int64_t xs, const float
     for (int64_t c = 0; c < C; ++c) {
       __m256 q[4];
       Scales s;
-      F::raw(row, c, q, s);
+      F::raw(row, c, C, q, s);
       const int a = static_cast<int>(c & 1);  // two accumulator chains
       for (int m = 0; m < M; ++m) {
         const float* xp = X + m * xs + 32 * c;
@@ -90,11 +144,7 @@ void gemv_unit(const Unit& u, int64_t K, const float* X, int64_t xs, const float
           acc[m][a] = _mm256_fmadd_ps(t0, _mm256_set1_ps(s.d0), acc[m][a]);
           acc[m][a] = _mm256_fmadd_ps(t1, _mm256_set1_ps(s.d1), acc[m][a]);
         } else {
-          __m256 t = _mm256_mul_ps(q[0], _mm256_loadu_ps(xp));
-          t = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xp + 8), t);
-          t = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xp + 16), t);
-          t = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xp + 24), t);
-          acc[m][a] = _mm256_fmadd_ps(t, _mm256_set1_ps(s.d0), acc[m][a]);
+          acc[m][a] = _mm256_fmadd_ps(dot4(q, xp), _mm256_set1_ps(s.d0), acc[m][a]);
         }
         if constexpr (F::kOffset) off[m] += s.m * xsum[m * C + c];
       }
@@ -113,7 +163,7 @@ void decode_rows(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, f
     float* o = out + r * K;
     for (int64_t c = 0; c < C; ++c) {
       __m256 v[4];
-      decode<F>(row, c, v);
+      decode<F>(row, c, C, v);
       for (int i = 0; i < 4; ++i) _mm256_storeu_ps(o + 32 * c + 8 * i, v[i]);
     }
   }
