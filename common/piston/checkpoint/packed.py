@@ -120,19 +120,26 @@ def dequantize_rows(fmt: str, data: np.ndarray, cols: int) -> np.ndarray:
     return np.asarray(out, dtype=np.float32).reshape(rows, cols)
 
 
-def quantize_int8(weight: np.ndarray) -> PackedArray:
-    """Symmetric int8 per output row: ``scale = max|w| / 127``, ``q = round(w / scale)``."""
+def int8_rows(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 along the last axis: ``(q, scale)`` with ``scale = max|w| / 127`` per
+    row (shape ``w.shape[:-1]``, float32) and ``q = round(w / scale)``; ``q * scale`` is
+    the weight served. Every platform quantizes with this, so they serve the same values."""
     w = np.asarray(weight, dtype=np.float32)
-    if w.ndim != 2:
-        raise ValueError(f"int8 quantization takes a 2-D weight, got shape {w.shape}.")
-    amax = np.abs(w).max(axis=1, keepdims=True)
-    scale = (amax / 127.0).astype(np.float32)
+    scale = (np.abs(w).max(axis=-1, keepdims=True) / 127.0).astype(np.float32)
     inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
     q = np.clip(np.rint(w * inv), -127, 127).astype(np.int8)
-    data = np.empty((w.shape[0], 4 + w.shape[1]), dtype=np.uint8)
-    data[:, :4] = scale.view(np.uint8)
+    return q, scale[..., 0]
+
+
+def quantize_int8(weight: np.ndarray) -> PackedArray:
+    """A 2-D weight as I8 rows (int8_rows: symmetric per output row)."""
+    if np.ndim(weight) != 2:
+        raise ValueError(f"int8 quantization takes a 2-D weight, got shape {np.shape(weight)}.")
+    q, scale = int8_rows(weight)
+    data = np.empty((q.shape[0], 4 + q.shape[1]), dtype=np.uint8)
+    data[:, :4] = scale.reshape(-1, 1).view(np.uint8)
     data[:, 4:] = q.view(np.uint8)
-    return PackedArray("I8", data, w.shape[1])
+    return PackedArray("I8", data, q.shape[1])
 
 
 def as_packed(tensor: "PackedArray | np.ndarray") -> PackedArray:

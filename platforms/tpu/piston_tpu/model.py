@@ -93,9 +93,14 @@ AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, AttentionMetadata], jax
 """(q [T, H, D], kv_cache, layer index, metadata) -> [T, H, D]; see attention_metadata."""
 
 
-def _linear(x: jax.Array, w: jax.Array, precision) -> jax.Array:
-    # w is [out, in] as in the checkpoint: contract the last dims, no transposed copy.
-    return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=precision)
+def _linear(x: jax.Array, w: jax.Array, precision, scale: jax.Array | None = None) -> jax.Array:
+    # w is [out, in] as in the checkpoint: contract the last dims, no transposed copy. An int8
+    # w (--quantization int8) is widened to x's dtype in the product, and its per-output-channel
+    # scale applied to the result: x @ (q * s).T == (x @ q.T) * s.
+    if scale is None:
+        return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=precision)
+    out = lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())), precision=precision)
+    return out * scale.astype(x.dtype)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -130,7 +135,8 @@ def forward(params: dict[str, jax.Array], rope: tuple[jax.Array, jax.Array], kv_
     eps = spec.rms_norm_eps
     cos, sin = rope[0][positions], rope[1][positions]
     layer_names = [n for n in ("in_norm", "post_norm", "qkv", "qkv_bias", "o", "o_bias", "gate_up",
-                               "gate_up_bias", "down", "down_bias", "q_norm", "k_norm") if n in params]
+                               "gate_up_bias", "down", "down_bias", "q_norm", "k_norm", "qkv_scale",
+                               "o_scale", "gate_up_scale", "down_scale") if n in params]
     stacked = {n: params[n] for n in layer_names}
 
     def layer(carry, xs):
@@ -138,7 +144,7 @@ def forward(params: dict[str, jax.Array], rope: tuple[jax.Array, jax.Array], kv_
         lp, index = xs
         residual = h + residual
         x = rms_norm(residual, lp["in_norm"], eps)
-        qkv = _linear(x, lp["qkv"], precision)
+        qkv = _linear(x, lp["qkv"], precision, lp.get("qkv_scale"))
         if "qkv_bias" in lp:
             qkv = qkv + lp["qkv_bias"]
         q = qkv[:, :q_size].reshape(t, h_, d)
@@ -151,15 +157,15 @@ def forward(params: dict[str, jax.Array], rope: tuple[jax.Array, jax.Array], kv_
         k = apply_rope(k, cos, sin, rotary_dim)
         cache = write_kv(cache, index, k, v, md.slot_mapping)
         o = attention(q, cache, index, md).reshape(t, q_size)
-        h = _linear(o, lp["o"], precision)
+        h = _linear(o, lp["o"], precision, lp.get("o_scale"))
         if "o_bias" in lp:
             h = h + lp["o_bias"]
         residual = h + residual
         x = rms_norm(residual, lp["post_norm"], eps)
-        gate_up = _linear(x, lp["gate_up"], precision)
+        gate_up = _linear(x, lp["gate_up"], precision, lp.get("gate_up_scale"))
         if "gate_up_bias" in lp:
             gate_up = gate_up + lp["gate_up_bias"]
-        h = _linear(act(gate_up[:, :inter]) * gate_up[:, inter:], lp["down"], precision)
+        h = _linear(act(gate_up[:, :inter]) * gate_up[:, inter:], lp["down"], precision, lp.get("down_scale"))
         if "down_bias" in lp:
             h = h + lp["down_bias"]
         return (h, residual, cache), None

@@ -3,6 +3,11 @@
 The tensors come from the core's torch-free CheckpointReader (safetensors in numpy mode;
 a GGUF file dequantized with the ``gguf`` package and cached as a safetensors folder
 exactly as on the other platforms, so later start-ups on any platform read the copy).
+
+With ``quantization="int8"`` the linear weights (qkv, o, gate_up, down) are held as int8
+with a float32 scale per output channel (``<name>_scale``), quantized as every platform
+does (piston.checkpoint.packed.int8_rows); the model multiplies by the scale after the
+matmul. A GGUF's packed formats are dequantized here: the JAX models serve floats or int8.
 """
 
 from __future__ import annotations
@@ -12,11 +17,15 @@ import time
 
 import numpy as np
 from piston.checkpoint.checkpoint_reader import CheckpointReader
+from piston.checkpoint.packed import int8_rows
 from piston.step.config import ModelConfig
 from tqdm import tqdm
 
 # Under "piston" so the engine's log handler shows it.
 logger = logging.getLogger(__name__.replace("piston_tpu", "piston.tpu", 1))
+
+# The stacked linear weights ([layers, out, in]) that --quantization int8 holds as int8.
+INT8_PARAMS = ("qkv", "o", "gate_up", "down")
 
 # Hugging Face sub-module name -> (stacked parameter, fused slot or None).
 _LAYER_NAMES = {
@@ -80,7 +89,7 @@ def load_params(spec, model_config: ModelConfig, dtype: np.dtype) -> dict[str, n
         params = {name: (np.ones(shape, dtype) if "norm" in name
                          else rng.uniform(-1e-3, 1e-3, shape).astype(dtype)) for name, shape in shapes.items()}
         logger.info("Built random (dummy) weights in %.2f s.", time.perf_counter() - start)
-        return params
+        return _quantize(params, model_config)
 
     params = {name: np.empty(shape, dtype) for name, shape in shapes.items()}
     filled: dict[str, int] = {name: 0 for name in shapes}  # rows (or layers x rows) written
@@ -110,6 +119,16 @@ def load_params(spec, model_config: ModelConfig, dtype: np.dtype) -> dict[str, n
         raise ValueError(f"The checkpoint does not provide {len(missing)} of the model's parameters "
                          f"(e.g. {', '.join(missing[:5])}); is it a {spec.architecture} checkpoint?")
     logger.info("Read %d checkpoint tensors in %.2f s.", total, time.perf_counter() - start)
+    return _quantize(params, model_config)
+
+
+def _quantize(params: dict[str, np.ndarray], model_config: ModelConfig) -> dict[str, np.ndarray]:
+    """With quantization="int8": the linear weights as int8 and their per-output-channel scales."""
+    if model_config.quantization != "int8":
+        return params
+    for name in INT8_PARAMS:
+        params[name], params[f"{name}_scale"] = int8_rows(params[name])
+    logger.info("Quantized the linear weights to int8 per output channel (%s).", ", ".join(INT8_PARAMS))
     return params
 
 
