@@ -64,11 +64,20 @@ def _stays_packed(tensor) -> bool:
     return len(tensor.shape) == 2 and tensor.tensor_type.name in GGUF_PACKED_TYPES
 
 
-def _packed(tensor) -> PackedArray:
-    """The tensor's rows as they are in the file (a view of the memory-mapped file)."""
+def _packed(tensor, file) -> PackedArray:
+    """The tensor's rows as they are in the file, read into memory of their own: a copy out of
+    a memory map would leave the file's pages mapped (counted resident) beside the copy."""
     cols = int(tensor.shape[0])  # GGUF lists dimensions innermost first
     rows = int(np.prod([int(d) for d in tensor.shape[1:]]))
-    return PackedArray(tensor.tensor_type.name, np.asarray(tensor.data).view(np.uint8).reshape(rows, -1), cols)
+    data = np.empty(int(tensor.n_bytes), dtype=np.uint8)
+    view, done = memoryview(data), 0
+    file.seek(int(tensor.data_offset))
+    while done < data.size:  # one read() returns at most about 2 GiB
+        got = file.readinto(view[done:])
+        if not got:
+            raise ValueError(f"{tensor.name}: the GGUF file ends inside this tensor's data.")
+        done += got
+    return PackedArray(tensor.tensor_type.name, data.reshape(rows, -1), cols)
 
 
 def packed_tensor_formats(path: str) -> dict[str, str]:
@@ -90,13 +99,21 @@ def iterate_gguf_tensors(path: str, config: Any, packed: bool = False
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     dequantized: list[str] = []
+    with open(path, "rb", buffering=0) as file:
+        yield from _tensors(reader, file, packed, permute, n_head, n_kv, dequantized)
+    if dequantized:
+        logger.info("Dequantized %d GGUF tensors to float32 at load (their types are not served packed): %s",
+                    len(dequantized), ", ".join(dequantized))
+
+
+def _tensors(reader, file, packed: bool, permute: bool, n_head: int, n_kv: int, dequantized: list[str]):
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":
             continue
         keep = packed and _stays_packed(tensor)
         if packed and not keep and tensor.tensor_type.name not in ("F32", "F16", "BF16"):
             dequantized.append(f"{tensor.name} ({tensor.tensor_type.name})")
-        w: Any = _packed(tensor) if keep else dequantize(tensor)
+        w: Any = _packed(tensor, file) if keep else dequantize(tensor)
         heads = None
         if permute and tensor.name.startswith("blk.") and ".attn_q." in tensor.name:
             heads = n_head
@@ -107,9 +124,6 @@ def iterate_gguf_tensors(path: str, config: Any, packed: bool = False
         elif heads is not None:
             w = np.ascontiguousarray(_reverse_permute(w, heads))
         yield gguf_hf_name(tensor.name) or tensor.name, w
-    if dequantized:
-        logger.info("Dequantized %d GGUF tensors to float32 at load (their types are not served packed): %s",
-                    len(dequantized), ", ".join(dequantized))
 
 
 def count_gguf_tensors(path: str) -> int:

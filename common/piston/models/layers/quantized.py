@@ -90,7 +90,9 @@ class PackedWeight(nn.Module):
         self.segment_rows = tuple(sum(p.shape[0] for p in g) for g in groups)
         self.segments = []
         for i, group in enumerate(groups):
-            data = concat_rows(group).data if len(group) > 1 else np.array(group[0].data, copy=True)
+            data = concat_rows(group).data if len(group) > 1 else group[0].data
+            if not _owns_its_memory(data):
+                data = np.array(data, copy=True)
             segment = torch.from_numpy(data).to(device)
             self.register_buffer(f"segment{i}", segment, persistent=False)
             self.segments.append(segment)
@@ -124,6 +126,14 @@ class PackedWeight(nn.Module):
     def extra_repr(self) -> str:
         parts = ", ".join(f"{f} x {r}" for f, r in zip(self.formats, self.segment_rows))
         return f"in={self.in_features}, out={self.out_features}, segments=[{parts}]"
+
+
+def _owns_its_memory(a: np.ndarray) -> bool:
+    """Whether ``a`` is all of the memory it lives in: not a slice of a larger array, nor a
+    view of a memory-mapped file (keeping either would keep the rest resident too)."""
+    base = a.base
+    return a.flags.c_contiguous and (base is None or (type(base) is np.ndarray and base.base is None
+                                                     and base.nbytes == a.nbytes))
 
 
 def _as_numpy(tensor: Any) -> np.ndarray:

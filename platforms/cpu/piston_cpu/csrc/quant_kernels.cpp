@@ -8,8 +8,8 @@
 //                    the only weight traffic: batch-1 decode reads 4-8x fewer bytes than
 //                    float32 weights);
 //                  - more rows: blocks of 8 weight rows are decoded into a float32 tile in
-//                    L1/L2 and reused across all rows of x by the float32 kernel
-//                    (dot_rows), which stays compute-bound.
+//                    L1 and reused across all rows of x (tile_block: 3 rows of x by 4 of
+//                    the tile at a time), which stays compute-bound.
 //   qembedding     rows ids of a packed weight, decoded (the token embedding).
 //   qdequantize    a packed weight as float32 [N, K] (for batches past the kernel's range,
 //                  which go to torch's GEMM).
@@ -19,6 +19,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -169,21 +170,45 @@ void decode_rows(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, f
   }
 }
 
-// Tile path: the unit's rows decoded to float32, then the float kernel over all M rows of x.
+// y[m, n] for 3 rows of x and 4 rows of a decoded tile (in L1): 12 accumulators, and per 8
+// values 3 + 4 loads for 12 multiply-adds (dot_rows, made for weights streaming from memory,
+// loads 9 for 8), so the tile path is bound by the multiply-adds.
+template <int MR>
+inline void tile_block(const float* w, int64_t K, const float* x, int64_t xs, float* y, int64_t ys,
+                       const float* bias, int64_t nr) {
+  __m256 acc[MR][4];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < 4; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    __m256 xv[MR];
+    for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + m * xs + k);
+    for (int r = 0; r < 4; ++r) {
+      const __m256 wv = _mm256_loadu_ps(w + r * K + k);
+      for (int m = 0; m < MR; ++m) acc[m][r] = _mm256_fmadd_ps(wv, xv[m], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    float out[4];
+    _mm_storeu_ps(out, hsum4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));
+    for (int64_t r = 0; r < nr; ++r) y[m * ys + r] = out[r] + (bias ? bias[r] : 0.f);
+  }
+}
+
+// Tile path: the unit's rows decoded to float32 (rows past the unit zeroed, so blocks of 4
+// always read whole rows), then every row of x against them.
 void tile_unit(const Unit& u, int64_t K, const float* X, int64_t xs, int64_t M, float* Y, int64_t ys,
                const float* bias, float* tile) {
   with_format(u.code, [&](auto fmt) { decode_rows<decltype(fmt)>(u.w, u.row_bytes, u.rows, K, tile); });
-  float* y = Y + u.n0;
-  const float* b = bias ? bias + u.n0 : nullptr;
-  switch (u.rows) {
-    case 8: dot_rows<8>(tile, K, X, xs, M, y, ys, b); break;
-    case 7: dot_rows<7>(tile, K, X, xs, M, y, ys, b); break;
-    case 6: dot_rows<6>(tile, K, X, xs, M, y, ys, b); break;
-    case 5: dot_rows<5>(tile, K, X, xs, M, y, ys, b); break;
-    case 4: dot_rows<4>(tile, K, X, xs, M, y, ys, b); break;
-    case 3: dot_rows<3>(tile, K, X, xs, M, y, ys, b); break;
-    case 2: dot_rows<2>(tile, K, X, xs, M, y, ys, b); break;
-    default: dot_rows<1>(tile, K, X, xs, M, y, ys, b); break;
+  if (u.rows % 4) std::fill(tile + u.rows * K, tile + (u.rows + 3) / 4 * 4 * K, 0.0f);
+  for (int64_t r = 0; r < u.rows; r += 4) {
+    const float* w = tile + r * K;
+    float* y = Y + u.n0 + r;
+    const float* b = bias ? bias + u.n0 + r : nullptr;
+    const int64_t nr = std::min<int64_t>(4, u.rows - r);
+    int64_t m = 0;
+    for (; m + 3 <= M; m += 3) tile_block<3>(w, K, X + m * xs, xs, y + m * ys, ys, b, nr);
+    if (M - m == 2) tile_block<2>(w, K, X + m * xs, xs, y + m * ys, ys, b, nr);
+    if (M - m == 1) tile_block<1>(w, K, X + m * xs, xs, y + m * ys, ys, b, nr);
   }
 }
 
@@ -247,7 +272,14 @@ torch::Tensor qlinear(const torch::Tensor& x, const std::vector<torch::Tensor>& 
   } else {
     at::parallel_for(0, nunits, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> tile(kUnitRows * K);
-      for (int64_t i = begin; i < end; ++i) tile_unit(units[i], K, X, xs, M, Y, N, b, tile.data());
+      for (int64_t i = begin; i < end; ++i) {
+        if (i + 1 < end) {  // the next unit's bytes arrive while this tile meets every row of x
+          const Unit& next = units[i + 1];
+          for (int64_t off = 0; off < next.rows * next.row_bytes; off += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(next.w + off), _MM_HINT_T1);
+        }
+        tile_unit(units[i], K, X, xs, M, Y, N, b, tile.data());
+      }
     });
   }
   return y;
@@ -271,10 +303,18 @@ torch::Tensor qembedding(const torch::Tensor& ids, const torch::Tensor& weight, 
   return out;
 }
 
-torch::Tensor qdequantize(const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& codes, int64_t K) {
+torch::Tensor qdequantize(const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& codes, int64_t K,
+                          const c10::optional<torch::Tensor>& into) {
   int64_t N = 0;
   const std::vector<Unit> units = make_units(weights, codes, K, N);
-  auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
+  torch::Tensor out;
+  if (into.has_value() && into->defined()) {  // a caller's buffer (reused: no fresh pages to fault in)
+    TORCH_CHECK(into->scalar_type() == torch::kFloat32 && into->is_contiguous() && into->numel() >= N * K,
+                "qdequantize: the buffer must be contiguous float32 with at least ", N * K, " elements");
+    out = into->view({-1}).narrow(0, 0, N * K).view({N, K});
+  } else {
+    out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
+  }
   float* O = out.data_ptr<float>();
   at::parallel_for(0, static_cast<int64_t>(units.size()), 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -294,5 +334,5 @@ void bind_quant_kernels(pybind11::module_& m) {
   m.def("qembedding", &piston_cpu::qembedding, "rows ids of a packed weight, as float32", py::arg("ids"),
         py::arg("weight"), py::arg("code"), py::arg("cols"));
   m.def("qdequantize", &piston_cpu::qdequantize, "a packed weight's segments as one float32 [N, K]",
-        py::arg("weights"), py::arg("codes"), py::arg("cols"));
+        py::arg("weights"), py::arg("codes"), py::arg("cols"), py::arg("out") = py::none());
 }
