@@ -1,4 +1,5 @@
-"""Nox sessions: lint, tests (unit), kernels-cuda-interpret, distributed, conformance-<platform>, bench.
+"""Nox sessions: lint, tests (unit), kernels-cuda-interpret, distributed, conformance-<platform>, bench,
+quant-accuracy and bench-quant.
 
 Every install passes `-c constraints.txt`: an unpinned torch pulls a multi-GB CUDA build.
 Sessions use the interpreter nox runs under and reuse their virtualenvs between runs. The
@@ -134,6 +135,34 @@ def fuzz(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "tests/e2e/test_openapi_fuzz.py", "-q", "-s", *session.posargs,
                 env={"PISTON_PLATFORM": "cpu",
                      "PISTON_FUZZ_EXAMPLES": os.environ.get("PISTON_FUZZ_EXAMPLES", "200")})
+
+
+@nox.session(name="quant-accuracy")
+def quant_accuracy(session: nox.Session) -> None:
+    """SmolLM2's Q4_1 GGUF served packed against transformers on the same file: teacher-forced
+    top-1 agreement over about 4000 positions of real text (about a minute; tests/quantized)."""
+    _install(session)
+    session.run("python", "-m", "pytest", "tests/quantized", "-q", "-s", *session.posargs,
+                env={"PISTON_PLATFORM": "cpu"})
+
+
+@nox.session(name="bench-quant")
+def bench_quant(session: nox.Session) -> None:
+    """The quantized-weights figures of benchmarks/RESULTS.md: batch-1 decode against llama.cpp,
+    the 64-request workload packed and in float32, and a synthetic 7B Q4_K_M GGUF's memory.
+
+    llama.cpp (llama-cpp-python, built from its sdist) lives in its own virtualenv,
+    $LLAMA_VENV (default /tmp/llama-venv), made here on first use; never in Piston's."""
+    _install(session)
+    venv = Path(os.environ.get("LLAMA_VENV", "/tmp/llama-venv"))
+    if not (venv / "bin" / "python").exists():
+        session.run("python", "-m", "venv", str(venv))
+    if subprocess.run([str(venv / "bin" / "python"), "-c", "import llama_cpp"], capture_output=True).returncode:
+        session.run(str(venv / "bin" / "python"), "-m", "pip", "install", "llama-cpp-python", external=True)
+    session.run("python", "benchmarks/quant_decode.py", "--llama-python", str(venv / "bin" / "python"),
+                "--rounds", "5", "--float32", *session.posargs)
+    session.run("bash", "benchmarks/quant_throughput.sh", external=True, env={"PYTHON": "python"})
+    session.run("python", "benchmarks/synthetic_q4_k_m.py")
 
 
 @nox.session

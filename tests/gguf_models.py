@@ -3,8 +3,8 @@
 ``write_gguf(folder, path, formats)`` turns a Hugging Face llama folder (config.json +
 model.safetensors) into a llama.cpp GGUF: tensors renamed, q/k rows permuted for
 llama.cpp's interleaved RoPE (as its converter does; readers permute them back), every
-2-D tensor quantized to the format ``formats(hf_name)`` names, and the tokenizer fields
-copied from another GGUF (SmolLM2's: the tiny models use its tokenizer).
+2-D tensor quantized to the format ``formats(hf_name)`` names, and optionally the tokenizer
+fields copied from another GGUF (SmolLM2's: the tiny models use its tokenizer).
 
 The gguf package quantizes Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and BF16; it only dequantizes
 the K-quants, so ``quantize_k`` here writes Q4_K, Q5_K and Q6_K blocks with a plain
@@ -123,8 +123,10 @@ def _copy_tokenizer(writer, tokenizer_gguf: str) -> None:
         writer.add_key_value(key, value, vtype, sub_type=sub)
 
 
-def write_gguf(folder: str, path: str, formats: Callable[[str], str], tokenizer_gguf: str) -> str:
-    """Write the llama model in ``folder`` as GGUF ``path``, 2-D tensor ``n`` in ``formats(n)``."""
+def write_gguf(folder: str, path: str, formats: Callable[[str], str], tokenizer_gguf: str | None = None) -> str:
+    """Write the llama model in ``folder`` as GGUF ``path``, 2-D tensor ``n`` in ``formats(n)``,
+    with the tokenizer of ``tokenizer_gguf`` if given (without one, pass Piston a tokenizer
+    folder; transformers loads the model from the file alone)."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -147,7 +149,8 @@ def write_gguf(folder: str, path: str, formats: Callable[[str], str], tokenizer_
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 1e4))
     writer.add_vocab_size(config["vocab_size"])
-    _copy_tokenizer(writer, tokenizer_gguf)
+    if tokenizer_gguf is not None:
+        _copy_tokenizer(writer, tokenizer_gguf)
     tensors = load_file(os.path.join(folder, "model.safetensors"))
     if config.get("tie_word_embeddings"):
         tensors.pop("lm_head.weight", None)

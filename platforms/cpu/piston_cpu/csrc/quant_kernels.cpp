@@ -37,12 +37,36 @@ struct Unit {
   int64_t row_bytes, rows, code, n0;  // n0: its first output column
 };
 
-// The segments' rows in units of kUnitRows; N gets the total rows.
-std::vector<Unit> make_units(const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& codes, int64_t K,
-                             int64_t& N) {
+// The segments' rows in units of kUnitRows, made on the fly (a list of every unit of the LM
+// head's 49152 rows would be a fresh quarter-megabyte every step).
+class Units {
+ public:
+  int64_t size() const { return segs_.empty() ? 0 : segs_.back().first_unit + segs_.back().units; }
+  Unit operator[](int64_t i) const {
+    size_t s = 0;
+    while (i >= segs_[s].first_unit + segs_[s].units) ++s;
+    const Seg& g = segs_[s];
+    const int64_t r = (i - g.first_unit) * kUnitRows;
+    return {g.data + r * g.row_bytes, g.row_bytes, std::min(kUnitRows, g.rows - r), g.code, g.n0 + r};
+  }
+  void add(const uint8_t* data, int64_t row_bytes, int64_t rows, int64_t code, int64_t n0) {
+    segs_.push_back({data, row_bytes, rows, code, n0, size(), (rows + kUnitRows - 1) / kUnitRows});
+  }
+
+ private:
+  struct Seg {
+    const uint8_t* data;
+    int64_t row_bytes, rows, code, n0, first_unit, units;
+  };
+  std::vector<Seg> segs_;
+};
+
+// The checked segments as units; N gets the total rows.
+Units make_units(const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& codes, int64_t K,
+                 int64_t& N) {
   TORCH_CHECK(!weights.empty() && weights.size() == codes.size(), "one format code per weight segment");
   TORCH_CHECK(K > 0 && K % 32 == 0, "packed kernels take rows of a multiple of 32 values, got ", K);
-  std::vector<Unit> units;
+  Units units;
   N = 0;
   for (size_t s = 0; s < weights.size(); ++s) {
     const torch::Tensor& w = weights[s];
@@ -51,9 +75,7 @@ std::vector<Unit> make_units(const std::vector<torch::Tensor>& weights, const st
     TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous() &&
                     w.size(1) == row_bytes, "segment ", s, " must be contiguous uint8 [rows, ", row_bytes, "], got ",
                 w.sizes());
-    const uint8_t* data = w.data_ptr<uint8_t>();
-    for (int64_t r = 0; r < w.size(0); r += kUnitRows)
-      units.push_back({data + r * row_bytes, row_bytes, std::min(kUnitRows, w.size(0) - r), codes[s], N + r});
+    units.add(w.data_ptr<uint8_t>(), row_bytes, w.size(0), codes[s], N);
     N += w.size(0);
   }
   return units;
@@ -232,7 +254,7 @@ torch::Tensor qlinear(const torch::Tensor& x, const std::vector<torch::Tensor>& 
               "qlinear: x must be a float32 CPU matrix with contiguous rows");
   const int64_t M = x.size(0), K = x.size(1);
   int64_t N = 0;
-  const std::vector<Unit> units = make_units(weights, codes, K, N);
+  const Units units = make_units(weights, codes, K, N);
   const float* b = nullptr;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
@@ -244,7 +266,7 @@ torch::Tensor qlinear(const torch::Tensor& x, const std::vector<torch::Tensor>& 
   const float* X = x.data_ptr<float>();
   float* Y = y.data_ptr<float>();
   const int64_t xs = x.stride(0);
-  const int64_t nunits = static_cast<int64_t>(units.size());
+  const int64_t nunits = units.size();
   // Units of at least about 32 KiB of packed bytes (or of decoded floats) per task.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, kUnitRows * K * (M <= kGemvRows ? 1 : 4)));
   if (M <= kGemvRows) {
@@ -261,7 +283,7 @@ torch::Tensor qlinear(const torch::Tensor& x, const std::vector<torch::Tensor>& 
     const float* XS = xsum.data();
     at::parallel_for(0, nunits, grain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const Unit& u = units[i];
+        const Unit u = units[i];
         with_format(u.code, [&](auto fmt) {
           with_rows(M, [&](auto rows) {
             gemv_unit<decltype(fmt), decltype(rows)::value>(u, K, X, xs, XS, Y, N, b);
@@ -274,7 +296,7 @@ torch::Tensor qlinear(const torch::Tensor& x, const std::vector<torch::Tensor>& 
       std::vector<float> tile(kUnitRows * K);
       for (int64_t i = begin; i < end; ++i) {
         if (i + 1 < end) {  // the next unit's bytes arrive while this tile meets every row of x
-          const Unit& next = units[i + 1];
+          const Unit next = units[i + 1];
           for (int64_t off = 0; off < next.rows * next.row_bytes; off += 64)
             _mm_prefetch(reinterpret_cast<const char*>(next.w + off), _MM_HINT_T1);
         }
@@ -288,7 +310,7 @@ torch::Tensor qlinear(const torch::Tensor& x, const std::vector<torch::Tensor>& 
 torch::Tensor qembedding(const torch::Tensor& ids, const torch::Tensor& weight, int64_t code, int64_t K) {
   TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.is_contiguous(), "qembedding: ids must be contiguous int64");
   int64_t V = 0;
-  const std::vector<Unit> units = make_units({weight}, {code}, K, V);
+  const Units units = make_units({weight}, {code}, K, V);
   const int64_t T = ids.numel(), row_bytes = units[0].row_bytes;
   const int64_t* I = ids.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) TORCH_CHECK(I[t] >= 0 && I[t] < V, "qembedding: id ", I[t], " is out of range");
@@ -306,7 +328,7 @@ torch::Tensor qembedding(const torch::Tensor& ids, const torch::Tensor& weight, 
 torch::Tensor qdequantize(const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& codes, int64_t K,
                           const c10::optional<torch::Tensor>& into) {
   int64_t N = 0;
-  const std::vector<Unit> units = make_units(weights, codes, K, N);
+  const Units units = make_units(weights, codes, K, N);
   torch::Tensor out;
   if (into.has_value() && into->defined()) {  // a caller's buffer (reused: no fresh pages to fault in)
     TORCH_CHECK(into->scalar_type() == torch::kFloat32 && into->is_contiguous() && into->numel() >= N * K,
@@ -316,9 +338,9 @@ torch::Tensor qdequantize(const std::vector<torch::Tensor>& weights, const std::
     out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
   }
   float* O = out.data_ptr<float>();
-  at::parallel_for(0, static_cast<int64_t>(units.size()), 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, units.size(), 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const Unit& u = units[i];
+      const Unit u = units[i];
       with_format(u.code, [&](auto fmt) { decode_rows<decltype(fmt)>(u.w, u.row_bytes, u.rows, K, O + u.n0 * K); });
     }
   });
