@@ -53,6 +53,16 @@ def test_qlinear_matches_the_dequantized_weight(ops, fmt, rows):
     _assert_close(ops.qlinear(wide[:, :512], datas, codes), wide[:, :512], weight)
 
 
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+@pytest.mark.parametrize("cols", [576, 96])
+def test_one_row_of_x_with_a_partial_group(ops, fmt, cols):
+    # One row of x takes eight chunks' scales at once; 576 values leave two chunks after
+    # two whole groups (SmolLM2's rows), 96 three and no whole group.
+    datas, codes, weight = _segments([fmt], [9], cols, cols)
+    x = torch.randn(1, cols)
+    _assert_close(ops.qlinear(x, datas, codes), x, weight)
+
+
 @pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0", "Q6_K", "BF16", "I8"])
 def test_qembedding_and_qdequantize_are_exact(ops, fmt):
     datas, codes, weight = _segments([fmt], [30], 256, 7)

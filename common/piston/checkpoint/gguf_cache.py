@@ -1,5 +1,8 @@
 """A GGUF file's config and dequantized weights, kept as a Hugging Face folder.
 
+Only a GGUF read dequantized uses this copy (``--quantization none``, and platforms that
+dequantize GGUF formats, such as the TPU); served packed, the file itself is read.
+
 Reading a GGUF costs seconds (the gguf reader parses the whole token list, then every
 tensor is dequantized). The first load writes config.json and model.safetensors under
 the cache directory; later start-ups read those instead, memory-mapped, in a fraction

@@ -24,6 +24,12 @@ Interface version history:
      returns a ``KVCacheReport`` instead of an int, and a worker no longer writes what it
      measured into the config (under the mp and Ray executors that write happened in
      another process); ``wake_up`` re-allocates the block count ``initialize_cache`` got.
+  4: quantized weights. ``ModelConfig.quantization`` says how the weights are held: "gguf"
+     (a GGUF file's quantized tensors packed, piston.checkpoint.packed), "int8" (a float
+     checkpoint's linear weights quantized per output channel at load) or "none". A
+     platform serves what it asks, or rejects it in ``check_and_update_config``. The shared
+     torch models do it themselves (PackedWeight, with a ``qkernel`` slot a platform may
+     fill); a platform may dequantize GGUF formats it has no kernels for (the TPU does).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ if TYPE_CHECKING:
     from piston.step.runner_output import ModelRunnerOutput
     from piston.step.scheduler_output import SchedulerOutput
 
-PLATFORM_INTERFACE_VERSION = 3
+PLATFORM_INTERFACE_VERSION = 4
 
 
 class Platform(abc.ABC):

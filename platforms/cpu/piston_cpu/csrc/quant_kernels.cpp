@@ -106,6 +106,27 @@ inline float dot_row1(const uint8_t* row, int64_t C, const float* x, const float
       if constexpr (F::kOffset) acc_m = _mm256_fmadd_ps(m, _mm256_loadu_ps(xsum + c), acc_m);
     }
   }
+  if constexpr (F::kGroup == 8) {
+    if (c < C) {  // the last chunks (2 of SmolLM2's 18 a row): a group padded with zeros
+      __m256 t[8];
+      alignas(32) float d[8] = {0}, m[8] = {0}, xs[8] = {0};
+      for (int j = 0; j < 8; ++j) {
+        t[j] = _mm256_setzero_ps();
+        if (c + j < C) {
+          __m256 q[4];
+          Scales s;
+          F::raw(row, c + j, C, q, s);
+          t[j] = dot4(q, x + 32 * (c + j));
+          d[j] = s.d0;
+          m[j] = s.m;
+          xs[j] = F::kOffset ? xsum[c + j] : 0.0f;
+        }
+      }
+      acc = _mm256_fmadd_ps(hsum8(t), _mm256_load_ps(d), acc);
+      if constexpr (F::kOffset) acc_m = _mm256_fmadd_ps(_mm256_load_ps(m), _mm256_load_ps(xs), acc_m);
+      c = C;
+    }
+  }
   __m256 acc2 = _mm256_setzero_ps();
   for (; c < C; ++c) {  // the chunks after the last whole group, and formats without groups
     __m256 q[4];
