@@ -111,3 +111,37 @@ def test_resolve_quantization():
         resolve_quantization("gguf", "folder")
     with pytest.raises(ValueError, match="one of"):
         resolve_quantization("fp8", "folder")
+
+
+def test_gguf_types_not_served_packed_are_dequantized_and_named(tmp_path, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    import gguf
+    from piston.checkpoint.gguf_tensors import iterate_gguf_tensors, packed_tensor_formats
+
+    rng = np.random.default_rng(6)
+    q3k = rng.integers(0, 256, (4, 110), dtype=np.uint8)  # Q3_K: 110 bytes per 256 values
+    q3k[:, 108:110] = np.array([1e-3], np.float16).view(np.uint8)
+    q4 = random_packed("Q4_0", 4, 256, rng)
+    path = str(tmp_path / "mixed.gguf")
+    writer = gguf.GGUFWriter(path, "qwen2")  # not llama: no q/k row permutation to undo
+    writer.add_tensor("blk.0.attn_q.weight", q3k, raw_dtype=gguf.GGMLQuantizationType.Q3_K)
+    writer.add_tensor("blk.0.ffn_up.weight", q4.data, raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(256, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    config = SimpleNamespace(num_attention_heads=2, num_key_value_heads=2)
+    assert packed_tensor_formats(path) == {"model.layers.0.mlp.up_proj.weight": "Q4_0"}
+    with caplog.at_level(logging.INFO, logger="piston.checkpoint.gguf_tensors"):
+        tensors = dict(iterate_gguf_tensors(path, config, packed=True))
+    up = tensors["model.layers.0.mlp.up_proj.weight"]
+    assert isinstance(up, PackedArray) and up.fmt == "Q4_0"
+    np.testing.assert_array_equal(up.data, q4.data)
+    q = tensors["model.layers.0.self_attn.q_proj.weight"]
+    assert isinstance(q, np.ndarray) and q.dtype == np.float32
+    np.testing.assert_array_equal(q, gguf.quants.dequantize(q3k, gguf.GGMLQuantizationType.Q3_K))
+    lines = [r.getMessage() for r in caplog.records if "Dequantized" in r.getMessage()]
+    assert len(lines) == 1 and "blk.0.attn_q.weight (Q3_K)" in lines[0] and "ffn_up" not in lines[0]
