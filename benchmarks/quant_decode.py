@@ -12,7 +12,9 @@ llama.cpp runs through llama-cpp-python in its own virtualenv, never the project
     /tmp/llama-venv/bin/pip install llama-cpp-python   # builds llama.cpp from the sdist (~10 min)
     python benchmarks/quant_decode.py --llama-python /tmp/llama-venv/bin/python
 
-``--float32`` adds Piston with the weights dequantized (--quantization none).
+``--float32`` adds Piston with the weights dequantized (--quantization none), and
+``--int8-activations`` Piston with PISTON_CPU_QUANT_ACTIVATIONS=int8 (activations of the
+decode steps quantized to int8 per 32 values, as llama.cpp does; off by default).
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ def main() -> int:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="threads for both engines")
     parser.add_argument("--float32", action="store_true", help="also Piston with dequantized float32 weights")
+    parser.add_argument("--int8-activations", action="store_true",
+                        help="also Piston with PISTON_CPU_QUANT_ACTIVATIONS=int8")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
 
@@ -79,6 +83,10 @@ def main() -> int:
     kw = dict(max_model_len=args.input_len + args.output_len + 16, kv_cache_memory="256MiB", dtype="float32",
               enable_prefix_caching=False)
     engines = {"piston": LLM(model=model, quantization="gguf", **kw)}
+    if args.int8_activations:  # read by the engine process when it installs the kernels
+        os.environ["PISTON_CPU_QUANT_ACTIVATIONS"] = "int8"
+        engines["piston-int8-activations"] = LLM(model=model, quantization="gguf", **kw)
+        del os.environ["PISTON_CPU_QUANT_ACTIVATIONS"]
     if args.float32:
         engines["piston-float32"] = LLM(model=model, quantization="none", **kw)
     times: dict[str, list[float]] = {name: [] for name in [*engines, "llama.cpp"]}
@@ -100,7 +108,8 @@ def main() -> int:
     medians = {n: statistics.median(v) for n, v in times.items()}
     print(f"\nmedian ms/token over {args.rounds} rounds ({args.threads} threads, prompt {args.input_len}, "
           f"{args.output_len} tokens): " + ", ".join(f"{n} {v:.2f}" for n, v in medians.items()))
-    print(f"Piston / llama.cpp = {medians['piston'] / medians['llama.cpp']:.3f}")
+    for name in engines:
+        print(f"{name} / llama.cpp = {medians[name] / medians['llama.cpp']:.3f}")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"model": model, "args": vars(args), "ms_per_token": times, "median": medians,

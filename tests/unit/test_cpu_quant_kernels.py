@@ -71,6 +71,25 @@ def test_qembedding_and_qdequantize_are_exact(ops, fmt):
     torch.testing.assert_close(ops.qdequantize(datas, codes, 256), weight, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K"])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_opt_in_int8_activations(ops, fmt, rows):
+    # quant_int8x.h (PISTON_CPU_QUANT_ACTIVATIONS=int8): x rounded to int8 per 32 values, so
+    # the products are off by at most half a step of x (max|x| / 254 per block) times |w|;
+    # formats without the integer path (the K-quants) stay exact.
+    datas, codes, weight = _segments([fmt], [24], 512, rows + 11)
+    x = torch.randn(rows, 512)
+    got = ops.qlinear(x, datas, codes, None, True)
+    expected = F.linear(x.double(), weight.double())
+    step = x.abs().reshape(rows, 16, 32).amax(-1, keepdim=True).expand(rows, 16, 32).reshape(rows, 512) / 254
+    bound = (step.double() @ weight.abs().double().T) * 1.001 + 1e-5
+    assert ((got.double() - expected).abs() <= bound).all()
+    if fmt == "Q4_K":
+        _assert_close(got, x, weight)
+    else:
+        assert not torch.equal(got, ops.qlinear(x, datas, codes))  # it did round x
+
+
 def test_kernels_reject_what_they_cannot_read(ops):
     datas, codes, _ = _segments(["Q4_0"], [4], 64, 0)
     with pytest.raises(RuntimeError, match="must be contiguous uint8"):
@@ -99,3 +118,13 @@ def test_layer_wrappers_cover_every_batch_and_fall_back(ops):
     ids = torch.tensor([[1, 2, 3], [23, 0, 5]])
     got = layer_kernels.make_qembedding(ops)(ids, embed)
     torch.testing.assert_close(got, embed.dequantize()[ids], atol=0, rtol=0)
+
+
+def test_activations_stay_float32_unless_asked(monkeypatch):
+    monkeypatch.delenv("PISTON_CPU_QUANT_ACTIVATIONS", raising=False)
+    assert layer_kernels.int8_activations() is False
+    monkeypatch.setenv("PISTON_CPU_QUANT_ACTIVATIONS", "int8")
+    assert layer_kernels.int8_activations() is True
+    monkeypatch.setenv("PISTON_CPU_QUANT_ACTIVATIONS", "fp8")
+    with pytest.raises(ValueError, match="use int8"):
+        layer_kernels.int8_activations()

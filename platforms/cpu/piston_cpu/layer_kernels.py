@@ -7,12 +7,14 @@ wrapper falls back to torch for shapes the kernel does not take.
 Layers with packed weights (piston.models.layers.quantized) get ``qkernel`` (and the
 embedding ``qembed_kernel``): the kernels decode the packed rows themselves, up to
 MAX_PACKED_KERNEL_ROWS rows of x; bigger steps decode the weight to float32 once, into a
-buffer reused from call to call, and use torch's GEMM.
+buffer reused from call to call, and use torch's GEMM. Activations stay float32 unless
+PISTON_CPU_QUANT_ACTIVATIONS=int8 (int8_activations).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from types import ModuleType
 
 import torch
@@ -55,7 +57,17 @@ def kernel_takes(packed: PackedWeight) -> bool:
     return packed.in_features % 32 == 0 and packed.loaded and all(s.is_contiguous() for s in packed.segments)
 
 
-def make_qlinear(ops: ModuleType):
+def int8_activations() -> bool:
+    """PISTON_CPU_QUANT_ACTIVATIONS=int8: the register path (up to 8 rows of x) quantizes x
+    to int8 per 32 values for the 32-value formats, as llama.cpp does (quant_int8x.h). Off
+    by default: it moves SmolLM2's logprobs by up to about 0.5."""
+    setting = os.environ.get("PISTON_CPU_QUANT_ACTIVATIONS", "").lower()
+    if setting not in ("", "0", "none", "float32", "int8"):
+        raise ValueError(f"PISTON_CPU_QUANT_ACTIVATIONS={setting!r}: use int8, or leave it unset.")
+    return setting == "int8"
+
+
+def make_qlinear(ops: ModuleType, quantize_activations: bool = False):
     qlinear, qdequantize = ops.qlinear, ops.qdequantize
     scratch: list[torch.Tensor] = [torch.empty(0)]  # the decoded weight of big batches, reused
 
@@ -65,7 +77,7 @@ def make_qlinear(ops: ModuleType):
             out = linear(flat, packed, None if bias is None else bias.float())
             return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
         if x.shape[0] <= MAX_PACKED_KERNEL_ROWS:
-            return qlinear(x, packed.segments, packed.codes, bias)
+            return qlinear(x, packed.segments, packed.codes, bias, quantize_activations)
         size = packed.out_features * packed.in_features
         if scratch[0].numel() < size:
             scratch[0] = torch.empty(size)
@@ -106,7 +118,7 @@ def make_rms_norm(ops: ModuleType):
 def install(model: nn.Module, ops: ModuleType) -> int:
     """Sets the kernels on every layer of ``model`` they apply to; returns how many."""
     linear, rms_norm = make_linear(ops), make_rms_norm(ops)
-    qlinear, qembedding = make_qlinear(ops), make_qembedding(ops)
+    qlinear, qembedding = make_qlinear(ops, int8_activations()), make_qembedding(ops)
     count = 0
     for module in model.modules():
         if isinstance(module, (ParallelLinearBase, VocabParallelEmbedding)) and module.qweight is not None:

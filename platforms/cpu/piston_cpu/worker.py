@@ -35,6 +35,9 @@ class CpuWorker(Worker):
             self.kernel_layers = layer_kernels.install(self.runner.model, self.kernels)
             logger.info("CPU kernels: paged attention, and %d layers (linear up to %d rows, RMSNorm, RoPE, "
                         "SiLU-and-mul).", self.kernel_layers, layer_kernels.MAX_KERNEL_ROWS)
+            if layer_kernels.int8_activations():
+                logger.info("PISTON_CPU_QUANT_ACTIVATIONS=int8: packed layers quantize up to 8 rows of "
+                            "activations to int8 per 32 values (the 32-value GGUF formats).")
 
     def kernel_info(self) -> dict:
         """Which kernels run (for collective_rpc): the attention backend's name and how

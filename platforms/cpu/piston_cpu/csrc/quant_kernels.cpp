@@ -2,7 +2,8 @@
 //
 //   qlinear        y[M,N] = x[M,K] @ W^T (+ b), W packed (quant_formats.h), given as
 //                  segments of rows (a fused layer whose shards differ in format has
-//                  several). No activation is quantized on either path:
+//                  several). No activation is quantized on either path unless asked
+//                  (int8_activations, quant_int8x.h: the register path's 32-value formats):
 //                  - up to kGemvRows rows of x: each weight row is decoded once, in
 //                    registers, and multiplied with every row of x (the packed bytes are
 //                    the only weight traffic: batch-1 decode reads 4-8x fewer bytes than
@@ -24,6 +25,7 @@
 #include <vector>
 
 #include "quant_formats.h"
+#include "quant_int8x.h"
 #include "simd.h"
 
 namespace piston_cpu {
@@ -270,7 +272,8 @@ void with_rows(int64_t M, Body&& body) {
 }
 
 torch::Tensor qlinear(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
-                      const std::vector<int64_t>& codes, const c10::optional<torch::Tensor>& bias) {
+                      const std::vector<int64_t>& codes, const c10::optional<torch::Tensor>& bias,
+                      bool int8_activations) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.stride(1) == 1,
               "qlinear: x must be a float32 CPU matrix with contiguous rows");
   const int64_t M = x.size(0), K = x.size(1);
@@ -302,12 +305,22 @@ torch::Tensor qlinear(const torch::Tensor& x, const std::vector<torch::Tensor>& 
         xsum[m * C + c] = hsum(v);
       }
     const float* XS = xsum.data();
+    std::vector<Q8Block> xq(int8_activations ? M * C : 0);  // quant_int8x.h: opt-in
+    for (int64_t m = 0; m < static_cast<int64_t>(xq.size()) / C; ++m) quantize_q8(X + m * xs, C, xq.data() + m * C);
     at::parallel_for(0, nunits, grain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const Unit u = units[i];
         with_format(u.code, [&](auto fmt) {
+          using F = decltype(fmt);
           with_rows(M, [&](auto rows) {
-            gemv_unit<decltype(fmt), decltype(rows)::value>(u, K, X, xs, XS, Y, N, b);
+            constexpr int R = decltype(rows)::value;
+            if constexpr (kInt8Activations<F>) {
+              if (int8_activations) {
+                gemv_rows_q8<F, R>(u.w, u.row_bytes, u.rows, u.n0, C, xq.data(), XS, Y, N, b);
+                return;
+              }
+            }
+            gemv_unit<F, R>(u, K, X, xs, XS, Y, N, b);
           });
         });
       }
@@ -373,7 +386,8 @@ torch::Tensor qdequantize(const std::vector<torch::Tensor>& weights, const std::
 
 void bind_quant_kernels(pybind11::module_& m) {
   m.def("qlinear", &piston_cpu::qlinear, "y = x @ W.T + b with W packed, given as segments of rows",
-        py::arg("x"), py::arg("weights"), py::arg("codes"), py::arg("bias") = py::none());
+        py::arg("x"), py::arg("weights"), py::arg("codes"), py::arg("bias") = py::none(),
+        py::arg("int8_activations") = false);
   m.def("qembedding", &piston_cpu::qembedding, "rows ids of a packed weight, as float32", py::arg("ids"),
         py::arg("weight"), py::arg("code"), py::arg("cols"));
   m.def("qdequantize", &piston_cpu::qdequantize, "a packed weight's segments as one float32 [N, K]",
