@@ -423,16 +423,21 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
   const int64_t qs = q.stride(0), os = out.stride(0);
   const float sc = static_cast<float>(scale);
   const int64_t D8 = D / 8;
-  const int64_t tasks = R * KVH;
-  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), tasks));
+  // Few rows (decode at small batch: SmolLM2's 3 KV heads at batch 1) split each KV head's
+  // query heads over tasks too, handed out one at a time: in chunks of four, three tasks
+  // went to one thread and the other sat idle.
+  const int64_t max_threads = at::get_num_threads();
+  const int64_t split = R * KVH < 4 * max_threads ? G : 1;
+  const int64_t tasks = R * KVH * split, chunk = tasks < 16 * max_threads ? 1 : 4;
+  const int threads = static_cast<int>(std::min<int64_t>(max_threads, tasks));
 
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> scores;
     std::vector<int64_t> offsets;  // element offset of each context token's row in a cache
-#pragma omp for schedule(dynamic, 4)
+#pragma omp for schedule(dynamic, chunk)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t r = task / KVH, kh = task % KVH;
+      const int64_t r = task / (KVH * split), kh = task / split % KVH, part = task % split;
       const int64_t L = CL[r];
       const int32_t* table = BT + SI[r] * max_blocks;
       offsets.resize(L);
@@ -444,7 +449,7 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
       scores.resize(L);
       const float* qb = Q + r * qs + kh * G * D;
       float* ob = O + r * os + kh * G * D;
-      for (int64_t g = 0; g < G; ++g) {
+      for (int64_t g = part * G / split; g < (part + 1) * G / split; ++g) {
         switch (D8) {
           case 8: attend_one<8>(qb + g * D, KC, VC, offsets.data(), L, sc, scores.data(), ob + g * D); break;
           case 16: attend_one<16>(qb + g * D, KC, VC, offsets.data(), L, sc, scores.data(), ob + g * D); break;
