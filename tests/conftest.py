@@ -103,9 +103,7 @@ def smollm2_llm(smollm2_path):
     gc.collect()
 
 
-@pytest.fixture
-def make_llm():
-    """Factory for engines with non-default settings, shut down when the test ends."""
+def _llm_factory():
     from piston import LLM
 
     made = []
@@ -119,6 +117,18 @@ def make_llm():
         shutdown_llm(llm)
     made.clear()
     gc.collect()
+
+
+@pytest.fixture
+def make_llm():
+    """Factory for engines with non-default settings, shut down when the test ends."""
+    yield from _llm_factory()
+
+
+@pytest.fixture(scope="module")
+def make_llm_module():
+    """The same, for engines a whole test module shares (shut down after its last test)."""
+    yield from _llm_factory()
 
 
 def _call_with_deadline(fn, seconds: float):

@@ -67,6 +67,11 @@ class RemoteReference:
     def config(self, path: str) -> dict:
         return self._call("config", path)
 
+    def constrained_greedy(self, path: str, prompt: list[int], max_new_tokens: int, constraint: dict,
+                           engine: str = "guidance") -> tuple[list[int], np.ndarray]:
+        return self._call("constrained_greedy", path, list(prompt), max_new_tokens, constraint, engine,
+                          returns_array=True)
+
 
 @functools.lru_cache(maxsize=1)
 def reference():

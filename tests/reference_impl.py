@@ -12,6 +12,10 @@ against transformers.
   log-probability matrix [new tokens, vocab] of HF greedy generation, prompt run alone.
 - ``prompt_logprobs(path, prompt_ids)``: teacher-forced raw log-probabilities.
 - ``config(path)``: the model's config as transformers reads it, as a dict.
+- ``constrained_greedy(path, prompt_ids, max_new_tokens, constraint, engine)``: HF greedy
+  decoding with a grammar engine (llguidance or xgrammar, used directly, not through
+  Piston) masking the logits: new token ids, and the gap between the best two allowed
+  logits at each step.
 """
 
 from __future__ import annotations
@@ -151,6 +155,110 @@ def greedy(path: str, prompt: list[int], max_new_tokens: int) -> tuple[list[int]
     return new_ids, full.numpy()
 
 
+def _guidance_grammar(constraint: dict) -> str:
+    """An llguidance grammar for {"json"|"regex"|"choice"|"grammar": value}; JSON laid out
+    with no free whitespace, ", " and ": " (as Piston's engines lay it out)."""
+    from llguidance import LLMatcher, grammar_from
+
+    [(kind, value)] = constraint.items()
+    if kind == "json":
+        layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+        return LLMatcher.grammar_from_json_schema(json.dumps(value), defaults=layout)
+    if kind == "regex":
+        return LLMatcher.grammar_from_regex(value)
+    if kind == "choice":
+        return grammar_from("choice", json.dumps(value))
+    return grammar_from("grammar", value)
+
+
+def constrained_greedy(path: str, prompt: list[int], max_new_tokens: int, constraint: dict,
+                       engine: str = "guidance") -> tuple[list[int], np.ndarray]:
+    """Greedy generation with the grammar's disallowed tokens masked out of the logits, one
+    token at a time, the grammar engine (``guidance``: llguidance, or ``xgrammar``) used
+    directly: new ids (the EOS that ends the grammar included) and, per step, the gap
+    between the two best allowed logits (for near-tie checks)."""
+    model = load_hf_model(path)
+    hf_tokenizer = load_tokenizer(path) if path.endswith(".gguf") else _folder_tokenizer(path)
+    vocab = model.config.vocab_size
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    allowed_next, accept = (_xgrammar_matcher if engine == "xgrammar" else _guidance_matcher)(
+        hf_tokenizer, vocab, constraint)
+    ids, gaps, past, step_input = [], [], None, torch.tensor([prompt])
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            out = model(step_input, past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[0, -1].float().numpy()
+            masked = np.where(allowed_next(), logits, -np.inf)
+            top2 = np.sort(masked)[-2:]
+            token = int(np.argmax(masked))
+            ids.append(token)
+            gaps.append(float(top2[1] - top2[0]) if np.isfinite(top2[0]) else np.inf)
+            if token == eos:
+                break
+            accept(token)
+            step_input = torch.tensor([[token]])
+    return ids, np.array(gaps, dtype=np.float32)
+
+
+def _unpack(bitmask: np.ndarray, vocab: int) -> np.ndarray:
+    return np.unpackbits(bitmask.view(np.uint8), bitorder="little")[:vocab].astype(bool)
+
+
+def _guidance_matcher(hf_tokenizer, vocab: int, constraint: dict):
+    import llguidance
+    import llguidance.hf
+    from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+
+    matcher = llguidance.LLMatcher(llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab),
+                                   _guidance_grammar(constraint))
+    assert not matcher.is_error(), matcher.get_error()
+    bitmask = allocate_token_bitmask(1, vocab)
+
+    def allowed_next():
+        fill_next_token_bitmask(matcher, bitmask, 0)
+        return _unpack(bitmask[0], vocab)
+
+    def accept(token):
+        assert matcher.consume_token(token), matcher.get_error()
+
+    return allowed_next, accept
+
+
+def _xgrammar_matcher(hf_tokenizer, vocab: int, constraint: dict):
+    """xgrammar with JSON laid out as above (any_whitespace=False: ", " and ": ")."""
+    import xgrammar as xgr
+
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=vocab))
+    [(kind, value)] = constraint.items()
+    if kind == "json":
+        compiled = compiler.compile_json_schema(json.dumps(value), any_whitespace=False)
+    elif kind == "regex":
+        compiled = compiler.compile_regex(value)
+    elif kind == "choice":
+        compiled = compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in value))
+    else:
+        compiled = compiler.compile_grammar(value)
+    matcher = xgr.GrammarMatcher(compiled)
+    bitmask = xgr.allocate_token_bitmask(1, vocab)
+
+    def allowed_next():
+        matcher.fill_next_token_bitmask(bitmask, 0)
+        return _unpack(bitmask[0].numpy(), vocab)
+
+    def accept(token):
+        assert matcher.accept_token(token)
+
+    return allowed_next, accept
+
+
+@functools.lru_cache(maxsize=2)
+def _folder_tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def prompt_logprobs(path: str, prompt: list[int]) -> np.ndarray:
     """Teacher-forced raw log-probabilities: row i is the distribution of prompt token i+1."""
     model = load_hf_model(path)
@@ -171,7 +279,7 @@ def serve() -> None:
     to ``out`` and the reply says so. Reply: {"result": ...} or {"error": text}.
     """
     calls = {"build_tiny_model": build_tiny_model, "greedy": greedy, "prompt_logprobs": prompt_logprobs,
-             "config": config}
+             "config": config, "constrained_greedy": constrained_greedy}
     reply_stream = sys.stdout
     sys.stdout = sys.stderr  # library prints must not corrupt the protocol
     for line in sys.stdin:

@@ -148,3 +148,39 @@ def test_samples_follow_the_filtered_distribution():
     tokens, _ = _sample(logits, logits, _inputs(rows, top_p=0.75, seeds=np.arange(rows)))
     freq = np.bincount(np.asarray(tokens), minlength=VOCAB)[:4] / rows
     np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.03)
+
+
+def _packed(allowed: np.ndarray) -> np.ndarray:
+    """[rows, vocab] bools -> the grammar engines' packed int32 words (bit j of word w:
+    token 32 * w + j)."""
+    rows, vocab = allowed.shape
+    padded = np.zeros((rows, (vocab + 31) // 32 * 32), bool)
+    padded[:, :vocab] = allowed
+    return np.packbits(padded, axis=1, bitorder="little").view(np.int32)
+
+
+def test_bitmask_masks_exactly_the_cleared_tokens_on_both_samplers():
+    allowed = np.random.default_rng(3).random((4, VOCAB)) < 0.3
+    allowed[:, 31] = allowed[:, 63] = True  # the sign bit of each word
+    allowed[2] = True  # an unconstrained row: every bit set
+    logits = _logits(4)
+    expected = np.where(allowed, logits, -np.inf)
+    np.testing.assert_array_equal(np.asarray(jax.jit(tpu.apply_bitmask)(logits, _packed(allowed))), expected)
+    got = cpu.apply_token_bitmask(torch.from_numpy(logits.copy()), torch.from_numpy(_packed(allowed)))
+    np.testing.assert_array_equal(got.numpy(), expected)
+    # Only the constrained rows, by row number (as the torch runner passes them).
+    some = torch.tensor([0, 3])
+    got = cpu.apply_token_bitmask(torch.from_numpy(logits.copy()), torch.from_numpy(_packed(allowed)[[0, 3]]), some)
+    np.testing.assert_array_equal(got.numpy()[[0, 3]], expected[[0, 3]])
+    np.testing.assert_array_equal(got.numpy()[[1, 2]], logits[[1, 2]])
+
+
+def test_a_zero_noise_draw_never_picks_a_masked_token(monkeypatch):
+    # jax.random.exponential returns exactly 0 about once in 2^23 draws; 0/0 over a masked
+    # token would be NaN, and argmax would pick it.
+    monkeypatch.setattr(tpu.jax.random, "exponential", lambda key, shape, dtype: jnp.zeros(shape, dtype))
+    allowed = np.zeros((2, VOCAB), bool)
+    allowed[0, [5, 9]] = allowed[1, 40] = True
+    logits = np.where(allowed, _logits(2), -np.inf).astype(np.float32)
+    tokens, _ = jax.jit(tpu.sample)(logits, logits, _inputs(2, temperature=1.0))
+    assert allowed[np.arange(2), np.asarray(tokens)].all()

@@ -14,6 +14,7 @@ from piston.step.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    StructuredOutputsConfig,
     parse_size,
 )
 from piston.step.hf_config import native_context_length
@@ -42,6 +43,7 @@ class EngineArgs:
     load_format: str = "auto"
     enforce_eager: bool = False
     max_logprobs: int = 20
+    structured_outputs_backend: str = "auto"
     quantization: str | None = None
     gpu_memory_utilization: float = 0.9
     compilation_mode: str = "auto"
@@ -78,6 +80,9 @@ class EngineArgs:
         add("--load-format", default=d.load_format, choices=["auto", "dummy"],
             help="dummy: random weights in the checkpoint's shapes (needs only config.json)")
         add("--enforce-eager", action="store_true", help="no compilation and no graph capture")
+        add("--structured-outputs-backend", default=d.structured_outputs_backend,
+            choices=["auto", "xgrammar", "guidance"],
+            help="grammar engine for structured outputs (auto: xgrammar where it imports, else llguidance)")
         add("--max-logprobs", type=int, default=d.max_logprobs,
             help="the most logprobs and prompt logprobs a request may ask for per position (-1: no cap)")
         add("--quantization", default=None, choices=["auto", "gguf", "int8", "none"],
@@ -164,5 +169,6 @@ class EngineArgs:
             mode="eager" if self.enforce_eager else self.compilation_mode,
             capture_sizes=sorted(set(self.capture_sizes)) if self.capture_sizes else None,
             cache_dir=self.compilation_cache_dir)
-        return EngineConfig(mc, cache, sched, parallel, compilation, platform=self.platform or "")
+        return EngineConfig(mc, cache, sched, parallel, compilation,
+                            StructuredOutputsConfig(self.structured_outputs_backend), platform=self.platform or "")
 

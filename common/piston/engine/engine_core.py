@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 from piston.core.request import Request, RequestStatus
 from piston.core.scheduler import Scheduler
+from piston.engine.structured_outputs import StructuredOutputs
 from piston.executor import executor_class
 from piston.executor.abstract import Executor
 from piston.hal.registry import get_platform
@@ -54,6 +55,7 @@ class EngineCore:
         self.kv_cache_memory = 0  # bytes per rank, once the workers have reported
         # Error outputs of requests that failed outside a step, sent with the next step's.
         self.failed_outputs: list[EngineCoreOutput] = []
+        self.structured = StructuredOutputs(config)
         # What the engine is doing, for the heartbeat (read from another thread): when the
         # current step or call began (0.0 when idle), and how long it may take.
         self.busy_since = 0.0
@@ -99,7 +101,9 @@ class EngineCore:
         """Queue a request. One the scheduler cannot take fails alone: its error output goes
         out with the next step's outputs."""
         try:
-            self.scheduler.add_request(Request.from_engine_core_request(request))
+            core_request = Request.from_engine_core_request(request)
+            if not self.structured.add(core_request):
+                self.scheduler.add_request(core_request)
         except Exception as e:
             logger.exception("Request %s could not be added", request.request_id)
             self.failed_outputs.append(EngineCoreOutput(
@@ -107,10 +111,12 @@ class EngineCore:
                 error=f"the engine could not accept the request: {type(e).__name__}: {e}"))
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
-        self.scheduler.finish_requests(list(request_ids), RequestStatus.FINISHED_ABORTED)
+        request_ids = list(request_ids)
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+        self.structured.abort(request_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self.failed_outputs)
+        return self.scheduler.has_unfinished_requests() or bool(self.failed_outputs) or bool(self.structured.waiting)
 
     def step(self) -> EngineCoreOutputs:
         """Run one scheduling step; returns what each request produced, and the stats.
@@ -119,17 +125,22 @@ class EngineCore:
         and recomputes the others; any other exception means the engine cannot go on.
         """
         outputs, self.failed_outputs = self.failed_outputs, []
+        if self.structured.waiting:
+            outputs += self.structured.admit_ready(self.scheduler)
         if self.scheduler.has_unfinished_requests():
             self.busy_deadline_s, self.busy_since = STEP_TIMEOUT_S, time.monotonic()
             try:
                 scheduler_output = self.scheduler.schedule()
                 self.busy_deadline_s += STEP_TIMEOUT_PER_TOKEN_S * scheduler_output.total_num_scheduled_tokens
+                self.structured.attach_bitmask(scheduler_output, self.scheduler)
                 try:
                     runner_output = self.executor.execute_model(scheduler_output)
                 except RequestFailedError as e:
                     outputs += self.scheduler.fail_step(scheduler_output, e.req_ids, e.message)
                 else:
-                    outputs += self.scheduler.update_from_output(scheduler_output, runner_output)
+                    step_outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+                    self.structured.advance(step_outputs, self.scheduler)
+                    outputs += step_outputs
             finally:
                 self.busy_since = 0.0
                 self.num_steps += 1
@@ -155,4 +166,5 @@ class EngineCore:
         return self.executor.collective_rpc(method, args, kwargs)
 
     def shutdown(self) -> None:
+        self.structured.shutdown()
         self.executor.shutdown()

@@ -6,6 +6,7 @@ from typing import Sequence
 
 from piston.step.config import EngineConfig
 from piston.step.sampling_params import SamplingParams
+from piston.structured_output.selection import validate as validate_structured_outputs
 
 PromptType = str | Sequence[int]
 
@@ -17,6 +18,7 @@ class InputProcessor:
         self.vocab_size = config.model_config.vocab_size
         max_logprobs = config.model_config.max_logprobs
         self.max_logprobs = self.vocab_size if max_logprobs < 0 else min(max_logprobs, self.vocab_size)
+        self.structured_outputs_backend = config.structured_outputs_config.backend
 
     def process_prompt(self, prompt: PromptType, params: SamplingParams
                        ) -> tuple[str | None, list[int], SamplingParams]:
@@ -56,6 +58,8 @@ class InputProcessor:
             if t >= self.vocab_size:
                 raise ValueError(f"stop_token_ids contains {t}, outside the vocabulary "
                                  f"[0, {self.vocab_size}).")
+        if params.structured_outputs is not None:  # a bad schema or grammar is a 400, before any engine work
+            validate_structured_outputs(params.structured_outputs, self.structured_outputs_backend)
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
             if k is not None and k > self.max_logprobs:

@@ -92,6 +92,11 @@ class OutputProcessor:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def _is_stop_token(self, params: SamplingParams, token_id: int) -> bool:
+        if params.stop_token_ids and token_id in params.stop_token_ids:
+            return True
+        return not params.ignore_eos and token_id == self.tokenizer.eos_token_id
+
     def abort_request(self, request_id: str) -> list[str]:
         """Forget a request; returns the engine ids still to abort in the engine."""
         state = self.requests.pop(request_id, None)
@@ -150,7 +155,10 @@ class OutputProcessor:
                 and child.index == 0:
             state.prompt_logprobs.extend(self._convert_logprobs(out.new_prompt_logprobs))
         if out.new_token_ids:
-            stop_terminated = out.finish_reason == "stop" and not isinstance(out.stop_reason, str)
+            # Ended on a stop token (eos or a stop_token_id), whose text is left out; a request
+            # whose grammar completed ends on an ordinary token.
+            stop_terminated = (out.finish_reason == "stop" and not isinstance(out.stop_reason, str)
+                               and self._is_stop_token(child.params, out.new_token_ids[-1]))
             stop_str = child.detokenizer.update(out.new_token_ids, stop_terminated)
             if child.logprobs is not None and out.new_logprobs is not None:
                 converted = self._convert_logprobs(out.new_logprobs)

@@ -169,12 +169,19 @@ class CompilationConfig:
 
 
 @dataclass
+class StructuredOutputsConfig:
+    # "auto" (xgrammar where it imports, which needs torch; else llguidance), "xgrammar" or "guidance".
+    backend: str = "auto"
+
+
+@dataclass
 class EngineConfig:
     model_config: ModelConfig
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
     compilation_config: CompilationConfig = field(default_factory=CompilationConfig)
+    structured_outputs_config: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     platform: str = ""  # the platform's name, set by the engine at start-up
 
     def replace(self, **changes) -> "EngineConfig":

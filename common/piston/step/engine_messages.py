@@ -38,6 +38,11 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     client_id: str | None = None
 
 
+# Starts EngineCoreOutput.error when the request's own parameters caused the failure, found
+# only while it ran (a constraint the vocabulary cannot satisfy): the server answers 400.
+INVALID_REQUEST_ERROR = "invalid request: "
+
+
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """What one step produced for one request."""
 

@@ -102,7 +102,8 @@ class ModelRunner(abc.ABC):
         req_ids = [batch.req_ids[r] for r in sample_rows.tolist()]
         _inject("sampler", req_ids)
         with blame(req_ids, "sampling"):
-            sampling = SamplingBatch.from_batch(batch, sample_rows, self.vocab_size)
+            sampling = SamplingBatch.from_batch(batch, sample_rows, self.vocab_size,
+                                                scheduler_output.grammar_req_ids, scheduler_output.grammar_bitmask)
             tokens, logprobs = self.sample(hidden, scheduled, sampling)
         batch.append_tokens(sample_rows, tokens)
         return ModelRunnerOutput(

@@ -31,6 +31,9 @@ class SamplingBatch:
     min_tokens: dict[int, list[int]]
     # Largest ``logprobs`` k asked for in the batch; None when no row wants logprobs.
     max_num_logprobs: int | None
+    # [B, ceil(vocab / 32)] int32 packed masks of the tokens each row may sample (all bits set
+    # on unconstrained rows); None when no row is constrained.
+    allowed_bitmask: np.ndarray | None = None
 
     @property
     def num_rows(self) -> int:
@@ -58,7 +61,8 @@ class SamplingBatch:
                     and (self.repetition_penalty == 1).all())
 
     @classmethod
-    def from_batch(cls, batch: InputBatch, rows: np.ndarray, vocab_size: int) -> "SamplingBatch":
+    def from_batch(cls, batch: InputBatch, rows: np.ndarray, vocab_size: int,
+                   grammar_req_ids: list[str] = (), grammar_bitmask: bytes = b"") -> "SamplingBatch":
         num_out = batch.num_output_tokens(rows)
         num_logprobs = batch.num_logprobs[rows]
         k_max = int(num_logprobs.max()) if len(rows) and num_logprobs.max() >= 0 else None
@@ -71,6 +75,13 @@ class SamplingBatch:
             stop_ids = sorted(t for t in stop_ids if t < vocab_size)
             if stop_ids:
                 min_tokens[i] = stop_ids
+        allowed = None
+        if grammar_req_ids:
+            masks = np.frombuffer(grammar_bitmask, dtype=np.int32).reshape(len(grammar_req_ids), -1)
+            index = {req_id: i for i, req_id in enumerate(grammar_req_ids)}
+            which = np.array([index.get(batch.req_ids[r], -1) for r in rows.tolist()])
+            allowed = np.full((len(rows), masks.shape[1]), -1, dtype=np.int32)
+            allowed[which >= 0] = masks[which[which >= 0]]
         top_k = batch.top_k[rows]
         return cls(rows=rows, temperature=batch.temperature[rows], top_p=batch.top_p[rows],
                    top_k=np.where(top_k == 0, vocab_size, top_k), min_p=batch.min_p[rows],
@@ -78,4 +89,4 @@ class SamplingBatch:
                    frequency_penalty=batch.frequency_penalty[rows],
                    repetition_penalty=batch.repetition_penalty[rows],
                    seeds=batch.seed[rows], seeded=batch.seeded[rows], num_output_tokens=num_out,
-                   min_tokens=min_tokens, max_num_logprobs=k_max)
+                   min_tokens=min_tokens, max_num_logprobs=k_max, allowed_bitmask=allowed)

@@ -2,13 +2,64 @@
 
 from __future__ import annotations
 
+import json as _json
 import math
+from typing import Any
 
 import msgspec
 
 _GREEDY_EPS = 1e-5
 # Seeds and priorities are 64-bit integers on the wire and in every sampler.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+class StructuredOutputsParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A constraint on the output, as vLLM's: exactly one of ``json`` (a JSON schema, as a
+    dict or its text), ``json_object`` (any JSON object), ``regex``, ``choice`` (one of
+    these strings) or ``grammar`` (EBNF in llama.cpp's GBNF dialect, or Lark). Invalid
+    combinations raise ValueError naming the field."""
+
+    json: Any = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs needs exactly one of json, json_object, regex, choice or "
+                             f"grammar, got {given or 'none'}.")
+        if isinstance(self.json, str):
+            try:
+                self.json = _json.loads(self.json)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {e}.") from e
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            raise ValueError("structured_outputs.json must be a JSON schema (an object).")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
+            raise ValueError("structured_outputs.choice must be a non-empty list of strings.")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string.")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint: "json", "json_object", "regex", "choice" or "grammar"."""
+        for name in ("json", "regex", "choice", "grammar"):
+            if getattr(self, name) is not None:
+                return name
+        return "json_object"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, canonical text): equal keys compile to the same grammar."""
+        kind = self.kind
+        value = {"json": self.json, "choice": self.choice, "regex": self.regex, "grammar": self.grammar,
+                 "json_object": True}[kind]
+        return kind, value if isinstance(value, str) else _json.dumps(value, sort_keys=True)
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -40,6 +91,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

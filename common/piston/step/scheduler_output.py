@@ -40,3 +40,8 @@ class SchedulerOutput(msgspec.Struct, array_like=True, gc=False):
     finished_req_ids: list[str]
     # Blocks shared by every running request (for cascade attention).
     num_common_prefix_blocks: int = 0
+    # Structured outputs: the requests that sample this step under a grammar, and their
+    # packed token bitmasks, int32 [len(grammar_req_ids), ceil(vocab / 32)] as bytes (bit j of
+    # word w set: token 32 * w + j allowed).
+    grammar_req_ids: list[str] = []
+    grammar_bitmask: bytes = b""

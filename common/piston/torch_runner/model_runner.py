@@ -192,4 +192,17 @@ class TorchModelRunner(ModelRunner):
             generators=generators, max_num_logprobs=s.max_num_logprobs, no_penalties=no_penalties,
             presence_penalties=t(s.presence_penalty), frequency_penalties=t(s.frequency_penalty),
             repetition_penalties=t(s.repetition_penalty), prompt_token_ids=prompt_ids,
-            output_token_ids=output_ids or [[] for _ in range(len(rows))], min_tokens=s.min_tokens)
+            output_token_ids=output_ids or [[] for _ in range(len(rows))], min_tokens=s.min_tokens,
+            **self._grammar_rows(s, t))
+
+    @staticmethod
+    def _grammar_rows(s: SamplingBatch, t) -> dict[str, Any]:
+        """The constrained rows' packed masks and their row numbers (unconstrained rows,
+        all bits set, are left out of the sampler's work)."""
+        if s.allowed_bitmask is None:
+            return {}
+        rows = np.flatnonzero((s.allowed_bitmask != -1).any(axis=1))
+        if not len(rows):
+            return {}
+        return {"allowed_bitmask": t(np.ascontiguousarray(s.allowed_bitmask[rows])),
+                "bitmask_rows": t(rows.astype(np.int64))}

@@ -1,7 +1,8 @@
 """Sampler: from a batch of logits to one token per row, in vLLM V1's order.
 
 1. raw logprobs = log_softmax(logits), before any processing (when asked for);
-2. min_tokens: forbid eos and stop tokens on rows that are still too short;
+2. structured outputs: forbid every token a row's grammar does not allow (packed bitmask);
+   min_tokens: forbid eos and stop tokens on rows that are still too short;
 3. penalties: repetition (prompt + output), frequency and presence (output only);
 4. greedy rows take the argmax of the penalized logits;
 5. random rows: temperature, then min_p, top_k, top_p, then an exponential race.
@@ -69,6 +70,36 @@ def gather_logprobs(
     )
 
 
+_BYTE_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _byte_table(device: torch.device) -> torch.Tensor:
+    """[256, 8] float32: entry [b, j] is 0 where bit j of byte b is set, -inf where clear."""
+    table = _BYTE_TABLES.get(device)
+    if table is None:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        table = _BYTE_TABLES[device] = torch.where(bits == 1, 0.0, float("-inf")).to(device)
+    return table
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
+                        rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Set to -inf, in place, every token whose bit is clear in its row of the packed int32
+    ``bitmask`` [R, ceil(V / 32)] (bit j of word w is token 32 * w + j), for ``rows`` [R] of
+    ``logits`` (all rows if None).
+
+    Each byte of the mask picks a row of 8 additive values (0 or -inf) from a table: one
+    gather and one add over the batch, no per-row loop (masked_fill with a bool mask
+    expanded from the bits is several times slower on CPU).
+    """
+    octets = bitmask.contiguous().view(torch.uint8).reshape(-1).to(torch.int64)  # little-endian words
+    additive = torch.index_select(_byte_table(logits.device), 0, octets).view(bitmask.shape[0], -1)
+    additive = additive[:, :logits.shape[-1]]
+    if rows is None:
+        return logits.add_(additive)
+    return logits.index_add_(0, rows, additive)
+
+
 def apply_min_tokens(logits: torch.Tensor, min_tokens: dict[int, set[int]]) -> torch.Tensor:
     """Set the forbidden tokens of each listed row to -inf, in place."""
     if not min_tokens:
@@ -114,7 +145,9 @@ def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     logits = torch.where(seen, penalized, logits)
     logits -= md.frequency_penalties.unsqueeze(1) * counts
     logits -= md.presence_penalties.unsqueeze(1) * in_output
-    return logits
+    # An extreme penalty (repetition 1e-300) overflows to +inf, which would make the softmax
+    # NaN; the largest finite value keeps the row's order. -inf (forbidden) stays.
+    return logits.clamp_(max=torch.finfo(logits.dtype).max)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -157,6 +190,8 @@ def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]
     noise = torch.empty_like(probs).exponential_()
     for row, generator in generators.items():
         noise[row].exponential_(generator=generator)
+    # exponential_ never draws 0 (its documented support is (0, inf)), so a token of
+    # probability 0 (masked by a grammar, cut by top-k/top-p) never wins by 0/0 = NaN.
     return probs.div_(noise).argmax(dim=-1)
 
 
@@ -167,6 +202,8 @@ class Sampler(nn.Module):
         """Sample one token per row. ``logits`` is used as scratch and modified in place."""
         raw_logprobs = None if md.max_num_logprobs is None else compute_logprobs(logits)
         logits = logits.to(torch.float32)
+        if md.allowed_bitmask is not None:
+            logits = apply_token_bitmask(logits, md.allowed_bitmask, md.bitmask_rows)
         logits = apply_min_tokens(logits, md.min_tokens)
         if not md.no_penalties:
             logits = apply_penalties(logits, md)

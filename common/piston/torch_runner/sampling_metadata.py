@@ -38,3 +38,7 @@ class SamplingMetadata:
     output_token_ids: list[list[int]]
     # row -> token ids to forbid (eos + stop_token_ids) until min_tokens are produced.
     min_tokens: dict[int, set[int]]
+    # [R, ceil(V / 32)] int32 packed masks of the tokens the constrained rows ``bitmask_rows``
+    # [R] may sample (structured outputs); None when no row is constrained.
+    allowed_bitmask: torch.Tensor | None = None
+    bitmask_rows: torch.Tensor | None = None

@@ -178,6 +178,10 @@ class JaxModelRunner(ModelRunner):
                 "penalize", r, raw, counts, in_prompt, self._min_tokens_mask(sampling, r),
                 _pad(sampling.presence_penalty, r, 0.0), _pad(sampling.frequency_penalty, r, 0.0),
                 _pad(sampling.repetition_penalty, r, 1.0))
+        if sampling.allowed_bitmask is not None:
+            bitmask = np.full((r, sampling.allowed_bitmask.shape[1]), -1, np.int32)
+            bitmask[:n] = sampling.allowed_bitmask
+            logits = self.programs("grammar", r, logits, bitmask)
         k_max = sampling.max_num_logprobs
         tokens, lp = self.programs("sample", r, raw, logits, self._sampling_inputs(sampling, r))
         tokens = np.asarray(tokens)[:n]

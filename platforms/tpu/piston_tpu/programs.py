@@ -1,10 +1,11 @@
 """The XLA programs of one engine, compiled ahead of time for every shape bucket.
 
 Per token bucket T: ``forward`` (the model over T tokens, also returning the hidden rows
-of the sampled tokens) and ``gather_rows`` (hidden rows for prompt logprobs). Per request
-bucket R: ``logits``, ``penalize``, ``sample`` and ``logprobs``. That is len(T) * 2 +
-len(R) * 4 programs, compiled by ``compile_all`` with a progress bar; a call with a shape
-no program was compiled for raises instead of compiling.
+of the sampled tokens) and ``gather_rows`` (hidden rows for prompt logprobs). Per
+request bucket R: ``logits``, ``penalize``, ``grammar`` (structured outputs' masks),
+``sample`` and ``logprobs``. That is len(T) * 2 + len(R) * 5 programs, compiled by
+``compile_all`` with a progress bar; a call with a shape no program was compiled for
+raises instead of compiling.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class ModelPrograms:
             logits = _spec((r, vocab), np.float32)
             rows = functools.partial(lambda r_, w, h: compute_logits({"embed": w}, h[:r_], self._precision), r)
             jobs.append(("logits", r, functools.partial(jax.jit(rows).lower, head, _spec((s, hidden), act_dtype))))
+            jobs.append(("grammar", r, functools.partial(
+                jax.jit(sampler.apply_bitmask).lower, logits, _spec((r, (vocab + 31) // 32), np.int32))))
             jobs.append(("penalize", r, functools.partial(
                 jax.jit(sampler.penalize).lower, logits, _spec((r, vocab), np.int32), _spec((r, vocab), bool),
                 _spec((r, vocab), bool), *[_spec((r,), np.float32)] * 3)))

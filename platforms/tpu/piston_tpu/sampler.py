@@ -68,6 +68,14 @@ def logprobs_of(logits: jax.Array, token_ids: jax.Array) -> LogprobsArrays:
     return gather_logprobs(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), token_ids)
 
 
+def apply_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """-inf where a row's packed int32 ``bitmask`` [R, ceil(V / 32)] has the token's bit
+    clear (bit j of word w is token 32 * w + j): structured outputs' grammar masks."""
+    bits = jnp.arange(32, dtype=jnp.int32)
+    allowed = ((bitmask[:, :, None] >> bits) & 1).astype(bool).reshape(bitmask.shape[0], -1)
+    return jnp.where(allowed[:, :logits.shape[-1]], logits, -jnp.inf)
+
+
 def penalize(logits: jax.Array, output_counts: jax.Array, in_prompt: jax.Array, forbidden: jax.Array,
              presence: jax.Array, frequency: jax.Array, repetition: jax.Array) -> jax.Array:
     """min_tokens (``forbidden`` -> -inf), then repetition, frequency and presence penalties.
@@ -83,7 +91,9 @@ def penalize(logits: jax.Array, output_counts: jax.Array, in_prompt: jax.Array, 
     penalized = jnp.where(logits > 0, logits / rep, logits * rep)
     logits = jnp.where(in_output | in_prompt, penalized, logits)
     logits = logits - frequency[:, None] * counts
-    return logits - presence[:, None] * in_output
+    # An extreme penalty (repetition 1e-300) overflows to +inf, which would make the softmax
+    # NaN; the largest finite value keeps the row's order. -inf (forbidden) stays.
+    return jnp.minimum(logits - presence[:, None] * in_output, jnp.finfo(logits.dtype).max)
 
 
 def _apply_min_p(logits: jax.Array, min_p: jax.Array) -> jax.Array:
@@ -125,6 +135,10 @@ def _sample_random(logits: jax.Array, inputs: SamplingInputs) -> jax.Array:
     x = lax.cond(inputs.flags[2], _apply_top_k_top_p, lambda a, *_: a, x, inputs.top_k, inputs.top_p)
     probs = jax.nn.softmax(x, axis=-1)
     noise = jax.vmap(lambda k: jax.random.exponential(k, (logits.shape[1],), jnp.float32))(_row_keys(inputs))
+    # jax.random.exponential returns exactly 0 about once in 2^23 draws (a row of 49152
+    # tokens: one step in 170). Over a token of probability 0 (masked by a grammar, cut by
+    # top-k/top-p) that is 0/0 = NaN, which argmax picks: such a token must never win.
+    noise = jnp.maximum(noise, jnp.finfo(jnp.float32).tiny)
     return jnp.argmax(probs / noise, axis=-1).astype(jnp.int32)
 
 
