@@ -107,12 +107,15 @@ class AsyncLLM:
         """Tokenize and validate one prompt on the tokenizer thread (ValueError if bad)."""
         return await self._in_thread(self._tokenize_thread, self.input_processor.process_prompt, prompt, params)
 
-    async def tokenize_chat(self, conversation: list[dict], add_generation_prompt: bool) -> list[int]:
-        """The conversation through the chat template, as token ids (on the tokenizer thread)."""
+    async def tokenize_chat(self, conversation: list[dict], add_generation_prompt: bool,
+                            tools: list[dict] | None = None, chat_template: str | None = None) -> list[int]:
+        """The conversation (and the tools, for templates that show them) through the chat
+        template (``chat_template``, else the model's), as token ids (on the tokenizer thread)."""
         def encode() -> list[int]:
             tokenizer = self.input_processor.tokenizer
-            text = tokenizer.apply_chat_template(conversation, tokenize=False,
-                                                 add_generation_prompt=add_generation_prompt)
+            text = tokenizer.apply_chat_template(conversation, tokenize=False, tools=tools,
+                                                 add_generation_prompt=add_generation_prompt,
+                                                 chat_template=chat_template)
             # The template already holds any special tokens the model expects.
             return tokenizer(text, add_special_tokens=False).input_ids
 

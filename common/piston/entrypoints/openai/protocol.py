@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from piston.step.sampling_params import SamplingParams
+from piston.step.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 def _integral(value: Any) -> Any:
@@ -83,6 +83,37 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
+# Rules no JSON schema states (a comparison of fields, or what a grammar engine accepts);
+# breaking one is a 400 naming the field.
+_ONE_CONSTRAINT = ("At most one of response_format, structured_outputs and the guided_* fields; a schema, regex or "
+                   "grammar must compile (at most 256 KiB).")
+
+
+class JsonSchemaFormat(RequestModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestModel):
+    """OpenAI's response_format: plain text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(RequestModel):
+    """vLLM's structured_outputs: exactly one of json (a schema), regex, choice, grammar
+    (EBNF/GBNF or Lark) or json_object."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class SamplingFields(RequestModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -108,13 +139,47 @@ class SamplingFields(RequestModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     stop_token_ids: list[TokenId] | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older
+    # guided_* fields (give one of them).
+    response_format: ResponseFormat | None = Field(None, description=_ONE_CONSTRAINT)
+    structured_outputs: StructuredOutputsField | None = Field(None, description=_ONE_CONSTRAINT)
+    guided_json: dict[str, Any] | str | None = Field(None, description=_ONE_CONSTRAINT)
+    guided_regex: str | None = Field(None, description=_ONE_CONSTRAINT)
+    guided_choice: list[str] | None = Field(None, min_length=1, description=_ONE_CONSTRAINT)
+    guided_grammar: str | None = Field(None, description=_ONE_CONSTRAINT)
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The request's output constraint, from whichever field gives it; ValueError when
+        several do, or one is malformed."""
+        given: dict[str, dict[str, Any]] = {}
+        if self.response_format is not None and self.response_format.type != "text":
+            fmt = self.response_format
+            if fmt.type == "json_object":
+                given["response_format"] = {"json_object": True}
+            elif fmt.json_schema is None:
+                raise ValueError("response_format of type json_schema needs a json_schema with a schema.")
+            else:
+                given["response_format"] = {"json": fmt.json_schema.schema_}
+        if self.structured_outputs is not None:
+            given["structured_outputs"] = {k: v for k, v in self.structured_outputs.model_dump(by_alias=True).items()
+                                           if v is not None and v is not False}
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                          ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                given[name] = {key: getattr(self, name)}
+        if not given:
+            return None
+        if len(given) > 1:
+            raise ValueError(f"structured_outputs: give one output constraint, got {', '.join(given)}.")
+        return StructuredOutputsParams(**next(iter(given.values())))
+
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                         prompt_logprobs: int | None = None) -> SamplingParams:
+                         prompt_logprobs: int | None = None,
+                         structured: StructuredOutputsParams | None = None) -> SamplingParams:
         """SamplingParams for this request; raises ValueError naming a bad parameter."""
         fields: dict[str, Any] = dict(
             n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -124,7 +189,8 @@ class SamplingFields(RequestModel):
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            structured_outputs=structured if structured is not None else self.structured_outputs_params())
         # None means "OpenAI's default", which is SamplingParams' default too.
         fields = {k: v for k, v in fields.items() if v is not None}
         return SamplingParams(max_tokens=max_tokens, **fields)
@@ -150,10 +216,44 @@ class TextPart(RequestModel):
     text: str
 
 
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(OpenAIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer to one of them
+
+
+class FunctionDefinition(RequestModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(RequestModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestModel):
+    name: str
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -170,14 +270,22 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: NonNegativeInt | None = None
     add_generation_prompt: bool = True  # vLLM extra
+    tools: list[ChatTool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="A named function must be one of tools; required or a named function needs tools and "
+                          "constrains the output itself, so no response_format or structured_outputs with it.")
+    parallel_tool_calls: bool = True
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, tool_constraint: StructuredOutputsParams | None = None) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs=true.")
+        if tool_constraint is not None and self.structured_outputs_params() is not None:
+            raise ValueError("tool_choice: a required or named tool call constrains the output already; drop "
+                             "response_format / structured_outputs.")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None \
             else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs)
+        return self._sampling_params(max_tokens, logprobs, structured=tool_constraint)
 
 
 # ----- responses -----------------------------------------------------------------------
@@ -230,11 +338,25 @@ class ChatLogprobs(OpenAIModel):
 class ResponseMessage(OpenAIModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class DeltaFunctionCall(OpenAIModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(OpenAIModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
 
 
 class DeltaMessage(OpenAIModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChoice(OpenAIModel):

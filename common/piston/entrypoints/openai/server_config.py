@@ -34,6 +34,10 @@ class ServerConfig:
     max_request_body_bytes: int = 16 * 2**20
     # Engine requests that may wait beyond the max_num_seqs running ones; None = no bound.
     max_waiting_requests: int | None = 1024
+    # How tool calls are found in free text (tool_choice "auto"): "hermes" or "llama3_json".
+    tool_call_parser: str = "hermes"
+    # A Jinja chat template used instead of the model's own (the text, read from --chat-template).
+    chat_template: str | None = None
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +58,11 @@ class ServerConfig:
             help="the most stop_token_ids per request")
         add("--max-request-body-bytes", default=str(d.max_request_body_bytes),
             help="the largest request body, e.g. 16MiB (413 past it)")
+        add("--tool-call-parser", default=d.tool_call_parser, choices=["hermes", "llama3_json"],
+            help="how tool calls are found in the model's text when tool_choice is auto")
+        add("--chat-template", default=None,
+            help="a Jinja chat template (a file, or the template itself) to use instead of the model's, "
+                 "e.g. one that shows tools to the model (examples/tool_chat_template_hermes.jinja)")
         add("--max-waiting-requests", type=int, default=d.max_waiting_requests,
             help="engine requests that may wait beyond the running max_num_seqs; past it new requests get 503 "
                  "with Retry-After (-1: no bound)")
@@ -72,7 +81,8 @@ class ServerConfig:
             max_n=args.max_n, max_prompts_per_request=args.max_prompts_per_request,
             max_stop_sequences=args.max_stop_sequences, max_stop_token_ids=args.max_stop_token_ids,
             max_request_body_bytes=parse_size(args.max_request_body_bytes),
-            max_waiting_requests=None if args.max_waiting_requests < 0 else args.max_waiting_requests)
+            max_waiting_requests=None if args.max_waiting_requests < 0 else args.max_waiting_requests,
+            tool_call_parser=args.tool_call_parser, chat_template=read_chat_template(args.chat_template))
         config.validate()
         return config
 
@@ -89,3 +99,15 @@ class ServerConfig:
         """A stable name for an API key's holder (the fair policy shares by it; the key
         itself never reaches the engine or its logs)."""
         return "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """--chat-template: a file's text, or the template given inline."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template.")

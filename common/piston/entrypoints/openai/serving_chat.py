@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from fastapi import Request
@@ -10,9 +11,10 @@ from fastapi.responses import StreamingResponse
 from piston.entrypoints.openai.protocol import (ChatChoice, ChatCompletionChunk,
                                                 ChatCompletionRequest, ChatCompletionResponse,
                                                 ChatLogprobs, ChatStreamChoice, DeltaMessage,
-                                                OpenAIError, ResponseMessage, TokenLogprob,
+                                                OpenAIError, ResponseMessage, TokenLogprob, ToolCall,
                                                 TopLogprob)
 from piston.entrypoints.openai.serving_completion import stop_hold_back
+from piston.entrypoints.openai.tool_calls import ToolCallStream, tool_constraint, tools_in_play
 from piston.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, bad_request,
                                                       collect_until_disconnected,
                                                       iterate_in_task, sse, to_openai_error,
@@ -27,7 +29,7 @@ def _token_bytes(token: str) -> list[int]:
 class OpenAIServingChat(OpenAIServing):
     def conversation(self, request: ChatCompletionRequest) -> list[dict]:
         """The messages as the chat template takes them (400 if the model has no template)."""
-        if not getattr(self.tokenizer, "chat_template", None):
+        if not (self.config.chat_template or getattr(self.tokenizer, "chat_template", None)):
             raise OpenAIError("This model's tokenizer has no chat template; use /v1/completions.",
                               param="messages")
         conversation = []
@@ -38,6 +40,12 @@ class OpenAIServingChat(OpenAIServing):
             message = {"role": m.role, "content": content or ""}
             if m.name:
                 message["name"] = m.name
+            if m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
+            if m.tool_calls:
+                # Templates read the arguments as an object, as transformers documents.
+                message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                    "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in m.tool_calls]
             conversation.append(message)
         return conversation
 
@@ -45,11 +53,14 @@ class OpenAIServingChat(OpenAIServing):
         """Serve one /v1/chat/completions request; raises OpenAIError for a bad request."""
         self.check_request(request, raw_request)
         try:
-            params = request.to_sampling_params()
+            constraint = tool_constraint(request)
+            params = request.to_sampling_params(constraint)
         except (ValueError, TypeError) as e:
             raise bad_request(e) from e
+        tools = [t.model_dump(exclude_none=True) for t in request.tools] if tools_in_play(request) else None
         try:
-            token_ids = await self.engine.tokenize_chat(self.conversation(request), request.add_generation_prompt)
+            token_ids = await self.engine.tokenize_chat(self.conversation(request), request.add_generation_prompt,
+                                                        tools, self.config.chat_template)
         except OpenAIError:
             raise
         except Exception as e:  # jinja raises for conversations the template rejects
@@ -59,7 +70,7 @@ class OpenAIServingChat(OpenAIServing):
         created = int(time.time())
         gen = self.generate(token_ids, params, request_id, request, raw_request)
         if request.stream:
-            return StreamingResponse(self._stream(gen, request, request_id, created, params),
+            return StreamingResponse(self._stream(gen, request, request_id, created, params, constraint),
                                      media_type="text/event-stream")
 
         async def collect() -> RequestOutput:
@@ -73,21 +84,25 @@ class OpenAIServingChat(OpenAIServing):
             return final
 
         final = await collect_until_disconnected(collect, raw_request)
-        choices = [ChatChoice(
-            index=c.index, message=ResponseMessage(content=c.text),
-            logprobs=self._logprobs(c, 0, len(c.token_ids), params.logprobs) if request.logprobs
-            else None, finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-            for c in final.outputs]
+        choices = []
+        for c in final.outputs:
+            content, calls, finish = self._tool_calls(request, constraint, c)
+            choices.append(ChatChoice(
+                index=c.index, message=ResponseMessage(content=content, tool_calls=calls or None),
+                logprobs=self._logprobs(c, 0, len(c.token_ids), params.logprobs) if request.logprobs
+                else None, finish_reason=finish, stop_reason=c.stop_reason))
         return ChatCompletionResponse(id=request_id, created=created,
                                       model=self.served_model_name, choices=choices,
                                       usage=usage_of([final]))
 
     async def _stream(self, gen, request: ChatCompletionRequest, request_id: str, created: int,
-                      params):
+                      params, constraint=None):
         hold = stop_hold_back(params)
         sent_chars = [0] * params.n
         sent_tokens = [0] * params.n
         done = [False] * params.n
+        tool_streams = [ToolCallStream(request, constraint is not None, self.config.tool_call_parser)
+                        for _ in range(params.n)] if tools_in_play(request) else None
         final = None
         source = iterate_in_task(gen)
 
@@ -115,9 +130,13 @@ class OpenAIServingChat(OpenAIServing):
                     logprobs = self._logprobs(c, sent_tokens[i], len(c.token_ids),
                                               params.logprobs) if request.logprobs else None
                     sent_chars[i], sent_tokens[i], done[i] = end, len(c.token_ids), finished
-                    yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(content=delta),
-                                                  logprobs=logprobs,
-                                                  finish_reason=c.finish_reason)])
+                    message, finish = DeltaMessage(content=delta), c.finish_reason
+                    if tool_streams is not None:
+                        calls = tool_streams[i]
+                        content, deltas = calls.update(c.text[:end], finished)
+                        message = DeltaMessage(content=content, tool_calls=deltas or None)
+                        finish = calls.finish_reason(c.finish_reason)
+                    yield chunk([ChatStreamChoice(index=i, delta=message, logprobs=logprobs, finish_reason=finish)])
             if request.include_usage and final is not None:
                 yield chunk([], usage_of([final]))
         except Exception as e:  # the engine died or the request failed mid-stream
@@ -125,6 +144,14 @@ class OpenAIServingChat(OpenAIServing):
         finally:
             await source.aclose()
         yield SSE_DONE
+
+    def _tool_calls(self, request: ChatCompletionRequest, constraint, c: CompletionOutput
+                    ) -> tuple[str | None, list[ToolCall], str | None]:
+        """(content, tool calls, finish_reason) of one finished choice."""
+        if not tools_in_play(request) or c.finish_reason not in ("stop", "length"):
+            return c.text, [], c.finish_reason
+        return ToolCallStream(request, constraint is not None, self.config.tool_call_parser).final(
+            c.text, c.finish_reason)
 
     def _logprobs(self, c: CompletionOutput, start: int, end: int, top_k: int | None
                   ) -> ChatLogprobs:
@@ -145,3 +172,10 @@ class OpenAIServingChat(OpenAIServing):
         if lp is not None and lp.decoded_token is not None:
             return lp.decoded_token
         return self.tokenizer.decode([token_id])
+
+
+def _arguments(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

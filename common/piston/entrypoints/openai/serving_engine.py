@@ -19,6 +19,7 @@ from piston.entrypoints.openai.metrics import ServerMetrics
 from piston.entrypoints.openai.protocol import OpenAIError, SamplingFields, UsageInfo
 from piston.entrypoints.openai.server_config import ServerConfig
 from piston.outputs import RequestOutput
+from piston.step.engine_messages import INVALID_REQUEST_ERROR
 from piston.step.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ def to_openai_error(e: BaseException) -> OpenAIError:
     if isinstance(e, EngineOverloadedError):
         return OpenAIError(str(e), status=503, type="service_unavailable_error",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(e, EngineRequestError) and INVALID_REQUEST_ERROR in str(e):  # its parameters, found late
+        return OpenAIError(str(e).replace(INVALID_REQUEST_ERROR, ""), status=400)
     if isinstance(e, EngineRequestError):  # this request alone failed; the cause is logged
         return OpenAIError(f"Internal server error: {e}", status=500, type="internal_server_error")
     if isinstance(e, (ValueError, TypeError)):
