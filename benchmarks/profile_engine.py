@@ -4,13 +4,16 @@
     python benchmarks/profile_engine.py --model PATH --num-prompts 64 --min-input 32 --max-input 256 \\
         --output-len 96                                          # the 64-request SmolLM2 workload
     python benchmarks/profile_engine.py --tiny --cprofile 30     # plus a cProfile of the hottest functions
+    python benchmarks/profile_engine.py --model PATH --structured-output json \
+        --structured-outputs-backend guidance                     # every request under a JSON schema
 
 Each stage is timed by wrapping the method that does it (no change to the engine itself):
 the scheduler (schedule, update_from_output), the runner (applying the diff, flattening the
 step's tokens, device inputs, the model's forward, the logits, sampling parameters, the
 sampler, the output assembly), the IPC the two-process engine does per step (msgpack encode
 and decode of the step's outputs, measured on the same messages), and the front end's output
-processing (detokenization included). Engine overhead is everything but the model's forward
+processing (detokenization included), and with --structured-output the grammar work (filling
+the bitmasks, advancing the matchers). Engine overhead is everything but the model's forward
 and logits, as a share of wall time.
 """
 
@@ -52,6 +55,7 @@ def instrument() -> None:
     from piston.core.scheduler import Scheduler
     from piston.engine.engine_core import EngineCore
     from piston.engine.output_processor import OutputProcessor
+    from piston.engine.structured_outputs import StructuredOutputs
     from piston.models.llama import LlamaForCausalLM
     from piston.step.engine_messages import EngineCoreOutputs
     from piston.step.input_batch import InputBatch
@@ -74,6 +78,8 @@ def instrument() -> None:
         (TorchModelRunner, "_sampling_metadata", "runner.sampling_tensors"),
         (Sampler, "forward", "sampler"),
         (OutputProcessor, "process_outputs", "frontend.process_outputs"),
+        (StructuredOutputs, "attach_bitmask", "grammar.bitmask"),
+        (StructuredOutputs, "advance", "grammar.advance"),
     ]:
         _timed(cls, name, label)
 
@@ -106,6 +112,8 @@ def report(wall: float, steps: int) -> dict[str, float]:
         "runner: output assembly": t["runner.execute_model"] - t["runner.apply_diff"] - t["runner.flatten"]
         - t["runner.forward_total"] - t["runner.sample_total"] - t["runner.sampling_params"],
         "scheduler: update_from_output": t["scheduler.update_from_output"],
+        "grammar: fill the bitmasks": t["grammar.bitmask"],
+        "grammar: advance the matchers": t["grammar.advance"],
         "IPC: encode + decode the step's outputs": t["ipc.encode_decode"],
         "front end: output processing + detokenization": t["frontend.process_outputs"],
     }
@@ -130,6 +138,9 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--cprofile", type=int, default=0, help="also print the top N functions by own time")
+    parser.add_argument("--structured-output", choices=["json"], default=None,
+                        help="constrain every request by the JSON schema of `piston bench throughput`")
+    parser.add_argument("--structured-outputs-backend", default="auto")
     args = parser.parse_args()
     defaults = (256, 128, 128, 128) if args.tiny else (64, 32, 256, 96)
     num, lo, hi, out = (v if v is not None else d for v, d in zip(
@@ -138,7 +149,7 @@ def main() -> None:
 
     from piston import LLM, SamplingParams
 
-    kwargs = dict(max_num_seqs=args.max_num_seqs)
+    kwargs = dict(max_num_seqs=args.max_num_seqs, structured_outputs_backend=args.structured_outputs_backend)
     model = args.model
     if args.tiny:
         from tiny_model import write_tiny_model
@@ -148,8 +159,14 @@ def main() -> None:
     llm = LLM(model, **kwargs)
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 40000) for _ in range(rng.randint(lo, hi))] for _ in range(num)]
-    params = SamplingParams(max_tokens=out, ignore_eos=True, temperature=0)
-    llm.generate(prompts[:2], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
+    constraint = None
+    if args.structured_output:
+        from piston.bench.structured import DEFAULT_SCHEMA
+        from piston.step.sampling_params import StructuredOutputsParams
+
+        constraint = StructuredOutputsParams(json=DEFAULT_SCHEMA)
+    params = SamplingParams(max_tokens=out, ignore_eos=True, temperature=0, structured_outputs=constraint)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=2, structured_outputs=constraint), use_tqdm=False)  # warm-up
     instrument()
     from piston.engine.engine_core import EngineCore
 

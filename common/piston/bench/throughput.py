@@ -20,9 +20,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     """Dataset, engine and report flags of ``piston bench throughput``."""
     from piston.engine.arg_utils import EngineArgs
 
+    from piston.bench import structured
+
     add_dataset_args(parser, num_prompts=64)
     EngineArgs.add_cli_args(parser)
     add_report_args(parser)
+    structured.add_cli_args(parser)
     parser.add_argument("--disable-tqdm", action="store_true")
 
 
@@ -93,6 +96,11 @@ def main(args: argparse.Namespace) -> int:
                                use_tqdm=not args.disable_tqdm)
         elapsed = time.perf_counter() - t0
         memory = memory_figures(llm)
+        if getattr(args, "structured_output", None):
+            from piston.bench import structured
+
+            constrained = structured.compare(llm, [r.prompt for r in requests],
+                                             [r.expected_output_len for r in requests], args)
     finally:
         llm.llm_engine.shutdown()  # idempotent: also on errors
     config, ceilings = roofline.ceilings_after_shutdown(llm, args.dtype, args.calibration_seconds)
@@ -106,6 +114,11 @@ def main(args: argparse.Namespace) -> int:
     report = {**run_metadata("throughput", args, config.platform),
               "model": describe_model(model_config), "results": results}
     print_summary("Offline throughput", results)
+    if getattr(args, "structured_output", None):
+        from piston.bench import structured
+
+        results["structured_output"] = constrained
+        print_table("Structured outputs", structured.summary_rows(constrained))
     write_json(args.output_json, report)
     return 0
 
