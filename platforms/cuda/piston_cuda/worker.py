@@ -48,6 +48,13 @@ class CudaWorker(Worker):
 
     def load_model(self) -> None:
         self.runner.load_model()
+        if self.runner.compiled is None:
+            # Packed weights through the Triton dequant-GEMM when the model runs eagerly; the
+            # compiled (piecewise graph) path keeps the layers' torch fallback, which Dynamo traces.
+            from piston_cuda.kernels.dequant_matmul import install_qkernels
+
+            if count := install_qkernels(self.runner.model):
+                logger.info("Packed weights: %d layers through the Triton dequant-GEMM.", count)
         logger.info("Weights on %s: %.2f GiB allocated.", torch.cuda.get_device_name(self.device),
                     torch.cuda.memory_allocated(self.device) / GiB)
 
