@@ -86,3 +86,18 @@ def test_platforms_do_not_import_each_other(platform):
     offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "platforms" / platform).rglob("*.py")
                  if (_imported_modules(p) & PLATFORM_PACKAGES) - {own}]
     assert offenders == []
+
+
+@pytest.mark.parametrize("online,given,expected", [(True, None, 128), (False, None, 0), (True, 0, 0),
+                                                    (True, 512, 512), (False, 64, 64)])
+def test_cpu_platform_caps_prompt_tokens_per_step_when_serving(online, given, expected):
+    # Live clients (AsyncLLM) get prompts prefilled one after another; offline batches keep
+    # the whole budget; a value the user gave is never changed.
+    from piston.step.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from piston_cpu.platform import ONLINE_MAX_PREFILL_TOKENS, CpuPlatform
+
+    config = EngineConfig(ModelConfig(model="fake"), CacheConfig(kv_cache_memory=2**20),
+                          SchedulerConfig(max_prefill_tokens=given, online=online))
+    CpuPlatform.check_and_update_config(config)
+    assert ONLINE_MAX_PREFILL_TOKENS == 128
+    assert config.scheduler_config.max_prefill_tokens == expected

@@ -19,12 +19,13 @@ def make_scheduler(**kwargs):
 
 
 def make_config(num_blocks=64, block_size=4, budget=32, max_num_seqs=16, chunked=True,
-                caching=True, policy="fcfs", max_model_len=0):
+                caching=True, policy="fcfs", max_model_len=0, max_prefill_tokens=None):
     return EngineConfig(
         model_config=ModelConfig(model="fake", max_model_len=max_model_len),
         cache_config=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=caching),
         scheduler_config=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
-                                         enable_chunked_prefill=chunked, policy=policy),
+                                         enable_chunked_prefill=chunked, policy=policy,
+                                         max_prefill_tokens=max_prefill_tokens),
     )
 
 
@@ -144,6 +145,42 @@ def test_decode_and_prefill_mix_in_one_step():
     assert out.num_scheduled_tokens == {"a": 1, "b": 15}
     assert [n.req_id for n in out.scheduled_new_reqs] == ["b"]
     assert out.scheduled_running_reqs.req_ids == ["a"]
+
+
+def test_prefill_cap_prefills_simultaneous_prompts_one_after_another():
+    # Four 8-token prompts arrive together: with a cap of 8 prompt tokens per step each one
+    # gets its first token a step after the one before, and decodes are not counted.
+    sched = make_scheduler(budget=64, max_prefill_tokens=8)
+    for i in range(4):
+        sched.add_request(make_request(f"r{i}", 8, max_tokens=6))
+    worker = FakeWorker(sched)
+    first_token_step = {}
+    for step in range(4):
+        out, outs = worker.step()
+        assert sum(n for r, n in out.num_scheduled_tokens.items() if n > 1) <= 8
+        for o in outs:
+            first_token_step.setdefault(o.request_id, step)
+        assert len(out.num_scheduled_tokens) == step + 1  # the earlier ones decode alongside
+    assert first_token_step == {"r0": 0, "r1": 1, "r2": 2, "r3": 3}
+    worker.run_to_completion()
+    assert_no_leak(sched)
+
+
+def test_prefill_cap_chunks_a_long_prompt_and_finishes_it_before_admitting_the_next():
+    sched = make_scheduler(budget=64, max_prefill_tokens=8)
+    sched.add_request(make_request("long", 20, max_tokens=3))
+    sched.add_request(make_request("short", 4, max_tokens=3))
+    worker = FakeWorker(sched)
+    steps = [worker.step()[0].num_scheduled_tokens for _ in range(4)]
+    assert steps == [{"long": 8}, {"long": 8}, {"long": 4, "short": 4}, {"long": 1, "short": 1}]
+
+
+def test_prefill_cap_is_ignored_without_chunked_prefill():
+    # A whole prompt larger than the cap must still be scheduled in one step.
+    sched = make_scheduler(budget=32, chunked=False, max_prefill_tokens=8)
+    sched.add_request(make_request("a", 20, max_tokens=2))
+    out, _ = FakeWorker(sched).step()
+    assert out.num_scheduled_tokens == {"a": 20}
 
 
 def test_max_num_seqs_caps_running_requests():
@@ -354,10 +391,12 @@ def test_make_stats_reports_queue_and_cache_state():
     assert stats.kv_cache_usage == pytest.approx(0.2)
 
 
+@pytest.mark.parametrize("max_prefill_tokens", [None, 5])
 @pytest.mark.parametrize("policy", ["fcfs", "priority", "fair"])
-def test_random_workload_with_aborts_and_preemption_leaks_no_blocks(policy):
+def test_random_workload_with_aborts_and_preemption_leaks_no_blocks(policy, max_prefill_tokens):
     rng = random.Random(1)
-    sched = make_scheduler(num_blocks=14, block_size=4, budget=24, max_num_seqs=6, policy=policy)
+    sched = make_scheduler(num_blocks=14, block_size=4, budget=24, max_num_seqs=6, policy=policy,
+                           max_prefill_tokens=max_prefill_tokens)
     worker = FakeWorker(sched)
     shared = list(range(500, 512))
     reqs = []

@@ -48,6 +48,9 @@ class Scheduler:
         self.max_num_batched_tokens = sched.max_num_batched_tokens
         self.max_num_seqs = sched.max_num_seqs
         self.enable_chunked_prefill = sched.enable_chunked_prefill
+        # Catch-up tokens (prefills, recomputes) per step; None: no cap beyond the budget.
+        # The cap needs chunking: without it a prompt larger than the cap would never fit.
+        self.max_prefill_tokens = (sched.max_prefill_tokens or None) if self.enable_chunked_prefill else None
         self.policy = self.make_policy(sched.policy)
         # 0 means "not resolved yet" (unit tests); the engine sets the real context.
         self.max_model_len = config.model_config.max_model_len or sys.maxsize
@@ -141,6 +144,7 @@ class Scheduler:
         """
         kv, policy = self.kv_cache_manager, self.policy
         budget = self.max_num_batched_tokens
+        prefill_left = self.max_prefill_tokens or budget
         num_scheduled: dict[str, int] = {}
         new_reqs: list[Request] = []
         cached_block_ids: dict[str, list[int]] = {}
@@ -156,12 +160,13 @@ class Scheduler:
                 if head.request_id in preempted:
                     admitting = False  # re-admitting a request preempted this step would thrash
                 elif i >= len(self.running) or policy.waiting_first(head, self.running[i]):
-                    num_new = self._admit(head, budget, i, len(new_reqs), preempted)
+                    num_new = self._admit(head, min(budget, prefill_left), i, len(new_reqs), preempted)
                     if num_new == 0:
                         admitting = False
                     else:
                         num_scheduled[head.request_id] = num_new
                         budget -= num_new
+                        prefill_left -= num_new
                         new_reqs.append(head)
                         policy.on_scheduled(head, num_new, admitted=True)
                     continue
@@ -169,8 +174,9 @@ class Scheduler:
                 break
             request = self.running[i]
             remaining = request.num_tokens - request.num_computed_tokens
-            num_new = min(remaining, budget, policy.token_limit(request),
-                          self.max_model_len - request.num_computed_tokens)
+            catching_up = remaining > 1
+            num_new = min(remaining, prefill_left if catching_up else budget, budget,
+                          policy.token_limit(request), self.max_model_len - request.num_computed_tokens)
             if num_new <= 0 or (not self.enable_chunked_prefill and num_new < remaining):
                 i += 1
                 continue
@@ -185,6 +191,8 @@ class Scheduler:
                 continue  # the request preempted itself: it was the last running one
             num_scheduled[request.request_id] = num_new
             budget -= num_new
+            if catching_up:
+                prefill_left -= num_new
             cached_block_ids[request.request_id] = block_ids
             policy.on_scheduled(request, num_new, admitted=False)
             i += 1

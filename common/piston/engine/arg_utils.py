@@ -34,6 +34,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     max_num_batched_tokens: int = 2048
+    max_prefill_tokens: int | None = None
     max_num_seqs: int = 256
     scheduling_policy: str = "fcfs"
     scheduler_cls: str | None = None
@@ -66,6 +67,11 @@ class EngineArgs:
         add("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
         add("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
         add("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+        add("--max-prefill-tokens", type=int, default=None,
+            help="most prompt (catch-up) tokens one step computes, the rest of "
+            "--max-num-batched-tokens going to decodes; smaller means prompts that arrive "
+            "together get their first tokens one after another instead of all at the end "
+            "(default: the platform's; 0: no cap)")
         add("--max-num-seqs", type=int, default=d.max_num_seqs)
         add("--scheduling-policy", default=d.scheduling_policy,
             help="fcfs, priority, fair, or module:Class of a custom scheduler")
@@ -107,6 +113,8 @@ class EngineArgs:
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.max_prefill_tokens is not None and self.max_prefill_tokens < 0:
+            raise ValueError(f"max_prefill_tokens must be >= 0 (0: no cap), got {self.max_prefill_tokens}.")
         if self.block_size % 8:
             raise ValueError(f"block_size must be a multiple of 8, got {self.block_size}.")
         backend = self.distributed_executor_backend
@@ -160,7 +168,8 @@ class EngineArgs:
             kv_cache_memory=None if self.kv_cache_memory is None else parse_size(self.kv_cache_memory),
             enable_prefix_caching=self.enable_prefix_caching,
             gpu_memory_utilization=self.gpu_memory_utilization)
-        sched = SchedulerConfig(max_num_batched_tokens=batched, max_num_seqs=self.max_num_seqs,
+        sched = SchedulerConfig(max_num_batched_tokens=batched, max_prefill_tokens=self.max_prefill_tokens,
+                                max_num_seqs=self.max_num_seqs,
                                 enable_chunked_prefill=self.enable_chunked_prefill,
                                 policy=self.scheduler_cls or self.scheduling_policy)
         parallel = ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend,

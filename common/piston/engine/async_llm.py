@@ -68,6 +68,7 @@ class AsyncLLM:
 
     def __init__(self, args: EngineArgs, max_waiting_requests: int | None = None) -> None:
         self.config = args.create_engine_config()
+        self.config.scheduler_config.online = True
         mc = self.config.model_config
 
         def load() -> None:

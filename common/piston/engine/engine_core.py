@@ -72,11 +72,12 @@ class EngineCore:
         cc = config.cache_config
         logger.info(
             "EngineCore ready on %s in %.1f s: KV cache %d blocks x %d tokens = %d tokens "
-            "(%.2f GiB), max_num_seqs=%d, max_num_batched_tokens=%d, prefix caching %s, "
-            "tensor parallel %d (%s executor)",
+            "(%.2f GiB), max_num_seqs=%d, max_num_batched_tokens=%d (prompt tokens per step: %s), "
+            "prefix caching %s, tensor parallel %d (%s executor)",
             platform.name, time.perf_counter() - start, cc.num_blocks, cc.block_size,
             cc.num_blocks * cc.block_size, self.kv_cache_memory / 2**30,
             config.scheduler_config.max_num_seqs, config.scheduler_config.max_num_batched_tokens,
+            self.scheduler.max_prefill_tokens or "no cap",
             "on" if cc.enable_prefix_caching else "off", config.parallel_config.tensor_parallel_size,
             config.parallel_config.executor_backend)
 

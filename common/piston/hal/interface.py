@@ -30,6 +30,12 @@ Interface version history:
      platform serves what it asks, or rejects it in ``check_and_update_config``. The shared
      torch models do it themselves (PackedWeight, with a ``qkernel`` slot a platform may
      fill); a platform may dequantize GGUF formats it has no kernels for (the TPU does).
+  5: the prefill cap. ``SchedulerConfig.max_prefill_tokens`` left None is the platform's to
+     set in ``check_and_update_config`` (0: no cap), knowing ``SchedulerConfig.online``
+     (True when the engine serves live clients through AsyncLLM, False for offline
+     batches). A platform whose step time grows with its token count (the CPU) caps the
+     prompt tokens of a step when online, so prompts that arrive together get their first
+     tokens one after another rather than all at the end of one long step.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ if TYPE_CHECKING:
     from piston.step.runner_output import ModelRunnerOutput
     from piston.step.scheduler_output import SchedulerOutput
 
-PLATFORM_INTERFACE_VERSION = 4
+PLATFORM_INTERFACE_VERSION = 5
 
 
 class Platform(abc.ABC):

@@ -131,8 +131,17 @@ class CacheConfig:
 @dataclass
 class SchedulerConfig:
     max_num_batched_tokens: int = 2048
+    # The most catch-up tokens (prompts, chunks of prompts, recomputes after preemption)
+    # one step computes; requests with one token to go (decodes) are not counted. None:
+    # the platform's choice (Platform.check_and_update_config), 0: no cap. Needs chunked
+    # prefill. A platform whose step time grows with its tokens (the CPU) caps it, so
+    # prompts that arrive together are prefilled one after another.
+    max_prefill_tokens: int | None = None
     max_num_seqs: int = 256
     enable_chunked_prefill: bool = True
+    # The engine serves live clients (AsyncLLM: first-token latency matters) rather than
+    # offline batches (LLM: throughput matters); platform defaults may differ by it.
+    online: bool = False
     policy: str = "fcfs"  # "fcfs", "priority", "fair", or "module:Class" of a custom scheduler
 
 
