@@ -146,6 +146,20 @@ def quant_accuracy(session: nox.Session) -> None:
                 env={"PISTON_PLATFORM": "cpu"})
 
 
+@nox.session(name="bench-ttft")
+def bench_ttft(session: nox.Session) -> None:
+    """Time to first token at 1 and 8 concurrent streams (benchmarks/ttft_concurrency.sh), by
+    `piston bench serve` and by guidellm 0.8.1 (installed here, torch pinned), with the CPU's
+    prompt cap off (`--max-prefill-tokens 0`, the old scheduling) and on (the default), one
+    after the other. Results under $TTFT_OUT (default /tmp/piston-ttft). Run it on an idle machine."""
+    _install(session)
+    session.install("-c", "constraints.txt", "guidellm==0.8.1")
+    out = Path(os.environ.get("TTFT_OUT", "/tmp/piston-ttft"))
+    session.run("bash", "benchmarks/ttft_concurrency.sh", str(out / "no-cap"), "--max-prefill-tokens", "0",
+                external=True)
+    session.run("bash", "benchmarks/ttft_concurrency.sh", str(out / "default"), external=True)
+
+
 @nox.session(name="bench-quant")
 def bench_quant(session: nox.Session) -> None:
     """The quantized-weights figures of benchmarks/RESULTS.md: batch-1 decode against llama.cpp,

@@ -115,18 +115,24 @@ class ServerProcess:
 def launched_servers(tiny_models, smollm2_path):
     """Start every server this module uses at once; stop them all at the end."""
     tiny = tiny_models("llama")
+    timeline = tempfile.NamedTemporaryFile(prefix="piston-timeline-", suffix=".jsonl", delete=False)
+    timeline.close()
     servers = {
-        "tiny": ServerProcess(tiny, *TINY_ARGS, "--served-model-name", "tiny"),
+        "tiny": ServerProcess(tiny, *TINY_ARGS, "--served-model-name", "tiny",
+                              "--request-timeline-file", timeline.name),
         "smollm2": ServerProcess(smollm2_path, *SMOLLM2_ARGS, "--served-model-name", "smollm2"),
     }
+    servers["tiny"].timeline_file = timeline.name
     yield servers
     for server in servers.values():
         server.stop()
+    os.unlink(timeline.name)
 
 
 @pytest.fixture(scope="module")
 def tiny_server(launched_servers) -> ServerProcess:
-    """A server for a tiny random model ("tiny"); requires API_KEY."""
+    """A server for a tiny random model ("tiny"); requires API_KEY. It writes a request
+    timeline to ``.timeline_file``."""
     return launched_servers["tiny"].wait_ready()
 
 

@@ -193,6 +193,55 @@ def test_prompt_over_the_context_is_400(tiny_server):
 # ----- concurrency, disconnects, endpoints ------------------------------------------------
 
 
+def _timeline_records(server, response_ids: set[str], timeout: float = 10.0) -> dict[str, dict]:
+    """The server's timeline lines of these responses (a completion's line carries the
+    response id plus the prompt's index), keyed by response id."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = {}
+        with open(server.timeline_file) as f:
+            for line in f:
+                record = json.loads(line)
+                for rid in (record["request_id"], record["request_id"].rsplit("-", 1)[0]):
+                    if rid in response_ids:
+                        found[rid] = record
+        if len(found) == len(response_ids) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def test_request_timeline_records_every_stage_in_order(tiny_server):
+    from piston.entrypoints.openai.request_timeline import POINTS
+
+    client = tiny_server.openai()
+    sent = time.monotonic()
+    stream = client.completions.create(model=TINY, prompt="The timeline of", max_tokens=5, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    chat = list(client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=3, stream=True, extra_body={"ignore_eos": True}))
+    plain = client.completions.create(model=TINY, prompt="No stream", max_tokens=2)
+    done = time.monotonic()
+    records = _timeline_records(tiny_server, {chunks[0].id, chat[0].id, plain.id})
+    assert set(records) == {chunks[0].id, chat[0].id, plain.id}
+    usage = chunks[-1].usage
+    stream_record = records[chunks[0].id]
+    assert (stream_record["prompt_tokens"], stream_record["output_tokens"]) == \
+        (usage.prompt_tokens, usage.completion_tokens)
+    for rid, record in records.items():
+        streamed = rid != plain.id
+        points = [p for p in POINTS if streamed or p != "first_chunk_time"]
+        assert set(points) <= set(record), f"{rid} misses {set(points) - set(record)}"
+        times = [record[p] for p in points]
+        # One clock for the client, the front end and the engine process: the stamps are in
+        # path order and inside the client's own send and receive.
+        assert times == sorted(times), dict(zip(points, times))
+        assert sent <= times[0] and times[-1] <= record["finished_time"] <= done
+    # A server on the CPU caps a step's prompt tokens (the platform's online default).
+    if os.environ.get("PISTON_PLATFORM", "cpu") == "cpu":
+        assert "prompt tokens per step: 128" in tiny_server.log_tail(10**7)
+
+
 def test_32_concurrent_streams_all_complete(tiny_server):
     async def one(client, i: int) -> tuple[str, str]:
         stream = await client.completions.create(model=TINY, prompt=f"Request {i}:",

@@ -158,7 +158,9 @@ def test_hf_baseline_same_requests(tiny, tokenizer, tmp_path):
 
 def test_serve_against_running_server(tiny, tmp_path):
     servers = _load_script("e2e_servers", ROOT / "tests" / "e2e" / "conftest.py")
-    server = servers.ServerProcess(tiny, *servers.TINY_ARGS, "--served-model-name", "tiny")
+    timeline = tmp_path / "timeline.jsonl"
+    server = servers.ServerProcess(tiny, *servers.TINY_ARGS, "--served-model-name", "tiny",
+                                   "--request-timeline-file", str(timeline))
     try:
         server.wait_ready()
         out = tmp_path / "serve.json"
@@ -174,3 +176,18 @@ def test_serve_against_running_server(tiny, tmp_path):
     assert r["goodput"] == pytest.approx(r["request_throughput"])
     for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
         assert {"mean", "p50", "p90", "p99"} <= r[key].keys() and r[key]["mean"] > 0
+    # The client's per-request view joins the server's timeline: every stage is there, and
+    # the stages between the client's send and first token add up to its TTFT.
+    tool = _load_script("request_timeline", ROOT / "benchmarks" / "request_timeline.py")
+    joined = tool.join_bench(tool.read_timeline(str(timeline)), str(out))
+    assert len(joined) == 4  # the bench's warm-up probe is not among its requests
+    for record in joined:
+        stages = {name: 1000 * (record[end] - record[start]) for name, start, end in tool.stages(True)}
+        # Monotonic stamps on one clock, except the server's send of a chunk against the
+        # client's receive: those straddle the socket (microseconds, both ways).
+        assert all(ms >= -1.0 for ms in stages.values()), stages
+        ttft_ms = 1000 * (record["client_first_token_time"] - record["client_send_time"])
+        assert sum(stages.values()) == pytest.approx(ttft_ms, abs=1e-3)
+    table = tmp_path / "timeline.json"
+    assert tool.main([str(timeline), "--bench", str(out), "--output-json", str(table)]) == 0
+    assert json.loads(table.read_text())["requests"] == 4

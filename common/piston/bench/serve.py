@@ -71,6 +71,10 @@ class RequestResult:
     e2e: float = 0.0
     itl: list[float] = field(default_factory=list)  # gaps between streamed chunks
     error: str = ""
+    # The server's id for it, and time.monotonic() when it was sent: with the server's
+    # --request-timeline-file they place the client's view on the server's timeline.
+    request_id: str = ""
+    start_time: float = 0.0
 
     @property
     def tpot(self) -> float | None:
@@ -83,7 +87,8 @@ class RequestResult:
 async def send_request(client, url: str, payload: dict, prompt_len: int) -> RequestResult:
     """POST one streamed completion and time its chunks; errors become a failed result."""
     res = RequestResult(prompt_len)
-    start = last = time.perf_counter()
+    # time.monotonic: the clock the server's request timeline uses (one per machine).
+    start = last = res.start_time = time.monotonic()
     chunks = 0
     try:
         async with client.stream("POST", url, json=payload) as resp:
@@ -104,13 +109,14 @@ async def send_request(client, url: str, payload: dict, prompt_len: int) -> Requ
                 if chunk.get("usage"):
                     res.output_tokens = chunk["usage"].get("completion_tokens", 0)
                 if chunk.get("choices"):
-                    now = time.perf_counter()
+                    now = time.monotonic()
                     if chunks == 0:
                         res.ttft = now - start
+                        res.request_id = chunk.get("id", "")
                     else:
                         res.itl.append(now - last)
                     last, chunks = now, chunks + 1
-        res.e2e = time.perf_counter() - start
+        res.e2e = time.monotonic() - start
         res.output_tokens = res.output_tokens or chunks
         res.ok = chunks > 0
         res.error = "" if res.ok else "the stream ended without a token"
@@ -230,7 +236,10 @@ def main(args: argparse.Namespace) -> int:
     run = asyncio.run(_bench(args))
     metrics = compute_metrics(run["results"], run["duration"], slos)
     report = {**run_metadata("serve", args), "base_url": run["base_url"],
-              "model": {"name": run["model"]}, "results": metrics}
+              "model": {"name": run["model"]}, "results": metrics,
+              "requests": [{"request_id": r.request_id, "start_time": r.start_time, "ttft_s": r.ttft,
+                            "e2e_s": r.e2e, "prompt_len": r.prompt_len, "output_tokens": r.output_tokens,
+                            "ok": r.ok} for r in run["results"]]}
     _print_summary(args, metrics)
     write_json(args.output_json, report)
     return 0 if metrics["completed"] else 1

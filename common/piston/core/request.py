@@ -64,6 +64,9 @@ class Request:
         self.client_id = client_id
         # When the scheduler first ran it (for queue-time metrics); None while queued.
         self.first_scheduled_time: float | None = None
+        # When the engine process read it off the socket, and when the busy loop (between
+        # two steps) handed it to the scheduler; 0.0: not known.
+        self.received_time = self.added_time = 0.0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.error: str | None = None  # what failed, with FINISHED_ERROR
@@ -81,7 +84,7 @@ class Request:
 
     @classmethod
     def from_engine_core_request(cls, req: "EngineCoreRequest") -> "Request":
-        return cls(
+        request = cls(
             req.request_id,
             req.prompt_token_ids,
             req.sampling_params,
@@ -90,6 +93,9 @@ class Request:
             priority=req.priority,
             client_id=req.client_id,
         )
+        request.added_time = time.monotonic()
+        request.received_time = req.received_time or request.added_time
+        return request
 
     @property
     def num_tokens(self) -> int:

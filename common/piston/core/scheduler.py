@@ -328,10 +328,12 @@ class Scheduler:
         if not sampled and new_prompt_lp is None:
             return None
         new_lp = None
-        queue_time = None
+        queue_time = engine_times = None
         if sampled:
             if request.num_output_tokens == 0:
                 queue_time = _queue_time(request)
+                engine_times = (request.received_time, request.added_time, request.first_scheduled_time or 0.0,
+                                time.monotonic())
             sampled = self._append_and_check_stop(request, sampled)
             k = request.sampling_params.logprobs
             if logprobs is not None and k is not None:
@@ -348,6 +350,7 @@ class Scheduler:
             stop_reason=request.stop_reason,
             num_cached_tokens=max(request.num_cached_tokens, 0),
             queue_time=queue_time,
+            engine_times=engine_times,
         )
 
     # ----- faults -------------------------------------------------------------------

@@ -132,9 +132,12 @@ class AsyncLLM:
         return len(self.output_processor.child_to_parent)
 
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams, request_id: str,
-                       priority: int = 0, client_id: str | None = None
+                       priority: int = 0, client_id: str | None = None, received_time: float | None = None
                        ) -> AsyncIterator[RequestOutput]:
         """Yield the request's cumulative output after every step that advanced it.
+
+        ``received_time``: when the request reached the server (time.monotonic), kept in
+        its metrics for the request timeline.
 
         Raises ValueError before the first yield for invalid input, EngineOverloadedError
         when too many requests wait, EngineRequestError if this request fails and
@@ -152,7 +155,7 @@ class AsyncLLM:
         now = time.monotonic()
         children = self.input_processor.child_params(params)
         engine_ids = await self._in_thread(self._output_thread, self.output_processor.add_request, request_id,
-                                           text, token_ids, children, now)
+                                           text, token_ids, children, now, received_time)
         self._pending_prompt_tokens += len(token_ids) * len(children)
         self.collectors[request_id] = collector
         finished = False
@@ -217,13 +220,14 @@ class AsyncLLM:
         return self.engine_core.latest_stats
 
     async def _dispatch(self, outputs) -> None:
+        received_time = time.monotonic()
         self.stat_logger.record(outputs, self._pending_prompt_tokens)
         self._pending_prompt_tokens = 0
         if not outputs.outputs:
             return
         # Detokenizing happens on the output thread; it isolates each request's failure.
         request_outputs, to_abort = await self._in_thread(self._output_thread, self.output_processor.process_outputs,
-                                                          outputs.outputs)
+                                                          outputs.outputs, False, received_time)
         for out in request_outputs:
             collector = self.collectors.get(out.request_id)
             if collector is not None:

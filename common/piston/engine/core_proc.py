@@ -82,7 +82,12 @@ class EngineCoreProc:
                 type_frame, payload = sock.recv_multipart()
                 kind = EngineCoreRequestType(type_frame)
                 decoder = decoders.get(kind)
-                self.input_queue.put((kind, decoder.decode(payload) if decoder else None))
+                message = decoder.decode(payload) if decoder else None
+                if kind is EngineCoreRequestType.ADD:
+                    now = time.monotonic()
+                    for request in message:
+                        request.received_time = now
+                self.input_queue.put((kind, message))
                 if kind is EngineCoreRequestType.SHUTDOWN:
                     return
         except Exception:

@@ -68,9 +68,12 @@ class OutputProcessor:
         self.child_to_parent: dict[str, tuple[RequestState, ChildState]] = {}
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    child_params: list[SamplingParams], arrival_time: float | None = None
-                    ) -> list[str]:
-        """Register a request; returns the engine ids of its children."""
+                    child_params: list[SamplingParams], arrival_time: float | None = None,
+                    received_time: float | None = None) -> list[str]:
+        """Register a request; returns the engine ids of its children.
+
+        ``arrival_time``: when it went to the engine (after tokenization); ``received_time``:
+        when the server got it, if earlier (time.monotonic both)."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use.")
         n = len(child_params)
@@ -79,6 +82,8 @@ class OutputProcessor:
                              [None] if want_prompt_lp else None)
         state.metrics["arrival_time"] = time.monotonic() if arrival_time is None else arrival_time
         state.metrics["queue_time"] = None
+        if received_time is not None:
+            state.metrics["received_time"] = received_time
         for i, params in enumerate(child_params):
             child = ChildState(child_request_id(request_id, i, n), i, params,
                                IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params),
@@ -109,9 +114,12 @@ class OutputProcessor:
                 ids.append(child.engine_id)
         return ids
 
-    def process_outputs(self, outputs: list[EngineCoreOutput], final_only: bool = False
-                        ) -> tuple[list[RequestOutput], list[str]]:
+    def process_outputs(self, outputs: list[EngineCoreOutput], final_only: bool = False,
+                        received_time: float | None = None) -> tuple[list[RequestOutput], list[str]]:
         """Apply one step's outputs. Returns (request outputs, engine ids to abort).
+
+        ``received_time``: when the front end got them from the engine (time.monotonic),
+        kept in a request's metrics with its first token.
 
         An output whose processing raises fails its request alone: the request finishes
         with ``error`` set (and its other children are aborted); the others go on.
@@ -127,7 +135,7 @@ class OutputProcessor:
                 maybe_fail("output", out.request_id)
                 if out.error is not None:
                     raise EngineRequestError(out.error)
-                self._apply(state, child, out, to_abort)
+                self._apply(state, child, out, to_abort, received_time)
             except Exception as e:
                 if not isinstance(e, EngineRequestError):
                     logger.exception("Processing the output of request %s failed", out.request_id)
@@ -145,12 +153,19 @@ class OutputProcessor:
             results.append(self._make_output(state))
         return results, to_abort
 
-    def _apply(self, state: RequestState, child: ChildState, out: EngineCoreOutput, to_abort: list[str]) -> None:
+    def _apply(self, state: RequestState, child: ChildState, out: EngineCoreOutput, to_abort: list[str],
+               received_time: float | None = None) -> None:
         state.num_cached_tokens = out.num_cached_tokens
-        if out.queue_time is not None and state.metrics["queue_time"] is None:
-            state.metrics["queue_time"] = out.queue_time
-        if out.new_token_ids and "first_token_time" not in state.metrics:
-            state.metrics["first_token_time"] = time.monotonic()
+        metrics = state.metrics
+        if out.queue_time is not None and metrics["queue_time"] is None:
+            metrics["queue_time"] = out.queue_time
+        first_token = bool(out.new_token_ids) and "first_token_time" not in metrics
+        if first_token:
+            if out.engine_times is not None:
+                (metrics["engine_received_time"], metrics["engine_queued_time"], metrics["scheduled_time"],
+                 metrics["first_token_engine_time"]) = out.engine_times
+            if received_time is not None:
+                metrics["first_output_received_time"] = received_time
         if out.new_prompt_logprobs is not None and state.prompt_logprobs is not None \
                 and child.index == 0:
             state.prompt_logprobs.extend(self._convert_logprobs(out.new_prompt_logprobs))
@@ -165,6 +180,8 @@ class OutputProcessor:
                 child.logprobs.extend(converted)
                 for tok, pos in zip(out.new_token_ids, converted):
                     child.cumulative_logprob += pos[tok].logprob
+            if first_token:  # detokenized: ready for the client
+                metrics["first_token_time"] = time.monotonic()
             if stop_str is not None and out.finish_reason is None:
                 out_reason, out_stop = "stop", stop_str
                 to_abort.append(child.engine_id)

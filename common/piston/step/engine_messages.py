@@ -36,6 +36,8 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     priority: int = 0
     # Who sent it (the API's `user` field or the API key): the fair policy shares by it.
     client_id: str | None = None
+    # When the engine process's input thread read it (time.monotonic; set there, not sent).
+    received_time: float = 0.0
 
 
 # Starts EngineCoreOutput.error when the request's own parameters caused the failure, found
@@ -56,6 +58,11 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     # Seconds between the core receiving the request and first scheduling it; set on
     # the request's first output only.
     queue_time: float | None = None
+    # On the request's first output with tokens: when the engine process received it, the
+    # busy loop queued it, the scheduler first scheduled it, and its first token was out
+    # (time.monotonic, one clock for every process of the machine): the engine's part of
+    # the request's timeline (piston.entrypoints.openai.request_timeline).
+    engine_times: tuple[float, float, float, float] | None = None
     # With finish_reason "error": what failed. The request alone failed; the engine runs on.
     error: str | None = None
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -27,6 +28,7 @@ from piston.entrypoints.openai.protocol import (ChatCompletionRequest, ChatCompl
                                                 CompletionResponse, HealthResponse, ModelCard, ModelList,
                                                 OpenAIError, VersionResponse)
 from piston.entrypoints.openai.request_limits import BodySizeLimit
+from piston.entrypoints.openai.request_timeline import RequestTimelineWriter
 from piston.entrypoints.openai.server_config import ServerConfig
 from piston.entrypoints.openai.serving_chat import OpenAIServingChat
 from piston.entrypoints.openai.serving_completion import OpenAIServingCompletion
@@ -86,11 +88,14 @@ def build_app(engine, config: ServerConfig) -> FastAPI:
             yield
         finally:
             watcher.cancel()
+            if timeline is not None:
+                timeline.close()
 
     app = FastAPI(title="Piston OpenAI-compatible API", version=__version__, lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_request_body_bytes)
     name = config.served_model_name
-    metrics = ServerMetrics(name)
+    timeline = RequestTimelineWriter(config.request_timeline_file) if config.request_timeline_file else None
+    metrics = ServerMetrics(name, timeline)
     app.state.engine = engine
     app.state.engine_dead = False
     app.state.on_engine_dead = lambda: None
@@ -133,6 +138,7 @@ def build_app(engine, config: ServerConfig) -> FastAPI:
 
     @v1.post("/completions", response_model=CompletionResponse, responses={200: STREAM_RESPONSE})
     async def create_completion(request: CompletionRequest, raw_request: Request):
+        raw_request.state.received_time = time.monotonic()
         try:
             return await completion.create_completion(request, raw_request)
         except Exception as e:
@@ -140,6 +146,7 @@ def build_app(engine, config: ServerConfig) -> FastAPI:
 
     @v1.post("/chat/completions", response_model=ChatCompletionResponse, responses={200: STREAM_RESPONSE})
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request):
+        raw_request.state.received_time = time.monotonic()
         try:
             return await chat.create_chat_completion(request, raw_request)
         except Exception as e:

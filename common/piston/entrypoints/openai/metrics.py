@@ -12,6 +12,7 @@ import logging
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest)
 
+from piston.entrypoints.openai.request_timeline import RequestTimelineWriter
 from piston.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class ServerMetrics:
     """The server's metrics; ``render(engine)`` returns the Prometheus text exposition."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, timeline: RequestTimelineWriter | None = None) -> None:
+        self.timeline = timeline
         self.registry = CollectorRegistry()
         r, labels = self.registry, ["model_name"]
         self.model_name = model_name
@@ -65,6 +67,8 @@ class ServerMetrics:
 
     def observe_finished(self, out: RequestOutput) -> None:
         """Count one finished request: tokens, finish reasons and latencies."""
+        if self.timeline is not None:
+            self.timeline.write(out)
         name = self.model_name
         num_generated = sum(len(c.token_ids) for c in out.outputs)
         self.prompt_tokens.labels(name).inc(len(out.prompt_token_ids))

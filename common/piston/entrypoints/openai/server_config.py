@@ -38,6 +38,8 @@ class ServerConfig:
     tool_call_parser: str = "hermes"
     # A Jinja chat template used instead of the model's own (the text, read from --chat-template).
     chat_template: str | None = None
+    # Append each finished request's stage timestamps here (piston.entrypoints.openai.request_timeline).
+    request_timeline_file: str | None = None
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +65,9 @@ class ServerConfig:
         add("--chat-template", default=None,
             help="a Jinja chat template (a file, or the template itself) to use instead of the model's, "
                  "e.g. one that shows tools to the model (examples/tool_chat_template_hermes.jinja)")
+        add("--request-timeline-file", default=None, metavar="PATH",
+            help="append one JSON line per finished request: when it passed each stage from HTTP "
+                 "receive to its first streamed chunk (benchmarks/request_timeline.py reads it)")
         add("--max-waiting-requests", type=int, default=d.max_waiting_requests,
             help="engine requests that may wait beyond the running max_num_seqs; past it new requests get 503 "
                  "with Retry-After (-1: no bound)")
@@ -82,7 +87,8 @@ class ServerConfig:
             max_stop_sequences=args.max_stop_sequences, max_stop_token_ids=args.max_stop_token_ids,
             max_request_body_bytes=parse_size(args.max_request_body_bytes),
             max_waiting_requests=None if args.max_waiting_requests < 0 else args.max_waiting_requests,
-            tool_call_parser=args.tool_call_parser, chat_template=read_chat_template(args.chat_template))
+            tool_call_parser=args.tool_call_parser, chat_template=read_chat_template(args.chat_template),
+            request_timeline_file=getattr(args, "request_timeline_file", None))
         config.validate()
         return config
 

@@ -115,9 +115,9 @@ class OpenAIServingChat(OpenAIServing):
         try:
             yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                          for i in range(params.n)])
+            first_chunk_time = None
             async for out in source:
                 final = out
-                self.observe(out)
                 for c in out.outputs:
                     i = c.index
                     if done[i]:
@@ -137,6 +137,8 @@ class OpenAIServingChat(OpenAIServing):
                         message = DeltaMessage(content=content, tool_calls=deltas or None)
                         finish = calls.finish_reason(c.finish_reason)
                     yield chunk([ChatStreamChoice(index=i, delta=message, logprobs=logprobs, finish_reason=finish)])
+                    first_chunk_time = first_chunk_time or time.monotonic()
+                self.observe(out, first_chunk_time)
             if request.include_usage and final is not None:
                 yield chunk([], usage_of([final]))
         except Exception as e:  # the engine died or the request failed mid-stream

@@ -107,10 +107,10 @@ class OpenAIServingCompletion(OpenAIServing):
         states: dict[int, _StreamState] = {}
         finals: list[RequestOutput | None] = [None] * len(gens)
         merged = iterate_in_task(merge_async_iterators(*gens))
+        first_chunk_times: dict[int, float] = {}
         try:
             async for i, out in merged:
                 finals[i] = out
-                self.observe(out)
                 for c in out.outputs:
                     index = i * params.n + c.index
                     stream = states.setdefault(index, _StreamState())
@@ -136,6 +136,8 @@ class OpenAIServingCompletion(OpenAIServing):
                             index=index, text=prefix + delta, logprobs=logprobs,
                             finish_reason=c.finish_reason,
                             stop_reason=c.stop_reason)]).model_dump(exclude={"usage"}))
+                    first_chunk_times.setdefault(i, time.monotonic())
+                self.observe(out, first_chunk_times.get(i))
             if request.include_usage:
                 yield sse(CompletionResponse(id=request_id, created=created,
                                              model=self.served_model_name, choices=[],

@@ -167,11 +167,15 @@ class OpenAIServing:
     def generate(self, token_ids: list[int], params: SamplingParams, request_id: str,
                  request: SamplingFields, raw_request: Request) -> AsyncIterator[RequestOutput]:
         return self.engine.generate(token_ids, params, request_id, priority=request.priority,
-                                    client_id=self.client_id(request, raw_request))
+                                    client_id=self.client_id(request, raw_request),
+                                    received_time=getattr(raw_request.state, "received_time", None))
 
-    def observe(self, out: RequestOutput) -> None:
-        """Record a finished request in the metrics."""
+    def observe(self, out: RequestOutput, first_chunk_time: float | None = None) -> None:
+        """Record a finished request in the metrics (with when its first streamed chunk
+        went out, for a stream)."""
         if out.finished:
+            if first_chunk_time is not None:
+                out.metrics["first_chunk_time"] = first_chunk_time
             self.metrics.observe_finished(out)
 
 
