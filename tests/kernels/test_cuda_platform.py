@@ -49,7 +49,7 @@ def test_triton_is_chosen_and_logged_when_flash_attn_is_absent(no_flash_attn, ca
     name, lib, why = select_attention_backend(torch.bfloat16, 16, 128, capability=(9, 0))
     assert (name, lib) == ("triton", None) and "not installed" in why
     pytest.importorskip("triton")
-    with caplog.at_level(logging.INFO, logger="piston_cuda.attention.selector"):
+    with caplog.at_level(logging.INFO, logger="piston.cuda.attention.selector"):
         backend = make_attention_backend(torch.bfloat16, 16, 32, 8, 128)
     assert backend.name == "triton"
     assert "CUDA attention backend: triton" in caplog.text

@@ -27,7 +27,7 @@ def test_missing_cpu_features_and_compiler_are_named(monkeypatch, tmp_path):
 def test_load_falls_back_with_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setenv("PISTON_CPU_KERNELS", "off")
-    with caplog.at_level(logging.WARNING, logger="piston_cpu.kernels"):
+    with caplog.at_level(logging.WARNING, logger="piston.cpu.kernels"):
         assert kernels.load() is None
         assert kernels.load() is None  # decided once per process
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -3,6 +3,9 @@
 A plugin is a package that registers a ``Platform`` subclass under the entry-point
 group ``piston.platforms``. The core only talks to these two classes; it never imports
 a platform package by name. Anything a plugin needs from the core is an argument here.
+A plugin logs under ``piston.<platform>`` (``piston_cpu.worker`` logs as
+``piston.cpu.worker``), where Piston's log handler shows its INFO lines; a logger outside
+``piston`` is left to the application, which shows only warnings by default.
 
 Interface version history:
   1: Platform (availability, device info, config hook, worker factory, distributed

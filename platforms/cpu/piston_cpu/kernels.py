@@ -26,7 +26,7 @@ from types import ModuleType
 
 import torch
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__.replace("piston_cpu", "piston.cpu", 1))
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCE = CSRC / "cpu_kernels.cpp"

@@ -27,7 +27,7 @@ from piston.models.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from piston.models.llama import LlamaMLP
 from torch import nn
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__.replace("piston_cpu", "piston.cpu", 1))
 
 # Up to this many rows, the kernel's one pass over each weight row beats torch's GEMM on
 # the model's matrices (python benchmarks/gemv_bandwidth.py: 2.4-3.6x at 1 row, 1.5x at 64,

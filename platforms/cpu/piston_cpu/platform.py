@@ -8,7 +8,7 @@ import platform as _platform
 
 from piston.hal.interface import Platform
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__.replace("piston_cpu", "piston.cpu", 1))
 
 # KV cache memory when the user gives none, capped at a quarter of free RAM. Zero-filling
 # it costs about 1 s per GiB here, so the default stays moderate.

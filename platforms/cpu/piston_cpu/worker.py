@@ -14,7 +14,7 @@ from piston.torch_runner.model_runner import TorchModelRunner
 from piston_cpu import kernels, layer_kernels
 from piston_cpu.attention import CpuAttention
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__.replace("piston_cpu", "piston.cpu", 1))
 
 
 class CpuWorker(Worker):

@@ -23,7 +23,7 @@ from piston.torch_runner.model_runner import TorchModelRunner
 from piston_cuda.attention.metadata import CudaAttentionBackend
 from piston_cuda.staging import PinnedStaging
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__.replace("piston_cuda", "piston.cuda", 1))
 
 
 def staging_bytes(max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int) -> int:

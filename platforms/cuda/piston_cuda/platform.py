@@ -11,7 +11,7 @@ import logging
 
 from piston.hal.interface import Platform
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__.replace("piston_cuda", "piston.cuda", 1))
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 # The Triton kernels tile keys in steps of 16; FlashAttention's paged layouts want the same.

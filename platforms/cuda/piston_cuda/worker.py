@@ -20,7 +20,7 @@ from piston_cuda.attention.selector import make_attention_backend
 from piston_cuda.cuda_graph import CudaGraphStrategy
 from piston_cuda.model_runner import CudaModelRunner
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__.replace("piston_cuda", "piston.cuda", 1))
 
 GiB = 2**30
 

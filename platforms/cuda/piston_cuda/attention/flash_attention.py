@@ -28,7 +28,7 @@ import torch
 
 from piston_cuda.attention.metadata import CudaAttentionBackend, CudaAttentionMetadata
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__.replace("piston_cuda", "piston.cuda", 1))
 
 # Upstream FlashAttention 2 pages its KV cache only in blocks of a multiple of 256 tokens.
 FA2_UPSTREAM_PAGE_MULTIPLE = 256

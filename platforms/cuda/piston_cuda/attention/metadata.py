@@ -19,7 +19,7 @@ from piston.attention.backend import AttentionImpl
 from piston.attention.metadata import CommonAttentionMetadata
 from piston_cuda.attention.cascade import usable_prefix_len, use_cascade_attention
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__.replace("piston_cuda", "piston.cuda", 1))
 
 Stage = Callable[..., Sequence[torch.Tensor]]
 

@@ -14,7 +14,7 @@ import torch
 from piston_cuda.attention.flash_attention import FlashAttnLibrary, detect_flash_attn, unsupported_reason
 from piston_cuda.attention.metadata import CudaAttentionBackend
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__.replace("piston_cuda", "piston.cuda", 1))
 
 ENV_VAR = "PISTON_ATTENTION_BACKEND"
 BACKENDS = ("flash_attn", "triton")
