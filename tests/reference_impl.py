@@ -81,9 +81,11 @@ TINY_MODEL_SPECS: dict[str, tuple[str, dict]] = {
     # Rows of 256 values: what the GGUF K-quants (super-blocks of 256) need (tests/gguf_models.py);
     # half the init std, so four times the width gives logits of the same spread.
     "llama-256": ("LlamaConfig", dict(hidden_size=256, intermediate_size=512, initializer_range=_INIT_STD / 2)),
+    # "llama" with other weights (another seed): a second checkpoint for weight updates.
+    "llama-b": ("LlamaConfig", dict(num_hidden_layers=3)),
 }
 # Seeds whose greedy paths on the reference prompts have no near-ties (top-2 gap > 1e-3).
-TINY_MODEL_SEEDS = {**{name: 0 for name in TINY_MODEL_SPECS}, "llama-tied": 3}
+TINY_MODEL_SEEDS = {**{name: 0 for name in TINY_MODEL_SPECS}, "llama-tied": 3, "llama-b": 1}
 
 
 @functools.lru_cache(maxsize=2)

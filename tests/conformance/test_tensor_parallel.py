@@ -49,3 +49,25 @@ def test_tp2_smollm2_text_equals_tp1(smollm2_path, smollm2_llm, make_llm, smollm
     got = tp2.generate(PROMPTS, params, use_tqdm=False)
     assert [o.outputs[0].text for o in got] == [o.outputs[0].text for o in expected]
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+
+
+def test_tp2_weight_update_and_sleep_equal_tp1(tiny_models, make_llm):
+    """update_weights sends full tensors; each rank takes its shard ("llama-uneven" splits 3
+    KV heads 2 + 1 and an odd MLP width). Sleep and wake-up reach every rank."""
+    from safetensors.numpy import load_file
+
+    path = tiny_models("llama-uneven")
+    tp1 = make_llm(path, **TP_KWARGS)
+    expected = _tokens(tp1)
+    scaled = {name: (w * 0.5 if "mlp" in name else w) for name, w in load_file(f"{path}/model.safetensors").items()}
+    tp1.update_weights(scaled.items())
+    expected_scaled = _tokens(tp1)
+    assert expected_scaled != expected, "halving the MLP weights should change the output"
+
+    tp2 = make_llm(path, tensor_parallel_size=2, **TP_KWARGS)
+    assert _tokens(tp2) == expected
+    assert tp2.update_weights(scaled.items()) == len(scaled)
+    assert _tokens(tp2) == expected_scaled
+    tp2.sleep(level=2)
+    tp2.wake_up()  # level 2: the checkpoint's weights come back on every rank
+    assert _tokens(tp2) == expected

@@ -265,6 +265,15 @@ class Scheduler:
             request.num_cached_tokens = num_hit
         return num_new
 
+    def preempt_all(self) -> int:
+        """Send every running request back to the waiting queue, to be computed again (the
+        engine does this before it drops the KV cache); returns how many. They keep their
+        order at the front of the queue and are not counted as preemptions."""
+        running, self.running = self.running, []
+        for request in reversed(running):
+            self._preempt(request, count=False)
+        return len(running)
+
     def _preempt(self, request: Request, count: bool = True) -> None:
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED

@@ -125,14 +125,14 @@ class EngineCoreProc:
         try:
             while True:
                 # An idle engine blocks here, using no CPU, until the front end sends something.
-                item = self.input_queue.get() if not core.has_unfinished_requests() else None
+                item = self.input_queue.get() if not core.can_step() else None
                 while item is not None or not self.input_queue.empty():
                     if item is None:
                         item = self.input_queue.get_nowait()
                     if not self._handle(*item):
                         return 0
                     item = None
-                if core.has_unfinished_requests():
+                if core.can_step():
                     outputs = core.step()
                     if outputs.outputs:
                         self.output_queue.put(outputs)

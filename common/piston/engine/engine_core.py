@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 STEP_TIMEOUT_S = float(os.environ.get("PISTON_STEP_TIMEOUT_S", 60.0))
 STEP_TIMEOUT_PER_TOKEN_S = 0.05
 
+WAKE_UP_TAGS = frozenset({"weights", "kv_cache"})
+
 
 def load_scheduler_cls(policy: str) -> type[Scheduler]:
     """The built-in Scheduler, or a user's class named ``module:Class`` / ``module.Class``."""
@@ -62,6 +64,10 @@ class EngineCore:
         self.busy_deadline_s = 0.0
         self.num_steps = 0
         self.stats: SchedulerStats | None = None  # as of the last step or handled message
+        # What sleep released and wake_up has not restored ("weights", "kv_cache"): while
+        # anything is, no step is scheduled and requests wait.
+        self.asleep: set[str] = set()
+        self.sleep_level = 0
         self.executor: Executor = executor_class(config)(config, platform)
         try:
             self._init_cache(config)
@@ -119,6 +125,10 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or bool(self.failed_outputs) or bool(self.structured.waiting)
 
+    def can_step(self) -> bool:
+        """Whether a step now would do anything: asleep, requests wait for the wake-up."""
+        return bool(self.failed_outputs) or (not self.asleep and self.has_unfinished_requests())
+
     def step(self) -> EngineCoreOutputs:
         """Run one scheduling step; returns what each request produced, and the stats.
 
@@ -128,7 +138,7 @@ class EngineCore:
         outputs, self.failed_outputs = self.failed_outputs, []
         if self.structured.waiting:
             outputs += self.structured.admit_ready(self.scheduler)
-        if self.scheduler.has_unfinished_requests():
+        if self.scheduler.has_unfinished_requests() and not self.asleep:
             self.busy_deadline_s, self.busy_since = STEP_TIMEOUT_S, time.monotonic()
             try:
                 scheduler_output = self.scheduler.schedule()
@@ -165,6 +175,68 @@ class EngineCore:
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list[Any]:
         return self.executor.collective_rpc(method, args, kwargs)
+
+    # ----- sleep mode and weight updates -------------------------------------------------
+
+    def sleep(self, level: int = 1) -> int:
+        """Give the device memory back: level 1 drops the KV cache and keeps the weights off
+        the device, level 2 drops both (wake_up reloads them from the checkpoint). Running
+        requests go back to the waiting queue and are computed again after the wake-up;
+        the prefix cache is emptied. Returns how many requests were sent back."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level {level!r}: use 1 (weights kept off the device) or 2 (weights dropped).")
+        if self.asleep:
+            raise ValueError(f"the engine is already asleep (level {self.sleep_level}); wake_up first.")
+        start = time.perf_counter()
+        preempted = self.scheduler.preempt_all()
+        self.scheduler.kv_cache_manager.reset_prefix_cache()
+        self.executor.collective_rpc("sleep", (level,))
+        self.asleep, self.sleep_level = {"weights", "kv_cache"}, level
+        logger.info("Asleep at level %d in %.2f s; %d running requests will be computed again after the "
+                    "wake-up.", level, time.perf_counter() - start, preempted)
+        return preempted
+
+    def wake_up(self, tags: list[str] | None = None) -> list[str]:
+        """Restore what sleep released: ``tags`` names "weights" and/or "kv_cache" (None:
+        both). Returns what is still asleep."""
+        tags = sorted(WAKE_UP_TAGS) if tags is None else list(tags)
+        unknown = [t for t in tags if t not in WAKE_UP_TAGS]
+        if unknown or not tags:
+            raise ValueError(f"wake_up tags {tags!r}: use any of {sorted(WAKE_UP_TAGS)}.")
+        start = time.perf_counter()
+        todo = [t for t in tags if t in self.asleep]
+        if todo:
+            self.executor.collective_rpc("wake_up", (todo,))
+            self.asleep -= set(todo)
+            logger.info("Woke up %s in %.2f s%s.", " and ".join(todo), time.perf_counter() - start,
+                        f"; still asleep: {', '.join(sorted(self.asleep))}" if self.asleep else "")
+        if not self.asleep:
+            self.sleep_level = 0
+        return sorted(self.asleep)
+
+    def is_sleeping(self) -> bool:
+        return bool(self.asleep)
+
+    def update_weights(self, weights: list) -> int:
+        """Replace weights in place from wire tensors (piston.step.named_tensors: Hugging
+        Face names, full tensors; every rank takes its shard). The prefix cache is emptied:
+        its KV came from the old weights. Running requests go on with the new weights.
+        Returns how many tensors were applied."""
+        if "weights" in self.asleep:
+            raise ValueError("the weights are asleep; wake_up(tags=['weights']) before updating them.")
+        if not isinstance(weights, list):
+            raise TypeError("update_weights takes a list of [name, dtype, shape, bytes] wire tensors.")
+        applied = self.executor.collective_rpc("update_weights", (weights,))[0]
+        self.scheduler.kv_cache_manager.reset_prefix_cache()
+        return applied
+
+    def reload_weights(self) -> bool:
+        """Read every weight from the checkpoint again (undoing updates); empties the prefix cache."""
+        if "weights" in self.asleep:
+            raise ValueError("the weights are asleep; wake_up(tags=['weights']) first.")
+        self.executor.collective_rpc("reload_weights")
+        self.scheduler.kv_cache_manager.reset_prefix_cache()
+        return True
 
     def shutdown(self) -> None:
         self.structured.shutdown()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import msgspec
 
@@ -14,6 +14,7 @@ from piston.engine.core_client import EngineCoreClient
 from piston.engine.input_processor import InputProcessor, PromptType
 from piston.engine.output_processor import OutputProcessor
 from piston.outputs import RequestOutput
+from piston.step import named_tensors as wire_tensors
 from piston.step.config import EngineConfig
 from piston.step.engine_messages import EngineCoreRequest, SchedulerStats
 from piston.step.sampling_params import SamplingParams
@@ -40,6 +41,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self._pending_adds: list[EngineCoreRequest] = []
         self._ids = itertools.count()
+        self.sleeping = False  # set by this front end's own sleep and wake_up calls
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -120,6 +122,30 @@ class LLMEngine:
 
     def get_num_total_blocks(self) -> int:
         return self.engine_core.call_utility("get_num_total_blocks")
+
+    def reset_prefix_cache(self) -> bool:
+        return self.engine_core.call_utility("reset_prefix_cache")
+
+    # ----- sleep mode and weight updates -------------------------------------------------
+
+    def sleep(self, level: int = 1) -> None:
+        self.engine_core.call_utility("sleep", level)
+        self.sleeping = True
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.sleeping = bool(self.engine_core.call_utility("wake_up", tags))
+
+    def is_sleeping(self) -> bool:
+        return self.engine_core.call_utility("is_sleeping")
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> int:
+        """Send ``(name, tensor)`` pairs to the workers in messages of bounded size;
+        returns how many tensors were applied."""
+        return sum(self.engine_core.call_utility("update_weights", batch)
+                   for batch in wire_tensors.batches(named_tensors))
+
+    def reload_weights(self) -> None:
+        self.engine_core.call_utility("reload_weights")
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list[Any]:
         """Call ``method`` on every worker; in multiprocess mode the results must be

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from tqdm.auto import tqdm
 
@@ -51,6 +51,8 @@ class LLM:
         if priority is not None and len(priority) != len(prompt_list):
             raise ValueError(f"priority has {len(priority)} entries for {len(prompt_list)} prompts.")
         engine = self.llm_engine
+        if engine.sleeping:
+            raise RuntimeError("The engine is asleep; call wake_up() before generating.")
         processed = [engine.process_prompt(p, sp) for p, sp in zip(prompt_list, params_list)]
         ids = []
         for i, (text, token_ids, params) in enumerate(processed):
@@ -88,6 +90,46 @@ class LLM:
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list[Any]:
         """Call ``method`` on every worker; returns one result per worker."""
         return self.llm_engine.collective_rpc(method, args, kwargs)
+
+    # ----- for RLHF: sleep mode and weight updates ------------------------------------------
+
+    def sleep(self, level: int = 1) -> None:
+        """Give the device memory back while another job (training) uses it.
+
+        Level 1 drops the KV cache and moves the weights off the device (to host memory;
+        on the CPU platform to a temporary file, so the process's resident memory falls);
+        ``wake_up`` brings them back as they were. Level 2 drops the weights too; waking
+        them reloads the checkpoint, after which ``update_weights`` can install new ones.
+        The prefix cache is emptied. ``generate`` raises until everything is awake.
+        """
+        self.llm_engine.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Restore what ``sleep`` released: ``tags=["weights"]`` or ``["kv_cache"]`` wakes
+        one part (e.g. the weights first, to update them before the KV cache takes memory);
+        None wakes both."""
+        self.llm_engine.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return self.llm_engine.is_sleeping()
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> int:
+        """Replace the model's weights in place with ``(name, tensor)`` pairs: Hugging Face
+        names, full (unsharded) torch tensors or numpy arrays; each tensor-parallel rank
+        takes its shard. Any subset of the weights may be given, in several calls. No
+        restart: the engine's processes, compiled programs and graphs stay. The prefix
+        cache is emptied. Returns how many tensors were applied; ValueError for a name the
+        model lacks or a wrong shape (models with packed GGUF or int8 weights cannot be
+        updated)."""
+        return self.llm_engine.update_weights(named_tensors)
+
+    def reload_weights(self) -> None:
+        """Read the checkpoint's weights again (undoing ``update_weights``)."""
+        self.llm_engine.reload_weights()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (blocks in use stay in use)."""
+        return self.llm_engine.reset_prefix_cache()
 
     def _run_engine(self, num_requests: int, use_tqdm: bool) -> dict[str, RequestOutput]:
         engine = self.llm_engine

@@ -39,6 +39,17 @@ Interface version history:
      batches). A platform whose step time grows with its token count (the CPU) caps the
      prompt tokens of a step when online, so prompts that arrive together get their first
      tokens one after another rather than all at the end of one long step.
+  6: sleep levels and weight updates. ``Worker.sleep(level)``: level 1 keeps a copy of the
+     weights off the device (host memory; on the CPU a temporary file, so the resident
+     memory falls) and drops the KV cache, level 2 drops both. ``Worker.wake_up(tags)``
+     restores "weights" (from the copy after level 1, from the checkpoint after level 2)
+     and "kv_cache" (zeroed, ``initialize_cache``'s block count), either or both. A worker
+     keeps its compiled programs and captured graphs valid across both, or re-captures
+     them. ``Worker.update_weights(weights)`` replaces weights in place from wire tensors
+     (piston.step.named_tensors; Hugging Face names, full tensors: each rank takes its
+     shard); ``Worker.reload_weights()`` reads the checkpoint again. The engine preempts
+     running requests and resets the prefix cache around a KV drop, and resets the prefix
+     cache after a weight change.
 """
 
 from __future__ import annotations
@@ -53,7 +64,7 @@ if TYPE_CHECKING:
     from piston.step.runner_output import ModelRunnerOutput
     from piston.step.scheduler_output import SchedulerOutput
 
-PLATFORM_INTERFACE_VERSION = 5
+PLATFORM_INTERFACE_VERSION = 6
 
 
 class Platform(abc.ABC):
@@ -151,11 +162,26 @@ class Worker(abc.ABC):
     def execute_model(self, scheduler_output: "SchedulerOutput") -> "ModelRunnerOutput":
         """Apply the step's diff, run the model and sample."""
 
-    def sleep(self) -> None:
-        """Release the KV cache memory (optional)."""
+    def sleep(self, level: int = 1) -> None:
+        """Release device memory: level 1 the KV cache, keeping a copy of the weights off the
+        device; level 2 the KV cache and the weights (see the version 6 note)."""
+        raise NotImplementedError(f"the {type(self).__name__} worker has no sleep mode.")
 
-    def wake_up(self) -> None:
-        """Re-allocate what ``sleep`` released, ``initialize_cache``'s block count (optional)."""
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Restore what ``sleep`` released: ``tags`` names "weights" and/or "kv_cache"
+        (None: both). Restoring something not released is a no-op."""
+        raise NotImplementedError(f"the {type(self).__name__} worker has no sleep mode.")
+
+    def update_weights(self, weights: list) -> int:
+        """Copy wire tensors (``[name, dtype, shape, bytes]``, Hugging Face names) into the
+        model's weights in place; returns how many were applied. ValueError for a name the
+        model lacks or a shape that does not match, before anything is changed where the
+        platform can check first."""
+        raise NotImplementedError(f"the {type(self).__name__} worker cannot update weights in place.")
+
+    def reload_weights(self) -> None:
+        """Read every weight from the checkpoint again, in place."""
+        raise NotImplementedError(f"the {type(self).__name__} worker cannot reload weights.")
 
     def shutdown(self) -> None:
         """Free resources (optional)."""

@@ -196,14 +196,16 @@ class LlamaForCausalLM(nn.Module):
             modules[module_name].use_packed_weight(quantize)
         return len(chosen)
 
-    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
-        """Copy Hugging Face-named tensors into this model's (fused, sharded) parameters.
+    def load_weights(self, weights: Iterable[tuple[str, Any]], partial: bool = False) -> int:
+        """Copy Hugging Face-named tensors into this model's (fused, sharded) parameters;
+        returns how many tensors were copied.
 
         ``weights`` yields tensors, lazy safetensors slices or packed arrays; a
         tensor-parallel layer reads only its rank's part, and a layer with a packed weight
         keeps it packed. Raises ValueError naming any parameter the checkpoint left
         unfilled, or any tensor whose shape does not match. Unknown names are logged and
-        skipped.
+        skipped. With ``partial`` (a weight update), the tensors may be any subset, and an
+        unknown name is an error rather than a warning.
         """
         params = dict(self.named_parameters())
         modules = dict(self.named_modules())
@@ -212,6 +214,13 @@ class LlamaForCausalLM(nn.Module):
                                              if getattr(m, "qweight", None) is not None)])
         filled: dict[str, set] = {}  # param -> shard ids written
         unexpected = []
+        if partial:  # every name is checked before any tensor is copied
+            weights = list(weights)
+            unknown = [n for n, _ in weights if self._target(n)[0] not in targets
+                       and not (n == "lm_head.weight" and self.lm_head is None)]
+            if unknown:
+                raise ValueError(f"{len(unknown)} weights have no place in this {type(self).__name__} "
+                                 f"(e.g. {', '.join(unknown[:5])}); use the checkpoint's Hugging Face names.")
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.lm_head is None):
                 continue
@@ -234,6 +243,8 @@ class LlamaForCausalLM(nn.Module):
         if unexpected:
             logger.warning("Skipped %d checkpoint tensors the model has no place for: %s",
                            len(unexpected), ", ".join(unexpected[:5]))
+        if partial:
+            return sum(len(ids) for ids in filled.values())
         missing = []
         for n in targets:
             module = modules[n.rpartition(".")[0]]
@@ -243,6 +254,7 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"The checkpoint does not provide {len(missing)} of the model's parameters "
                              f"(e.g. {', '.join(missing[:5])}); is it a {type(self).__name__} checkpoint?")
+        return sum(len(ids) for ids in filled.values())
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -106,13 +106,7 @@ def load_model(model_config: ModelConfig, device: str | torch.device = "cpu") ->
                     sum(p.numel() for p in model.parameters()) / 1e6, model_config.dtype, device)
         return model
 
-    weights, total = _checkpoint_weights(reader)
-    with torch.no_grad():
-        model.load_weights(tqdm(weights, total=total, desc="Loading weights", unit="tensor",
-                                leave=False, disable=None))
-    del weights
-    if reader.packed:
-        reader.close()  # unmap the file: the packed weights were copied out of it
+    _fill_from_checkpoint(model, reader)
     model.eval()
     num_params = sum(p.numel() for p in model.parameters())
     num_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -121,3 +115,31 @@ def load_model(model_config: ModelConfig, device: str | torch.device = "cpu") ->
                 path, model_cls.__name__, time.perf_counter() - start, num_params / 1e6, num_bytes / 1e9,
                 model_config.dtype, device, "" if packed.startswith("0 ") else f"; {packed}")
     return model
+
+
+def _fill_from_checkpoint(model: nn.Module, reader: CheckpointReader) -> None:
+    weights, total = _checkpoint_weights(reader)
+    with torch.no_grad():
+        model.load_weights(tqdm(weights, total=total, desc="Loading weights", unit="tensor",
+                                leave=False, disable=None))
+    del weights
+    if reader.packed:
+        reader.close()  # unmap the file: the packed weights were copied out of it
+
+
+def reload_weights(model: nn.Module, model_config: ModelConfig) -> None:
+    """Fill ``model`` (built by ``load_model`` from ``model_config``) with its checkpoint's
+    weights again, in place (or its dummy weights, seeded as at load); rebuilds the rotary
+    tables too (they may have been released with the weights)."""
+    start = time.perf_counter()
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.build_cache()
+    if model_config.load_format == "dummy":
+        _init_dummy_weights(model, model_config.seed)
+    else:
+        path = model_config.path or model_config.model
+        quantization = resolve_quantization(model_config.quantization or "none", path)
+        _fill_from_checkpoint(model, CheckpointReader(path, model_config.hf_config, packed=quantization == "gguf"))
+    logger.info("Reloaded the weights of %s in %.2f s.", model_config.path or model_config.model,
+                time.perf_counter() - start)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import mmap
+import warnings
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from piston.attention.metadata import CommonAttentionMetadata
 from piston.compilation.capture import CaptureStrategy, dummy_decode_metadata
 from piston.compilation.compiled_model import CompiledModel, capture_graphs, compile_model
 from piston.distributed.parallel_state import get_tp_rank, get_tp_size
+from piston.step import named_tensors
 from piston.step.config import EngineConfig
 from piston.step.input_batch import RunnerRequestState, ScheduledTokens
 from piston.step.model_runner import ModelRunner
@@ -31,6 +33,7 @@ from piston.step.sampling_batch import SamplingBatch
 from piston.step.scheduler_output import NewRequestData, SchedulerOutput
 from piston.torch_runner.sampler import Sampler, compute_logprobs, gather_logprobs
 from piston.torch_runner.sampling_metadata import SamplingMetadata
+from piston.torch_runner.weight_memory import WeightMemory
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +91,7 @@ class TorchModelRunner(ModelRunner):
         self.capture_strategy: CaptureStrategy | None = None
         self.default_compilation_mode = "eager"
         self.compiled: CompiledModel | None = None
+        self.weight_memory: WeightMemory | None = None  # made at the first sleep
 
     # ----- set-up -----------------------------------------------------------------
 
@@ -124,6 +128,67 @@ class TorchModelRunner(ModelRunner):
                                               self.head_dim)
         # Zeros: padded reads of unused slots must be finite so masking can remove them.
         self.kv_caches = [zeros(shape, self.dtype, self.device) for _ in range(self.num_layers)]
+
+    # ----- sleep mode and weight updates (the Worker's interface version 6) ----------------
+
+    def release_weights(self, keep: str | None) -> int:
+        """Free the weights' memory, keeping a copy in ``keep`` ("host", "file" or None);
+        returns the bytes freed."""
+        if self.weight_memory is None:
+            self.weight_memory = WeightMemory(self.model)
+        return self.weight_memory.release(keep)
+
+    def restore_weights(self) -> None:
+        """Give the weights their memory back: from the kept copy, else from the checkpoint."""
+        from piston.models.loader import reload_weights
+
+        if self.weight_memory is not None and not self.weight_memory.restore():
+            reload_weights(self.model, self.config.model_config)
+
+    def reload_weights(self) -> None:
+        from piston.models.loader import reload_weights
+
+        reload_weights(self.model, self.config.model_config)
+
+    @torch.no_grad()
+    def update_weights(self, weights: list) -> int:
+        """Copy wire tensors (piston.step.named_tensors) into the model in place; each
+        tensor-parallel rank takes its shard. Returns how many tensors were applied."""
+        packed = sum(1 for m in self.model.modules() if getattr(m, "qweight", None) is not None)
+        if packed:
+            raise ValueError(f"update_weights replaces float weights; this model holds {packed} layers "
+                             "packed (quantized). Serve a float checkpoint to update its weights.")
+        if self.weight_memory is not None and self.weight_memory.released:
+            raise ValueError("the weights are asleep; wake_up(tags=['weights']) before updating them.")
+        tensors = []
+        with warnings.catch_warnings():  # the message's bytes are read-only; they are only read
+            warnings.simplefilter("ignore", UserWarning)
+            for wire in weights:
+                name, dtype, shape, data = named_tensors.check(wire)
+                dt = getattr(torch, dtype)
+                t = torch.frombuffer(data, dtype=dt) if data else torch.empty(0, dtype=dt)
+                tensors.append((name, t.reshape(shape)))
+        expected = self._checkpoint_shapes()
+        for name, t in tensors:  # checked before anything is copied
+            if name in expected and tuple(t.shape) != expected[name]:
+                raise ValueError(f"weight {name} has shape {tuple(t.shape)}, but the model's checkpoint has "
+                                 f"{expected[name]}.")
+        return self.model.load_weights(tensors, partial=True)
+
+    @functools.cache  # noqa: B019 - one runner per worker process, alive as long as it
+    def _checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every checkpoint tensor's full shape, from the safetensors headers ({} for dummy
+        weights): a weight update's shapes are checked against them before any copy."""
+        from piston.checkpoint.checkpoint_reader import CheckpointReader
+        from piston.models.weight_loader import iterate_safetensors, shape_of
+
+        mc = self.config.model_config
+        if mc.load_format == "dummy":
+            return {}
+        reader = CheckpointReader(mc.path or mc.model, mc.hf_config, packed=False)
+        if reader.folder is None:
+            return {}
+        return {name: shape_of(t) for name, t in iterate_safetensors(reader.folder, lazy=True)}
 
     # ----- host-to-device copies (an accelerator runner overrides these) ----------------
 

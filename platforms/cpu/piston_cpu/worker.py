@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 
@@ -59,8 +60,33 @@ class CpuWorker(Worker):
     def execute_model(self, scheduler_output):
         return self.runner.execute_model(scheduler_output)
 
-    def sleep(self) -> None:
+    def sleep(self, level: int = 1) -> None:
+        # Host memory is this device's memory: level 1 keeps the weights in a temporary
+        # file (the OS page cache, outside the resident set) so that sleep gives RAM back.
         self.runner.kv_caches = []
+        freed = self.runner.release_weights("file" if level == 1 else None)
+        _return_free_memory()
+        logger.info("Asleep (level %d): released the KV cache and %.2f GB of weights%s.", level, freed / 1e9,
+                    " (kept in a temporary file)" if level == 1 else "")
 
-    def wake_up(self) -> None:
-        self.runner.initialize_kv_cache(self.num_blocks)
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        tags = ["weights", "kv_cache"] if tags is None else tags
+        if "weights" in tags:
+            self.runner.restore_weights()
+        if "kv_cache" in tags and not self.runner.kv_caches:
+            self.runner.initialize_kv_cache(self.num_blocks)
+
+    def update_weights(self, weights: list) -> int:
+        return self.runner.update_weights(weights)
+
+    def reload_weights(self) -> None:
+        self.runner.reload_weights()
+
+
+def _return_free_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim): weights smaller than
+    malloc's mmap threshold live in the heap, and freeing them alone leaves them resident."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -45,6 +45,7 @@ class CudaWorker(Worker):
         self.runner.capture_strategy = CudaGraphStrategy.from_config(config, self.device)
         self.runner.default_compilation_mode = "piecewise"
         self.num_blocks = 0
+        self.recapture = False  # weights restored while the KV cache slept: capture at its wake-up
 
     def load_model(self) -> None:
         self.runner.load_model()
@@ -99,12 +100,34 @@ class CudaWorker(Worker):
     def execute_model(self, scheduler_output):
         return self.runner.execute_model(scheduler_output)
 
-    def sleep(self) -> None:
+    def sleep(self, level: int = 1) -> None:
+        # Unverified without a GPU: the weights go to pinned host memory (level 1) or away
+        # (level 2), and the caching allocator returns the freed blocks to the driver.
         self.runner.kv_caches = []
+        freed = self.runner.release_weights("host" if level == 1 else None)
         torch.cuda.empty_cache()
+        logger.info("Asleep (level %d): released the KV cache and %.2f GB of weights.", level, freed / 1e9)
 
-    def wake_up(self) -> None:
-        self.runner.initialize_kv_cache(self.num_blocks)
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        tags = ["weights", "kv_cache"] if tags is None else tags
+        if "weights" in tags and self.runner.weight_memory is not None and self.runner.weight_memory.released:
+            self.runner.restore_weights()
+            # The weights have new addresses: graphs captured over the old ones are stale.
+            if self.runner.kv_caches:
+                self.runner.capture_model()
+            else:
+                self.recapture = True
+        if "kv_cache" in tags and not self.runner.kv_caches:
+            self.runner.initialize_kv_cache(self.num_blocks)
+            if self.recapture:
+                self.recapture = False
+                self.runner.capture_model()
+
+    def update_weights(self, weights: list) -> int:
+        return self.runner.update_weights(weights)  # in place: captured graphs stay valid
+
+    def reload_weights(self) -> None:
+        self.runner.reload_weights()
 
     def shutdown(self) -> None:
         self.runner.kv_caches = []

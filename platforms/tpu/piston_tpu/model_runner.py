@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from piston.step import named_tensors
 from piston.step.config import EngineConfig
 from piston.step.input_batch import ScheduledTokens
 from piston.step.model_runner import ModelRunner
@@ -67,6 +68,7 @@ class JaxModelRunner(ModelRunner):
         # float32 runs must not drop to bf16 matmul passes on a TPU.
         self.precision = lax.Precision.HIGHEST if self.dtype == np.float32 else None
         self.params: dict[str, jax.Array] = {}
+        self.host_params: dict[str, np.ndarray] | None = None  # kept by a level-1 sleep
         self.rope: tuple[jax.Array, jax.Array] | None = None
         self.rotary_dim = 0
         self.kv_cache: jax.Array | None = None
@@ -108,6 +110,50 @@ class JaxModelRunner(ModelRunner):
 
     def release_kv_cache(self) -> None:
         self.kv_cache = None
+
+    # ----- sleep mode and weight updates (the Worker's interface version 6) ----------------
+
+    def release_weights(self, keep_host: bool) -> int:
+        """Delete the weights' device buffers, keeping host copies with ``keep_host``;
+        returns the bytes released. The compiled programs take the weights as arguments, so
+        they stay valid."""
+        if not self.params:
+            return 0
+        nbytes = sum(int(p.nbytes) for p in self.params.values())
+        self.host_params = {n: np.array(jax.device_get(p)) for n, p in self.params.items()} if keep_host else None
+        for p in self.params.values():
+            p.delete()
+        self.params = {}
+        return nbytes
+
+    def restore_weights(self) -> None:
+        """Put the weights back on the device: from the host copies, else from the checkpoint."""
+        if self.params:
+            return
+        if self.host_params is None:
+            self.reload_weights()
+            return
+        self.params = {n: jnp.asarray(a) for n, a in self.host_params.items()}
+        self.host_params = None
+
+    def reload_weights(self) -> None:
+        from piston_tpu.weights import load_params
+
+        start = time.perf_counter()
+        params = load_params(self.spec, self.config.model_config, self.dtype)
+        self.params = {name: jnp.asarray(array) for name, array in params.items()}
+        logger.info("Reloaded the weights in %.2f s.", time.perf_counter() - start)
+
+    def update_weights(self, weights: list) -> int:
+        """Write wire tensors (piston.step.named_tensors, Hugging Face names) into the
+        stacked parameters; returns how many were applied."""
+        from piston_tpu.weights import updated_params
+
+        if not self.params:
+            raise ValueError("the weights are asleep; wake_up(tags=['weights']) before updating them.")
+        changed, count = updated_params(self.spec, self.params, [named_tensors.to_numpy(w) for w in weights])
+        self.params.update({n: jnp.asarray(a) for n, a in changed.items()})
+        return count
 
     def close(self) -> None:
         """Drop the device buffers and stop listening for compilations."""

@@ -150,3 +150,39 @@ def _place(spec, name: str) -> tuple[str | None, int | None, tuple[int, int] | N
     if param not in param_shapes(spec):
         return None, None, None
     return param, layer, _slot_rows(spec, param, slot)
+
+
+def updated_params(spec, params: dict, named: list[tuple[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], int]:
+    """For a weight update: the stacked parameters that ``named`` (Hugging Face names, full
+    tensors) touch, as host copies of ``params``' arrays with the new values written, and
+    how many tensors were applied. Every name and shape is checked before anything is
+    written (ValueError); a tied model's ``lm_head.weight`` is skipped, as at load."""
+    shapes = param_shapes(spec)
+    places = []
+    unknown = []
+    for name, tensor in named:
+        target, layer, rows = _place(spec, name)
+        if target is None:
+            if not (name == "lm_head.weight" and spec.tie_word_embeddings):
+                unknown.append(name)
+            continue
+        if f"{target}_scale" in params:
+            raise ValueError(f"weight {name}: this model holds {target} quantized; update_weights replaces "
+                             "float weights only.")
+        shape = shapes[target][1:] if layer is not None else shapes[target]
+        if rows is not None:
+            shape = (rows[1], *shape[1:])
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"weight {name} has shape {tuple(tensor.shape)}, but the model expects "
+                             f"{tuple(shape)}.")
+        places.append((target, layer, rows, tensor))
+    if unknown:
+        raise ValueError(f"{len(unknown)} weights have no place in this {spec.architecture} "
+                         f"(e.g. {', '.join(unknown[:5])}); use the checkpoint's Hugging Face names.")
+    changed = {target: np.array(params[target]) for target, *_ in places}
+    for target, layer, rows, tensor in places:
+        dst = changed[target] if layer is None else changed[target][layer]
+        if rows is not None:
+            dst = dst[rows[0]:rows[0] + rows[1]]
+        dst[...] = tensor.astype(dst.dtype, copy=False)
+    return changed, len(places)

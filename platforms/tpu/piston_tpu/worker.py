@@ -54,11 +54,24 @@ class TpuWorker(Worker):
     def execute_model(self, scheduler_output):
         return self.runner.execute_model(scheduler_output)
 
-    def sleep(self) -> None:
+    def sleep(self, level: int = 1) -> None:
         self.runner.release_kv_cache()
+        freed = self.runner.release_weights(keep_host=level == 1)
+        logger.info("Asleep (level %d): released the KV cache and %.2f GB of weights%s.", level, freed / 1e9,
+                    " (kept in host memory)" if level == 1 else "")
 
-    def wake_up(self) -> None:
-        self.runner.initialize_kv_cache(self.runner.num_blocks)
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        tags = ["weights", "kv_cache"] if tags is None else tags
+        if "weights" in tags:
+            self.runner.restore_weights()
+        if "kv_cache" in tags and self.runner.kv_cache is None:
+            self.runner.initialize_kv_cache(self.runner.num_blocks)
+
+    def update_weights(self, weights: list) -> int:
+        return self.runner.update_weights(weights)
+
+    def reload_weights(self) -> None:
+        self.runner.reload_weights()
 
     def shutdown(self) -> None:
         self.runner.close()
