@@ -39,6 +39,10 @@ class EngineOverloadedError(RuntimeError):
     """More requests wait in the engine than the server allows; retry later."""
 
 
+class EngineSleepingError(EngineOverloadedError):
+    """The engine is asleep (sleep mode): new requests are refused until it wakes up."""
+
+
 class RequestOutputCollector:
     """The newest output of one request. Outputs are cumulative, so a slow consumer
     can skip intermediate ones without losing anything."""
@@ -89,6 +93,7 @@ class AsyncLLM:
         self._output_thread = ThreadPoolExecutor(1, thread_name_prefix="piston-detokenize")
         self.stat_logger = StatLogger()
         self._pending_prompt_tokens = 0
+        self.sleeping = False  # set by this front end's sleep and wake_up calls
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, max_waiting_requests: int | None = None) -> "AsyncLLM":
@@ -145,6 +150,8 @@ class AsyncLLM:
         """
         if self.dead_error is not None:
             raise EngineDeadError(f"The engine is not running: {self.dead_error}")
+        if self.sleeping:
+            raise EngineSleepingError("The engine is asleep (sleep mode); retry after POST /wake_up.")
         text, token_ids, params = await self.process_prompt(prompt, sampling_params)
         if self.max_requests is not None and self.num_unfinished_requests() + params.n > self.max_requests:
             raise EngineOverloadedError(
@@ -260,6 +267,30 @@ class AsyncLLM:
 
     async def get_num_total_blocks(self) -> int:
         return await self.engine_core.call_utility_async("get_num_total_blocks")
+
+    async def reset_prefix_cache(self) -> bool:
+        return await self.engine_core.call_utility_async("reset_prefix_cache")
+
+    # ----- sleep mode (the server's dev-mode endpoints) ----------------------------------
+
+    async def sleep(self, level: int = 1) -> None:
+        """Put the engine to sleep (EngineCore.sleep). New requests get EngineSleepingError
+        until it is fully awake; requests already streaming wait and resume after it."""
+        self.sleeping = True  # refuse new requests from now on, not from when the engine answers
+        try:
+            await self.engine_core.call_utility_async("sleep", level)
+        except BaseException:
+            self.sleeping = await self.is_sleeping() if self.dead_error is None else False
+            raise
+
+    async def wake_up(self, tags: list[str] | None = None) -> list[str]:
+        """Wake "weights" and/or "kv_cache" (None: both); returns what is still asleep."""
+        still = await self.engine_core.call_utility_async("wake_up", tags)
+        self.sleeping = bool(still)
+        return still
+
+    async def is_sleeping(self) -> bool:
+        return await self.engine_core.call_utility_async("is_sleeping")
 
     def shutdown(self) -> None:
         if self._output_task is not None:

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from piston.entrypoints.openai.dev_endpoints import add_dev_routes
 from piston.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from piston.entrypoints.openai.openapi_schema import ERROR_RESPONSES, STREAM_RESPONSE, document_limits
 from piston.entrypoints.openai.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
@@ -159,6 +160,8 @@ def build_app(engine, config: ServerConfig) -> FastAPI:
                                          max_model_len=engine.config.model_config.max_model_len)])
 
     app.include_router(v1)
+    if config.dev_mode:
+        add_dev_routes(app, engine, authenticate)
 
     @app.get("/health", response_model=HealthResponse, responses={503: ERROR_RESPONSES[503]})
     async def health():

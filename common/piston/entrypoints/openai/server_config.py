@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from piston.step.config import parse_size
 
 API_KEY_ENV = "PISTON_API_KEY"
+DEV_MODE_ENV = "PISTON_SERVER_DEV_MODE"
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class ServerConfig:
     chat_template: str | None = None
     # Append each finished request's stage timestamps here (piston.entrypoints.openai.request_timeline).
     request_timeline_file: str | None = None
+    # The development endpoints: /sleep, /wake_up, /is_sleeping, /reset_prefix_cache
+    # (piston.entrypoints.openai.dev_endpoints); off, they are 404.
+    dev_mode: bool = False
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +72,10 @@ class ServerConfig:
         add("--request-timeline-file", default=None, metavar="PATH",
             help="append one JSON line per finished request: when it passed each stage from HTTP "
                  "receive to its first streamed chunk (benchmarks/request_timeline.py reads it)")
+        add("--dev-mode", action="store_true", default=os.environ.get(DEV_MODE_ENV, "") == "1",
+            help=f"serve the development endpoints (POST /sleep?level=1|2, POST /wake_up?tags=weights|kv_cache, "
+                 f"GET /is_sleeping, POST /reset_prefix_cache), behind the API key when one is set; "
+                 f"also on with {DEV_MODE_ENV}=1")
         add("--max-waiting-requests", type=int, default=d.max_waiting_requests,
             help="engine requests that may wait beyond the running max_num_seqs; past it new requests get 503 "
                  "with Retry-After (-1: no bound)")
@@ -88,7 +96,8 @@ class ServerConfig:
             max_request_body_bytes=parse_size(args.max_request_body_bytes),
             max_waiting_requests=None if args.max_waiting_requests < 0 else args.max_waiting_requests,
             tool_call_parser=args.tool_call_parser, chat_template=read_chat_template(args.chat_template),
-            request_timeline_file=getattr(args, "request_timeline_file", None))
+            request_timeline_file=getattr(args, "request_timeline_file", None),
+            dev_mode=getattr(args, "dev_mode", False))
         config.validate()
         return config
 
