@@ -291,10 +291,16 @@ class ChatCompletionRequest(SamplingFields):
 # ----- responses -----------------------------------------------------------------------
 
 
+class PromptTokensDetails(OpenAIModel):
+    # Prompt tokens whose KV came from the prefix cache (device or offload tier), not computed.
+    cached_tokens: int = 0
+
+
 class UsageInfo(OpenAIModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(OpenAIModel):

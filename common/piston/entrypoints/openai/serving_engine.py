@@ -16,7 +16,7 @@ from piston.engine.async_llm import EngineOverloadedError
 from piston.engine.core_client import EngineDeadError
 from piston.engine.output_processor import EngineRequestError
 from piston.entrypoints.openai.metrics import ServerMetrics
-from piston.entrypoints.openai.protocol import OpenAIError, SamplingFields, UsageInfo
+from piston.entrypoints.openai.protocol import OpenAIError, PromptTokensDetails, SamplingFields, UsageInfo
 from piston.entrypoints.openai.server_config import ServerConfig
 from piston.outputs import RequestOutput
 from piston.step.engine_messages import INVALID_REQUEST_ERROR
@@ -182,8 +182,9 @@ class OpenAIServing:
 def usage_of(outputs: list[RequestOutput]) -> UsageInfo:
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
-                     total_tokens=prompt + completion)
+    cached = sum(max(o.num_cached_tokens, 0) for o in outputs)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 async def merge_async_iterators(*iterators: AsyncIterator[T]) -> AsyncIterator[tuple[int, T]]:
