@@ -12,7 +12,7 @@ A block is in exactly one of two states:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 if TYPE_CHECKING:
     from piston.core.request import Request
@@ -102,6 +102,8 @@ class BlockPool:
         self.free_block_queue = FreeBlockQueue(self.blocks)
         # One block per hash: a duplicate computed concurrently simply stays unhashed.
         self.cached_block_hash_to_block: dict[int, KVCacheBlock] = {}
+        # Called with a cached block about to be handed out again (the KV offload tier).
+        self.on_evict: Callable[[KVCacheBlock], None] | None = None
 
     def get_cached_block(self, block_hash: int) -> KVCacheBlock | None:
         """The block holding ``block_hash`` (in use or evictable), or None."""
@@ -121,6 +123,8 @@ class BlockPool:
         for _ in range(num_blocks):
             block = self.free_block_queue.popleft()
             if block.block_hash is not None:
+                if self.on_evict is not None:
+                    self.on_evict(block)
                 self._evict(block)
             block.ref_cnt = 1
             blocks.append(block)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from piston.core.block_hash import update_request_block_hashes
 from piston.core.block_pool import BlockPool, KVCacheBlock
+from piston.core.kv_offload import KVOffloadIndex
 
 if TYPE_CHECKING:
     from piston.core.request import Request
@@ -24,11 +25,20 @@ if TYPE_CHECKING:
 class KVCacheManager:
     """Allocates, shares and frees KV blocks for requests."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
+                 offload: KVOffloadIndex | None = None) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.block_pool = BlockPool(num_blocks, enable_caching)
+        # The second tier (None: off): evicted cached blocks are saved there, and prefix
+        # hits continue into it. ``offload_hits``: per request, the keys its last lookup
+        # found there, loaded into its fresh blocks by allocate_slots.
+        self.offload = offload if enable_caching else None
+        self.offload_hits: dict[str, list[str]] = {}
+        self.step_registered_ids: set[int] = set()
+        if self.offload is not None:
+            self.block_pool.on_evict = self._on_evict
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         # Per request: how many leading blocks are already registered in the prefix cache.
         self.num_cached_blocks: dict[str, int] = {}
@@ -41,7 +51,27 @@ class KVCacheManager:
 
     def begin_step(self) -> None:
         """A new step is being scheduled."""
+        if self.offload is not None:
+            self.persist_step()
+            self.offload.pinned.clear()
+            self.offload_hits.clear()
         self.step_registered.clear()
+        self.step_registered_ids.clear()
+
+    def persist_step(self) -> None:
+        """The last step ran: the blocks it registered hold their KV now; write them to the
+        offload tier's disk (when it has one), those that still hold their hash."""
+        for block in self.step_registered:
+            if block.block_hash is not None:
+                self.offload.persist(block.block_id, block.block_hash)
+        self.step_registered.clear()
+        self.step_registered_ids.clear()
+
+    def _on_evict(self, block: KVCacheBlock) -> None:
+        """A cached block is being handed out again: save its KV to the offload tier, unless
+        this step registered it (its KV is not written yet)."""
+        if block.block_id not in self.step_registered_ids:
+            self.offload.save(block.block_id, block.block_hash)
 
     def uncache_step(self) -> None:
         """The step failed: blocks it registered hold no KV, so no request may hit them."""
@@ -68,6 +98,12 @@ class KVCacheManager:
                 break
             hit_blocks.append(block)
         num_hit_tokens = len(hit_blocks) * self.block_size
+        if self.offload is not None:
+            self.offload.unpin(self.offload_hits.pop(request.request_id, ()))
+            keys = self.offload.lookup(hashes[len(hit_blocks):max_hit_blocks])
+            if keys:
+                self.offload_hits[request.request_id] = keys
+                num_hit_tokens += len(keys) * self.block_size
         self.prefix_queries += request.num_tokens
         self.prefix_hits += num_hit_tokens
         return hit_blocks, num_hit_tokens
@@ -105,6 +141,10 @@ class KVCacheManager:
             blocks.extend(computed)
         new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
         blocks.extend(new_blocks)
+        # The offload tier's part of the hit: its first fresh blocks are loaded from there.
+        offloaded = self.offload_hits.pop(req_id, ()) if num_new_computed_tokens else ()
+        for key, block in zip(offloaded, new_blocks):
+            self.offload.load(key, block.block_id)
 
         if self.enable_caching:
             self._cache_full_blocks(request, blocks, min(num_total_tokens, request.num_tokens))
@@ -118,7 +158,9 @@ class KVCacheManager:
         if num_full_blocks <= num_cached:
             return
         update_request_block_hashes(request, self.block_size)
+        first = len(self.step_registered)
         self.block_pool.cache_full_blocks(request, blocks, num_cached, num_full_blocks, self.step_registered)
+        self.step_registered_ids.update(b.block_id for b in self.step_registered[first:])
         self.num_cached_blocks[request.request_id] = num_full_blocks
 
     def free(self, request: "Request") -> None:
@@ -158,7 +200,11 @@ class KVCacheManager:
         """Prefix-cache hits over queried tokens since start (0.0 before any query)."""
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached prefix and the hit statistics."""
+    def reset_prefix_cache(self, keep_offloaded: bool = False) -> None:
+        """Forget every cached prefix and the hit statistics; the offload tier's index too
+        unless ``keep_offloaded`` (the device's KV is dropped but the tiers' stay valid). The
+        engine clears the workers' stores."""
         self.block_pool.reset_prefix_cache()
+        if self.offload is not None and not keep_offloaded:
+            self.offload.clear()
         self.prefix_queries = self.prefix_hits = 0

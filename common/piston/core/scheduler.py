@@ -29,6 +29,8 @@ import time
 from typing import Iterable
 
 from piston.core.kv_cache_manager import KVCacheManager
+from piston.core.kv_offload import KVOffloadIndex
+from piston.step.kv_transfer import tier_directory
 from piston.core.policies import SchedulingPolicy, make_policy
 from piston.core.request import Request, RequestStatus
 from piston.step.config import EngineConfig
@@ -54,8 +56,12 @@ class Scheduler:
         self.policy = self.make_policy(sched.policy)
         # 0 means "not resolved yet" (unit tests); the engine sets the real context.
         self.max_model_len = config.model_config.max_model_len or sys.maxsize
+        offload = None
+        if cache.kv_offloading:
+            offload = KVOffloadIndex(cache.kv_offload_host_blocks, cache.kv_offload_disk_blocks,
+                                     tier_directory(config), config.parallel_config.tensor_parallel_size)
         self.kv_cache_manager = KVCacheManager(
-            cache.num_blocks, cache.block_size, cache.enable_prefix_caching
+            cache.num_blocks, cache.block_size, cache.enable_prefix_caching, offload
         )
 
         self.requests: dict[str, Request] = {}
@@ -222,6 +228,7 @@ class Scheduler:
             num_common_prefix_blocks=(
                 kv.get_num_common_prefix_blocks(self.running[0], len(self.running)) if self.running else 0
             ),
+            kv_transfer=kv.offload.take_transfer() if kv.offload is not None else None,
         )
         self.finished_req_ids = set()
         # As vLLM V1: count the tokens as computed now; the next step builds on them.

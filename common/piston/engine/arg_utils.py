@@ -32,6 +32,10 @@ class EngineArgs:
     block_size: int = 16
     kv_cache_memory: int | str | None = None
     enable_prefix_caching: bool = True
+    kv_offloading_size: int | str = 0
+    kv_offloading_dir: str | None = None
+    kv_offloading_disk_size: int | str = "16GiB"
+    kv_offloading_backend: str = "native"
     enable_chunked_prefill: bool = True
     max_num_batched_tokens: int = 2048
     max_prefill_tokens: int | None = None
@@ -65,6 +69,17 @@ class EngineArgs:
         add("--block-size", type=int, default=d.block_size)
         add("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB (default: the platform's)")
         add("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+        add("--kv-offloading-size", default="0",
+            help="host memory for prefix-cache blocks evicted from the KV cache, e.g. 4GiB; a later "
+                 "request whose prefix is there loads it instead of recomputing it (default 0: off)")
+        add("--kv-offloading-dir", default=None,
+            help="a directory for blocks evicted from the host tier (or from the KV cache, without one); "
+                 "the files survive restarts, keyed by model, dtype and KV layout")
+        add("--kv-offloading-disk-size", default=d.kv_offloading_disk_size,
+            help="the most bytes --kv-offloading-dir may hold (least recently used files go first)")
+        add("--kv-offloading-backend", default=d.kv_offloading_backend,
+            help="the workers' block store: native, or module:Class of an external store with the "
+                 "interface of piston.step.kv_transfer.KVTierStore")
         add("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
         add("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
         add("--max-prefill-tokens", type=int, default=None,
@@ -167,7 +182,11 @@ class EngineArgs:
             block_size=self.block_size,
             kv_cache_memory=None if self.kv_cache_memory is None else parse_size(self.kv_cache_memory),
             enable_prefix_caching=self.enable_prefix_caching,
-            gpu_memory_utilization=self.gpu_memory_utilization)
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            kv_offloading_size=parse_size(self.kv_offloading_size, "kv_offloading_size"),
+            kv_offloading_dir=self.kv_offloading_dir,
+            kv_offloading_disk_size=parse_size(self.kv_offloading_disk_size, "kv_offloading_disk_size"),
+            kv_offloading_backend=self.kv_offloading_backend)
         sched = SchedulerConfig(max_num_batched_tokens=batched, max_prefill_tokens=self.max_prefill_tokens,
                                 max_num_seqs=self.max_num_seqs,
                                 enable_chunked_prefill=self.enable_chunked_prefill,

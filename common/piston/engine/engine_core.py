@@ -8,6 +8,8 @@ import os
 import time
 from typing import Any, Iterable
 
+import msgspec
+
 from piston.core.request import Request, RequestStatus
 from piston.core.scheduler import Scheduler
 from piston.engine.structured_outputs import StructuredOutputs
@@ -15,6 +17,7 @@ from piston.executor import executor_class
 from piston.executor.abstract import Executor
 from piston.hal.registry import get_platform
 from piston.step.config import EngineConfig, cdiv
+from piston.step.kv_transfer import store_class, tier_directory
 from piston.step.engine_messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, SchedulerStats
 from piston.step.runner_output import RequestFailedError
 
@@ -102,7 +105,25 @@ class EngineCore:
                 f"max_model_len={config.model_config.max_model_len} tokens; raise kv_cache_memory "
                 f"or lower max_model_len to at most {num_blocks * cc.block_size}.")
         cc.num_blocks = num_blocks  # the engine's own decision, in the engine's own config
+        if cc.kv_offloading:
+            self._size_kv_offload(config, sum(r.bytes_per_block for r in reports))
         self.executor.initialize_cache(num_blocks)
+
+    def _size_kv_offload(self, config: EngineConfig, bytes_per_block: int) -> None:
+        cc = config.cache_config
+        if not get_platform(config.platform).supports_kv_offload:
+            raise ValueError(f"--kv-offloading-size/--kv-offloading-dir: the {config.platform} platform has no "
+                             "KV offload tier yet.")
+        store_class(cc.kv_offloading_backend)  # a bad name fails here, clearly, before any worker uses it
+        cc.kv_offload_host_blocks = cc.kv_offloading_size // bytes_per_block
+        cc.kv_offload_disk_blocks = cc.kv_offloading_disk_size // bytes_per_block if cc.kv_offloading_dir else 0
+        if cc.kv_offloading_size and not cc.kv_offload_host_blocks:
+            raise ValueError(f"kv_offloading_size={cc.kv_offloading_size} bytes holds no KV block "
+                             f"({bytes_per_block} bytes for this model).")
+        logger.info("KV offload tier: %d blocks in host memory (%.2f GiB)%s.", cc.kv_offload_host_blocks,
+                    cc.kv_offload_host_blocks * bytes_per_block / 2**30,
+                    f", {cc.kv_offload_disk_blocks} on disk under {tier_directory(config)}"
+                    if cc.kv_offload_disk_blocks else "")
 
     def add_request(self, request: EngineCoreRequest) -> None:
         """Queue a request. One the scheduler cannot take fails alone: its error output goes
@@ -170,7 +191,10 @@ class EngineCore:
         return self.config.cache_config.num_blocks
 
     def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix, the offload tier's included."""
         self.scheduler.kv_cache_manager.reset_prefix_cache()
+        if self.config.cache_config.kv_offloading:
+            self.executor.collective_rpc("clear_kv_offload")
         return True
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list[Any]:
@@ -189,7 +213,7 @@ class EngineCore:
             raise ValueError(f"the engine is already asleep (level {self.sleep_level}); wake_up first.")
         start = time.perf_counter()
         preempted = self.scheduler.preempt_all()
-        self.scheduler.kv_cache_manager.reset_prefix_cache()
+        self.scheduler.kv_cache_manager.reset_prefix_cache(keep_offloaded=True)
         self.executor.collective_rpc("sleep", (level,))
         self.asleep, self.sleep_level = {"weights", "kv_cache"}, level
         logger.info("Asleep at level %d in %.2f s; %d running requests will be computed again after the "
@@ -227,7 +251,7 @@ class EngineCore:
         if not isinstance(weights, list):
             raise TypeError("update_weights takes a list of [name, dtype, shape, bytes] wire tensors.")
         applied = self.executor.collective_rpc("update_weights", (weights,))[0]
-        self.scheduler.kv_cache_manager.reset_prefix_cache()
+        self.reset_prefix_cache()
         return applied
 
     def reload_weights(self) -> bool:
@@ -235,9 +259,17 @@ class EngineCore:
         if "weights" in self.asleep:
             raise ValueError("the weights are asleep; wake_up(tags=['weights']) first.")
         self.executor.collective_rpc("reload_weights")
-        self.scheduler.kv_cache_manager.reset_prefix_cache()
+        self.reset_prefix_cache()
         return True
 
     def shutdown(self) -> None:
         self.structured.shutdown()
+        kv = getattr(getattr(self, "scheduler", None), "kv_cache_manager", None)
+        if kv is not None and kv.offload is not None and not self.asleep:
+            try:  # the last step's blocks, to the disk tier: a restart finds them
+                kv.persist_step()
+                if (transfer := kv.offload.take_transfer()) is not None:
+                    self.executor.collective_rpc("apply_kv_transfer", (msgspec.to_builtins(transfer),))
+            except Exception:
+                logger.exception("Could not write the last KV blocks to the offload tier")
         self.executor.shutdown()

@@ -50,6 +50,10 @@ Interface version history:
      shard); ``Worker.reload_weights()`` reads the checkpoint again. The engine preempts
      running requests and resets the prefix cache around a KV drop, and resets the prefix
      cache after a weight change.
+     The KV offload tier: a platform with ``supports_kv_offload`` has its runner implement
+     ``read_kv_blocks`` / ``write_kv_blocks`` (device blocks as raw bytes) and its worker
+     ``clear_kv_offload``; the step layer's ModelRunner carries out each step's
+     ``SchedulerOutput.kv_transfer`` with them before the forward pass.
 """
 
 from __future__ import annotations
@@ -76,6 +80,9 @@ class Platform(abc.ABC):
     interface_version: int = PLATFORM_INTERFACE_VERSION
     #: Whether several ranks can run the shared torch models over ``distributed_backend()``.
     supports_tensor_parallel: bool = True
+    #: Whether its model runner moves KV blocks to and from the offload tier
+    #: (``ModelRunner.read_kv_blocks`` / ``write_kv_blocks``; see the version 6 note).
+    supports_kv_offload: bool = False
 
     @classmethod
     @abc.abstractmethod

@@ -21,13 +21,14 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def parse_size(value: int | float | str) -> int:
-    """Bytes from ``4GiB``, ``512MiB``, ``2G``, ``1e9`` or a plain number of bytes."""
+def parse_size(value: int | float | str, name: str = "kv_cache_memory") -> int:
+    """Bytes from ``4GiB``, ``512MiB``, ``2G``, ``1e9`` or a plain number of bytes (``name``:
+    the setting, for the error)."""
     if isinstance(value, (int, float)):
         return int(value)
     m = _SIZE_RE.match(value)
     if not m:
-        raise ValueError(f"kv_cache_memory: cannot read {value!r} as a size; use e.g. 4GiB or 512MiB.")
+        raise ValueError(f"{name}: cannot read {value!r} as a size; use e.g. 4GiB or 512MiB.")
     unit = (m.group(2) or "").lower().rstrip("b")
     return int(float(m.group(1)) * _UNITS[unit])
 
@@ -126,6 +127,23 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     num_blocks: int = 0  # decided by the EngineCore from the workers' KVCacheReports
+    # The prefix cache's second tier (piston.core.kv_offload): full blocks evicted from the
+    # device pool are kept in host memory, up to this many bytes in all (0: no tier) ...
+    kv_offloading_size: int = 0
+    # ... and, past it, in files under this directory (None: no disk tier), up to
+    # kv_offloading_disk_size bytes. The files outlive the engine: a restart finds them.
+    kv_offloading_dir: str | None = None
+    kv_offloading_disk_size: int = 16 * 2**30
+    # The workers' store: "native" (piston.step.kv_transfer.KVTierStore) or "module:Class",
+    # a class with its constructor and its apply/clear/close (an external KV store).
+    kv_offloading_backend: str = "native"
+    # Blocks each tier holds: decided by the EngineCore from the block size the workers report.
+    kv_offload_host_blocks: int = 0
+    kv_offload_disk_blocks: int = 0
+
+    @property
+    def kv_offloading(self) -> bool:
+        return self.enable_prefix_caching and bool(self.kv_offloading_size or self.kv_offloading_dir)
 
 
 @dataclass

@@ -28,11 +28,13 @@ import abc
 import contextlib
 from typing import Any, Iterator
 
+import msgspec
 import numpy as np
 
 from piston.step.config import EngineConfig, cdiv
 from piston.step.fault_injection import faulty, maybe_stall
 from piston.step.input_batch import InputBatch, RunnerRequestState, ScheduledTokens
+from piston.step.kv_transfer import KVTierStore, KVTransfer, store_class, tier_directory
 from piston.step.runner_output import (EMPTY_MODEL_RUNNER_OUTPUT, Logprobs, ModelRunnerOutput,
                                        RequestFailedError)
 from piston.step.sampling_batch import SamplingBatch
@@ -47,6 +49,13 @@ class ModelRunner(abc.ABC):
         self.block_size = config.cache_config.block_size
         self.max_model_len = mc.max_model_len
         self.batch = InputBatch(sc.max_num_seqs, self.max_model_len, cdiv(self.max_model_len, self.block_size))
+        self.kv_store: KVTierStore | None = None  # the KV offload tier's blocks (enable_kv_offload)
+
+    def enable_kv_offload(self, rank: int = 0) -> None:
+        """Keep this rank's offloaded KV blocks (the worker calls it when the tier is on)."""
+        if self.kv_store is None:
+            cls = store_class(self.config.cache_config.kv_offloading_backend)
+            self.kv_store = cls(tier_directory(self.config), rank)
 
     # ----- what a platform implements -------------------------------------------------
 
@@ -72,10 +81,39 @@ class ModelRunner(abc.ABC):
         """One token per sampled request (hidden rows ``scheduled.logits_indices``), and
         their logprobs when ``sampling.max_num_logprobs`` is set (rows of k_max + 1)."""
 
+    def apply_kv_transfer(self, transfer: KVTransfer | list) -> None:
+        """Carry out offload orders outside a step (the engine's last ones, at shutdown)."""
+        if self.kv_store is not None and self.kv_caches_ready():
+            self.kv_store.apply(msgspec.convert(transfer, KVTransfer), self.read_kv_blocks, self.write_kv_blocks)
+
+    def clear_kv_offload(self) -> None:
+        if self.kv_store is not None:
+            self.kv_store.clear()
+
+    def close_kv_offload(self) -> None:
+        """Finish the disk tier's writes (at shutdown)."""
+        if self.kv_store is not None:
+            self.kv_store.close()
+
+    def kv_caches_ready(self) -> bool:
+        """Whether the KV cache is allocated (not dropped by sleep)."""
+        return True
+
+    def read_kv_blocks(self, block_ids: np.ndarray) -> np.ndarray:
+        """The KV cache's blocks ``block_ids`` (every layer) as raw bytes, uint8
+        [len(block_ids), bytes per block] (platforms with supports_kv_offload)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot move KV blocks to the offload tier.")
+
+    def write_kv_blocks(self, block_ids: np.ndarray, data: np.ndarray) -> None:
+        """Write ``data`` (as ``read_kv_blocks`` returns it) into blocks ``block_ids``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot move KV blocks from the offload tier.")
+
     # ----- the step ---------------------------------------------------------------------
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         batch = self.batch
+        if scheduler_output.kv_transfer is not None:  # before any block is written
+            self.kv_store.apply(scheduler_output.kv_transfer, self.read_kv_blocks, self.write_kv_blocks)
         new_states = batch.apply_diff(scheduler_output)
         for state, new in zip(new_states, scheduler_output.scheduled_new_reqs):
             with blame([new.req_id], "setting up the request"):

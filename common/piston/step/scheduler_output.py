@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from piston.step.sampling_params import SamplingParams
+from piston.step.kv_transfer import KVTransfer
 
 
 class NewRequestData(msgspec.Struct, array_like=True, gc=False):
@@ -45,3 +46,6 @@ class SchedulerOutput(msgspec.Struct, array_like=True, gc=False):
     # word w set: token 32 * w + j allowed).
     grammar_req_ids: list[str] = []
     grammar_bitmask: bytes = b""
+    # The KV offload tier's orders for this step (piston.step.kv_transfer), carried out
+    # before the forward pass; None when there are none.
+    kv_transfer: KVTransfer | None = None

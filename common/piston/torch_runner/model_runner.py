@@ -129,6 +129,35 @@ class TorchModelRunner(ModelRunner):
         # Zeros: padded reads of unused slots must be finite so masking can remove them.
         self.kv_caches = [zeros(shape, self.dtype, self.device) for _ in range(self.num_layers)]
 
+    # ----- the KV offload tier: blocks as raw bytes -----------------------------------------
+
+    @functools.cached_property
+    def _block_axis(self) -> int:
+        """The KV cache tensors' block dimension (the attention backend decides the layout)."""
+        a = self.attn_impl.kv_cache_shape(2, self.block_size, self.num_kv_heads, self.head_dim)
+        b = self.attn_impl.kv_cache_shape(3, self.block_size, self.num_kv_heads, self.head_dim)
+        return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+
+    def kv_caches_ready(self) -> bool:
+        return bool(self.kv_caches)
+
+    @torch.no_grad()
+    def read_kv_blocks(self, block_ids: np.ndarray) -> np.ndarray:
+        ids = torch.from_numpy(block_ids).to(self.device)
+        axis = self._block_axis
+        parts = [kv.index_select(axis, ids).movedim(axis, 0).reshape(len(block_ids), -1) for kv in self.kv_caches]
+        return torch.cat(parts, dim=1).view(torch.uint8).cpu().numpy()
+
+    @torch.no_grad()
+    def write_kv_blocks(self, block_ids: np.ndarray, data: np.ndarray) -> None:
+        ids = torch.from_numpy(block_ids).to(self.device)
+        axis, n = self._block_axis, len(block_ids)
+        values = torch.from_numpy(np.ascontiguousarray(data)).to(self.device).view(self.dtype)
+        values = values.reshape(n, len(self.kv_caches), -1)
+        for layer, kv in enumerate(self.kv_caches):
+            block_shape = [d for i, d in enumerate(kv.shape) if i != axis]
+            kv.index_copy_(axis, ids, values[:, layer].reshape(n, *block_shape).movedim(0, axis))
+
     # ----- sleep mode and weight updates (the Worker's interface version 6) ----------------
 
     def release_weights(self, keep: str | None) -> int:

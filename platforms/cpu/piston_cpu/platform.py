@@ -25,6 +25,7 @@ ONLINE_MAX_PREFILL_TOKENS = 128
 
 class CpuPlatform(Platform):
     name = "cpu"
+    supports_kv_offload = True
 
     @classmethod
     def is_available(cls) -> bool:

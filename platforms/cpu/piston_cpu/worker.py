@@ -56,6 +56,14 @@ class CpuWorker(Worker):
     def initialize_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self.runner.initialize_kv_cache(num_blocks)
+        if self.config.cache_config.kv_offloading:
+            self.runner.enable_kv_offload(self.rank)
+
+    def apply_kv_transfer(self, transfer: list) -> None:
+        self.runner.apply_kv_transfer(transfer)
+
+    def clear_kv_offload(self) -> None:
+        self.runner.clear_kv_offload()
 
     def execute_model(self, scheduler_output):
         return self.runner.execute_model(scheduler_output)
@@ -81,6 +89,9 @@ class CpuWorker(Worker):
 
     def reload_weights(self) -> None:
         self.runner.reload_weights()
+
+    def shutdown(self) -> None:
+        self.runner.close_kv_offload()
 
 
 def _return_free_memory() -> None:

@@ -20,6 +20,7 @@ BLOCK_SIZE_MULTIPLE = 16
 
 class CudaPlatform(Platform):
     name = "cuda"
+    supports_kv_offload = True
 
     @classmethod
     def is_available(cls) -> bool:

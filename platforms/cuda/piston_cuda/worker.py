@@ -92,6 +92,14 @@ class CudaWorker(Worker):
     def initialize_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self.runner.initialize_kv_cache(num_blocks)
+        if self.config.cache_config.kv_offloading:
+            self.runner.enable_kv_offload(self.rank)
+
+    def apply_kv_transfer(self, transfer: list) -> None:
+        self.runner.apply_kv_transfer(transfer)
+
+    def clear_kv_offload(self) -> None:
+        self.runner.clear_kv_offload()
 
     def warm_up(self) -> None:
         self.runner.warm_up_attention()
@@ -130,6 +138,7 @@ class CudaWorker(Worker):
         self.runner.reload_weights()
 
     def shutdown(self) -> None:
+        self.runner.close_kv_offload()
         self.runner.kv_caches = []
         self.runner.model = None
         torch.cuda.empty_cache()
