@@ -160,7 +160,8 @@ class KVCacheManager:
         update_request_block_hashes(request, self.block_size)
         first = len(self.step_registered)
         self.block_pool.cache_full_blocks(request, blocks, num_cached, num_full_blocks, self.step_registered)
-        self.step_registered_ids.update(b.block_id for b in self.step_registered[first:])
+        if self.offload is not None:  # only the offload tier asks (_on_evict)
+            self.step_registered_ids.update(b.block_id for b in self.step_registered[first:])
         self.num_cached_blocks[request.request_id] = num_full_blocks
 
     def free(self, request: "Request") -> None:
