@@ -77,6 +77,27 @@ def summarize(values: list[float] | np.ndarray, percentiles=(50, 90, 99)) -> dic
     return out
 
 
+def spec_decode_figures(stats) -> dict[str, Any] | None:
+    """Speculative decoding's acceptance from the engine's stats (SchedulerStats); None when
+    no draft was checked. Mean acceptance length: tokens per draft run, the bonus included."""
+    if not stats.spec_num_drafts:
+        return None
+    return {"num_drafts": stats.spec_num_drafts, "num_draft_tokens": stats.spec_num_draft_tokens,
+            "num_accepted_tokens": stats.spec_num_accepted_tokens,
+            "acceptance_rate": stats.spec_num_accepted_tokens / max(stats.spec_num_draft_tokens, 1),
+            "mean_acceptance_length": 1 + stats.spec_num_accepted_tokens / stats.spec_num_drafts,
+            "accepted_per_position": list(stats.spec_accepted_per_pos)}
+
+
+def spec_decode_rows(spec: dict[str, Any] | None) -> list[tuple[str, Any]]:
+    if spec is None:
+        return []
+    return [("-- Speculative decoding --", None),
+            ("Draft runs / draft tokens", f"{spec['num_drafts']} / {spec['num_draft_tokens']}"),
+            ("Acceptance rate (%)", 100 * spec["acceptance_rate"]),
+            ("Mean acceptance length (tokens)", spec["mean_acceptance_length"])]
+
+
 def write_json(path: str | None, report: dict[str, Any]) -> None:
     """Write ``report`` to ``path`` (if given) as indented JSON; non-finite floats become null."""
     if not path:

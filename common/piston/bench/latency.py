@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from piston.bench import describe_model, print_table, run_metadata, summarize, write_json
+from piston.bench import (describe_model, print_table, run_metadata, spec_decode_figures, spec_decode_rows,
+                          summarize, write_json)
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +73,7 @@ def main(args: argparse.Namespace) -> int:
                 t, p = _request_times(outputs)
                 ttfts += t
                 tpots += p
+        spec = spec_decode_figures(llm.llm_engine.get_stats())
     finally:
         llm.llm_engine.shutdown()  # idempotent: also on errors
     config, ceilings = roofline.ceilings_after_shutdown(llm, args.dtype, args.calibration_seconds)
@@ -91,6 +93,7 @@ def main(args: argparse.Namespace) -> int:
         "decode_bound_context_len": context,
         "decode_bound_s_per_token_batch1": bound,
         "per_token_over_bound_batch1": tpot / bound if tpot and args.batch_size == 1 else None,
+        "speculative_decoding": spec,
     }
     report = {**run_metadata("latency", args, config.platform),
               "model": describe_model(model_config), "results": results}
@@ -113,4 +116,4 @@ def _print_summary(args: argparse.Namespace, r: dict) -> None:
     rows.append(("Decode bound at batch 1 (ms/token)", 1000 * r["decode_bound_s_per_token_batch1"]))
     if r["per_token_over_bound_batch1"] is not None:
         rows.append(("Time per token / bandwidth bound (x)", r["per_token_over_bound_batch1"]))
-    print_table("Latency", rows)
+    print_table("Latency", rows + spec_decode_rows(r["speculative_decoding"]))

@@ -12,7 +12,8 @@ import argparse
 import os
 import time
 
-from piston.bench import describe_model, print_table, run_metadata, summarize, write_json
+from piston.bench import (describe_model, print_table, run_metadata, spec_decode_figures, spec_decode_rows,
+                          summarize, write_json)
 from piston.bench.datasets import add_dataset_args, check_dataset_args, sample_requests
 
 
@@ -96,6 +97,7 @@ def main(args: argparse.Namespace) -> int:
                                use_tqdm=not args.disable_tqdm)
         elapsed = time.perf_counter() - t0
         memory = memory_figures(llm)
+        spec = spec_decode_figures(llm.llm_engine.get_stats())
         if getattr(args, "structured_output", None):
             from piston.bench import structured
 
@@ -110,7 +112,8 @@ def main(args: argparse.Namespace) -> int:
     output_lens = [len(o.outputs[0].token_ids) for o in outputs]
     results = throughput_figures(model_config.hf_config, model_config.dtype, prompt_lens,
                                  output_lens, elapsed, ceilings)
-    results.update(startup_s=startup_s, warmup_ttft_s=_ttft(warm.metrics or {}), **memory)
+    results.update(startup_s=startup_s, warmup_ttft_s=_ttft(warm.metrics or {}), **memory,
+                   speculative_decoding=spec)
     report = {**run_metadata("throughput", args, config.platform),
               "model": describe_model(model_config), "results": results}
     print_summary("Offline throughput", results)
@@ -177,4 +180,4 @@ def print_summary(title: str, r: dict) -> None:
                        ("peak_rss_engine_bytes", "Peak RSS engine (MiB)")):
         if r.get(key) is not None:
             rows.append((label, r[key] / 2**20))
-    print_table(title, rows)
+    print_table(title, rows + spec_decode_rows(r.get("speculative_decoding")))

@@ -81,6 +81,13 @@ class Request:
         self.num_preemptions = 0
         # Chained hashes of this request's full blocks, filled in by the KV cache manager.
         self.block_hashes: list[int] = []
+        # Speculative decoding: tokens a proposer drafted after the last one, to be checked
+        # by the target model in the next step this request is scheduled for.
+        self.spec_token_ids: list[int] = []
+        # Draft runs in a row that had no draft accepted, and the decode steps left before
+        # drafts are checked again (backing off from a request whose drafts keep missing).
+        self.spec_misses = 0
+        self.spec_skip_steps = 0
 
     @classmethod
     def from_engine_core_request(cls, req: "EngineCoreRequest") -> "Request":

@@ -41,6 +41,10 @@ from piston.step.scheduler_output import NewRequestData, RunningRequestData, Sch
 
 logger = logging.getLogger(__name__)
 
+# The most decode steps a request whose drafts keep being rejected goes without checking
+# drafts (see Scheduler.schedule): a probe every 32 steps.
+SPEC_MAX_SKIP = 31
+
 
 class Scheduler:
     """Decides each step which requests compute how many tokens, and applies results."""
@@ -70,6 +74,13 @@ class Scheduler:
         # Ids the workers must forget at the next step: finished, aborted or preempted.
         self.finished_req_ids: set[str] = set()
         self.num_preemptions = 0
+        # Speculative decoding: the most drafts one request checks in a step (0: off), the
+        # running-set size above which drafts are ignored, and the acceptance counters.
+        spec = config.speculative_config
+        self.num_spec_tokens = spec.num_speculative_tokens if spec is not None else 0
+        self.spec_disable_batch_size = (spec.disable_by_batch_size or 0) if spec is not None else 0
+        self.spec_num_drafts = self.spec_num_draft_tokens = self.spec_num_accepted = 0
+        self.spec_accepted_per_pos = [0] * self.num_spec_tokens
 
     def make_policy(self, name: str) -> SchedulingPolicy:
         """The policy for ``SchedulerConfig.policy``; a ``module:Class`` name gets FCFS.
@@ -132,7 +143,9 @@ class Scheduler:
             num_running=len(self.running), num_waiting=len(self.waiting),
             kv_cache_usage=kv.usage, prefix_cache_hit_rate=kv.prefix_cache_hit_rate,
             num_preemptions=self.num_preemptions,
-            num_free_blocks=kv.block_pool.get_num_free_blocks())
+            num_free_blocks=kv.block_pool.get_num_free_blocks(),
+            spec_num_drafts=self.spec_num_drafts, spec_num_draft_tokens=self.spec_num_draft_tokens,
+            spec_num_accepted_tokens=self.spec_num_accepted, spec_accepted_per_pos=list(self.spec_accepted_per_pos))
 
     # ---- schedule ----------------------------------------------------------------
 
@@ -147,6 +160,14 @@ class Scheduler:
         Never exceeds ``max_num_batched_tokens`` tokens or ``max_num_seqs`` running
         requests, and never schedules a request past ``max_model_len``. On return, each
         scheduled request's ``num_computed_tokens`` already includes this step's tokens.
+
+        Speculative decoding: a request with one token to go also checks the drafts it got
+        from the last step (as many as the budget and its context allow); they count as
+        scheduled tokens and get KV slots, and ``update_from_output`` takes the rejected
+        ones back. Drafts are ignored in steps with more than ``disable_by_batch_size``
+        running requests, and by a request whose last draft runs were rejected whole: after
+        ``m`` such runs in a row it skips drafts for ``min(2**m - 1, SPEC_MAX_SKIP)`` decode
+        steps, so drafts that never match cost a few percent, not a step's worth each time.
         """
         kv, policy = self.kv_cache_manager, self.policy
         budget = self.max_num_batched_tokens
@@ -154,6 +175,9 @@ class Scheduler:
         num_scheduled: dict[str, int] = {}
         new_reqs: list[Request] = []
         cached_block_ids: dict[str, list[int]] = {}
+        spec_tokens: dict[str, list[int]] = {}
+        speculating = self.num_spec_tokens > 0 and (
+            not self.spec_disable_batch_size or len(self.running) <= self.spec_disable_batch_size)
         preempted: set[str] = set()
         admitting = True
         kv.begin_step()
@@ -181,7 +205,13 @@ class Scheduler:
             request = self.running[i]
             remaining = request.num_tokens - request.num_computed_tokens
             catching_up = remaining > 1
-            num_new = min(remaining, prefill_left if catching_up else budget, budget,
+            drafts = ()
+            if speculating and remaining == 1 and request.spec_token_ids:
+                if request.spec_skip_steps:
+                    request.spec_skip_steps -= 1
+                else:
+                    drafts = request.spec_token_ids
+            num_new = min(remaining + len(drafts), prefill_left if catching_up else budget, budget,
                           policy.token_limit(request), self.max_model_len - request.num_computed_tokens)
             if num_new <= 0 or (not self.enable_chunked_prefill and num_new < remaining):
                 i += 1
@@ -199,6 +229,8 @@ class Scheduler:
             budget -= num_new
             if catching_up:
                 prefill_left -= num_new
+            elif num_new > 1:  # drafts that fit (the first token is the request's own)
+                spec_tokens[request.request_id] = list(drafts[:num_new - 1])
             cached_block_ids[request.request_id] = block_ids
             policy.on_scheduled(request, num_new, admitted=False)
             i += 1
@@ -229,11 +261,14 @@ class Scheduler:
                 kv.get_num_common_prefix_blocks(self.running[0], len(self.running)) if self.running else 0
             ),
             kv_transfer=kv.offload.take_transfer() if kv.offload is not None else None,
+            scheduled_spec_decode_tokens=spec_tokens,
         )
         self.finished_req_ids = set()
         # As vLLM V1: count the tokens as computed now; the next step builds on them.
         for req_id, n in num_scheduled.items():
-            self.requests[req_id].num_computed_tokens += n
+            request = self.requests[req_id]
+            request.num_computed_tokens += n
+            request.spec_token_ids = []  # checked now (or dropped); the step proposes new ones
         now = time.monotonic()
         for request in new_reqs:
             if request.first_scheduled_time is None:
@@ -285,6 +320,7 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         if count:
             request.num_preemptions += 1
             self.num_preemptions += 1
@@ -300,6 +336,10 @@ class Scheduler:
     ) -> list[EngineCoreOutput]:
         """Append sampled tokens, apply stop rules, free finished requests.
 
+        With speculative decoding a request may sample several tokens (its accepted drafts
+        and one more): the drafts it rejected leave its computed count, and the drafts the
+        step proposed for it are kept for the next step.
+
         One EngineCoreOutput per request that sampled tokens or got prompt logprobs this
         step. Stop checks per token, in order: eos (unless ignore_eos; only once
         min_tokens are out), stop_token_ids (also after min_tokens), then max_tokens or
@@ -311,13 +351,21 @@ class Scheduler:
         logprobs = model_runner_output.logprobs
         prompt_logprobs = model_runner_output.prompt_logprobs
         finished: list[Request] = []
+        spec_checked = scheduler_output.scheduled_spec_decode_tokens
+        spec_next = model_runner_output.spec_token_ids
+        lp_row = 0  # the logprobs row of this request's first new token
         for row, req_id in enumerate(model_runner_output.req_ids):
+            sampled = sampled_all[row]
+            first_lp_row, lp_row = lp_row, lp_row + len(sampled)
             request = self.requests.get(req_id)
             if request is None or request.is_finished():
                 continue
             try:
                 maybe_fail("scheduler", req_id)
-                output = self._apply_output(request, row, sampled_all[row], logprobs, prompt_logprobs)
+                if spec_checked or spec_next:
+                    self._apply_spec(request, sampled, spec_checked.get(req_id, ()),
+                                     spec_next[row] if spec_next else ())
+                output = self._apply_output(request, first_lp_row, sampled, logprobs, prompt_logprobs)
             except Exception as e:  # this request's bookkeeping failed: fail it alone
                 logger.exception("Request %s failed while applying its step output", req_id)
                 outputs.append(self._fail_request(request, f"applying the step's output failed: "
@@ -335,10 +383,34 @@ class Scheduler:
             self.running = [r for r in self.running if not r.is_finished()]
         return outputs
 
+    def _apply_spec(self, request: Request, sampled: list[int], checked: list[int] | tuple,
+                    proposed: list[int] | tuple) -> None:
+        """Count the drafts ``checked`` this step, take the rejected ones back from the
+        computed tokens (their KV slots are written over later), and keep the drafts
+        ``proposed`` for the next step: at most as many as the request's max_tokens and
+        context leave room for after its next token."""
+        if checked:
+            num_accepted = max(len(sampled) - 1, 0)
+            request.num_computed_tokens -= len(checked) - num_accepted
+            request.spec_misses = 0 if num_accepted else request.spec_misses + 1
+            request.spec_skip_steps = min(2 ** min(request.spec_misses, 16) - 1, SPEC_MAX_SKIP)
+            self.spec_num_drafts += 1
+            self.spec_num_draft_tokens += len(checked)
+            self.spec_num_accepted += num_accepted
+            for pos in range(min(num_accepted, len(self.spec_accepted_per_pos))):
+                self.spec_accepted_per_pos[pos] += 1
+        if proposed:
+            max_tokens = request.sampling_params.max_tokens
+            room = self.max_model_len - request.num_tokens - len(sampled)
+            if max_tokens is not None:
+                room = min(room, max_tokens - request.num_output_tokens - len(sampled) - 1)
+            request.spec_token_ids = list(proposed[:max(room, 0)])
+
     def _apply_output(self, request: Request, row: int, sampled: list[int], logprobs: Logprobs | None,
                       prompt_logprobs: dict[str, Logprobs] | None) -> EngineCoreOutput | None:
         """One request's share of a step's result: append its tokens, check stops, slice its
-        logprobs; None when the step produced nothing for it."""
+        logprobs (``row``: the logprobs row of its first new token); None when the step
+        produced nothing for it."""
         req_id = request.request_id
         new_prompt_lp = prompt_logprobs.get(req_id) if prompt_logprobs else None
         if not sampled and new_prompt_lp is None:
@@ -353,7 +425,7 @@ class Scheduler:
             sampled = self._append_and_check_stop(request, sampled)
             k = request.sampling_params.logprobs
             if logprobs is not None and k is not None:
-                new_lp = _slice_logprobs(logprobs, k + 1, row)
+                new_lp = _slice_logprobs(logprobs, k + 1, row, len(sampled))
         k = request.sampling_params.prompt_logprobs
         if new_prompt_lp is not None and k is not None:
             new_prompt_lp = _slice_logprobs(new_prompt_lp, k + 1)
@@ -441,10 +513,13 @@ def _queue_time(request: Request) -> float | None:
     return start - arrival
 
 
-def _slice_logprobs(lp: Logprobs, width: int, row: int | None = None) -> Logprobs:
-    """Keep the first ``width`` columns (chosen token + top-k), of one row or of all rows."""
+def _slice_logprobs(lp: Logprobs, width: int, row: int | None = None, num_rows: int = 1) -> Logprobs:
+    """Keep the first ``width`` columns (chosen token + top-k), of ``num_rows`` rows from
+    ``row`` or of all rows."""
     if row is not None:
-        return Logprobs([lp.token_ids[row][:width]], [lp.logprobs[row][:width]], [lp.ranks[row]])
+        rows = range(row, row + num_rows)
+        return Logprobs([lp.token_ids[r][:width] for r in rows], [lp.logprobs[r][:width] for r in rows],
+                        [lp.ranks[r] for r in rows])
     if all(len(r) <= width for r in lp.token_ids):
         return lp
     return Logprobs([r[:width] for r in lp.token_ids], [r[:width] for r in lp.logprobs], lp.ranks)

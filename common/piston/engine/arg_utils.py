@@ -14,6 +14,7 @@ from piston.step.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
     StructuredOutputsConfig,
     parse_size,
 )
@@ -54,6 +55,7 @@ class EngineArgs:
     compilation_mode: str = "auto"
     capture_sizes: list[int] | None = None
     compilation_cache_dir: str | None = None
+    speculative_config: dict | str | None = None
     platform: str | None = None
 
     @staticmethod
@@ -117,6 +119,10 @@ class EngineArgs:
         add("--capture-sizes", type=lambda s: [int(x) for x in s.split(",") if x], default=None,
             help="comma-separated batch sizes (tokens) to capture graphs for")
         add("--compilation-cache-dir", default=None, help="compile cache folder (default: user cache)")
+        add("--speculative-config", default=None,
+            help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+                 '"prompt_lookup_min": 2, "prompt_lookup_max": 5}\' (greedy output is unchanged, sampled '
+                 'output keeps its distribution)')
         add("--platform", default=None, help="cpu, cuda or tpu (default: $PISTON_PLATFORM or auto)")
 
     @classmethod
@@ -150,6 +156,7 @@ class EngineArgs:
             raise ValueError(f"max_logprobs must be >= 0 (or -1 for no cap), got {self.max_logprobs}.")
         if self.quantization not in (None, "auto", "gguf", "int8", "none"):
             raise ValueError(f"quantization must be auto, gguf, int8 or none, got {self.quantization!r}.")
+        SpeculativeConfig.from_value(self.speculative_config)  # a bad one fails before the model is read
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")
 
@@ -198,5 +205,7 @@ class EngineArgs:
             capture_sizes=sorted(set(self.capture_sizes)) if self.capture_sizes else None,
             cache_dir=self.compilation_cache_dir)
         return EngineConfig(mc, cache, sched, parallel, compilation,
-                            StructuredOutputsConfig(self.structured_outputs_backend), platform=self.platform or "")
+                            StructuredOutputsConfig(self.structured_outputs_backend),
+                            speculative_config=SpeculativeConfig.from_value(self.speculative_config),
+                            platform=self.platform or "")
 

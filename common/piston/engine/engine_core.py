@@ -17,6 +17,7 @@ from piston.executor import executor_class
 from piston.executor.abstract import Executor
 from piston.hal.registry import get_platform
 from piston.step.config import EngineConfig, cdiv
+from piston.step.proposer import proposer_class
 from piston.step.kv_transfer import store_class, tier_directory
 from piston.step.engine_messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, SchedulerStats
 from piston.step.runner_output import RequestFailedError
@@ -52,6 +53,10 @@ class EngineCore:
         platform = get_platform(config.platform or None)
         config.platform = platform.name
         platform.check_and_update_config(config)
+        if config.speculative_config is not None and not platform.supports_speculative:
+            raise ValueError(f"speculative_config: the {platform.name} platform has no speculative decoding yet.")
+        if config.speculative_config is not None and ":" in config.speculative_config.method:
+            proposer_class(config.speculative_config.method)  # a bad name fails here, before any worker
         tp = config.parallel_config.tensor_parallel_size
         if tp > 1 and not platform.supports_tensor_parallel:
             raise ValueError(f"tensor_parallel_size={tp}: the {platform.name} platform runs one rank "
@@ -82,13 +87,13 @@ class EngineCore:
         logger.info(
             "EngineCore ready on %s in %.1f s: KV cache %d blocks x %d tokens = %d tokens "
             "(%.2f GiB), max_num_seqs=%d, max_num_batched_tokens=%d (prompt tokens per step: %s), "
-            "prefix caching %s, tensor parallel %d (%s executor)",
+            "prefix caching %s, tensor parallel %d (%s executor)%s",
             platform.name, time.perf_counter() - start, cc.num_blocks, cc.block_size,
             cc.num_blocks * cc.block_size, self.kv_cache_memory / 2**30,
             config.scheduler_config.max_num_seqs, config.scheduler_config.max_num_batched_tokens,
             self.scheduler.max_prefill_tokens or "no cap",
             "on" if cc.enable_prefix_caching else "off", config.parallel_config.tensor_parallel_size,
-            config.parallel_config.executor_backend)
+            config.parallel_config.executor_backend, _describe_speculation(config))
 
     def _init_cache(self, config: EngineConfig) -> None:
         """Size the KV cache from the workers' reports (the smallest rank decides) and
@@ -273,3 +278,11 @@ class EngineCore:
             except Exception:
                 logger.exception("Could not write the last KV blocks to the offload tier")
         self.executor.shutdown()
+
+
+def _describe_speculation(config: EngineConfig) -> str:
+    spec = config.speculative_config
+    if spec is None:
+        return ""
+    off = f", off above {spec.disable_by_batch_size} running requests" if spec.disable_by_batch_size else ""
+    return f", speculative decoding {spec.method} with {spec.num_speculative_tokens} drafts{off}"

@@ -54,6 +54,12 @@ Interface version history:
      ``read_kv_blocks`` / ``write_kv_blocks`` (device blocks as raw bytes) and its worker
      ``clear_kv_offload``; the step layer's ModelRunner carries out each step's
      ``SchedulerOutput.kv_transfer`` with them before the forward pass.
+  7: speculative decoding. A platform with ``supports_speculative`` has its model runner
+     implement ``sample_speculative`` (a rejection sampler over the positions of a
+     ``piston.step.spec_decode.SpecDecodeBatch``); the step layer writes the drafts, lays
+     out the positions and runs the proposer. ``check_and_update_config`` may fill in
+     ``SpeculativeConfig.disable_by_batch_size`` (left None: speculation is never skipped).
+     Without the flag the engine rejects ``speculative_config`` with a clear error.
 """
 
 from __future__ import annotations
@@ -68,7 +74,7 @@ if TYPE_CHECKING:
     from piston.step.runner_output import ModelRunnerOutput
     from piston.step.scheduler_output import SchedulerOutput
 
-PLATFORM_INTERFACE_VERSION = 6
+PLATFORM_INTERFACE_VERSION = 7
 
 
 class Platform(abc.ABC):
@@ -83,6 +89,8 @@ class Platform(abc.ABC):
     #: Whether its model runner moves KV blocks to and from the offload tier
     #: (``ModelRunner.read_kv_blocks`` / ``write_kv_blocks``; see the version 6 note).
     supports_kv_offload: bool = False
+    #: Whether its model runner implements ``sample_speculative`` (see the version 7 note).
+    supports_speculative: bool = False
 
     @classmethod
     @abc.abstractmethod

@@ -201,6 +201,75 @@ class StructuredOutputsConfig:
     backend: str = "auto"
 
 
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's ``speculative_config``): each step a proposer drafts up to
+    ``num_speculative_tokens`` tokens per request, the target model checks them all in one
+    forward pass, and a rejection sampler keeps the longest prefix that the target's own
+    sampling would have produced (greedy: token for token; sampled: in distribution).
+
+    ``method`` "ngram" (prompt lookup, no model): the longest n-gram, ``prompt_lookup_max``
+    down to ``prompt_lookup_min`` tokens, that ends the sequence and occurred earlier in it
+    proposes the tokens that followed its latest earlier occurrence. "module:Class": a custom
+    proposer (piston.step.proposer).
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    model: str | None = None  # the draft model (draft_model, eagle); unused by ngram
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 5
+    # Speculation is skipped in steps with more running requests than this (where checking
+    # drafts costs more than it saves); None: the platform's choice, 0: never skipped.
+    disable_by_batch_size: int | None = None
+
+    @classmethod
+    def from_value(cls, value: "SpeculativeConfig | dict | str | None") -> "SpeculativeConfig | None":
+        """From a dict or its JSON text (``--speculative-config '{"method": "ngram", ...}'``);
+        ValueError naming the problem."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            import json
+
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config is not valid JSON: {e}.") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {type(value).__name__}.")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown field(s) {unknown}; known: {sorted(names)}.")
+        config = cls(**value)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if not isinstance(self.method, str) or (self.method not in SPECULATIVE_METHODS and ":" not in self.method):
+            raise ValueError(f"speculative_config.method must be one of {list(SPECULATIVE_METHODS)} or "
+                             f"module:Class of a custom proposer, got {self.method!r} (draft_model and eagle "
+                             "are not implemented yet).")
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"speculative_config.{name} must be an integer >= 1, got {value!r}.")
+        if self.num_speculative_tokens > 32:
+            raise ValueError(f"speculative_config.num_speculative_tokens must be <= 32, got "
+                             f"{self.num_speculative_tokens}.")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) must not "
+                             f"exceed prompt_lookup_max ({self.prompt_lookup_max}).")
+        if self.disable_by_batch_size is not None and (
+                not isinstance(self.disable_by_batch_size, int) or self.disable_by_batch_size < 0):
+            raise ValueError(f"speculative_config.disable_by_batch_size must be an integer >= 0, got "
+                             f"{self.disable_by_batch_size!r}.")
+
+
 @dataclass
 class EngineConfig:
     model_config: ModelConfig
@@ -209,6 +278,7 @@ class EngineConfig:
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
     compilation_config: CompilationConfig = field(default_factory=CompilationConfig)
     structured_outputs_config: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
+    speculative_config: SpeculativeConfig | None = None
     platform: str = ""  # the platform's name, set by the engine at start-up
 
     def replace(self, **changes) -> "EngineConfig":

@@ -76,6 +76,12 @@ class SchedulerStats(msgspec.Struct, array_like=True, gc=False):
     prefix_cache_hit_rate: float = 0.0
     num_preemptions: int = 0
     num_free_blocks: int = 0
+    # Speculative decoding since the engine started: requests' draft runs checked, tokens
+    # drafted, drafts accepted, and accepted drafts by position (index 0: first draft).
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: list[int] = []
 
 
 class UtilityRequest(msgspec.Struct, array_like=True, gc=False):

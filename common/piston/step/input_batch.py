@@ -192,6 +192,22 @@ class InputBatch:
         self.token_ids[rows, self.num_tokens[rows]] = token_ids
         self.num_tokens[rows] += 1
 
+    def append_token_lists(self, rows: np.ndarray, token_ids: list[list[int]]) -> None:
+        """Append ``token_ids[i]`` (one or more tokens) to row ``rows[i]``."""
+        for row, ids in zip(rows.tolist(), token_ids):
+            n = int(self.num_tokens[row])
+            self.token_ids[row, n:n + len(ids)] = ids
+            self.num_tokens[row] = n + len(ids)
+
+    def write_drafts(self, spec: dict[str, list[int]]) -> None:
+        """Place each request's draft tokens after its last token, where the step's inputs
+        are read from; they are not counted in ``num_tokens`` (the sampler decides which
+        of them become tokens)."""
+        for req_id, drafts in spec.items():
+            row = self.req_id_to_row[req_id]
+            n = int(self.num_tokens[row])
+            self.token_ids[row, n:n + len(drafts)] = drafts
+
     # ----- one step's tokens ------------------------------------------------------------
 
     def schedule(self, num_scheduled_tokens: dict[str, int], block_size: int) -> ScheduledTokens:
@@ -215,11 +231,15 @@ class InputBatch:
         return ScheduledTokens(rows, num_sched, cu, computed, req_idx, positions, token_rows, block_numbers,
                                sampling, logits_indices)
 
-    def padded_token_ids(self, rows: np.ndarray, outputs: bool, pad: int) -> np.ndarray:
+    def padded_token_ids(self, rows: np.ndarray, outputs: bool, pad: int, extra: np.ndarray | None = None
+                         ) -> np.ndarray:
         """[len(rows), longest] prompt (``outputs=False``) or output token ids of ``rows``,
-        padded with ``pad``."""
+        padded with ``pad``; ``extra`` [len(rows)]: that many draft tokens after each row's
+        tokens count as output too (speculative decoding)."""
         start = self.num_prompt_tokens[rows] if outputs else np.zeros(len(rows), np.int64)
         stop = self.num_tokens[rows] if outputs else self.num_prompt_tokens[rows]
+        if outputs and extra is not None:
+            stop = stop + extra
         lengths = stop - start
         width = int(lengths.max()) if len(rows) else 0
         cols = np.arange(width)

@@ -15,6 +15,11 @@
 A platform's runner implements only ``forward``, ``prompt_logprobs`` and ``sample``
 (plus its own set-up: loading weights, the KV cache, warm-up).
 
+With speculative decoding (``EngineConfig.speculative_config``) the scheduler's drafts are
+written after each request's tokens before step 2, step 5 is ``sample_speculative`` (a
+rejection sampler over every draft position, SpecDecodeBatch), a request may append
+several tokens, and the proposer drafts the next step's tokens after step 6.
+
 Faults: an exception in a stage that serves named requests becomes a RequestFailedError
 naming them (a new request's set-up: that request; the forward pass: the step's requests;
 sampling: the sampled ones), so the engine fails those alone and runs on. Running out of
@@ -39,6 +44,7 @@ from piston.step.runner_output import (EMPTY_MODEL_RUNNER_OUTPUT, Logprobs, Mode
                                        RequestFailedError)
 from piston.step.sampling_batch import SamplingBatch
 from piston.step.scheduler_output import NewRequestData, SchedulerOutput
+from piston.step.spec_decode import SpecDecodeBatch
 
 
 class ModelRunner(abc.ABC):
@@ -50,6 +56,15 @@ class ModelRunner(abc.ABC):
         self.max_model_len = mc.max_model_len
         self.batch = InputBatch(sc.max_num_seqs, self.max_model_len, cdiv(self.max_model_len, self.block_size))
         self.kv_store: KVTierStore | None = None  # the KV offload tier's blocks (enable_kv_offload)
+        spec = config.speculative_config
+        self.proposer = None
+        self.spec_disable_batch_size = 0
+        if spec is not None:
+            from piston.step.proposer import make_proposer
+
+            self.proposer = make_proposer(spec)
+            self.proposer_k = spec.num_speculative_tokens
+            self.spec_disable_batch_size = spec.disable_by_batch_size or 0
 
     def enable_kv_offload(self, rank: int = 0) -> None:
         """Keep this rank's offloaded KV blocks (the worker calls it when the tier is on)."""
@@ -80,6 +95,15 @@ class ModelRunner(abc.ABC):
                ) -> tuple[np.ndarray, Logprobs | None]:
         """One token per sampled request (hidden rows ``scheduled.logits_indices``), and
         their logprobs when ``sampling.max_num_logprobs`` is set (rows of k_max + 1)."""
+
+    def sample_speculative(self, hidden: Any, spec: SpecDecodeBatch, sampling: SamplingBatch
+                           ) -> tuple[list[list[int]], Logprobs | None]:
+        """Speculative decoding's sampler (platforms with ``supports_speculative``): for each
+        sampled request, its accepted drafts and one more token, chosen from the hidden rows
+        ``spec.logits_indices`` so that greedy requests get exactly the target's greedy
+        tokens and sampled ones the target's distribution; logprobs (rows of k_max + 1) for
+        every returned token, in order, when ``sampling.max_num_logprobs`` is set."""
+        raise NotImplementedError(f"{type(self).__name__} has no speculative decoding.")
 
     def apply_kv_transfer(self, transfer: KVTransfer | list) -> None:
         """Carry out offload orders outside a step (the engine's last ones, at shutdown)."""
@@ -118,6 +142,9 @@ class ModelRunner(abc.ABC):
         for state, new in zip(new_states, scheduler_output.scheduled_new_reqs):
             with blame([new.req_id], "setting up the request"):
                 self.on_new_request(state, new)
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        if spec:
+            batch.write_drafts(spec)
         if scheduler_output.total_num_scheduled_tokens == 0:
             return EMPTY_MODEL_RUNNER_OUTPUT
         step_ids = list(scheduler_output.num_scheduled_tokens)
@@ -142,12 +169,41 @@ class ModelRunner(abc.ABC):
         with blame(req_ids, "sampling"):
             sampling = SamplingBatch.from_batch(batch, sample_rows, self.vocab_size,
                                                 scheduler_output.grammar_req_ids, scheduler_output.grammar_bitmask)
-            tokens, logprobs = self.sample(hidden, scheduled, sampling)
-        batch.append_tokens(sample_rows, tokens)
-        return ModelRunnerOutput(
-            req_ids=req_ids + chunk_only,
-            sampled_token_ids=[[t] for t in tokens.tolist()] + [[] for _ in chunk_only],
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+            if self.proposer is None:
+                tokens, logprobs = self.sample(hidden, scheduled, sampling)
+            else:
+                layout = SpecDecodeBatch.build(batch, scheduled, spec)
+                token_lists, logprobs = self.sample_speculative(hidden, layout, sampling)
+        empty: list[list[int]] = [[] for _ in chunk_only]
+        if self.proposer is None:
+            batch.append_tokens(sample_rows, tokens)
+            return ModelRunnerOutput(req_ids=req_ids + chunk_only,
+                                     sampled_token_ids=[[t] for t in tokens.tolist()] + empty,
+                                     logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        batch.append_token_lists(sample_rows, token_lists)
+        proposed = self._propose(sample_rows)
+        return ModelRunnerOutput(req_ids=req_ids + chunk_only, sampled_token_ids=token_lists + empty,
+                                 logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                 spec_token_ids=proposed + empty if proposed else [])
+
+    def _propose(self, rows: np.ndarray) -> list[list[int]]:
+        """The proposer's drafts for ``rows`` (none for structured outputs, whose grammar
+        the drafts would bypass, nor above ``disable_by_batch_size`` running requests)."""
+        batch = self.batch
+        if self.spec_disable_batch_size and batch.num_reqs > self.spec_disable_batch_size:
+            return []
+        keep = np.fromiter((batch.states[r].sampling_params.structured_outputs is None for r in rows.tolist()),
+                           dtype=bool, count=len(rows))
+        k, vocab = self.proposer_k, self.vocab_size
+        # At most k drafts each, cut at the first id outside the vocabulary (a custom proposer's).
+        drafts = [d[:next((j for j, t in enumerate(d[:k]) if not 0 <= t < vocab), k)]
+                  for d in self.proposer.propose(batch, rows[keep])]
+        if keep.all():
+            return drafts if any(drafts) else []
+        out: list[list[int]] = [[] for _ in range(len(rows))]
+        for i, d in zip(np.flatnonzero(keep).tolist(), drafts):
+            out[i] = d
+        return out if any(out) else []
 
     def _prompt_logprobs(self, scheduled: ScheduledTokens, hidden: Any) -> dict[str, Logprobs]:
         """Logprobs of the prompt tokens this step's chunk predicts, for requests that ask."""

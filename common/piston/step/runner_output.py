@@ -21,14 +21,18 @@ class Logprobs(msgspec.Struct, array_like=True, gc=False):
 class ModelRunnerOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     # Order of the requests in this output (the runner's batch order).
     req_ids: list[str]
-    # One list per request: the sampled token, or empty when the request only
-    # advanced a prompt chunk this step.
+    # One list per request: the sampled token (with speculative decoding: the accepted
+    # drafts and one more), or empty when the request only advanced a prompt chunk.
     sampled_token_ids: list[list[int]]
-    # Row i of each matrix belongs to req_ids[i]; None when no request asked. Rows carry
-    # the batch's largest k; the scheduler trims each to its request's own k.
+    # One row per sampled token, in the order of sampled_token_ids flattened (without
+    # speculation, row i belongs to req_ids[i]); None when no request asked. Rows carry the
+    # batch's largest k; the scheduler trims each to its request's own k.
     logprobs: Logprobs | None = None
     # Prompt logprobs computed this step, per request that asked for them.
     prompt_logprobs: dict[str, Logprobs] = {}
+    # Speculative decoding: per request (as req_ids), the tokens drafted to follow its new
+    # ones, for the scheduler to schedule next; empty when the step proposed none.
+    spec_token_ids: list[list[int]] = []
 
 
 EMPTY_MODEL_RUNNER_OUTPUT = ModelRunnerOutput(req_ids=[], sampled_token_ids=[])

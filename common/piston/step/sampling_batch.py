@@ -34,6 +34,45 @@ class SamplingBatch:
     # [B, ceil(vocab / 32)] int32 packed masks of the tokens each row may sample (all bits set
     # on unconstrained rows); None when no row is constrained.
     allowed_bitmask: np.ndarray | None = None
+    # Speculative decoding (``expand``): [B] int64, how many draft tokens, written after a
+    # row's tokens in the InputBatch, count as its output so far (for penalties); None: none.
+    num_draft_outputs: np.ndarray | None = None
+
+    def expand(self, request: np.ndarray, offset: np.ndarray, batch: InputBatch) -> "SamplingBatch":
+        """One row per speculative position: position t samples for row ``request[t]`` after
+        ``offset[t]`` of its drafts were accepted, so those drafts are part of its output
+        (penalties, min_tokens)."""
+        num_out = self.num_output_tokens[request] + offset
+        min_tokens = {}
+        for t in np.flatnonzero(num_out < batch.min_tokens[self.rows[request]]).tolist():
+            ids = self.min_tokens.get(int(request[t]))
+            if ids:
+                min_tokens[t] = ids
+        return SamplingBatch(
+            rows=self.rows[request], temperature=self.temperature[request], top_p=self.top_p[request],
+            top_k=self.top_k[request], min_p=self.min_p[request],
+            presence_penalty=self.presence_penalty[request], frequency_penalty=self.frequency_penalty[request],
+            repetition_penalty=self.repetition_penalty[request], seeds=self.seeds[request],
+            seeded=self.seeded[request], num_output_tokens=num_out, min_tokens=min_tokens,
+            max_num_logprobs=self.max_num_logprobs,
+            allowed_bitmask=None if self.allowed_bitmask is None else self.allowed_bitmask[request],
+            num_draft_outputs=offset)
+
+    def slice(self, start: int, stop: int) -> "SamplingBatch":
+        """Rows ``start:stop`` (a platform samples a long batch in pieces)."""
+        part = slice(start, stop)
+
+        def cut(a):
+            return None if a is None else a[part]
+
+        return SamplingBatch(
+            rows=self.rows[part], temperature=self.temperature[part], top_p=self.top_p[part], top_k=self.top_k[part],
+            min_p=self.min_p[part], presence_penalty=self.presence_penalty[part],
+            frequency_penalty=self.frequency_penalty[part], repetition_penalty=self.repetition_penalty[part],
+            seeds=self.seeds[part], seeded=self.seeded[part], num_output_tokens=self.num_output_tokens[part],
+            min_tokens={i - start: ids for i, ids in self.min_tokens.items() if start <= i < stop},
+            max_num_logprobs=self.max_num_logprobs, allowed_bitmask=cut(self.allowed_bitmask),
+            num_draft_outputs=cut(self.num_draft_outputs))
 
     @property
     def num_rows(self) -> int:

@@ -49,3 +49,6 @@ class SchedulerOutput(msgspec.Struct, array_like=True, gc=False):
     # The KV offload tier's orders for this step (piston.step.kv_transfer), carried out
     # before the forward pass; None when there are none.
     kv_transfer: KVTransfer | None = None
+    # Speculative decoding: {request_id: draft tokens} the step checks after the request's
+    # last token (they are counted in num_scheduled_tokens); requests without drafts are absent.
+    scheduled_spec_decode_tokens: dict[str, list[int]] = {}

@@ -31,6 +31,8 @@ from piston.step.model_runner import ModelRunner
 from piston.step.runner_output import Logprobs
 from piston.step.sampling_batch import SamplingBatch
 from piston.step.scheduler_output import NewRequestData, SchedulerOutput
+from piston.step.spec_decode import SpecDecodeBatch
+from piston.torch_runner.rejection_sampler import RejectionSampler
 from piston.torch_runner.sampler import Sampler, compute_logprobs, gather_logprobs
 from piston.torch_runner.sampling_metadata import SamplingMetadata
 from piston.torch_runner.weight_memory import WeightMemory
@@ -82,6 +84,7 @@ class TorchModelRunner(ModelRunner):
         self.num_kv_heads = mc.heads_of_rank(get_tp_size(), get_tp_rank()).num_kv_heads
         self.head_dim = mc.head_dim
         self.sampler = Sampler()
+        self.rejection_sampler = RejectionSampler()
         self.model: torch.nn.Module | None = None
         self.kv_caches: list[torch.Tensor] = []
         self.attn_layers: dict = {}
@@ -234,7 +237,8 @@ class TorchModelRunner(ModelRunner):
 
     def on_new_request(self, state: RunnerRequestState, new: NewRequestData) -> None:
         params = new.sampling_params
-        if params.seed is not None and not params.greedy:
+        # With speculative decoding a seeded request gets a generator per step (_step_generators).
+        if params.seed is not None and not params.greedy and self.proposer is None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed % 2**64)
             # A resumed request replays its draws so seeded output survives preemption.
             for _ in new.output_token_ids:
@@ -285,6 +289,26 @@ class TorchModelRunner(ModelRunner):
         logprobs = out.logprobs.tolists() if out.logprobs is not None else None
         return out.sampled_token_ids.cpu().numpy(), logprobs
 
+    @torch.inference_mode()
+    def sample_speculative(self, hidden: torch.Tensor, spec: SpecDecodeBatch, sampling: SamplingBatch
+                           ) -> tuple[list[list[int]], Logprobs | None]:
+        (index,) = self._to_device(spec.logits_indices.astype(np.int64))
+        metadata = self._sampling_metadata(sampling.expand(spec.position_request, spec.position_offset, self.batch))
+        generators = self._step_generators(sampling)
+        self._flush_to_device()
+        logits = self.model.compute_logits(hidden[index])
+        tokens, logprobs = self.rejection_sampler(logits, metadata, spec, generators)
+        return tokens, logprobs.tolists() if logprobs is not None else None
+
+    def _step_generators(self, s: SamplingBatch) -> dict[int, torch.Generator]:
+        """Speculative decoding: a generator per seeded sampled request, seeded from its seed
+        and output length, so its draws do not depend on how many earlier steps drew."""
+        gens = {}
+        for i in np.flatnonzero(s.seeded & (s.temperature > 0)).tolist():
+            seed = (int(s.seeds[i]) * 0x9E3779B97F4A7C15 + int(s.num_output_tokens[i])) % 2**64
+            gens[i] = torch.Generator(device=self.device).manual_seed(seed)
+        return gens
+
     def _sampling_metadata(self, s: SamplingBatch) -> SamplingMetadata:
         def t(a: np.ndarray) -> torch.Tensor:
             return self._to_device(a)[0]
@@ -294,8 +318,9 @@ class TorchModelRunner(ModelRunner):
         prompt_ids = output_ids = None
         if not no_penalties:
             prompt_ids = t(batch.padded_token_ids(rows, outputs=False, pad=self.vocab_size))
-            output_ids = [batch.token_ids[r, batch.num_prompt_tokens[r]:batch.num_tokens[r]].tolist()
-                          for r in rows.tolist()]
+            extra = s.num_draft_outputs if s.num_draft_outputs is not None else np.zeros(len(rows), np.int64)
+            output_ids = [batch.token_ids[r, batch.num_prompt_tokens[r]:batch.num_tokens[r] + x].tolist()
+                          for r, x in zip(rows.tolist(), extra.tolist())]
         generators: dict[int, Any] = {}
         for i in np.flatnonzero(s.seeded).tolist():
             gen = batch.states[int(rows[i])].generator

@@ -195,18 +195,25 @@ def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]
     return probs.div_(noise).argmax(dim=-1)
 
 
+def process_logits(logits: torch.Tensor, md: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Steps 1-3: the raw logprobs (None when no row asks), and the logits in float32 with
+    grammar masks, min_tokens and penalties applied (``logits`` may be modified in place)."""
+    raw_logprobs = None if md.max_num_logprobs is None else compute_logprobs(logits)
+    logits = logits.to(torch.float32)
+    if md.allowed_bitmask is not None:
+        logits = apply_token_bitmask(logits, md.allowed_bitmask, md.bitmask_rows)
+    logits = apply_min_tokens(logits, md.min_tokens)
+    if not md.no_penalties:
+        logits = apply_penalties(logits, md)
+    return logits, raw_logprobs
+
+
 class Sampler(nn.Module):
     """Turns [B, V] logits into one token per row; see the module docstring for order."""
 
     def forward(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         """Sample one token per row. ``logits`` is used as scratch and modified in place."""
-        raw_logprobs = None if md.max_num_logprobs is None else compute_logprobs(logits)
-        logits = logits.to(torch.float32)
-        if md.allowed_bitmask is not None:
-            logits = apply_token_bitmask(logits, md.allowed_bitmask, md.bitmask_rows)
-        logits = apply_min_tokens(logits, md.min_tokens)
-        if not md.no_penalties:
-            logits = apply_penalties(logits, md)
+        logits, raw_logprobs = process_logits(logits, md)
         sampled = self.sample(logits, md)
         logprobs = None
         if raw_logprobs is not None:

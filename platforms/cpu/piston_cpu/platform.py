@@ -21,11 +21,16 @@ SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 # Offline batches keep no cap: there each extra step costs a pass over the packed weights
 # (a 64-request batch ran 3-7% slower with a cap of 128-256).
 ONLINE_MAX_PREFILL_TOKENS = 128
+# Speculative decoding pays while a step is bound by reading the weights: checking k drafts
+# costs little more than one token. Past this many running requests the step is bound by
+# compute, and drafts rejected there are work thrown away (benchmarks/spec_decode.py).
+SPECULATION_MAX_BATCH = 16
 
 
 class CpuPlatform(Platform):
     name = "cpu"
     supports_kv_offload = True
+    supports_speculative = True
 
     @classmethod
     def is_available(cls) -> bool:
@@ -70,6 +75,9 @@ class CpuPlatform(Platform):
         sched = config.scheduler_config
         if sched.max_prefill_tokens is None:
             sched.max_prefill_tokens = ONLINE_MAX_PREFILL_TOKENS if sched.online else 0
+        spec = config.speculative_config
+        if spec is not None and spec.disable_by_batch_size is None:
+            spec.disable_by_batch_size = SPECULATION_MAX_BATCH
 
     @classmethod
     def make_worker(cls, config, rank=0, world_size=1):

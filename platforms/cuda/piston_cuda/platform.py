@@ -21,6 +21,7 @@ BLOCK_SIZE_MULTIPLE = 16
 class CudaPlatform(Platform):
     name = "cuda"
     supports_kv_offload = True
+    supports_speculative = True
 
     @classmethod
     def is_available(cls) -> bool:

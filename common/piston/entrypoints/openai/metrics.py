@@ -64,6 +64,14 @@ class ServerMetrics:
         self.total_blocks = gauge("num_total_kv_blocks", "KV cache blocks in all.")
         self.prefix_hit_rate = gauge("prefix_cache_hit_rate", "Prefix cache hit rate (0-1).")
         self.preemptions = gauge("num_preemptions", "Preemptions since the engine started.")
+        # Speculative decoding, since the engine started (vLLM's names; mean acceptance
+        # length = 1 + accepted_tokens / drafts).
+        self.spec_drafts = gauge("spec_decode_num_drafts", "Draft runs checked (one per request and step).")
+        self.spec_draft_tokens = gauge("spec_decode_num_draft_tokens", "Draft tokens checked.")
+        self.spec_accepted = gauge("spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self.spec_accepted_per_pos = Gauge("piston:spec_decode_num_accepted_tokens_per_pos",
+                                           "Draft tokens accepted, by position in the draft (0: first).",
+                                           [*labels, "position"], registry=r)
 
     def observe_finished(self, out: RequestOutput) -> None:
         """Count one finished request: tokens, finish reasons and latencies."""
@@ -107,6 +115,12 @@ class ServerMetrics:
         self.free_blocks.labels(name).set(stats.num_free_blocks)
         self.prefix_hit_rate.labels(name).set(stats.prefix_cache_hit_rate)
         self.preemptions.labels(name).set(stats.num_preemptions)
+        if engine.config.speculative_config is not None:
+            self.spec_drafts.labels(name).set(stats.spec_num_drafts)
+            self.spec_draft_tokens.labels(name).set(stats.spec_num_draft_tokens)
+            self.spec_accepted.labels(name).set(stats.spec_num_accepted_tokens)
+            for pos, n in enumerate(stats.spec_accepted_per_pos):
+                self.spec_accepted_per_pos.labels(name, str(pos)).set(n)
         if total:
             self.total_blocks.labels(name).set(total)
 
