@@ -184,3 +184,57 @@ def test_a_zero_noise_draw_never_picks_a_masked_token(monkeypatch):
     logits = np.where(allowed, _logits(2), -np.inf).astype(np.float32)
     tokens, _ = jax.jit(tpu.sample)(logits, logits, _inputs(2, temperature=1.0))
     assert allowed[np.arange(2), np.asarray(tokens)].all()
+
+
+# ----- speculative decoding: spec_verify and the host's rejection rule -------------------
+
+_spec_verify = jax.jit(tpu.spec_verify)
+
+
+def _spec_layout(num_req: int, drafts: list[int]):
+    from piston.step.spec_decode import SpecDecodeBatch
+
+    k = len(drafts)
+    return SpecDecodeBatch(np.full(num_req, k), np.tile(np.array(drafts), num_req), np.arange(num_req * (k + 1)),
+                           np.arange(num_req + 1) * (k + 1), np.repeat(np.arange(num_req), k + 1),
+                           np.tile(np.arange(k + 1), num_req))
+
+
+def test_spec_verify_keeps_the_target_distribution():
+    """As the torch rejection sampler's test (tests/unit/test_spec_decode.py): the same
+    logits at every position, so the first and second returned tokens are distributed as p.
+    Chi-square at a 1e-4 false-failure rate, over 8,000 requests at fixed keys."""
+    from chi_square import chi2_sf
+
+    num_req, drafts = 8000, [3, 1]
+    k = len(drafts)
+    base = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0] + [-40.0] * (VOCAB - 8), np.float32)
+    p = np.exp(base - base.max())
+    p /= p.sum()
+    layout = _spec_layout(num_req, drafts)
+    n = num_req * (k + 1)
+    inputs = _inputs(n, counters=layout.position_offset, step=3)
+    greedy, sample, p_draft, uniform = (np.asarray(a) for a in _spec_verify(
+        np.tile(base, (n, 1)), layout.draft_at_position.astype(np.int32), inputs))
+    assert np.allclose(p_draft[layout.is_draft], p[layout.draft_at_position[layout.is_draft]], atol=1e-6)
+    num_accepted = layout.count_accepted(np.zeros(n, bool), greedy, p_draft, uniform)
+    final = sample[layout.final_positions(num_accepted)]
+    tokens = layout.accepted_tokens(num_accepted, final)
+    first = np.array([t[0] for t in tokens])
+    second = np.array([t[1] for t in tokens if len(t) > 1])
+    for s in (first, second):
+        counts = np.bincount(s, minlength=VOCAB)[:8]
+        assert np.bincount(s, minlength=VOCAB)[8:].sum() <= 2  # e^-40 mass: essentially never
+        expected = p[:8] * len(s)
+        keep = expected > 5
+        stat = float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+        assert chi2_sf(stat, int(keep.sum()) - 1) > 1e-4, (counts, expected)
+
+
+def test_spec_verify_greedy_rows_accept_matching_drafts():
+    logits = _logits(4, seed=5)
+    best = logits.argmax(axis=1)
+    drafts = np.array([best[0], best[1] + 1, -1, -1], np.int32) % VOCAB
+    drafts[2:] = -1
+    greedy, sample, p_draft, uniform = (np.asarray(a) for a in _spec_verify(logits, drafts, _inputs(4, 0.0)))
+    assert (greedy == best).all() and (sample == best).all()  # no random row: samples are the argmax

@@ -26,6 +26,7 @@ from piston.step.rope import rope_tables
 from piston.step.runner_output import Logprobs, ModelRunnerOutput
 from piston.step.sampling_batch import SamplingBatch
 from piston.step.scheduler_output import SchedulerOutput
+from piston.step.spec_decode import SpecDecodeBatch
 
 from piston_tpu import buckets, sampler
 from piston_tpu.attention import choose_attention, make_attention, page_table_multiple
@@ -170,7 +171,8 @@ class JaxModelRunner(ModelRunner):
             attention = make_attention(self.attention_name, self.spec.head_dim ** -0.5, self.on_tpu,
                                        self.block_size, self.precision)
             self.programs = ModelPrograms(self.spec, attention, self.rotary_dim, self.token_buckets,
-                                          self.request_buckets, self.max_seqs, self.pages_per_seq, self.precision)
+                                          self.request_buckets, self.max_seqs, self.pages_per_seq, self.precision,
+                                          speculative=self.proposer is not None)
             self.programs.compile_all(self.params, self.rope, self.kv_cache)
         self.detector.arm()
 
@@ -217,17 +219,7 @@ class JaxModelRunner(ModelRunner):
         n = sampling.num_rows
         r = buckets.pick_bucket(self.request_buckets, n)
         raw = self.programs("logits", r, self._head(), hidden.hidden_sampled)
-        logits = raw
-        if not sampling.no_penalties or sampling.min_tokens:
-            counts, in_prompt = self._penalty_counts(sampling.rows, r)
-            logits = self.programs(
-                "penalize", r, raw, counts, in_prompt, self._min_tokens_mask(sampling, r),
-                _pad(sampling.presence_penalty, r, 0.0), _pad(sampling.frequency_penalty, r, 0.0),
-                _pad(sampling.repetition_penalty, r, 1.0))
-        if sampling.allowed_bitmask is not None:
-            bitmask = np.full((r, sampling.allowed_bitmask.shape[1]), -1, np.int32)
-            bitmask[:n] = sampling.allowed_bitmask
-            logits = self.programs("grammar", r, logits, bitmask)
+        logits = self._process(raw, sampling, r)
         k_max = sampling.max_num_logprobs
         tokens, lp = self.programs("sample", r, raw, logits, self._sampling_inputs(sampling, r))
         tokens = np.asarray(tokens)[:n]
@@ -239,6 +231,77 @@ class JaxModelRunner(ModelRunner):
             ids = np.asarray(lp.token_ids)[:n, :k_max + 1]
             values, ranks = np.asarray(lp.logprobs)[:n, :k_max + 1], np.asarray(lp.ranks)[:n]
         return tokens, Logprobs(token_ids=ids.tolist(), logprobs=values.tolist(), ranks=ranks.tolist())
+
+    def sample_speculative(self, hidden: StepHidden, spec: SpecDecodeBatch, sampling: SamplingBatch
+                           ) -> tuple[list[list[int]], Logprobs | None]:
+        """The rejection sampler: ``spec_verify`` gives each position's argmax, sample, p(draft)
+        and uniform on the device, request bucket by request bucket; the host applies the
+        rule (SpecDecodeBatch)."""
+        n = spec.num_positions
+        expanded = sampling.expand(spec.position_request, spec.position_offset, self.batch)
+        draft_at = spec.draft_at_position
+        parts = [self._verify(hidden, spec.logits_indices[c:c + self.max_seqs], draft_at[c:c + self.max_seqs],
+                              expanded.slice(c, c + self.max_seqs), c // self.max_seqs)
+                 for c in range(0, n, self.max_seqs)]
+        greedy, sample, p_draft, uniform = (np.concatenate([p[i] for p in parts]) for i in range(4))
+        is_greedy = expanded.temperature == 0.0
+        num_accepted = spec.count_accepted(is_greedy, greedy, p_draft, uniform)
+        final_pos = spec.final_positions(num_accepted)
+        final = np.where(is_greedy[final_pos], greedy[final_pos], sample[final_pos])
+        tokens = spec.accepted_tokens(num_accepted, final)
+        k_max = expanded.max_num_logprobs
+        if k_max is None:
+            return tokens, None
+        out_pos = spec.output_positions(num_accepted)
+        targets = np.zeros(n, np.int32)
+        targets[out_pos] = [t for ts in tokens for t in ts]
+        ids, values, ranks = [], [], []
+        for c, (*_, raw) in zip(range(0, n, self.max_seqs), parts):
+            m = min(self.max_seqs, n - c)
+            chunk_targets = targets[c:c + m]
+            if k_max > sampler.MAX_DEVICE_LOGPROBS:
+                got = sampler.host_logprobs(np.asarray(raw)[:m], chunk_targets, k_max)
+            else:
+                lp = self.programs("logprobs", raw.shape[0], raw, _pad(chunk_targets, raw.shape[0], 0, np.int32))
+                got = (np.asarray(lp.token_ids)[:m], np.asarray(lp.logprobs)[:m], np.asarray(lp.ranks)[:m])
+            ids.append(got[0][:, :k_max + 1])
+            values.append(got[1][:, :k_max + 1])
+            ranks.append(got[2])
+        ids, values, ranks = np.concatenate(ids), np.concatenate(values), np.concatenate(ranks)
+        return tokens, Logprobs(token_ids=ids[out_pos].tolist(), logprobs=values[out_pos].tolist(),
+                                ranks=ranks[out_pos].tolist())
+
+    def _verify(self, hidden: StepHidden, indices: np.ndarray, drafts: np.ndarray, s: SamplingBatch, piece: int):
+        """``spec_verify`` for up to max_seqs positions, the step's ``piece``-th: (argmax,
+        sample, p(draft), uniform) as numpy, and the raw logits (for logprobs)."""
+        n = len(indices)
+        r = buckets.pick_bucket(self.request_buckets, n)
+        selected = self.programs("gather_rows", hidden.step.bucket, hidden.hidden,
+                                 _pad(indices, self.max_seqs, 0, np.int32))
+        raw = self.programs("logits", r, self._head(), selected)
+        logits = self._process(raw, s, r)
+        inputs = self._sampling_inputs(s, r)
+        # Unseeded rows draw from (engine seed, step, row): each piece of the step its own keys.
+        inputs = inputs._replace(step_key=np.array([inputs.step_key[0], (self.step_count * 256 + piece) % 2**32],
+                                                   np.uint32))
+        out = self.programs("spec_verify", r, logits, _pad(drafts, r, -1, np.int32), inputs)
+        return (*(np.asarray(a)[:n] for a in out), raw)
+
+    def _process(self, raw: jax.Array, s: SamplingBatch, r: int) -> jax.Array:
+        """min_tokens and penalties (``penalize``) and grammar masks (``grammar``) on the raw
+        logits of request bucket ``r``, where a row needs them."""
+        logits = raw
+        if not s.no_penalties or s.min_tokens:
+            counts, in_prompt = self._penalty_counts(s.rows, r, s.num_draft_outputs)
+            logits = self.programs(
+                "penalize", r, raw, counts, in_prompt, self._min_tokens_mask(s, r),
+                _pad(s.presence_penalty, r, 0.0), _pad(s.frequency_penalty, r, 0.0),
+                _pad(s.repetition_penalty, r, 1.0))
+        if s.allowed_bitmask is not None:
+            bitmask = np.full((r, s.allowed_bitmask.shape[1]), -1, np.int32)
+            bitmask[:s.num_rows] = s.allowed_bitmask
+            logits = self.programs("grammar", r, logits, bitmask)
+        return logits
 
     def _head(self) -> jax.Array:
         return self.params.get("lm_head", self.params["embed"])
@@ -261,8 +324,10 @@ class JaxModelRunner(ModelRunner):
             mask[i, stop_ids] = True
         return mask
 
-    def _penalty_counts(self, rows: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
-        """Output token counts [r, vocab] and prompt membership [r, vocab] of the sampled rows."""
+    def _penalty_counts(self, rows: np.ndarray, r: int, extra: np.ndarray | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """Output token counts [r, vocab] and prompt membership [r, vocab] of the sampled rows
+        (``extra``: draft tokens each row counts as output, speculative decoding)."""
         batch, v = self.batch, self.vocab_size
         width = v + 1  # column v collects the padding
 
@@ -272,7 +337,7 @@ class JaxModelRunner(ModelRunner):
             out[:len(rows)] = np.bincount(flat, minlength=len(rows) * width).reshape(len(rows), width)
             return out[:, :v]
 
-        counts = per_row(batch.padded_token_ids(rows, outputs=True, pad=v))
+        counts = per_row(batch.padded_token_ids(rows, outputs=True, pad=v, extra=extra))
         in_prompt = per_row(batch.padded_token_ids(rows, outputs=False, pad=v)) > 0
         return counts, in_prompt
 

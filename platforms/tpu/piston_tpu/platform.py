@@ -43,6 +43,7 @@ class TpuPlatform(Platform):
     name = "tpu"
     # One chip per engine so far: a JAX-mesh tensor-parallel runner is future work.
     supports_tensor_parallel = False
+    supports_speculative = True
 
     @classmethod
     def is_available(cls) -> bool:

@@ -3,7 +3,8 @@
 Per token bucket T: ``forward`` (the model over T tokens, also returning the hidden rows
 of the sampled tokens) and ``gather_rows`` (hidden rows for prompt logprobs). Per
 request bucket R: ``logits``, ``penalize``, ``grammar`` (structured outputs' masks),
-``sample`` and ``logprobs``. That is len(T) * 2 + len(R) * 5 programs, compiled by
+``sample`` and ``logprobs``, and ``spec_verify`` with speculative decoding. That is
+len(T) * 2 + len(R) * 5 programs (len(R) * 6 with speculation), compiled by
 ``compile_all`` with a progress bar; a call with a shape no program was compiled for
 raises instead of compiling.
 """
@@ -36,8 +37,10 @@ class ModelPrograms:
     """Holds the compiled executables, keyed by (program name, bucket)."""
 
     def __init__(self, spec: LlamaSpec, attention: Callable, rotary_dim: int, token_buckets: list[int],
-                 request_buckets: list[int], max_seqs: int, pages_per_seq: int, precision) -> None:
+                 request_buckets: list[int], max_seqs: int, pages_per_seq: int, precision,
+                 speculative: bool = False) -> None:
         self.spec = spec
+        self.speculative = speculative
         self.token_buckets = token_buckets
         self.request_buckets = request_buckets
         self.max_seqs = max_seqs
@@ -82,6 +85,9 @@ class ModelPrograms:
             jobs.append(("sample", r, functools.partial(jax.jit(sampler.sample).lower, logits, logits, inputs)))
             jobs.append(("logprobs", r, functools.partial(
                 jax.jit(sampler.logprobs_of).lower, logits, _spec((r,), np.int32))))
+            if self.speculative:
+                jobs.append(("spec_verify", r, functools.partial(
+                    jax.jit(sampler.spec_verify).lower, logits, _spec((r,), np.int32), inputs)))
         return jobs
 
     def compile_all(self, params, rope, kv_cache) -> None:

@@ -158,6 +158,45 @@ def sample(raw_logits: jax.Array, logits: jax.Array, inputs: SamplingInputs) -> 
     return tokens, logprobs
 
 
+def spec_verify(logits: jax.Array, draft_ids: jax.Array, inputs: SamplingInputs
+                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Speculative decoding's decisions, one row per position of a SpecDecodeBatch (row i of
+    ``inputs`` is that position's request, its counter the output length there).
+
+    Returns per row: the argmax of the processed ``logits`` (greedy rows accept a draft
+    equal to it, and take it after the last accepted draft); a sample from the processed
+    distribution ``p`` without the row's draft (``draft_ids`` >= 0: the residual sampled at
+    a rejection) or from ``p`` itself (``draft_ids`` -1: the bonus token); ``p(draft)``; and
+    a uniform draw (a sampled row accepts its draft when it is below ``p(draft)``). The host
+    combines them (SpecDecodeBatch.resolve). Seeded rows draw from fold_in(key(seed),
+    counter), so the draws depend on the request's seed and history only.
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    rows, vocab = logits.shape
+
+    def random_part(logits, draft_ids, inputs):
+        is_greedy = inputs.temperature < _EPS
+        x = logits / jnp.where(is_greedy, 1.0, inputs.temperature)[:, None]
+        x = lax.cond(inputs.flags[1], _apply_min_p, lambda a, _: a, x, inputs.min_p)
+        x = lax.cond(inputs.flags[2], _apply_top_k_top_p, lambda a, *_: a, x, inputs.top_k, inputs.top_p)
+        probs = jax.nn.softmax(x, axis=-1)
+        draft = jnp.maximum(draft_ids, 0)
+        p_draft = jnp.take_along_axis(probs, draft[:, None], axis=1)[:, 0]
+        keys = jax.vmap(jax.random.split)(_row_keys(inputs))
+        u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys[:, 0])
+        noise = jax.vmap(lambda k: jax.random.exponential(k, (vocab,), jnp.float32))(keys[:, 1])
+        noise = jnp.maximum(noise, jnp.finfo(jnp.float32).tiny)  # see _sample_random
+        is_draft = (jnp.arange(vocab)[None, :] == draft[:, None]) & (draft_ids >= 0)[:, None]
+        residual = jnp.where(is_draft, 0.0, probs)
+        return jnp.argmax(residual / noise, axis=-1).astype(jnp.int32), p_draft, u
+
+    def greedy_only(logits, draft_ids, inputs):
+        return greedy, jnp.zeros((rows,), jnp.float32), jnp.ones((rows,), jnp.float32)
+
+    sample, p_draft, u = lax.cond(inputs.flags[0], random_part, greedy_only, logits, draft_ids, inputs)
+    return greedy, sample, p_draft, u
+
+
 def host_logprobs(logits: np.ndarray, token_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """numpy gather_logprobs for k > MAX_DEVICE_LOGPROBS: (ids [N, k+1], logprobs, ranks)."""
     x = logits.astype(np.float64)
