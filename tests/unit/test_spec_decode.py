@@ -242,3 +242,23 @@ def test_a_request_whose_drafts_keep_missing_backs_off():
     out = _step(sched, {"a": [1, 7]}, {"a": [1, 2]})
     assert out.scheduled_spec_decode_tokens == {"a": [1, 2]}
     assert req.spec_misses == 0 and req.spec_skip_steps == 0
+
+
+def test_drafts_never_cost_a_preemption():
+    """Drafts take KV blocks only when every running request can still grow by one."""
+    sched = Scheduler(EngineConfig(
+        model_config=ModelConfig(model="fake"), cache_config=CacheConfig(block_size=4, num_blocks=4),
+        scheduler_config=SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=16),
+        speculative_config=SpeculativeConfig(num_speculative_tokens=4, disable_by_batch_size=0)))
+    for r in ("a", "b"):
+        sched.add_request(Request(r, list(range(10, 14)), SamplingParams(max_tokens=50), eos_token_id=2))
+    _step(sched, {"a": [100], "b": [100]}, {"a": [1, 2, 3, 4], "b": [1, 2, 3, 4]})
+    # Two free blocks: a's four drafts would take both, and b needs one for its own token.
+    out = _step(sched, {"a": [1], "b": [100]}, {})
+    assert sched.num_preemptions == 0
+    assert out.num_scheduled_tokens == {"a": 1, "b": 1} and not out.scheduled_spec_decode_tokens
+    # With room to spare the drafts are checked.
+    sched = _scheduler(k=4)
+    sched.add_request(Request("c", list(range(10, 14)), SamplingParams(max_tokens=50), eos_token_id=2))
+    _step(sched, {"c": [100]}, {"c": [1, 2, 3, 4]})
+    assert _step(sched, {"c": [1]}, {}).scheduled_spec_decode_tokens == {"c": [1, 2, 3, 4]}

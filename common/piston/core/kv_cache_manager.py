@@ -152,6 +152,11 @@ class KVCacheManager:
             return [b.block_id for b in computed] + [b.block_id for b in new_blocks]
         return [b.block_id for b in new_blocks]
 
+    def num_new_blocks(self, request: "Request", num_new_tokens: int) -> int:
+        """How many fresh blocks ``allocate_slots(request, num_new_tokens)`` would take."""
+        num_total = request.num_computed_tokens + num_new_tokens
+        return max(0, -(-num_total // self.block_size) - len(self.req_to_blocks.get(request.request_id, ())))
+
     def _cache_full_blocks(self, request: "Request", blocks: list[KVCacheBlock], num_tokens: int) -> None:
         num_full_blocks = num_tokens // self.block_size
         num_cached = self.num_cached_blocks.get(request.request_id, 0)

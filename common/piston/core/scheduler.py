@@ -216,7 +216,12 @@ class Scheduler:
             if num_new <= 0 or (not self.enable_chunked_prefill and num_new < remaining):
                 i += 1
                 continue
+            if drafts and num_new > remaining and self._drafts_crowd_out(request, num_new, remaining, i):
+                num_new = remaining
             while (block_ids := kv.allocate_slots(request, num_new)) is None:
+                if drafts and num_new > remaining:  # no room for the drafts: check none, preempt no one
+                    num_new = remaining
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted.add(victim.request_id)
@@ -274,6 +279,17 @@ class Scheduler:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
         return output
+
+    def _drafts_crowd_out(self, request: Request, num_new: int, remaining: int, served: int) -> bool:
+        """Whether the blocks ``request``'s drafts would take leave too few for the running
+        requests after ``running[served]`` to grow by one block each: drafts must never cost
+        a preemption."""
+        kv = self.kv_cache_manager
+        extra = kv.num_new_blocks(request, num_new) - kv.num_new_blocks(request, remaining)
+        if not extra:
+            return False
+        after = len(self.running) - served - 1
+        return kv.num_new_blocks(request, num_new) + after > kv.block_pool.get_num_free_blocks()
 
     def _admit(self, request: Request, budget: int, num_served: int, num_admitted: int,
                preempted: set[str]) -> int:
