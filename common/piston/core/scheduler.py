@@ -285,11 +285,11 @@ class Scheduler:
         requests after ``running[served]`` to grow by one block each: drafts must never cost
         a preemption."""
         kv = self.kv_cache_manager
-        extra = kv.num_new_blocks(request, num_new) - kv.num_new_blocks(request, remaining)
-        if not extra:
-            return False
+        need = kv.num_new_blocks(request, num_new)
+        if need == kv.num_new_blocks(request, remaining):
+            return False  # the drafts fit in blocks the request takes anyway
         after = len(self.running) - served - 1
-        return kv.num_new_blocks(request, num_new) + after > kv.block_pool.get_num_free_blocks()
+        return need + after > kv.block_pool.get_num_free_blocks()
 
     def _admit(self, request: Request, budget: int, num_served: int, num_admitted: int,
                preempted: set[str]) -> int:
