@@ -31,21 +31,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: the built-in SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda)")
+    parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                        help="dummy: random weights from config.json alone (as Piston's --load-format dummy)")
     add_dataset_args(parser, num_prompts=64)
     add_report_args(parser)
     return parser.parse_args(argv)
 
 
-def load_model(path: str, dtype: torch.dtype):
-    """transformers' model for a folder or a .gguf file (dequantized to ``dtype``)."""
-    from transformers import AutoModelForCausalLM
+def load_model(path: str, dtype: torch.dtype, device: str = "cpu", load_format: str = "auto"):
+    """transformers' model for a folder or a .gguf file (dequantized to ``dtype``) on
+    ``device``; ``load_format="dummy"``: random weights in the folder's config's shapes,
+    drawn on the device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    if path.endswith(".gguf"):
+    if load_format == "dummy":
+        config = AutoConfig.from_pretrained(path)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    elif path.endswith(".gguf"):
         model = AutoModelForCausalLM.from_pretrained(os.path.dirname(os.path.abspath(path)),
                                                      gguf_file=os.path.basename(path), dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model.eval()
+    return model.to(device).eval()
 
 
 def generate_batch(model, batch: list[list[int]], max_new: int, pad_id: int) -> int:
@@ -57,6 +66,7 @@ def generate_batch(model, batch: list[list[int]], max_new: int, pad_id: int) -> 
     for row, ids in enumerate(batch):
         input_ids[row, width - len(ids):] = torch.tensor(ids)
         mask[row, width - len(ids):] = 1
+    input_ids, mask = input_ids.to(model.device), mask.to(model.device)
     out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
                          max_new_tokens=max_new, min_new_tokens=max_new, pad_token_id=pad_id)
     return int(out.numel() - input_ids.numel())
@@ -74,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     path = resolve_model(args.model)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     t0 = time.perf_counter()
-    model = load_model(path, dtype[args.dtype])
+    model = load_model(path, dtype[args.dtype], args.device, args.load_format)
     tokenizer = load_tokenizer(path)  # the tokenizer Piston uses, so the requests match
     startup_s = time.perf_counter() - t0
     requests: list[SampleRequest] = sample_requests(args, tokenizer)
@@ -95,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.perf_counter() - t0
     hf_config = model.config
     del model
-    ceilings = roofline.measure_ceilings(args.dtype, args.calibration_seconds)
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    ceilings = roofline.measure_ceilings(args.dtype, args.calibration_seconds, args.device)
 
     prompt_lens = [len(p) for p in prompts]
     output_lens = [r.expected_output_len for r in requests]

@@ -114,3 +114,27 @@ def test_cascade_heuristic_needs_a_long_prefix_many_requests_and_a_real_saving()
     assert not use_cascade_attention(512, prompts, block_q=16, prefix_block_q=16)
     # MHA-like groups of 64 queries leave one token per query block: nothing to share.
     assert not use_cascade_attention(512, decodes, block_q=1, prefix_block_q=1)
+
+
+@pytest.mark.parametrize("disable", [False, True])
+def test_disable_cascade_attn_reaches_the_backend(no_flash_attn, tiny_models, disable):
+    """--disable-cascade-attn: a batch of 64 decodes over a shared 512-token prefix gets
+    cascade metadata only when the flag is off."""
+    from piston.attention.metadata import CommonAttentionMetadata
+    from piston.engine.arg_utils import EngineArgs
+
+    config = EngineArgs(model=tiny_models("llama"), disable_cascade_attn=disable).create_engine_config()
+    assert config.model_config.disable_cascade_attn is disable
+    backend = make_attention_backend(torch.float16, 16, 8, 2, 64,
+                                     use_cascade=not config.model_config.disable_cascade_attn)
+    n, prefix_blocks = 64, 32
+    seq_lens = np.full(n, prefix_blocks * 16 + 5, dtype=np.int32)
+    qsl = np.arange(n + 1, dtype=np.int32)
+    table = np.tile(np.arange(prefix_blocks + 1, dtype=np.int32), (n, 1))
+    common = CommonAttentionMetadata(
+        num_reqs=n, num_actual_tokens=n, max_query_len=1, max_seq_len=int(seq_lens.max()), query_start_loc_np=qsl,
+        seq_lens_np=seq_lens, query_start_loc=torch.from_numpy(qsl), seq_lens=torch.from_numpy(seq_lens),
+        block_table=torch.from_numpy(table), slot_mapping=torch.zeros(n, dtype=torch.int64), block_size=16,
+        num_common_prefix_blocks=prefix_blocks)
+    md = backend.build_metadata(common)
+    assert (md.cascade is None) is disable

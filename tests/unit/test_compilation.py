@@ -91,6 +91,24 @@ def test_split_gives_one_piece_per_layer_plus_one(tiny_folder, tmp_path):
     assert len(attention_calls) == NUM_LAYERS
 
 
+@pytest.mark.parametrize("tuple_return", [True, False], ids=["split_module-tuple_return", "wrapped-by-piston"])
+def test_split_pieces_return_tuples_on_any_torch(tiny_folder, tmp_path, monkeypatch, tuple_return):
+    """torch < 2.12 has no split_module(tuple_return=True): Piston wraps lone outputs itself,
+    and the split model computes the same as the plain one either way."""
+    import piston.compilation.piecewise as piecewise
+
+    monkeypatch.setattr(piecewise, "SPLIT_HAS_TUPLE_RETURN", tuple_return and piecewise.SPLIT_HAS_TUPLE_RETURN)
+    model = _model(tiny_folder)
+    compiled = compile_model(model, _config(tiny_folder, tmp_path), torch.device("cpu"), attention_layers(model),
+                             backend="eager")
+    with torch.inference_mode(), set_forward_context(_no_cache_ctx(model)):
+        ids, pos = _inputs(5, seed=1)
+        torch.testing.assert_close(compiled(ids, pos), model(ids, pos), rtol=1e-6, atol=1e-6)
+    for name in compiled.split.piece_names + compiled.split.attention_names:
+        output = next(n for n in compiled.graph.get_submodule(name).graph.nodes if n.op == "output")
+        assert isinstance(output.args[0], (tuple, list)), name
+
+
 def test_attention_op_outside_a_forward_context_says_what_to_do():
     q = torch.zeros(2, 8)
     with pytest.raises(RuntimeError, match="forward context"):
@@ -215,6 +233,26 @@ def test_graph_piece_copies_an_input_whose_address_changed_before_replay():
     assert out.tolist() == [1.0, 3.0, 5.0, 7.0]
     strategy.begin_step(3)  # not a capture size: runs the piece itself
     assert piece(torch.ones(3), w[:3])[0].tolist() == [3.0, 3.0, 3.0]
+
+
+def test_dropped_graphs_are_captured_again_over_moved_weights():
+    """After a wake-up the weights live elsewhere and a graph would still read the old
+    memory, so the worker drops the graphs: the next capturing pass records them again
+    (without the drop it only replays the stale ones)."""
+    ops = ReplayOps()
+    strategy = CudaGraphStrategy([4], torch.device("cpu"), ops=ops)
+    piece = strategy.wrap_piece(0, lambda x: (x * 2,))
+    strategy.begin_step(4)
+    for _ in range(2):
+        with strategy.capturing():
+            piece(torch.ones(4))
+    assert ops.captures == 1 and strategy.num_graphs == 1
+    strategy.drop_graphs()
+    assert strategy.num_graphs == 0
+    assert piece(torch.ones(4))[0].tolist() == [2.0] * 4  # no graph: the piece itself runs
+    with strategy.capturing():
+        piece(torch.ones(4))
+    assert ops.captures == 2 and strategy.num_graphs == 1
 
 
 def test_graph_strategy_in_the_engine_pads_replays_and_matches_eager(tiny_models, make_llm, monkeypatch, tmp_path):

@@ -81,6 +81,10 @@ class CaptureStrategy(abc.ABC):
     def captures_graphs(self) -> bool:
         return False
 
+    def drop_graphs(self) -> None:
+        """Forget every captured graph (their inputs moved: weights restored elsewhere); the
+        next ``capturing()`` pass captures them again."""
+
 
 class NoCapture(CaptureStrategy):
     """The CPU strategy: compiled pieces run as they are. It pads only when capture sizes

@@ -13,7 +13,9 @@ and buffers, which must keep their storage (load weights with ``copy_``, never r
 
 from __future__ import annotations
 
+import inspect
 import logging
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -73,11 +75,38 @@ def split_at_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str], l
             pid += 1
         else:
             partition[node] = pid
-    split = split_module(gm, None, lambda node: partition[node], keep_original_order=True, tuple_return=True)
+    split = split_returning_tuples(gm, lambda node: partition[node])
     used = sorted(set(partition.values()))
     pieces = [f"submod_{i}" for i in used if i not in attention_ids]
     attention = [f"submod_{i}" for i in sorted(attention_ids)]
     return split, pieces, attention
+
+
+# torch >= 2.12 can make every submodule return a tuple; older releases return a lone
+# output bare, which split_returning_tuples then wraps itself.
+SPLIT_HAS_TUPLE_RETURN = "tuple_return" in inspect.signature(split_module).parameters
+
+
+def split_returning_tuples(gm: fx.GraphModule, partition: Callable[[fx.Node], int]) -> fx.GraphModule:
+    """``split_module`` whose submodules all return tuples (pieces and their CUDA graphs
+    hand outputs on as tuples), on any torch release."""
+    if SPLIT_HAS_TUPLE_RETURN:
+        return split_module(gm, None, partition, keep_original_order=True, tuple_return=True)
+    split = split_module(gm, None, partition, keep_original_order=True)
+    for node in list(split.graph.nodes):
+        if node.op != "call_module":
+            continue
+        sub = split.get_submodule(node.target)
+        output = next(n for n in sub.graph.nodes if n.op == "output")
+        if isinstance(output.args[0], (tuple, list)):
+            continue
+        output.args = ((output.args[0],),)
+        sub.recompile()
+        with split.graph.inserting_after(node):
+            item = split.graph.call_function(operator.getitem, (node, 0))
+        node.replace_all_uses_with(item, delete_user_cb=lambda user, item=item: user is not item)
+    split.recompile()
+    return split
 
 
 class _PieceCompiler(fx.Interpreter):

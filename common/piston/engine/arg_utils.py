@@ -48,6 +48,7 @@ class EngineArgs:
     worker_extension_cls: str | None = None
     load_format: str = "auto"
     enforce_eager: bool = False
+    disable_cascade_attn: bool = False
     max_logprobs: int = 20
     structured_outputs_backend: str = "auto"
     quantization: str | None = None
@@ -103,6 +104,8 @@ class EngineArgs:
         add("--load-format", default=d.load_format, choices=["auto", "dummy"],
             help="dummy: random weights in the checkpoint's shapes (needs only config.json)")
         add("--enforce-eager", action="store_true", help="no compilation and no graph capture")
+        add("--disable-cascade-attn", action="store_true",
+            help="never use cascade attention for a prefix shared by the whole batch (CUDA)")
         add("--structured-outputs-backend", default=d.structured_outputs_backend,
             choices=["auto", "xgrammar", "guidance"],
             help="grammar engine for structured outputs (auto: xgrammar where it imports, else llguidance)")
@@ -171,7 +174,8 @@ class EngineArgs:
         hf_config = read_hf_config(path)
         mc = ModelConfig(model=self.model or DEFAULT_MODEL_NAME, path=path, tokenizer=self.tokenizer,
                          dtype=self.dtype, seed=self.seed, load_format=self.load_format,
-                         enforce_eager=self.enforce_eager, max_logprobs=self.max_logprobs, hf_config=hf_config)
+                         enforce_eager=self.enforce_eager, max_logprobs=self.max_logprobs, hf_config=hf_config,
+                         disable_cascade_attn=self.disable_cascade_attn)
         mc.quantization = resolve_quantization(self.quantization, path)
         native = native_context_length(hf_config)
         if self.max_model_len is None:

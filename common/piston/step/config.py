@@ -62,6 +62,9 @@ class ModelConfig:
     load_format: str = "auto"
     # Run the model eagerly: no torch.compile, no graph capture.
     enforce_eager: bool = False
+    # Never split attention over a prefix every running request shares (cascade attention);
+    # platforms without cascade attention ignore it.
+    disable_cascade_attn: bool = False
     # The most logprobs (and prompt logprobs) a request may ask for per position; -1: the vocabulary.
     max_logprobs: int = 20
     # How weights are held (piston.checkpoint.packed): "gguf" keeps a GGUF file's quantized

@@ -130,6 +130,10 @@ class CudaGraphStrategy(CaptureStrategy):
     def num_graphs(self) -> int:
         return sum(len(p.captured) for p in self.pieces)
 
+    def drop_graphs(self) -> None:
+        for piece in self.pieces:
+            piece.captured.clear()  # the pool keeps its memory for the next captures
+
     def wrap_piece(self, index: int, piece: Callable) -> Callable:
         wrapped = _GraphPiece(self, index, piece)
         self.pieces.append(wrapped)

@@ -61,6 +61,7 @@ class CudaModelRunner(TorchModelRunner):
         self.staging.reset()  # each capture step stages its inputs from the buffer's start
         super()._dummy_decode_forward(num_tokens)
 
+    @torch.inference_mode()  # with autograd on, the pass would keep every activation for a backward pass
     def profile_run(self) -> None:
         """One forward pass of ``max_num_batched_tokens`` tokens (no KV cache: attention
         treats them as one causal sequence) plus logits and sampling-sized temporaries for

@@ -5,6 +5,13 @@ loaded, a profiling forward pass of ``max_num_batched_tokens`` tokens measures t
 activation peak, and the cache gets what is left of ``gpu_memory_utilization`` of the
 device: ``total * utilization - (memory in use now) - (activation peak)``. Memory in use
 counts the weights, the CUDA context and anything other processes hold on the GPU.
+
+CUDA graphs take memory of their own (a private pool: the pieces' outputs and
+temporaries for the largest capture size, held for as long as the graphs live). So that
+the cache does not take it too, the graphs are captured before the cache is sized, over a
+scratch cache of ``SCRATCH_BLOCKS`` blocks: the captured pieces never read the KV cache
+(attention runs eagerly between them), so they stay valid when the real cache replaces
+the scratch one.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from piston_cuda.model_runner import CudaModelRunner
 logger = logging.getLogger(__name__.replace("piston_cuda", "piston.cuda", 1))
 
 GiB = 2**30
+SCRATCH_BLOCKS = 2  # the warm-up and capture passes write into block 0 (and read block 1)
 
 
 def kv_cache_budget(total: int, free: int, activation_peak: int, utilization: float) -> int:
@@ -39,13 +47,16 @@ class CudaWorker(Worker):
         mc = config.model_config
         heads = mc.heads_of_rank(get_tp_size(), get_tp_rank())
         attn = make_attention_backend(getattr(torch, mc.dtype), config.cache_config.block_size,
-                                      heads.num_heads, heads.num_kv_heads, mc.head_dim, self.device)
+                                      heads.num_heads, heads.num_kv_heads, mc.head_dim, self.device,
+                                      use_cascade=not mc.disable_cascade_attn)
         self.runner = CudaModelRunner(config, self.device, attn)
         # Piecewise CUDA graphs around the attention op; compiled by default on CUDA.
         self.runner.capture_strategy = CudaGraphStrategy.from_config(config, self.device)
         self.runner.default_compilation_mode = "piecewise"
         self.num_blocks = 0
         self.recapture = False  # weights restored while the KV cache slept: capture at its wake-up
+        self.graphs_captured = False
+        self.graph_bytes = 0  # device memory the captured graphs hold
 
     def load_model(self) -> None:
         self.runner.load_model()
@@ -82,12 +93,36 @@ class CudaWorker(Worker):
         self.runner.profile_run()
         activation_peak = torch.cuda.max_memory_allocated(self.device) - before
         torch.cuda.empty_cache()
+        self._capture_graphs(scratch_cache=True)  # their memory is in use from here on
         free, total = torch.cuda.mem_get_info(self.device)
         budget = kv_cache_budget(total, free, activation_peak, utilization)
-        logger.info("Memory profile: %.2f GiB total, %.2f GiB in use, %.2f GiB activation peak; "
-                    "KV cache gets %.2f GiB (gpu_memory_utilization=%.2f).", total / GiB,
-                    (total - free) / GiB, activation_peak / GiB, max(budget, 0) / GiB, utilization)
+        logger.info("Memory profile: %.2f GiB total, %.2f GiB in use (%.2f GiB of it CUDA graphs), %.2f GiB "
+                    "activation peak; KV cache gets %.2f GiB (gpu_memory_utilization=%.2f).", total / GiB,
+                    (total - free) / GiB, self.graph_bytes / GiB, activation_peak / GiB, max(budget, 0) / GiB,
+                    utilization)
         return budget
+
+    def _capture_graphs(self, scratch_cache: bool = False) -> None:
+        """Capture the CUDA graphs once (a no-op when the model runs eagerly) and record the
+        device memory they took. ``scratch_cache``: over a cache of ``SCRATCH_BLOCKS`` blocks,
+        freed afterwards (before the real cache is sized)."""
+        runner = self.runner
+        if self.graphs_captured or runner.compiled is None or not runner.compiled.strategy.captures_graphs:
+            return
+        torch.cuda.synchronize(self.device)
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        if scratch_cache:
+            runner.initialize_kv_cache(SCRATCH_BLOCKS)
+            free_before = torch.cuda.mem_get_info(self.device)[0]
+        runner.warm_up_attention()
+        runner.capture_model()
+        torch.cuda.synchronize(self.device)
+        self.graph_bytes = max(free_before - torch.cuda.mem_get_info(self.device)[0], 0)
+        if scratch_cache:
+            runner.kv_caches = []
+            torch.cuda.empty_cache()
+        self.graphs_captured = True
+        logger.info("CUDA graphs hold %.3f GiB of device memory.", self.graph_bytes / GiB)
 
     def initialize_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
@@ -101,9 +136,14 @@ class CudaWorker(Worker):
     def clear_kv_offload(self) -> None:
         self.runner.clear_kv_offload()
 
+    def _drop_graphs(self) -> None:
+        if self.runner.compiled is not None:
+            self.runner.compiled.strategy.drop_graphs()
+        self.graphs_captured = False
+
     def warm_up(self) -> None:
         self.runner.warm_up_attention()
-        self.runner.capture_model()
+        self._capture_graphs()  # already done when the cache was sized from memory
 
     def execute_model(self, scheduler_output):
         return self.runner.execute_model(scheduler_output)
@@ -121,15 +161,16 @@ class CudaWorker(Worker):
         if "weights" in tags and self.runner.weight_memory is not None and self.runner.weight_memory.released:
             self.runner.restore_weights()
             # The weights have new addresses: graphs captured over the old ones are stale.
+            self._drop_graphs()
             if self.runner.kv_caches:
-                self.runner.capture_model()
+                self._capture_graphs()
             else:
                 self.recapture = True
         if "kv_cache" in tags and not self.runner.kv_caches:
             self.runner.initialize_kv_cache(self.num_blocks)
             if self.recapture:
                 self.recapture = False
-                self.runner.capture_model()
+                self._capture_graphs()
 
     def update_weights(self, weights: list) -> int:
         return self.runner.update_weights(weights)  # in place: captured graphs stay valid

@@ -47,7 +47,8 @@ def select_attention_backend(dtype: torch.dtype, block_size: int, head_dim: int,
 
 
 def make_attention_backend(dtype: torch.dtype, block_size: int, num_heads: int, num_kv_heads: int,
-                           head_dim: int, device: torch.device | None = None) -> CudaAttentionBackend:
+                           head_dim: int, device: torch.device | None = None,
+                           use_cascade: bool = True) -> CudaAttentionBackend:
     """The selected backend for this rank's heads on ``device`` (None: no GPU facts, for tests)."""
     capability = num_sms = None
     if device is not None and device.type == "cuda":
@@ -58,7 +59,7 @@ def make_attention_backend(dtype: torch.dtype, block_size: int, num_heads: int, 
     if name == "flash_attn":
         from piston_cuda.attention.flash_attention import FlashAttention
 
-        return FlashAttention(lib, num_heads, num_kv_heads, head_dim, num_sms or 0)
+        return FlashAttention(lib, num_heads, num_kv_heads, head_dim, num_sms or 0, use_cascade)
     from piston_cuda.attention.triton_attention import TritonAttention
 
-    return TritonAttention(num_heads, num_kv_heads, head_dim, num_sms or 0)
+    return TritonAttention(num_heads, num_kv_heads, head_dim, num_sms or 0, use_cascade)
