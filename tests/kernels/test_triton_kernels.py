@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import types
+
+import numpy as np
 import pytest
 import torch
 
@@ -134,3 +137,42 @@ def test_merge_treats_rows_without_keys_as_empty(device):
     assert torch.allclose(out[0, 0], a[0, 0]) and torch.allclose(out[1, 0], b[1, 0])
     assert torch.allclose(out[2, 0], b[2, 0])  # +inf (FlashAttention's empty row) counts as empty
     assert torch.allclose(out[0, 1], (a[0, 1] + b[0, 1]) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_op_lets_the_backend_write_the_output_buffer(device, dtype):
+    """The compiled model's attention call (``run_attention``, the op's body) hands its
+    output buffer to the Triton backend, which writes the rows in place (no copy), and the
+    padding rows past the step's tokens come out zero; the values are the backend's own."""
+    from piston.attention.forward_context import ForwardContext, set_forward_context
+    from piston.attention.metadata import CommonAttentionMetadata
+    from piston.compilation.attention_op import run_attention
+    from piston_cuda.attention.triton_attention import TritonAttention
+
+    heads, kv_heads, d, bs, n, padded = 4, 2, 32, 16, 3, 4
+    backend = TritonAttention(heads, kv_heads, d)
+    gen = torch.Generator().manual_seed(0)
+    kv = torch.randn(2, 8, bs, kv_heads, d, generator=gen).to(device, dtype)
+    seq_lens = np.array([5, 17, 9], dtype=np.int32)
+    table = np.array([[0, 1], [2, 3], [4, 5]], dtype=np.int32)
+    qsl = np.arange(n + 1, dtype=np.int32)
+    pos = seq_lens - 1
+    slots = table[np.arange(n), pos // bs].astype(np.int64) * bs + pos % bs
+    common = CommonAttentionMetadata(
+        num_reqs=n, num_actual_tokens=n, max_query_len=1, max_seq_len=int(seq_lens.max()), query_start_loc_np=qsl,
+        seq_lens_np=seq_lens, query_start_loc=torch.from_numpy(qsl).to(device),
+        seq_lens=torch.from_numpy(seq_lens).to(device), block_table=torch.from_numpy(table).to(device),
+        slot_mapping=torch.from_numpy(slots).to(device), block_size=bs)
+    md = backend.build_metadata(common)
+    layer = types.SimpleNamespace(num_heads=heads, num_kv_heads=kv_heads, head_dim=d, scale=d ** -0.5)
+    q = torch.randn(padded, heads * d, generator=gen).to(device, dtype)
+    k = torch.randn(padded, kv_heads * d, generator=gen).to(device, dtype)
+    v = torch.randn(padded, kv_heads * d, generator=gen).to(device, dtype)
+    expected = backend.forward(layer, q, k, v, kv.clone(), md)
+    buffer = torch.empty(padded, heads * d, dtype=dtype, device=device)
+    assert backend.forward(layer, q, k, v, kv.clone(), md, output=buffer).data_ptr() == buffer.data_ptr()
+    output = torch.full((padded, heads * d), 7.0, dtype=dtype, device=device)
+    with set_forward_context(ForwardContext(md, [kv], backend, {0: layer})):
+        run_attention(q, k, v, output, 0)
+    _close(output[:n], expected, dtype)
+    assert output[n:].eq(0).all()

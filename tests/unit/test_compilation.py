@@ -89,6 +89,12 @@ def test_split_gives_one_piece_per_layer_plus_one(tiny_folder, tmp_path):
     attention_calls = [n for n in compiled.graph.graph.nodes
                        if n.op == "call_module" and n.target in compiled.split.attention_names]
     assert len(attention_calls) == NUM_LAYERS
+    # Between the pieces attention runs eagerly, calling the op's body without torch's dispatcher.
+    from piston.compilation.attention_op import run_attention
+
+    for name in compiled.split.attention_names:
+        targets = [n.target for n in compiled.graph.get_submodule(name).graph.nodes if n.op == "call_function"]
+        assert run_attention in targets and torch.ops.piston.attention.default not in targets
 
 
 @pytest.mark.parametrize("tuple_return", [True, False], ids=["split_module-tuple_return", "wrapped-by-piston"])

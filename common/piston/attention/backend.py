@@ -30,8 +30,11 @@ class AttentionImpl(abc.ABC):
 
     @abc.abstractmethod
     def forward(self, layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: Any) -> torch.Tensor:
+                kv_cache: torch.Tensor, metadata: Any, output: torch.Tensor | None = None) -> torch.Tensor:
         """Write k/v at the slot mapping, then attend: returns [num_tokens, heads * head_dim].
 
-        ``layer`` carries num_heads, num_kv_heads, head_dim and scale.
+        ``layer`` carries num_heads, num_kv_heads, head_dim and scale. ``output``, when given,
+        is a contiguous [>= num_tokens, heads * head_dim] buffer of q's dtype (the compiled
+        model's): a backend may write its result into its first rows and return that view,
+        which saves the caller a copy; returning other memory is correct too.
         """

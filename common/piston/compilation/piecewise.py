@@ -25,7 +25,7 @@ from torch import fx, nn
 from torch.fx.passes.split_module import split_module
 
 from piston.attention.forward_context import ForwardContext, set_forward_context
-from piston.compilation.attention_op import is_attention_node
+from piston.compilation.attention_op import bypass_dispatcher, is_attention_node
 from piston.compilation.compile_cache import CompileCache, graph_key
 
 logger = logging.getLogger(__name__)
@@ -211,6 +211,8 @@ def trace_and_split(model: nn.Module, device: torch.device, attn_layers: dict[in
         for i, name in enumerate(piece_names):
             # Shadows the submodule (kept in _modules for inspection) in the split graph's calls.
             split.__dict__[name] = wrap_piece(i, compiled[name])
+        for name in attention_names:  # eager between the pieces: no dispatcher on the way
+            bypass_dispatcher(split.get_submodule(name))
         result.update(split=SplitModel(split, piece_names, attention_names,
                                        _input_plan(gm, example_inputs, input_ids, positions), stats,
                                        compile_seconds=time.perf_counter() - traced),

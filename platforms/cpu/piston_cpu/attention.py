@@ -132,7 +132,7 @@ class CpuAttention(AttentionImpl):
                                        common.block_table[row, :nblocks].long(), causal))
         return CpuAttentionMetadata(common.slot_mapping, common.num_actual_tokens, decodes, prefills)
 
-    def forward(self, layer, q, k, v, kv_cache, md: CpuAttentionMetadata) -> torch.Tensor:
+    def forward(self, layer, q, k, v, kv_cache, md: CpuAttentionMetadata, output=None) -> torch.Tensor:
         n = md.num_actual_tokens
         if md.kernel_rows is not None:  # writes k/v to the cache, then attends
             rows = md.kernel_rows

@@ -93,7 +93,7 @@ class FlashAttention(CudaAttentionBackend):
         super().__init__(num_heads, num_kv_heads, head_dim, num_sms, use_cascade)
         self.lib = lib
 
-    def forward(self, layer, q, k, v, kv_cache, md: CudaAttentionMetadata) -> torch.Tensor:
+    def forward(self, layer, q, k, v, kv_cache, md: CudaAttentionMetadata, output=None) -> torch.Tensor:
         n, q, key_cache, value_cache = self.write_step_kv(layer, q, k, v, kv_cache, md)
         h, d = layer.num_heads, layer.head_dim
         c = md.cascade

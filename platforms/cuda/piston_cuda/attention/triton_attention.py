@@ -22,10 +22,13 @@ class TritonAttention(CudaAttentionBackend):
     def num_splits(self, num_reqs: int, max_query_len: int, max_seq_len: int) -> int:
         return num_kv_splits(num_reqs, self.num_kv_heads, max_query_len, max_seq_len, self.num_sms)
 
-    def forward(self, layer, q, k, v, kv_cache, md: CudaAttentionMetadata) -> torch.Tensor:
+    def forward(self, layer, q, k, v, kv_cache, md: CudaAttentionMetadata, output=None) -> torch.Tensor:
         n, q, key_cache, value_cache = self.write_step_kv(layer, q, k, v, kv_cache, md)
         h, d = layer.num_heads, layer.head_dim
-        out = torch.empty((n, h, d), dtype=q.dtype, device=q.device)
+        if output is not None and output.dtype == q.dtype and output.is_contiguous():
+            out = output[:n].view(n, h, d)  # the kernels write the caller's buffer: no copy after
+        else:
+            out = torch.empty((n, h, d), dtype=q.dtype, device=q.device)
         c = md.cascade
         if c is None:
             paged_attention(q, key_cache, value_cache, out, md.block_table, md.query_start_loc, md.seq_lens,
