@@ -17,7 +17,8 @@
 #                and replays CUDA graphs by default, so this is the graph-captured path.
 #                Needs the SmolLM2 GGUF: $PISTON_DEFAULT_MODEL, else shared/models/ or
 #                models/ in this tree, else Piston's cache. Without it the stage FAILS.
-#                Each failure's traceback is printed when it happens (ci/pytest_report_now.py)
+#                First benchmarks/compile_drift.py measures how far compilation moves float32
+#                logprobs against the references' greedy margins. Each failure's traceback is printed when it happens (ci/pytest_report_now.py)
 #                and each test has CONFORMANCE_TEST_TIMEOUT seconds (default 240), so a run
 #                cut short still says why. CONFORMANCE_SELECT is passed to pytest -k.
 #   bench        on a Llama-3-8B-shaped model with random bfloat16 weights: `piston bench
@@ -162,6 +163,10 @@ if has_stage conformance; then
     if [ -z "$GGUF" ]; then
         fail conformance_cuda "no SmolLM2 GGUF: set PISTON_DEFAULT_MODEL or put it in shared/models/"
     else
+        # How far compilation moves float32 logprobs on this GPU, against the greedy margins.
+        timeout 240 "$PYTHON" benchmarks/compile_drift.py --model "$GGUF" --platform "$PLATFORM" \
+            > "$LOG_DIR/compile_drift.log" 2>&1 || fail compile_drift
+        grep -E "^RESULT|diverges" "$LOG_DIR/compile_drift.log"
         EXTRA=()
         "$PYTHON" -c "import pytest_timeout" 2>/dev/null && EXTRA+=(--timeout "${CONFORMANCE_TEST_TIMEOUT:-240}")
         [ -n "${CONFORMANCE_SELECT:-}" ] && EXTRA+=(-k "$CONFORMANCE_SELECT")
