@@ -30,9 +30,21 @@ from torch import nn
 logger = logging.getLogger(__name__.replace("piston_cpu", "piston.cpu", 1))
 
 # Up to this many rows, the kernel's one pass over each weight row beats torch's GEMM on
-# the model's matrices (python benchmarks/gemv_bandwidth.py: 2.4-3.6x at 1 row, 1.5x at 64,
-# 1.09x at 512, 1.04x at 1024); bigger prefill steps go to torch's blocked GEMM.
-MAX_KERNEL_ROWS = 512
+# the model's matrices; bigger steps go to torch's blocked GEMM. The kernel keeps a block
+# of 8 weight rows in L1 while it passes over the rows of x, which holds up to about 1024
+# inputs (32 KiB): past that (a down projection's 1536) the block spills to L2 for every
+# row of x and torch wins from 16 rows on. Measured kernel/torch time, 30 distinct
+# matrices streamed, 2 threads (python benchmarks/linear_dispatch.py):
+#   K=576,  N=960:  0.28 at 1 row, 0.58 at 8, 0.75 at 32, 0.86 at 64, 0.96 at 128, 1.02 at 256
+#   K=1536, N=576:  0.51 at 1 row, 0.72 at 8, 1.03 at 16, 1.31 at 32, 1.60 at 64, 1.92 at 256
+MAX_KERNEL_ROWS = 256
+LONG_K = 1024
+MAX_KERNEL_ROWS_LONG_K = 8
+
+
+def kernel_rows(in_features: int) -> int:
+    """The most rows of x the C++ linear takes for a weight with ``in_features`` inputs."""
+    return MAX_KERNEL_ROWS_LONG_K if in_features > LONG_K else MAX_KERNEL_ROWS
 # For packed weights the kernel (blocks of 8 rows decoded into a tile in L1, multiplied with
 # every row of x) is ahead of both the float32 kernel and torch's GEMM on SmolLM2's matrices
 # up to 512 rows of x and level with torch's GEMM at 1024 (2 threads, /tmp bench: 90 vs 120
@@ -45,7 +57,8 @@ def make_linear(ops: ModuleType):
     kernel = ops.linear
 
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] <= MAX_KERNEL_ROWS and x.stride(1) == 1 and x.dtype == torch.float32:
+        if (x.dim() == 2 and x.shape[0] <= kernel_rows(x.shape[1]) and x.stride(1) == 1
+                and x.dtype == torch.float32):
             return kernel(x, weight, bias)
         return F.linear(x, weight, bias)
 

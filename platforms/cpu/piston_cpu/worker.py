@@ -34,8 +34,9 @@ class CpuWorker(Worker):
         self.runner.load_model()
         if self.kernels is not None and self.runner.compiled is None:
             self.kernel_layers = layer_kernels.install(self.runner.model, self.kernels)
-            logger.info("CPU kernels: paged attention, and %d layers (linear up to %d rows, RMSNorm, RoPE, "
-                        "SiLU-and-mul).", self.kernel_layers, layer_kernels.MAX_KERNEL_ROWS)
+            logger.info("CPU kernels: paged attention, and %d layers (linear up to %d rows, %d past %d inputs; "
+                        "RMSNorm, RoPE, SiLU-and-mul).", self.kernel_layers, layer_kernels.MAX_KERNEL_ROWS,
+                        layer_kernels.MAX_KERNEL_ROWS_LONG_K, layer_kernels.LONG_K)
             if layer_kernels.int8_activations():
                 logger.info("PISTON_CPU_QUANT_ACTIVATIONS=int8: packed layers quantize up to 8 rows of "
                             "activations to int8 per 32 values (the 32-value GGUF formats).")
