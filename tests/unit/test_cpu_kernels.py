@@ -151,3 +151,24 @@ def test_engine_with_kernels_matches_torch_fallback(name, tiny_models, make_llm,
         assert oa.token_ids == ob.token_ids, a.prompt
         for step_a, step_b, token in zip(oa.logprobs, ob.logprobs, oa.token_ids):
             assert step_a[token].logprob == pytest.approx(step_b[token].logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1, 49152), (7, 13), (64, 1000), (3, 8)])
+def test_argmax_rows_equals_torch_argmax(ops, shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    assert torch.equal(ops.argmax_rows(x), x.argmax(dim=-1))
+
+
+def test_argmax_rows_keeps_torchs_ties_infinities_and_nans(ops):
+    x = torch.zeros(6, 21)
+    x[1, 3] = x[1, 17] = 1.0  # equal maxima: the first wins
+    x[2] = float("-inf")  # all -inf: index 0
+    x[3, 19] = x[3, 9] = float("nan")  # a NaN counts as the largest: the first NaN
+    x[4, 20] = 5.0  # in the scalar tail past the last 8-wide block
+    x[5, 2], x[5, 11] = -0.0, 0.0  # zeros of both signs compare equal
+    x[5] -= 1.0
+    x[5, 2], x[5, 11] = -0.0, 0.0
+    assert ops.argmax_rows(x).tolist() == x.argmax(dim=-1).tolist() == [0, 3, 0, 9, 20, 2]
+    rows = torch.randn(4, 40)[:, ::2]  # rows that are not contiguous: not the kernel's
+    with pytest.raises(RuntimeError, match="contiguous rows"):
+        ops.argmax_rows(rows)

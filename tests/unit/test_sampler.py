@@ -274,3 +274,25 @@ def test_logprobs_tolists_gives_the_wire_struct():
     assert isinstance(wire, Logprobs)
     assert wire.token_ids == [[0, 1]] and wire.ranks == [2]
     assert math.isclose(wire.logprobs[0][0], math.log(1 / (1 + math.e)), rel_tol=1e-5)
+
+
+def test_a_platforms_argmax_serves_greedy_rows_and_the_race():
+    """The CPU plugs its C++ argmax into Sampler.argmax: greedy rows and the exponential
+    race of the random rows both go through it, and the draws keep their distribution."""
+    from piston_cpu import kernels
+    from piston_cpu.layer_kernels import make_argmax
+
+    ops = kernels.load()
+    if ops is None:
+        pytest.skip(f"the CPU kernels cannot be built here: {kernels.unavailable_reason()}")
+    calls = []
+    fast = make_argmax(ops)
+    sampler = Sampler()
+    sampler.argmax = lambda x: calls.append(x.shape) or fast(x)
+    logits = torch.randn(6, 50)
+    out = sampler(logits.clone(), make_md(6, 50, temperature=[0.0, 1.0] * 3)).sampled_token_ids
+    assert calls == [(6, 50), (6, 50)]
+    assert torch.equal(out[0::2], logits[0::2].argmax(-1))
+    probs = torch.tensor([0.5, 0.3, 0.2])
+    tokens = sampler(probs.log().expand(20000, 3).clone(), make_md(20000, 3, temperature=1.0)).sampled_token_ids
+    assert chi_square(tokens, probs) < 13.8  # 2 degrees of freedom, p = 0.001

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -181,7 +181,12 @@ def apply_top_k_top_p(
     return logits.scatter_(-1, sorted_idx, sorted_logits)
 
 
-def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+def torch_argmax(x: torch.Tensor) -> torch.Tensor:
+    return x.argmax(dim=-1)
+
+
+def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator],
+                     argmax: Callable[[torch.Tensor], torch.Tensor] = torch_argmax) -> torch.Tensor:
     """argmax(probs / E) with E ~ Exponential(1): a sample from each row of probs.
 
     Unseeded rows share one batched draw; a seeded row draws from its own
@@ -192,7 +197,7 @@ def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]
         noise[row].exponential_(generator=generator)
     # exponential_ never draws 0 (its documented support is (0, inf)), so a token of
     # probability 0 (masked by a grammar, cut by top-k/top-p) never wins by 0/0 = NaN.
-    return probs.div_(noise).argmax(dim=-1)
+    return argmax(probs.div_(noise))
 
 
 def process_logits(logits: torch.Tensor, md: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -209,7 +214,15 @@ def process_logits(logits: torch.Tensor, md: SamplingMetadata) -> tuple[torch.Te
 
 
 class Sampler(nn.Module):
-    """Turns [B, V] logits into one token per row; see the module docstring for order."""
+    """Turns [B, V] logits into one token per row; see the module docstring for order.
+
+    ``argmax`` (rows of a float32 [B, V] matrix -> int64 [B], as ``torch.argmax(x, -1)``)
+    is where a platform plugs in a faster kernel (the CPU's reads at memory speed).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.argmax: Callable[[torch.Tensor], torch.Tensor] = torch_argmax
 
     def forward(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         """Sample one token per row. ``logits`` is used as scratch and modified in place."""
@@ -220,10 +233,9 @@ class Sampler(nn.Module):
             logprobs = gather_logprobs(raw_logprobs, md.max_num_logprobs, sampled)
         return SamplerOutput(sampled_token_ids=sampled, logprobs=logprobs)
 
-    @staticmethod
-    def sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         """Greedy rows take the argmax; random rows go through the filters and the race."""
-        greedy = None if md.all_random else logits.argmax(dim=-1)
+        greedy = None if md.all_random else self.argmax(logits)
         if md.all_greedy:
             return greedy
         is_greedy = md.temperature < _EPS
@@ -234,7 +246,7 @@ class Sampler(nn.Module):
             logits = apply_min_p(logits, md.min_p)
         logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
         probs = logits.softmax(dim=-1, dtype=torch.float32)
-        random = exponential_race(probs, md.generators)
+        random = exponential_race(probs, md.generators, self.argmax)
         if greedy is None:
             return random
         return torch.where(is_greedy, greedy, random)

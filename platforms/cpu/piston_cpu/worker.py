@@ -32,6 +32,8 @@ class CpuWorker(Worker):
 
     def load_model(self) -> None:
         self.runner.load_model()
+        if self.kernels is not None:
+            self.runner.sampler.argmax = layer_kernels.make_argmax(self.kernels)
         if self.kernels is not None and self.runner.compiled is None:
             self.kernel_layers = layer_kernels.install(self.runner.model, self.kernels)
             logger.info("CPU kernels: paged attention, and %d layers (linear up to %d rows, %d past %d inputs; "
