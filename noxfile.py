@@ -1,5 +1,5 @@
 """Nox sessions: lint, tests (unit), kernels-cuda-interpret, distributed, conformance-<platform>, bench,
-quant-accuracy and bench-quant.
+slow (the tests marked slow), quant-accuracy and bench-quant.
 
 Every install passes `-c constraints.txt`: an unpinned torch pulls a multi-GB CUDA build.
 Sessions use the interpreter nox runs under and reuse their virtualenvs between runs. The
@@ -135,6 +135,17 @@ def fuzz(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "tests/e2e/test_openapi_fuzz.py", "-q", "-s", *session.posargs,
                 env={"PISTON_PLATFORM": "cpu",
                      "PISTON_FUZZ_EXAMPLES": os.environ.get("PISTON_FUZZ_EXAMPLES", "200")})
+
+
+@nox.session
+def slow(session: nox.Session) -> None:
+    """The tests marked slow, left out of the default suite to keep it under 30 minutes:
+    on the CPU platform, then on the TPU plugin with its torch-free conformance run."""
+    _install(session, "cpu,tpu,dev,reference")
+    session.run("python", "-m", "pytest", "tests", "-q", "-m", "slow", "--run-slow", *session.posargs,
+                env={"PISTON_PLATFORM": "cpu"})
+    session.run("python", "-m", "pytest", "tests/conformance", "-q", "-m", "slow", "--run-slow", *session.posargs,
+                env={"PISTON_PLATFORM": "tpu"})
 
 
 @nox.session(name="quant-accuracy")

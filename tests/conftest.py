@@ -159,3 +159,20 @@ def call_with_deadline():
 
 def pytest_report_header(config) -> str:
     return f"PISTON_PLATFORM={os.environ.get('PISTON_PLATFORM', '(unset: auto)')}"
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (nox -s slow runs only those)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``slow`` (statistical runs of hundreds of requests, long compiles) are left
+    out of the default suite, which must stay under 30 minutes on 2 cores; ``nox -s slow``
+    (or ``--run-slow``) runs them."""
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with nox -s slow (or pytest --run-slow)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -131,6 +131,7 @@ def test_seeded_sampling_with_ngram_is_reproducible(make_llm, smollm2_path, smol
     assert llm.llm_engine.get_stats().spec_num_accepted_tokens > 0
 
 
+@pytest.mark.slow  # 600 requests per side, about 45 s on the CPU and a minute on the TPU plugin: nox -s slow
 def test_sampled_distribution_with_ngram_matches_without(make_llm, smollm2_path, smollm2_llm_kwargs):
     """Two-sample chi-square test of homogeneity on the 2nd to 4th sampled tokens (drafts
     decide those), 600 requests each way at temperature 0.8 on SmolLM2. Tokens seen fewer
