@@ -109,11 +109,10 @@ class CudaWorker(Worker):
         runner = self.runner
         if self.graphs_captured or runner.compiled is None or not runner.compiled.strategy.captures_graphs:
             return
-        torch.cuda.synchronize(self.device)
-        free_before = torch.cuda.mem_get_info(self.device)[0]
         if scratch_cache:
             runner.initialize_kv_cache(SCRATCH_BLOCKS)
-            free_before = torch.cuda.mem_get_info(self.device)[0]
+        torch.cuda.synchronize(self.device)
+        free_before = torch.cuda.mem_get_info(self.device)[0]
         runner.warm_up_attention()
         runner.capture_model()
         torch.cuda.synchronize(self.device)
