@@ -1,8 +1,13 @@
-"""Speculative decoding with n-gram drafts on an input-grounded workload, against the same
-engine without speculation, in one run.
+"""Speculative decoding with n-gram drafts (or a draft model) on an input-grounded workload,
+against the same engine without speculation, in one run.
 
     python benchmarks/spec_decode.py [--model MODEL] [--quantization none] [--k 4]
         [--output-len 256] [--batch-sizes 1,4,16,64] [--rounds 2]
+        [--method draft_model [--draft-model PATH] [--draft-quantization auto]]
+
+``--method draft_model`` drafts with a model instead; by default the target's own GGUF file
+with its weights kept packed (self-speculation: a float32 target checked against its Q4_1
+copy, llama.cpp's usual pairing of a model with a quantized draft).
 
 The workload is code editing, the classic case for prompt lookup: each prompt shows a
 function from Python's standard library (its source, so the text is fixed for a Python
@@ -90,18 +95,27 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch-sizes", default="1,4,16,64")
+    parser.add_argument("--method", default="ngram", choices=["ngram", "draft_model"])
+    parser.add_argument("--draft-model", default=None, help="draft_model: the draft (default: the target itself)")
+    parser.add_argument("--draft-quantization", default="auto",
+                        help="draft_model: how the draft's weights are held (auto: packed for a GGUF file)")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
 
     spec = dict(method="ngram", num_speculative_tokens=args.k, prompt_lookup_min=args.lookup_min,
                 prompt_lookup_max=args.lookup_max, disable_by_batch_size=0)
+    if args.method == "draft_model":
+        from piston.model_resolver import resolve_model
+
+        spec = dict(method="draft_model", model=args.draft_model or resolve_model(args.model),
+                    quantization=args.draft_quantization, num_speculative_tokens=args.k, disable_by_batch_size=0)
     common = dict(model=args.model, dtype="float32", quantization=args.quantization, max_model_len=2048,
                   kv_cache_memory="1GiB", seed=0)
     # The engine processes import the worst case's proposer from this folder.
     here = os.path.dirname(os.path.abspath(__file__))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
-    rejected = {**spec, "method": "rejected_drafts:RejectedDrafts"}
-    engines = {"plain": LLM(**common), "ngram": LLM(**common, speculative_config=spec),
+    rejected = {**spec, "method": "rejected_drafts:RejectedDrafts", "model": None, "quantization": None}
+    engines = {"plain": LLM(**common), args.method: LLM(**common, speculative_config=spec),
                "rejected": LLM(**common, speculative_config=rejected)}
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len)
     tok = engines["plain"].get_tokenizer()
@@ -114,10 +128,10 @@ def main() -> None:
     for r in range(args.rounds):
         res = {name: run(llm, batch, params, one_at_a_time=True) for name, llm in engines.items()
                if name != "rejected"}
-        assert res["plain"]["answers"] == res["ngram"]["answers"], "speculation changed a greedy answer"
-        p, s = res["plain"], res["ngram"]
+        assert res["plain"]["answers"] == res[args.method]["answers"], "speculation changed a greedy answer"
+        p, s = res["plain"], res[args.method]
         print(f"  round {r + 1}: plain {p['tok_s']:.1f} tok/s ({p['ms_per_decode_step']:.1f} ms/step), "
-              f"ngram {s['tok_s']:.1f} tok/s ({s['ms_per_decode_step']:.1f} ms/step, "
+              f"{args.method} {s['tok_s']:.1f} tok/s ({s['ms_per_decode_step']:.1f} ms/step, "
               f"{s['steps_per_token']:.2f} steps/token, mean acceptance length "
               f"{s['mean_acceptance_length']:.2f}, {s['accepted']}/{s['draft_tokens']} drafts accepted) "
               f"-> {s['tok_s'] / p['tok_s']:.2f}x")
@@ -131,10 +145,10 @@ def main() -> None:
         for llm in engines.values():  # every engine's prefix cache holds these prompts: the decode is timed
             llm.generate(many, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
         res = {name: run(llm, many, params, one_at_a_time=False) for name, llm in engines.items()}
-        assert res["plain"]["answers"] == res["ngram"]["answers"] == res["rejected"]["answers"], \
+        assert res["plain"]["answers"] == res[args.method]["answers"] == res["rejected"]["answers"], \
             "speculation changed a greedy answer"
-        p, s, w = res["plain"], res["ngram"], res["rejected"]
-        print(f"  {n:3d} requests: plain {p['tok_s']:.1f} tok/s, ngram {s['tok_s']:.1f} tok/s "
+        p, s, w = res["plain"], res[args.method], res["rejected"]
+        print(f"  {n:3d} requests: plain {p['tok_s']:.1f} tok/s, {args.method} {s['tok_s']:.1f} tok/s "
               f"(mean acceptance length {s['mean_acceptance_length'] or 0:.2f}) -> {s['tok_s'] / p['tok_s']:.2f}x; "
               f"drafts always rejected {w['tok_s']:.1f} tok/s ({w['drafts']} draft runs) "
               f"-> {w['tok_s'] / p['tok_s']:.2f}x")

@@ -58,6 +58,9 @@ class RemoteReference:
     def build_tiny_model(self, name: str, folder: str, tokenizer_gguf: str) -> str:
         return self._call("build_tiny_model", name, str(folder), tokenizer_gguf)
 
+    def build_truncated_model(self, src: str, folder: str, num_layers: int, tokenizer_gguf: str) -> str:
+        return self._call("build_truncated_model", src, str(folder), num_layers, tokenizer_gguf)
+
     def greedy(self, path: str, prompt: list[int], max_new_tokens: int) -> tuple[list[int], np.ndarray]:
         return self._call("greedy", path, list(prompt), max_new_tokens, returns_array=True)
 

@@ -125,6 +125,28 @@ def build_tiny_model(name: str, folder: str, tokenizer_gguf: str) -> str:
     return str(folder)
 
 
+def build_truncated_model(src: str, folder: str, num_layers: int, tokenizer_gguf: str) -> str:
+    """Write the first ``num_layers`` decoder layers of the model ``src`` (an HF folder or a
+    .gguf file), with its embeddings, final norm and head, as an HF folder in float32: a
+    draft model that shares the source's vocabulary and partly agrees with it."""
+    import copy
+
+    import transformers
+
+    model = load_hf_model(src)
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:num_layers]
+    draft = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, _ = draft.load_state_dict(model.state_dict(), strict=False)
+    assert not missing, missing
+    draft.generation_config = copy.deepcopy(model.generation_config)
+    draft.save_pretrained(folder, safe_serialization=True)
+    load_tokenizer(tokenizer_gguf).save_pretrained(folder)
+    return str(folder)
+
+
 @functools.lru_cache(maxsize=4)
 def load_hf_model(model_dir_or_gguf: str):
     """A float32 transformers model from an HF folder or a .gguf file (cached)."""
@@ -280,7 +302,8 @@ def serve() -> None:
     Request: {"call": name, "args": [...], "out": path-or-null}; a returned array is saved
     to ``out`` and the reply says so. Reply: {"result": ...} or {"error": text}.
     """
-    calls = {"build_tiny_model": build_tiny_model, "greedy": greedy, "prompt_logprobs": prompt_logprobs,
+    calls = {"build_tiny_model": build_tiny_model, "build_truncated_model": build_truncated_model,
+             "greedy": greedy, "prompt_logprobs": prompt_logprobs,
              "config": config, "constrained_greedy": constrained_greedy}
     reply_stream = sys.stdout
     sys.stdout = sys.stderr  # library prints must not corrupt the protocol

@@ -8,6 +8,10 @@
 - Logprobs: those of the target model (equal to the non-speculative run's).
 - Sampling: a seeded request repeats itself, and the distribution of sampled tokens with
   speculation equals the one without (a two-sample chi-square test).
+- Draft models: greedy tokens equal transformers' (tiny models) and the engine's own
+  without speculation (SmolLM2), drafted by the first layers of the target itself (its
+  embeddings, final norm and head kept): a draft that agrees with the target part of the
+  time, so drafts are accepted and rejected.
 
 Runs where the platform has speculative decoding (supports_speculative); elsewhere it
 skips, saying so.
@@ -24,12 +28,14 @@ from chi_square import chi2_sf
 from hf_reference import LONG_PROMPT, REFERENCE_PROMPTS, assert_no_near_ties, hf_config, hf_greedy
 from piston import SamplingParams
 from piston.hal.registry import get_platform
+from reference import reference
 
 MAX_TOKENS = 24
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
 NGRAM = dict(method="ngram", num_speculative_tokens=4, prompt_lookup_min=1, prompt_lookup_max=4,
              disable_by_batch_size=0)
 TINY_MODELS = ["llama", "qwen2", "qwen3"]
+DRAFT = dict(method="draft_model", num_speculative_tokens=4, disable_by_batch_size=0)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -49,6 +55,29 @@ def _assert_speculated(llm) -> None:
     stats = llm.llm_engine.get_stats()
     assert stats.spec_num_draft_tokens > 0, "no draft was checked"
     assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens, stats
+
+
+@pytest.fixture(scope="session")
+def truncated_model(tmp_path_factory, smollm2_path):
+    """Factory: ``truncated_model(path, n)`` -> an HF folder with the first n layers of the
+    model ``path`` (built once per session by transformers)."""
+    built: dict[tuple[str, int], str] = {}
+
+    def get(path: str, num_layers: int) -> str:
+        if (path, num_layers) not in built:
+            folder = tmp_path_factory.mktemp(f"draft-{num_layers}-layers")
+            built[path, num_layers] = reference().build_truncated_model(path, str(folder), num_layers, smollm2_path)
+        return built[path, num_layers]
+
+    return get
+
+
+@pytest.fixture(autouse=True)
+def _needs_draft_models(request):
+    if "draft_model" in request.node.name:
+        platform = get_platform(None)
+        if not platform.supports_draft_model:
+            pytest.skip(f"platform {platform.name} runs no draft models yet (supports_draft_model=False)")
 
 
 @pytest.fixture(scope="module")
@@ -80,16 +109,20 @@ def test_tiny_model_greedy_with_speculation_matches_hf(name, tiny_models, make_l
     assert stats.spec_num_draft_tokens > stats.spec_num_accepted_tokens > 100, stats
 
 
-@pytest.mark.parametrize("variant", ["default", "budget16_no_prefix_caching", "preemption"])
-def test_smollm2_greedy_with_ngram_matches_without(variant, baseline, make_llm, smollm2_path, smollm2_llm_kwargs):
-    kwargs = {**smollm2_llm_kwargs, "speculative_config": NGRAM}
-    if variant == "budget16_no_prefix_caching":  # chunked prefill, every prompt computed in full
+def _check_smollm2_variant(variant, speculative_config, baseline, make_llm, smollm2_path, smollm2_llm_kwargs,
+                           draft_layers: int = 0) -> None:
+    """Greedy tokens with speculation equal ``baseline``: "default"; "budget16_no_prefix_caching"
+    (chunked prefill, every prompt computed in full); "preemption" (16 blocks, one full
+    context, for a batch that needs ~60; a draft model's ``draft_layers`` share the blocks)."""
+    kwargs = {**smollm2_llm_kwargs, "speculative_config": speculative_config}
+    if variant == "budget16_no_prefix_caching":
         kwargs.update(max_num_batched_tokens=16, enable_prefix_caching=False)
     prompts, expected = REFERENCE_PROMPTS, baseline
-    if variant == "preemption":  # 16 blocks (one full context) for a batch that needs ~60
+    if variant == "preemption":
         config = hf_config(smollm2_path)
         head_dim = config["hidden_size"] // config["num_attention_heads"]
-        per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 4
+        layers = config["num_hidden_layers"] + draft_layers
+        per_token = 2 * layers * config["num_key_value_heads"] * head_dim * 4
         kwargs.update(kv_cache_memory=16 * 16 * per_token, max_model_len=256)
         prompts, expected = REFERENCE_PROMPTS * 2, baseline * 2
     llm = make_llm(smollm2_path, **kwargs)
@@ -97,6 +130,38 @@ def test_smollm2_greedy_with_ngram_matches_without(variant, baseline, make_llm, 
     _assert_speculated(llm)
     if variant == "preemption":
         assert llm.llm_engine.get_num_preemptions() > 0
+
+
+@pytest.mark.parametrize("variant", ["default", "budget16_no_prefix_caching", "preemption"])
+def test_smollm2_greedy_with_ngram_matches_without(variant, baseline, make_llm, smollm2_path, smollm2_llm_kwargs):
+    _check_smollm2_variant(variant, NGRAM, baseline, make_llm, smollm2_path, smollm2_llm_kwargs)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_tiny_model_greedy_with_draft_model_matches_hf(name, tiny_models, truncated_model, make_llm,
+                                                       smollm2_tokenizer):
+    """Drafts from the target's first layer, in a batch with chunked prefill (a 64-token
+    budget: prompts are computed over several steps, and the draft model catches up chunk
+    by chunk) and prefix caching."""
+    path = tiny_models(name)
+    prompts = REFERENCE_PROMPTS + [LONG_PROMPT]
+    prompt_ids = [smollm2_tokenizer(p).input_ids for p in prompts]
+    reference_out = hf_greedy(path, prompt_ids, MAX_TOKENS)
+    assert_no_near_ties(reference_out)
+    llm = make_llm(path, max_model_len=1024, kv_cache_memory="64MiB", seed=0, dtype="float32",
+                   max_num_batched_tokens=64, speculative_config={**DRAFT, "model": truncated_model(path, 1)})
+    assert _tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == [r.token_ids for r in reference_out]
+    _assert_speculated(llm)
+
+
+@pytest.mark.parametrize("variant", [pytest.param("default", marks=pytest.mark.slow),
+                                     pytest.param("budget16_no_prefix_caching", marks=pytest.mark.slow),
+                                     "preemption"])
+def test_smollm2_greedy_with_draft_model_matches_without(variant, baseline, make_llm, smollm2_path,
+                                                         smollm2_llm_kwargs, truncated_model):
+    """SmolLM2 drafted by its first 24 layers (of 30), in float32."""
+    config = {**DRAFT, "model": truncated_model(smollm2_path, 24)}
+    _check_smollm2_variant(variant, config, baseline, make_llm, smollm2_path, smollm2_llm_kwargs, draft_layers=24)
 
 
 def test_ngram_logprobs_are_the_target_models(smollm2_llm, make_llm, smollm2_path, smollm2_llm_kwargs):

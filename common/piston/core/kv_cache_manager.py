@@ -152,6 +152,18 @@ class KVCacheManager:
             return [b.block_id for b in computed] + [b.block_id for b in new_blocks]
         return [b.block_id for b in new_blocks]
 
+    def allocate_lookahead(self, request: "Request", num_tokens: int, keep_free: int) -> list[int]:
+        """Fresh blocks so that ``request`` holds slots for ``num_tokens`` tokens past its
+        computed ones, taken only when ``keep_free`` blocks stay free; their ids, or [] when
+        it needs none or they would crowd others out. (Speculative decoding by a draft model:
+        the draft's own passes write KV past the tokens a step schedules.)"""
+        need = self.num_new_blocks(request, num_tokens)
+        if need == 0 or need > self.block_pool.get_num_free_blocks() - keep_free:
+            return []
+        new_blocks = self.block_pool.get_new_blocks(need)
+        self.req_to_blocks[request.request_id].extend(new_blocks)
+        return [b.block_id for b in new_blocks]
+
     def num_new_blocks(self, request: "Request", num_new_tokens: int) -> int:
         """How many fresh blocks ``allocate_slots(request, num_new_tokens)`` would take."""
         num_total = request.num_computed_tokens + num_new_tokens

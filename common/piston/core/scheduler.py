@@ -81,6 +81,9 @@ class Scheduler:
         self.spec_disable_batch_size = (spec.disable_by_batch_size or 0) if spec is not None else 0
         self.spec_num_drafts = self.spec_num_draft_tokens = self.spec_num_accepted = 0
         self.spec_accepted_per_pos = [0] * self.num_spec_tokens
+        # A draft model writes KV for its drafts past the step's tokens: a sampling request
+        # gets that many more slots when blocks are spare (never at another's expense).
+        self.num_lookahead_tokens = self.num_spec_tokens if spec is not None and spec.uses_draft_model else 0
 
     def make_policy(self, name: str) -> SchedulingPolicy:
         """The policy for ``SchedulerConfig.policy``; a ``module:Class`` name gets FCFS.
@@ -230,6 +233,7 @@ class Scheduler:
                     break
             if block_ids is None:
                 continue  # the request preempted itself: it was the last running one
+            block_ids = block_ids + self._lookahead(request, num_new, i)
             num_scheduled[request.request_id] = num_new
             budget -= num_new
             if catching_up:
@@ -280,6 +284,21 @@ class Scheduler:
                 request.first_scheduled_time = now
         return output
 
+    def _lookahead(self, request: Request, num_new: int, served: int) -> list[int]:
+        """Blocks for the draft model's lookahead slots of ``request`` (scheduled ``num_new``
+        tokens, not yet counted as computed), when it samples this step, no request waits
+        (blocks go to admitting it first), and blocks are spare after one for each running
+        request after ``running[served]``. Without them a request drafts only as far as its
+        blocks reach."""
+        if (not self.num_lookahead_tokens or self.waiting
+                or request.num_computed_tokens + num_new < request.num_tokens):
+            return []
+        extra = min(self.num_lookahead_tokens, self.max_model_len - request.num_computed_tokens - num_new)
+        if extra <= 0:
+            return []
+        keep_free = max(len(self.running) - served - 1, 0)
+        return self.kv_cache_manager.allocate_lookahead(request, num_new + extra, keep_free)
+
     def _drafts_crowd_out(self, request: Request, num_new: int, remaining: int, served: int) -> bool:
         """Whether the blocks ``request``'s drafts would take leave too few for the running
         requests after ``running[served]`` to grow by one block each: drafts must never cost
@@ -319,6 +338,7 @@ class Scheduler:
         self.waiting.remove(request)
         request.status = RequestStatus.RUNNING
         request.num_computed_tokens = num_hit
+        self._lookahead(request, num_new, num_served - 1)
         if request.num_cached_tokens < 0:
             request.num_cached_tokens = num_hit
         return num_new

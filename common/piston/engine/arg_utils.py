@@ -208,8 +208,39 @@ class EngineArgs:
             mode="eager" if self.enforce_eager else self.compilation_mode,
             capture_sizes=sorted(set(self.capture_sizes)) if self.capture_sizes else None,
             cache_dir=self.compilation_cache_dir)
+        spec = SpeculativeConfig.from_value(self.speculative_config)
+        if spec is not None and spec.uses_draft_model:
+            spec.draft_model_config = self._draft_model_config(spec, mc)
         return EngineConfig(mc, cache, sched, parallel, compilation,
                             StructuredOutputsConfig(self.structured_outputs_backend),
-                            speculative_config=SpeculativeConfig.from_value(self.speculative_config),
-                            platform=self.platform or "")
+                            speculative_config=spec, platform=self.platform or "")
+
+    def _draft_model_config(self, spec: SpeculativeConfig, target: ModelConfig) -> ModelConfig:
+        """The draft model's ModelConfig: the target's dtype, context and seed; ValueError
+        when it cannot draft for the target (another vocabulary, a shorter context, TP)."""
+        from piston.checkpoint.checkpoint_reader import read_hf_config
+        from piston.checkpoint.packed import resolve_quantization
+        from piston.model_resolver import resolve_model
+
+        if self.tensor_parallel_size > 1:
+            raise ValueError("speculative_config: method draft_model runs with tensor_parallel_size=1 only, got "
+                             f"{self.tensor_parallel_size}.")
+        try:
+            path = resolve_model(spec.model)
+            hf_config = read_hf_config(path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"speculative_config.model={spec.model!r}: {e}") from e
+        draft = ModelConfig(model=spec.model, path=path, dtype=target.dtype, seed=target.seed,
+                            load_format=self.load_format, enforce_eager=True, hf_config=hf_config,
+                            max_model_len=target.max_model_len)
+        draft.quantization = resolve_quantization(spec.quantization or "auto", path)
+        if draft.vocab_size > target.vocab_size:
+            raise ValueError(f"speculative_config.model={spec.model!r}: its vocabulary ({draft.vocab_size} tokens) "
+                             f"is larger than the target model's ({target.vocab_size}); a draft model must "
+                             "share the target's tokenizer.")
+        native = native_context_length(hf_config)
+        if native < target.max_model_len:
+            raise ValueError(f"speculative_config.model={spec.model!r}: its context length {native} is shorter "
+                             f"than max_model_len={target.max_model_len}; lower max_model_len.")
+        return draft
 

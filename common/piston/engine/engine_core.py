@@ -55,6 +55,10 @@ class EngineCore:
         platform.check_and_update_config(config)
         if config.speculative_config is not None and not platform.supports_speculative:
             raise ValueError(f"speculative_config: the {platform.name} platform has no speculative decoding yet.")
+        if (config.speculative_config is not None and config.speculative_config.uses_draft_model
+                and not platform.supports_draft_model):
+            raise ValueError(f"speculative_config: the {platform.name} platform cannot run draft models yet "
+                             "(method draft_model).")
         if config.speculative_config is not None and ":" in config.speculative_config.method:
             proposer_class(config.speculative_config.method)  # a bad name fails here, before any worker
         tp = config.parallel_config.tensor_parallel_size
@@ -285,4 +289,5 @@ def _describe_speculation(config: EngineConfig) -> str:
     if spec is None:
         return ""
     off = f", off above {spec.disable_by_batch_size} running requests" if spec.disable_by_batch_size else ""
-    return f", speculative decoding {spec.method} with {spec.num_speculative_tokens} drafts{off}"
+    model = f" ({spec.model})" if spec.uses_draft_model else ""
+    return f", speculative decoding {spec.method}{model} with {spec.num_speculative_tokens} drafts{off}"

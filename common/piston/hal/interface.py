@@ -60,6 +60,10 @@ Interface version history:
      out the positions and runs the proposer. ``check_and_update_config`` may fill in
      ``SpeculativeConfig.disable_by_batch_size`` (left None: speculation is never skipped).
      Without the flag the engine rejects ``speculative_config`` with a clear error.
+  8: draft models. A platform with ``supports_draft_model`` has its model runner load
+     ``SpeculativeConfig.draft_model_config`` next to the target, count the draft's KV
+     layers in ``kv_cache_bytes_per_block`` (they live in the target's blocks) and
+     implement ``draft_forward`` (piston.step.draft_proposer decides its passes).
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ if TYPE_CHECKING:
     from piston.step.runner_output import ModelRunnerOutput
     from piston.step.scheduler_output import SchedulerOutput
 
-PLATFORM_INTERFACE_VERSION = 7
+PLATFORM_INTERFACE_VERSION = 8
 
 
 class Platform(abc.ABC):
@@ -91,6 +95,8 @@ class Platform(abc.ABC):
     supports_kv_offload: bool = False
     #: Whether its model runner implements ``sample_speculative`` (see the version 7 note).
     supports_speculative: bool = False
+    #: Whether its model runner runs draft models (``draft_forward``; see the version 8 note).
+    supports_draft_model: bool = False
 
     @classmethod
     @abc.abstractmethod

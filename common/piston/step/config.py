@@ -204,7 +204,9 @@ class StructuredOutputsConfig:
     backend: str = "auto"
 
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+# Filled in by the engine, never by the user.
+_INTERNAL_SPECULATIVE_FIELDS = ("draft_model_config",)
 
 
 @dataclass
@@ -216,18 +218,31 @@ class SpeculativeConfig:
 
     ``method`` "ngram" (prompt lookup, no model): the longest n-gram, ``prompt_lookup_max``
     down to ``prompt_lookup_min`` tokens, that ends the sequence and occurred earlier in it
-    proposes the tokens that followed its latest earlier occurrence. "module:Class": a custom
-    proposer (piston.step.proposer).
+    proposes the tokens that followed its latest earlier occurrence. "draft_model": a smaller
+    model with the target's vocabulary (``model``), run by the same workers with its own KV
+    cache layers in the target's blocks, drafts greedily (piston.step.draft_proposer).
+    "module:Class": a custom proposer (piston.step.proposer).
     """
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
     model: str | None = None  # the draft model (draft_model, eagle); unused by ngram
+    # How the draft model's weights are held (ModelConfig.quantization): "auto" is "gguf" for
+    # a .gguf file; "none" dequantizes.
+    quantization: str | None = None
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 5
     # Speculation is skipped in steps with more running requests than this (where checking
     # drafts costs more than it saves); None: the platform's choice, 0: never skipped.
     disable_by_batch_size: int | None = None
+    # The draft model resolved (EngineArgs.create_engine_config), for draft_model.
+    draft_model_config: ModelConfig | None = None
+
+    @property
+    def uses_draft_model(self) -> bool:
+        """Whether a model drafts (its KV cache shares the target's blocks, and each request
+        needs KV slots past its scheduled tokens for the drafts' own passes)."""
+        return self.method == "draft_model"
 
     @classmethod
     def from_value(cls, value: "SpeculativeConfig | dict | str | None") -> "SpeculativeConfig | None":
@@ -244,7 +259,7 @@ class SpeculativeConfig:
                 raise ValueError(f"speculative_config is not valid JSON: {e}.") from None
         if not isinstance(value, dict):
             raise ValueError(f"speculative_config must be a JSON object, got {type(value).__name__}.")
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} - set(_INTERNAL_SPECULATIVE_FIELDS)
         unknown = sorted(set(value) - names)
         if unknown:
             raise ValueError(f"speculative_config: unknown field(s) {unknown}; known: {sorted(names)}.")
@@ -255,8 +270,14 @@ class SpeculativeConfig:
     def validate(self) -> None:
         if not isinstance(self.method, str) or (self.method not in SPECULATIVE_METHODS and ":" not in self.method):
             raise ValueError(f"speculative_config.method must be one of {list(SPECULATIVE_METHODS)} or "
-                             f"module:Class of a custom proposer, got {self.method!r} (draft_model and eagle "
-                             "are not implemented yet).")
+                             f"module:Class of a custom proposer, got {self.method!r} (eagle is not implemented "
+                             "yet).")
+        if self.uses_draft_model and not (isinstance(self.model, str) and self.model):
+            raise ValueError('speculative_config.model is required for method "draft_model": the draft '
+                             "model's folder, .gguf file or name.")
+        if self.quantization not in (None, "auto", "gguf", "int8", "none"):
+            raise ValueError(f"speculative_config.quantization must be auto, gguf, int8 or none, got "
+                             f"{self.quantization!r}.")
         for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

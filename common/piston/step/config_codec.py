@@ -1,8 +1,9 @@
 """The EngineConfig as bytes, for the engine and worker processes (JSON, never pickle).
 
-The model's Hugging Face config travels inside, complete (defaults included), and comes
-out as a PlainConfig: a child process neither re-reads the checkpoint (a GGUF file's
-metadata takes seconds to parse) nor imports transformers to rebuild a config class.
+The model's Hugging Face config (and a draft model's) travels inside, complete (defaults
+included), and comes out as a PlainConfig: a child process neither re-reads the checkpoint
+(a GGUF file's metadata takes seconds to parse) nor imports transformers to rebuild a
+config class.
 """
 
 from __future__ import annotations
@@ -19,11 +20,21 @@ from piston.step.plain_config import PlainConfig
 def encode_engine_config(config: EngineConfig) -> bytes:
     hf = config.model_config.hf_config
     mc = dataclasses.replace(config.model_config, hf_config=None)
+    spec, draft_hf = config.speculative_config, None
+    if spec is not None and spec.draft_model_config is not None:
+        draft_hf = spec.draft_model_config.hf_config
+        spec = dataclasses.replace(spec, draft_model_config=dataclasses.replace(spec.draft_model_config,
+                                                                                hf_config=None))
     payload = {
-        "config": msgspec.to_builtins(dataclasses.replace(config, model_config=mc)),
-        "hf_config": None if hf is None else json.loads(hf.to_json_string(use_diff=False)),
+        "config": msgspec.to_builtins(dataclasses.replace(config, model_config=mc, speculative_config=spec)),
+        "hf_config": _hf_json(hf),
+        "draft_hf_config": _hf_json(draft_hf),
     }
     return msgspec.json.encode(payload)
+
+
+def _hf_json(hf) -> dict | None:
+    return None if hf is None else json.loads(hf.to_json_string(use_diff=False))
 
 
 def decode_engine_config(data: bytes) -> EngineConfig:
@@ -33,4 +44,7 @@ def decode_engine_config(data: bytes) -> EngineConfig:
     hf = payload["hf_config"]
     if hf is not None:
         config.model_config.hf_config = PlainConfig(hf)
+    draft_hf = payload.get("draft_hf_config")
+    if draft_hf is not None:
+        config.speculative_config.draft_model_config.hf_config = PlainConfig(draft_hf)
     return config

@@ -26,6 +26,11 @@ class RunnerRequestState:
     eos_token_id: int | None
     # Platform state tied to the request (the torch runner's seeded generator).
     generator: Any = None
+    # Speculative decoding by a draft model: the leading tokens whose KV the draft model
+    # holds (piston.step.draft_proposer).
+    draft_num_computed: int = 0
+    # ... and the drafts it wrote KV for after them, at the last proposal.
+    drafted: tuple[int, ...] = ()
 
 
 class ScheduledTokens(NamedTuple):
@@ -116,7 +121,8 @@ class InputBatch:
 
     def add_request(self, new: NewRequestData) -> RunnerRequestState:
         """Place a new (or resumed) request in the first free row."""
-        state = RunnerRequestState(new.req_id, new.prompt_token_ids, new.sampling_params, new.eos_token_id)
+        state = RunnerRequestState(new.req_id, new.prompt_token_ids, new.sampling_params, new.eos_token_id,
+                                   draft_num_computed=new.num_computed_tokens)
         if None in self.req_ids:
             row = self.req_ids.index(None)
         else:
@@ -219,16 +225,24 @@ class InputBatch:
         num_sched = np.fromiter(num_scheduled_tokens.values(), dtype=np.int64, count=len(rows))
         order = np.argsort(rows, kind="stable")
         rows, num_sched = rows[order], num_sched[order]
-        cu = np.cumsum(num_sched)
-        req_idx = np.repeat(np.arange(len(rows)), num_sched)
         computed = self.num_computed_tokens[rows]
-        offsets = np.arange(int(cu[-1]) if len(cu) else 0) - np.repeat(cu - num_sched, num_sched)
-        positions = computed[req_idx] + offsets
+        return self.schedule_spans(rows, computed, num_sched, computed + num_sched >= self.num_tokens[rows],
+                                   block_size)
+
+    def schedule_spans(self, rows: np.ndarray, start: np.ndarray, count: np.ndarray, sample: np.ndarray,
+                       block_size: int) -> ScheduledTokens:
+        """ScheduledTokens for tokens ``start[i]`` to ``start[i] + count[i]`` of each of
+        ``rows`` (ascending, distinct; their ids are read from ``token_ids``), where the
+        rows with ``sample[i]`` give a hidden state at their last token."""
+        cu = np.cumsum(count)
+        req_idx = np.repeat(np.arange(len(rows)), count)
+        offsets = np.arange(int(cu[-1]) if len(cu) else 0) - np.repeat(cu - count, count)
+        positions = start[req_idx] + offsets
         token_rows = rows[req_idx]
         block_numbers = self.block_table[token_rows, positions // block_size]
-        sampling = np.flatnonzero(computed + num_sched >= self.num_tokens[rows])
+        sampling = np.flatnonzero(sample)
         logits_indices = cu[sampling] - 1
-        return ScheduledTokens(rows, num_sched, cu, computed, req_idx, positions, token_rows, block_numbers,
+        return ScheduledTokens(rows, count, cu, start, req_idx, positions, token_rows, block_numbers,
                                sampling, logits_indices)
 
     def padded_token_ids(self, rows: np.ndarray, outputs: bool, pad: int, extra: np.ndarray | None = None

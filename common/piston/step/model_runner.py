@@ -18,7 +18,8 @@ A platform's runner implements only ``forward``, ``prompt_logprobs`` and ``sampl
 With speculative decoding (``EngineConfig.speculative_config``) the scheduler's drafts are
 written after each request's tokens before step 2, step 5 is ``sample_speculative`` (a
 rejection sampler over every draft position, SpecDecodeBatch), a request may append
-several tokens, and the proposer drafts the next step's tokens after step 6.
+several tokens, and the proposer drafts the next step's tokens after step 6 (a draft
+model through the platform's ``draft_forward``).
 
 Faults: an exception in a stage that serves named requests becomes a RequestFailedError
 naming them (a new request's set-up: that request; the forward pass: the step's requests;
@@ -62,7 +63,13 @@ class ModelRunner(abc.ABC):
         if spec is not None:
             from piston.step.proposer import make_proposer
 
-            self.proposer = make_proposer(spec)
+            if spec.uses_draft_model:
+                from piston.step.draft_proposer import DraftModelProposer
+
+                self.proposer = DraftModelProposer(spec, self.draft_forward, self.block_size, self.max_model_len,
+                                                   sc.max_num_batched_tokens)
+            else:
+                self.proposer = make_proposer(spec)
             self.proposer_k = spec.num_speculative_tokens
             self.spec_disable_batch_size = spec.disable_by_batch_size or 0
 
@@ -104,6 +111,13 @@ class ModelRunner(abc.ABC):
         tokens and sampled ones the target's distribution; logprobs (rows of k_max + 1) for
         every returned token, in order, when ``sampling.max_num_logprobs`` is set."""
         raise NotImplementedError(f"{type(self).__name__} has no speculative decoding.")
+
+    def draft_forward(self, scheduled: ScheduledTokens) -> np.ndarray:
+        """Speculative decoding by a draft model (platforms with ``supports_draft_model``):
+        run the draft model over ``scheduled`` (its KV cache layers share the target's
+        blocks) and return the argmax of its logits at each of ``scheduled.logits_indices``
+        (piston.step.draft_proposer decides the passes)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run a draft model.")
 
     def apply_kv_transfer(self, transfer: KVTransfer | list) -> None:
         """Carry out offload orders outside a step (the engine's last ones, at shutdown)."""
@@ -181,12 +195,12 @@ class ModelRunner(abc.ABC):
                                      sampled_token_ids=[[t] for t in tokens.tolist()] + empty,
                                      logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         batch.append_token_lists(sample_rows, token_lists)
-        proposed = self._propose(sample_rows)
+        proposed = self._propose(sample_rows, scheduled)
         return ModelRunnerOutput(req_ids=req_ids + chunk_only, sampled_token_ids=token_lists + empty,
                                  logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                                  spec_token_ids=proposed + empty if proposed else [])
 
-    def _propose(self, rows: np.ndarray) -> list[list[int]]:
+    def _propose(self, rows: np.ndarray, scheduled: ScheduledTokens) -> list[list[int]]:
         """The proposer's drafts for ``rows`` (none for structured outputs, whose grammar
         the drafts would bypass, nor above ``disable_by_batch_size`` running requests)."""
         batch = self.batch
@@ -197,7 +211,9 @@ class ModelRunner(abc.ABC):
         k, vocab = self.proposer_k, self.vocab_size
         # At most k drafts each, cut at the first id outside the vocabulary (a custom proposer's).
         drafts = [d[:next((j for j, t in enumerate(d[:k]) if not 0 <= t < vocab), k)]
-                  for d in self.proposer.propose(batch, rows[keep])]
+                  for d in (self.proposer.propose(batch, rows[keep], scheduled)
+                            if getattr(self.proposer, "wants_scheduled", False)
+                            else self.proposer.propose(batch, rows[keep]))]
         if keep.all():
             return drafts if any(drafts) else []
         out: list[list[int]] = [[] for _ in range(len(rows))]

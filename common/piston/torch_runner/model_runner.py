@@ -95,6 +95,12 @@ class TorchModelRunner(ModelRunner):
         self.default_compilation_mode = "eager"
         self.compiled: CompiledModel | None = None
         self.weight_memory: WeightMemory | None = None  # made at the first sleep
+        # Speculative decoding by a draft model: the model, its attention layers, and its KV
+        # cache layers, which follow the target's in ``kv_caches`` (same blocks).
+        spec = config.speculative_config
+        self.draft_config = spec.draft_model_config if spec is not None and spec.uses_draft_model else None
+        self.draft_model: torch.nn.Module | None = None
+        self.draft_attn_layers: dict = {}
 
     # ----- set-up -----------------------------------------------------------------
 
@@ -105,6 +111,9 @@ class TorchModelRunner(ModelRunner):
         self.attn_layers = attention_layers(self.model)
         self.compiled = compile_model(self.model, self.config, self.device, self.attn_layers,
                                       self.capture_strategy, self.default_compilation_mode)
+        if self.draft_config is not None:  # eager: its passes are small and few
+            self.draft_model = load_model(self.draft_config, device=self.device)
+            self.draft_attn_layers = attention_layers(self.draft_model)
 
     def capture_model(self) -> None:
         """Capture graphs for every capture size (after initialize_kv_cache); a no-op when the
@@ -124,13 +133,18 @@ class TorchModelRunner(ModelRunner):
             self.compiled(ids, positions)
 
     def kv_cache_bytes_per_block(self) -> int:
-        return self.config.model_config.kv_bytes_per_block(self.block_size, self.num_kv_heads)
+        target = self.config.model_config.kv_bytes_per_block(self.block_size, self.num_kv_heads)
+        return target + (self.draft_config.kv_bytes_per_block(self.block_size) if self.draft_config else 0)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         shape = self.attn_impl.kv_cache_shape(num_blocks, self.block_size, self.num_kv_heads,
                                               self.head_dim)
         # Zeros: padded reads of unused slots must be finite so masking can remove them.
         self.kv_caches = [zeros(shape, self.dtype, self.device) for _ in range(self.num_layers)]
+        if self.draft_config is not None:
+            d = self.draft_config
+            shape = self.attn_impl.kv_cache_shape(num_blocks, self.block_size, d.num_kv_heads, d.head_dim)
+            self.kv_caches += [zeros(shape, self.dtype, self.device) for _ in range(d.num_layers)]
 
     # ----- the KV offload tier: blocks as raw bytes -----------------------------------------
 
@@ -155,32 +169,36 @@ class TorchModelRunner(ModelRunner):
     def write_kv_blocks(self, block_ids: np.ndarray, data: np.ndarray) -> None:
         ids = torch.from_numpy(block_ids).to(self.device)
         axis, n = self._block_axis, len(block_ids)
-        values = torch.from_numpy(np.ascontiguousarray(data)).to(self.device).view(self.dtype)
-        values = values.reshape(n, len(self.kv_caches), -1)
-        for layer, kv in enumerate(self.kv_caches):
+        values = torch.from_numpy(np.ascontiguousarray(data)).to(self.device).view(self.dtype).reshape(n, -1)
+        offset = 0
+        for kv in self.kv_caches:  # the target's layers, then a draft model's (other shapes)
             block_shape = [d for i, d in enumerate(kv.shape) if i != axis]
-            kv.index_copy_(axis, ids, values[:, layer].reshape(n, *block_shape).movedim(0, axis))
+            size = int(np.prod(block_shape))
+            layer = values[:, offset:offset + size]
+            kv.index_copy_(axis, ids, layer.reshape(n, *block_shape).movedim(0, axis))
+            offset += size
 
     # ----- sleep mode and weight updates (the Worker's interface version 6) ----------------
 
     def release_weights(self, keep: str | None) -> int:
         """Free the weights' memory, keeping a copy in ``keep`` ("host", "file" or None);
         returns the bytes freed."""
-        if self.weight_memory is None:
-            self.weight_memory = WeightMemory(self.model)
+        if self.weight_memory is None:  # a draft model's weights sleep with the target's
+            models = self.model if self.draft_model is None else torch.nn.ModuleList([self.model, self.draft_model])
+            self.weight_memory = WeightMemory(models)
         return self.weight_memory.release(keep)
 
     def restore_weights(self) -> None:
         """Give the weights their memory back: from the kept copy, else from the checkpoint."""
-        from piston.models.loader import reload_weights
-
         if self.weight_memory is not None and not self.weight_memory.restore():
-            reload_weights(self.model, self.config.model_config)
+            self.reload_weights()
 
     def reload_weights(self) -> None:
         from piston.models.loader import reload_weights
 
         reload_weights(self.model, self.config.model_config)
+        if self.draft_model is not None:
+            reload_weights(self.draft_model, self.draft_config)
 
     @torch.no_grad()
     def update_weights(self, weights: list) -> int:
@@ -247,6 +265,27 @@ class TorchModelRunner(ModelRunner):
 
     @torch.inference_mode()
     def forward(self, scheduled: ScheduledTokens, scheduler_output: SchedulerOutput) -> torch.Tensor:
+        ids, positions, ctx = self._step_inputs(scheduled, self.kv_caches[:self.num_layers], self.attn_layers,
+                                                scheduler_output.num_common_prefix_blocks)
+        self._flush_to_device()
+        model = self.model if self.compiled is None else self.compiled  # pads to a capture size itself
+        with set_forward_context(ctx):
+            return model(ids, positions)
+
+    @torch.inference_mode()
+    def draft_forward(self, scheduled: ScheduledTokens) -> np.ndarray:
+        ids, positions, ctx = self._step_inputs(scheduled, self.kv_caches[self.num_layers:],
+                                                self.draft_attn_layers, 0)
+        (index,) = self._to_device(scheduled.logits_indices.astype(np.int64))
+        self._flush_to_device()
+        with set_forward_context(ctx):
+            hidden = self.draft_model(ids, positions)
+        return self.sampler.argmax(self.draft_model.compute_logits(hidden[index])).cpu().numpy()
+
+    def _step_inputs(self, scheduled: ScheduledTokens, kv_caches: list[torch.Tensor], attn_layers: dict,
+                     num_common_prefix_blocks: int) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
+        """Token ids, positions and the forward context of ``scheduled`` (staged: flush
+        before use) for the model whose attention layers and KV cache layers are given."""
         batch, positions = self.batch, scheduled.positions
         input_ids = batch.token_ids[scheduled.token_rows, positions]
         slot_mapping = scheduled.block_numbers.astype(np.int64) * self.block_size + positions % self.block_size
@@ -261,13 +300,9 @@ class TorchModelRunner(ModelRunner):
             max_query_len=int(scheduled.num_scheduled.max()), max_seq_len=int(seq_lens.max()),
             query_start_loc_np=query_start_loc, seq_lens_np=seq_lens, query_start_loc=qsl_t,
             seq_lens=seq_lens_t, block_table=block_table_t, slot_mapping=slot_mapping_t,
-            block_size=self.block_size, num_common_prefix_blocks=scheduler_output.num_common_prefix_blocks)
-        ctx = ForwardContext(self.attn_impl.build_metadata(common), self.kv_caches, self.attn_impl,
-                             self.attn_layers)
-        self._flush_to_device()
-        model = self.model if self.compiled is None else self.compiled  # pads to a capture size itself
-        with set_forward_context(ctx):
-            return model(input_ids_t, positions_t)
+            block_size=self.block_size, num_common_prefix_blocks=num_common_prefix_blocks)
+        ctx = ForwardContext(self.attn_impl.build_metadata(common), kv_caches, self.attn_impl, attn_layers)
+        return input_ids_t, positions_t, ctx
 
     @torch.inference_mode()
     def prompt_logprobs(self, hidden: torch.Tensor, token_indices: np.ndarray, targets: np.ndarray,

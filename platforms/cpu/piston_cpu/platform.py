@@ -31,6 +31,7 @@ class CpuPlatform(Platform):
     name = "cpu"
     supports_kv_offload = True
     supports_speculative = True
+    supports_draft_model = True
 
     @classmethod
     def is_available(cls) -> bool:

@@ -34,6 +34,8 @@ class CpuWorker(Worker):
         self.runner.load_model()
         if self.kernels is not None:
             self.runner.sampler.argmax = layer_kernels.make_argmax(self.kernels)
+        if self.kernels is not None and self.runner.draft_model is not None:
+            layer_kernels.install(self.runner.draft_model, self.kernels)
         if self.kernels is not None and self.runner.compiled is None:
             self.kernel_layers = layer_kernels.install(self.runner.model, self.kernels)
             logger.info("CPU kernels: paged attention, and %d layers (linear up to %d rows, %d past %d inputs; "

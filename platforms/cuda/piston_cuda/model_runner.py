@@ -54,6 +54,10 @@ class CudaModelRunner(TorchModelRunner):
         self.staging.reset()
         return super().execute_model(scheduler_output)
 
+    def draft_forward(self, scheduled):
+        self.staging.reset()  # the last pass's copies are done: its tokens came back to the host
+        return super().draft_forward(scheduled)
+
     # ----- start-up ---------------------------------------------------------------
 
     @torch.inference_mode()

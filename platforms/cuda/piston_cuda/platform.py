@@ -22,6 +22,7 @@ class CudaPlatform(Platform):
     name = "cuda"
     supports_kv_offload = True
     supports_speculative = True
+    supports_draft_model = True
 
     @classmethod
     def is_available(cls) -> bool:

@@ -31,6 +31,7 @@ from piston.step.spec_decode import SpecDecodeBatch
 from piston_tpu import buckets, sampler
 from piston_tpu.attention import choose_attention, make_attention, page_table_multiple
 from piston_tpu.compilation_cache import enable_compilation_cache
+from piston_tpu.draft_model import DraftModel
 from piston_tpu.kv_cache import kv_cache_shape
 from piston_tpu.model import LlamaSpec
 from piston_tpu.programs import ModelPrograms
@@ -78,6 +79,10 @@ class JaxModelRunner(ModelRunner):
         self.inputs: StepInputBuilder | None = None
         self.detector = RecompileDetector().__enter__()
         self.step_count = 0
+        spec = config.speculative_config
+        self.draft: DraftModel | None = None  # speculative decoding by a draft model
+        if spec is not None and spec.uses_draft_model:
+            self.draft = DraftModel(spec.draft_model_config, self.dtype, self.max_model_len)
 
     # ----- set-up -----------------------------------------------------------------
 
@@ -96,9 +101,12 @@ class JaxModelRunner(ModelRunner):
                     mc.path or mc.model, self.spec.architecture, time.perf_counter() - start, num_params / 1e6,
                     mc.dtype, jax.devices()[0].platform, self.attention_name,
                     "" if self.on_tpu or self.attention_name == "xla" else " (Pallas interpret mode)")
+        if self.draft is not None:
+            self.draft.load()
 
     def kv_cache_bytes_per_block(self) -> int:
-        return self.config.model_config.kv_bytes_per_block(self.block_size)
+        draft = self.draft.kv_bytes_per_block(self.block_size) if self.draft is not None else 0
+        return self.config.model_config.kv_bytes_per_block(self.block_size) + draft
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         s = self.spec
@@ -108,9 +116,13 @@ class JaxModelRunner(ModelRunner):
                                                  s.head_dim), self.dtype)
         self.inputs = StepInputBuilder(self.batch, self.block_size, num_blocks * self.block_size, self.max_seqs,
                                        self.pages_per_seq)
+        if self.draft is not None:
+            self.draft.initialize_kv_cache(num_blocks, self.block_size)
 
     def release_kv_cache(self) -> None:
         self.kv_cache = None
+        if self.draft is not None:
+            self.draft.kv_cache = None
 
     # ----- sleep mode and weight updates (the Worker's interface version 6) ----------------
 
@@ -125,10 +137,14 @@ class JaxModelRunner(ModelRunner):
         for p in self.params.values():
             p.delete()
         self.params = {}
+        if self.draft is not None:
+            nbytes += self.draft.release_weights(keep_host)
         return nbytes
 
     def restore_weights(self) -> None:
         """Put the weights back on the device: from the host copies, else from the checkpoint."""
+        if self.draft is not None:
+            self.draft.restore_weights()
         if self.params:
             return
         if self.host_params is None:
@@ -161,6 +177,7 @@ class JaxModelRunner(ModelRunner):
         self.detector.__exit__(None, None, None)
         self.kv_cache = None
         self.params = {}
+        self.draft = None
 
     def warm_up(self) -> None:
         """Compile every program for every bucket, then arm the recompile detector."""
@@ -174,6 +191,9 @@ class JaxModelRunner(ModelRunner):
                                           self.request_buckets, self.max_seqs, self.pages_per_seq, self.precision,
                                           speculative=self.proposer is not None)
             self.programs.compile_all(self.params, self.rope, self.kv_cache)
+        if self.draft is not None:
+            self.draft.warm_up(self.attention_name, self.on_tpu, self.block_size, self.precision, self.token_buckets,
+                               self.request_buckets, self.max_seqs, self.pages_per_seq)
         self.detector.arm()
 
     # ----- the platform's part of a step --------------------------------------------------
@@ -192,6 +212,10 @@ class JaxModelRunner(ModelRunner):
             "forward", step.bucket, self.params, self.rope, self.kv_cache, step.input_ids, step.positions,
             step.metadata, sample_idx)
         return StepHidden(step, hidden, hidden_sampled)
+
+    def draft_forward(self, scheduled: ScheduledTokens) -> np.ndarray:
+        step = self.inputs.build(scheduled, buckets.pick_bucket(self.token_buckets, scheduled.num_tokens))
+        return self.draft.run(step, scheduled.logits_indices, self.max_seqs)
 
     def prompt_logprobs(self, hidden: StepHidden, token_indices: np.ndarray, targets: np.ndarray,
                         k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -7,6 +7,10 @@ request bucket R: ``logits``, ``penalize``, ``grammar`` (structured outputs' mas
 len(T) * 2 + len(R) * 5 programs (len(R) * 6 with speculation), compiled by
 ``compile_all`` with a progress bar; a call with a shape no program was compiled for
 raises instead of compiling.
+
+A draft model (speculative decoding, ``draft=True``) has its own set: ``forward`` per token
+bucket and ``draft_tokens`` (the argmax of the logits of the sampled rows) per request
+bucket.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ class ModelPrograms:
 
     def __init__(self, spec: LlamaSpec, attention: Callable, rotary_dim: int, token_buckets: list[int],
                  request_buckets: list[int], max_seqs: int, pages_per_seq: int, precision,
-                 speculative: bool = False) -> None:
+                 speculative: bool = False, draft: bool = False) -> None:
         self.spec = spec
         self.speculative = speculative
+        self.draft = draft
         self.token_buckets = token_buckets
         self.request_buckets = request_buckets
         self.max_seqs = max_seqs
@@ -66,9 +71,18 @@ class ModelPrograms:
                 num_seqs=_spec((1,), np.int32))
             args = (params, rope, kv_cache, _spec((t,), np.int32), _spec((t,), np.int32), md, _spec((s,), np.int32))
             jobs.append(("forward", t, functools.partial(self._forward.lower, *args)))
+            if self.draft:
+                continue
             jobs.append(("gather_rows", t, functools.partial(
                 self._gather_rows.lower, _spec((t, hidden), act_dtype), _spec((s,), np.int32))))
         head = params.get("lm_head", params["embed"])
+        if self.draft:
+            for r in self.request_buckets:
+                argmax = functools.partial(lambda r_, w, h: jnp.argmax(
+                    compute_logits({"embed": w}, h[:r_], self._precision), axis=-1).astype(jnp.int32), r)
+                jobs.append(("draft_tokens", r, functools.partial(jax.jit(argmax).lower, head,
+                                                                  _spec((s, hidden), act_dtype))))
+            return jobs
         for r in self.request_buckets:
             logits = _spec((r, vocab), np.float32)
             rows = functools.partial(lambda r_, w, h: compute_logits({"embed": w}, h[:r_], self._precision), r)

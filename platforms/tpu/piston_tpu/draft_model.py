@@ -1,0 +1,102 @@
+"""DraftModel: speculative decoding's draft model on the TPU platform.
+
+The draft's weights, rotary tables, KV cache (its own layers, in the target's block ids) and
+compiled programs: ``forward`` per token bucket and ``draft_tokens`` (greedy tokens of the
+sampled rows) per request bucket. The JaxModelRunner owns one when
+``SpeculativeConfig.method`` is "draft_model" and calls ``run`` with the StepInputs of each
+pass that piston.step.draft_proposer lays out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from piston.step.config import ModelConfig
+from piston.step.rope import rope_tables
+
+from piston_tpu import buckets
+from piston_tpu.attention import make_attention
+from piston_tpu.kv_cache import kv_cache_shape
+from piston_tpu.model import LlamaSpec
+from piston_tpu.programs import ModelPrograms
+from piston_tpu.step_inputs import StepInputs
+
+logger = logging.getLogger(__name__.replace("piston_tpu", "piston.tpu", 1))
+
+
+class DraftModel:
+    def __init__(self, config: ModelConfig, dtype: np.dtype, max_model_len: int) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.max_model_len = max_model_len
+        self.spec = LlamaSpec.from_model_config(config)
+        self.params: dict[str, jax.Array] = {}
+        self.host_params: dict[str, np.ndarray] | None = None
+        self.rope: tuple[jax.Array, jax.Array] | None = None
+        self.rotary_dim = 0
+        self.kv_cache: jax.Array | None = None
+        self.programs: ModelPrograms | None = None
+
+    def load(self) -> None:
+        from piston_tpu.weights import load_params
+
+        start = time.perf_counter()
+        self.params = {n: jnp.asarray(a) for n, a in load_params(self.spec, self.config, self.dtype).items()}
+        tables = rope_tables(self.config.hf_config, self.spec.head_dim, self.max_model_len)
+        self.rope = (jnp.asarray(tables.cos), jnp.asarray(tables.sin))
+        self.rotary_dim = tables.rotary_dim
+        logger.info("Loaded the draft model %s (%s) in %.2f s: %.1fM parameters.",
+                    self.config.path or self.config.model, self.spec.architecture, time.perf_counter() - start,
+                    sum(int(np.prod(p.shape)) for p in self.params.values()) / 1e6)
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        return self.config.kv_bytes_per_block(block_size)
+
+    def initialize_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        s = self.spec
+        self.kv_cache = jnp.zeros(kv_cache_shape(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim),
+                                  self.dtype)
+
+    def release_weights(self, keep_host: bool) -> int:
+        nbytes = sum(int(p.nbytes) for p in self.params.values())
+        self.host_params = {n: np.array(jax.device_get(p)) for n, p in self.params.items()} if keep_host else None
+        for p in self.params.values():
+            p.delete()
+        self.params = {}
+        return nbytes
+
+    def restore_weights(self) -> None:
+        if self.params:
+            return
+        if self.host_params is None:
+            self.load()
+            return
+        self.params = {n: jnp.asarray(a) for n, a in self.host_params.items()}
+        self.host_params = None
+
+    def warm_up(self, attention_name: str, on_tpu: bool, block_size: int, precision, token_buckets: list[int],
+                request_buckets: list[int], max_seqs: int, pages_per_seq: int) -> None:
+        if self.programs is not None:
+            return
+        attention = make_attention(attention_name, self.spec.head_dim ** -0.5, on_tpu, block_size, precision)
+        self.programs = ModelPrograms(self.spec, attention, self.rotary_dim, token_buckets, request_buckets,
+                                      max_seqs, pages_per_seq, precision, draft=True)
+        self.programs.compile_all(self.params, self.rope, self.kv_cache)
+
+    def run(self, step: StepInputs, logits_indices: np.ndarray, max_seqs: int) -> np.ndarray:
+        """One pass over ``step``: the draft's greedy token at each of ``logits_indices``."""
+        n = len(logits_indices)
+        sample_idx = np.zeros(max_seqs, np.int32)
+        sample_idx[:n] = logits_indices
+        _, hidden_sampled, self.kv_cache = self.programs(
+            "forward", step.bucket, self.params, self.rope, self.kv_cache, step.input_ids, step.positions,
+            step.metadata, sample_idx)
+        if n == 0:
+            return np.zeros(0, np.int64)
+        r = buckets.pick_bucket(self.programs.request_buckets, n)
+        head = self.params.get("lm_head", self.params["embed"])
+        return np.asarray(self.programs("draft_tokens", r, head, hidden_sampled))[:n].astype(np.int64)
