@@ -61,6 +61,12 @@ class RemoteReference:
     def build_truncated_model(self, src: str, folder: str, num_layers: int, tokenizer_gguf: str) -> str:
         return self._call("build_truncated_model", src, str(folder), num_layers, tokenizer_gguf)
 
+    def build_eagle_head(self, target: str, folder: str, num_layers: int, fc_bias: bool, seed: int) -> str:
+        return self._call("build_eagle_head", target, str(folder), num_layers, fc_bias, seed)
+
+    def eagle_reference(self, target: str, head: str, token_ids: list[int]) -> np.ndarray:
+        return self._call("eagle_reference", target, head, list(token_ids), returns_array=True)
+
     def greedy(self, path: str, prompt: list[int], max_new_tokens: int) -> tuple[list[int], np.ndarray]:
         return self._call("greedy", path, list(prompt), max_new_tokens, returns_array=True)
 

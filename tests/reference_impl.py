@@ -147,6 +147,73 @@ def build_truncated_model(src: str, folder: str, num_layers: int, tokenizer_gguf
     return str(folder)
 
 
+def build_eagle_head(target: str, folder: str, num_layers: int, fc_bias: bool, seed: int) -> str:
+    """Write a seeded random EAGLE-1 head for the model folder ``target`` in the published
+    layout: a Llama config.json of ``num_layers`` layers and safetensors with ``fc.*`` and
+    ``layers.N.*`` (no input norm in layer 0, no final norm, no embedding or head)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    config = json.loads(open(os.path.join(target, "config.json")).read())
+    config.update(num_hidden_layers=num_layers, architectures=["LlamaForCausalLM"])
+    h, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config.get("head_dim") or h // heads
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, std=0.08):
+        return (torch.randn(*shape, generator=gen) * std).contiguous()
+
+    tensors = {"fc.weight": rand(h, 2 * h)}
+    if fc_bias:
+        tensors["fc.bias"] = rand(h)
+    for i in range(num_layers):
+        p = f"layers.{i}."
+        tensors.update({p + "self_attn.q_proj.weight": rand(heads * head_dim, h),
+                        p + "self_attn.k_proj.weight": rand(kv_heads * head_dim, h),
+                        p + "self_attn.v_proj.weight": rand(kv_heads * head_dim, h),
+                        p + "self_attn.o_proj.weight": rand(h, heads * head_dim),
+                        p + "mlp.gate_proj.weight": rand(inter, h), p + "mlp.up_proj.weight": rand(inter, h),
+                        p + "mlp.down_proj.weight": rand(h, inter),
+                        p + "post_attention_layernorm.weight": 1 + rand(h, std=0.1)})
+        if i:
+            tensors[p + "input_layernorm.weight"] = 1 + rand(h, std=0.1)
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    return str(folder)
+
+
+def eagle_reference(target: str, head: str, token_ids: list[int]) -> np.ndarray:
+    """An EAGLE-1 head's features for ``token_ids`` [T] by transformers' modules: position p
+    reads the embedding of token p + 1 and the target's last hidden state at p (T - 1
+    positions). Returns [T - 1, hidden] float32."""
+    import json
+
+    import transformers
+    from safetensors.torch import load_file
+
+    model = load_hf_model(target)
+    config = transformers.LlamaConfig(**{k: v for k, v in json.loads(open(os.path.join(head, "config.json")).read())
+                                         .items() if k != "architectures"})
+    eagle = transformers.LlamaModel(config).to(torch.float32).eval()
+    weights = load_file(os.path.join(head, "model.safetensors"))
+    fc = torch.nn.Linear(2 * config.hidden_size, config.hidden_size, bias="fc.bias" in weights)
+    fc.load_state_dict({k[3:]: v for k, v in weights.items() if k.startswith("fc.")})
+    missing, _ = eagle.load_state_dict({k: v for k, v in weights.items() if not k.startswith("fc.")}, strict=False)
+    assert set(missing) == {"embed_tokens.weight", "norm.weight", "layers.0.input_layernorm.weight"}, missing
+    eagle.layers[0].input_layernorm = torch.nn.Identity()
+    eagle.norm = torch.nn.Identity()
+    ids = torch.tensor([token_ids])
+    with torch.no_grad():
+        features = model.model(input_ids=ids).last_hidden_state[:, :-1]
+        x = fc(torch.cat([model.model.embed_tokens(ids[:, 1:]), features], dim=-1))
+        out = eagle(inputs_embeds=x, position_ids=torch.arange(len(token_ids) - 1)[None]).last_hidden_state
+    return out[0].float().numpy()
+
+
 @functools.lru_cache(maxsize=4)
 def load_hf_model(model_dir_or_gguf: str):
     """A float32 transformers model from an HF folder or a .gguf file (cached)."""
@@ -303,7 +370,8 @@ def serve() -> None:
     to ``out`` and the reply says so. Reply: {"result": ...} or {"error": text}.
     """
     calls = {"build_tiny_model": build_tiny_model, "build_truncated_model": build_truncated_model,
-             "greedy": greedy, "prompt_logprobs": prompt_logprobs,
+             "build_eagle_head": build_eagle_head, "eagle_reference": eagle_reference, "greedy": greedy,
+             "prompt_logprobs": prompt_logprobs,
              "config": config, "constrained_greedy": constrained_greedy}
     reply_stream = sys.stdout
     sys.stdout = sys.stderr  # library prints must not corrupt the protocol

@@ -223,8 +223,8 @@ class EngineArgs:
         from piston.model_resolver import resolve_model
 
         if self.tensor_parallel_size > 1:
-            raise ValueError("speculative_config: method draft_model runs with tensor_parallel_size=1 only, got "
-                             f"{self.tensor_parallel_size}.")
+            raise ValueError(f"speculative_config: method {spec.method} runs with tensor_parallel_size=1 only, "
+                             f"got {self.tensor_parallel_size}.")
         try:
             path = resolve_model(spec.model)
             hf_config = read_hf_config(path)
@@ -234,7 +234,12 @@ class EngineArgs:
                             load_format=self.load_format, enforce_eager=True, hf_config=hf_config,
                             max_model_len=target.max_model_len)
         draft.quantization = resolve_quantization(spec.quantization or "auto", path)
-        if draft.vocab_size > target.vocab_size:
+        if spec.is_eagle:
+            if draft.hidden_size != target.hidden_size:
+                raise ValueError(f"speculative_config.model={spec.model!r}: an EAGLE head of hidden size "
+                                 f"{draft.hidden_size} cannot read the target's features (hidden size "
+                                 f"{target.hidden_size}).")
+        elif draft.vocab_size > target.vocab_size:
             raise ValueError(f"speculative_config.model={spec.model!r}: its vocabulary ({draft.vocab_size} tokens) "
                              f"is larger than the target model's ({target.vocab_size}); a draft model must "
                              "share the target's tokenizer.")

@@ -59,6 +59,10 @@ class EngineCore:
                 and not platform.supports_draft_model):
             raise ValueError(f"speculative_config: the {platform.name} platform cannot run draft models yet "
                              "(method draft_model).")
+        if (config.speculative_config is not None and config.speculative_config.is_eagle
+                and not platform.supports_eagle):
+            raise ValueError(f"speculative_config: the {platform.name} platform cannot run EAGLE heads yet "
+                             "(method eagle).")
         if config.speculative_config is not None and ":" in config.speculative_config.method:
             proposer_class(config.speculative_config.method)  # a bad name fails here, before any worker
         tp = config.parallel_config.tensor_parallel_size

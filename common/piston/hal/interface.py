@@ -63,7 +63,9 @@ Interface version history:
   8: draft models. A platform with ``supports_draft_model`` has its model runner load
      ``SpeculativeConfig.draft_model_config`` next to the target, count the draft's KV
      layers in ``kv_cache_bytes_per_block`` (they live in the target's blocks) and
-     implement ``draft_forward`` (piston.step.draft_proposer decides its passes).
+     implement ``draft_forward`` (piston.step.draft_proposer decides its passes). With
+     ``supports_eagle`` also EAGLE heads (method "eagle"): ``draft_forward`` then gets the
+     target's hidden states of the step (or, after the first pass, its own last features).
 """
 
 from __future__ import annotations
@@ -97,6 +99,8 @@ class Platform(abc.ABC):
     supports_speculative: bool = False
     #: Whether its model runner runs draft models (``draft_forward``; see the version 8 note).
     supports_draft_model: bool = False
+    #: Whether it runs EAGLE heads too (see the version 8 note).
+    supports_eagle: bool = False
 
     @classmethod
     @abc.abstractmethod

@@ -73,8 +73,10 @@ def _checkpoint_weights(reader: CheckpointReader) -> tuple[Iterator[tuple[str, A
         reader.count()
 
 
-def load_model(model_config: ModelConfig, device: str | torch.device = "cpu") -> nn.Module:
-    """The model for ``model_config`` on ``device``, in ``model_config.dtype``, with all weights.
+def load_model(model_config: ModelConfig, device: str | torch.device = "cpu",
+               model_cls: type[nn.Module] | None = None) -> nn.Module:
+    """The model for ``model_config`` on ``device``, in ``model_config.dtype``, with all weights
+    (``model_cls``: instead of the class its architecture names, e.g. an EAGLE head).
 
     Raises ValueError for an unsupported architecture or a checkpoint that lacks some of
     the model's parameters.
@@ -83,7 +85,7 @@ def load_model(model_config: ModelConfig, device: str | torch.device = "cpu") ->
     if model_config.hf_config is None:
         model_config.hf_config = read_hf_config(model_config.path or model_config.model)
     hf_config = model_config.hf_config
-    model_cls = get_model_class(hf_config)
+    model_cls = model_cls or get_model_class(hf_config)
     path = model_config.path or model_config.model
     quantization = resolve_quantization(model_config.quantization or "none", path)
     dummy = model_config.load_format == "dummy"

@@ -204,7 +204,7 @@ class StructuredOutputsConfig:
     backend: str = "auto"
 
 
-SPECULATIVE_METHODS = ("ngram", "draft_model")
+SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle")
 # Filled in by the engine, never by the user.
 _INTERNAL_SPECULATIVE_FIELDS = ("draft_model_config",)
 
@@ -221,6 +221,8 @@ class SpeculativeConfig:
     proposes the tokens that followed its latest earlier occurrence. "draft_model": a smaller
     model with the target's vocabulary (``model``), run by the same workers with its own KV
     cache layers in the target's blocks, drafts greedily (piston.step.draft_proposer).
+    "eagle": an EAGLE-1 head (``model``: its folder) that drafts from the target's features and
+    shares its embedding and LM head (piston.models.eagle), run the same way.
     "module:Class": a custom proposer (piston.step.proposer).
     """
 
@@ -242,7 +244,12 @@ class SpeculativeConfig:
     def uses_draft_model(self) -> bool:
         """Whether a model drafts (its KV cache shares the target's blocks, and each request
         needs KV slots past its scheduled tokens for the drafts' own passes)."""
-        return self.method == "draft_model"
+        return self.method in ("draft_model", "eagle")
+
+    @property
+    def is_eagle(self) -> bool:
+        """An EAGLE head drafts: it reads the target's hidden states."""
+        return self.method == "eagle"
 
     @classmethod
     def from_value(cls, value: "SpeculativeConfig | dict | str | None") -> "SpeculativeConfig | None":
@@ -270,11 +277,10 @@ class SpeculativeConfig:
     def validate(self) -> None:
         if not isinstance(self.method, str) or (self.method not in SPECULATIVE_METHODS and ":" not in self.method):
             raise ValueError(f"speculative_config.method must be one of {list(SPECULATIVE_METHODS)} or "
-                             f"module:Class of a custom proposer, got {self.method!r} (eagle is not implemented "
-                             "yet).")
+                             f"module:Class of a custom proposer, got {self.method!r}.")
         if self.uses_draft_model and not (isinstance(self.model, str) and self.model):
-            raise ValueError('speculative_config.model is required for method "draft_model": the draft '
-                             "model's folder, .gguf file or name.")
+            raise ValueError(f'speculative_config.model is required for method "{self.method}": the draft '
+                             "model's (or EAGLE head's) folder, .gguf file or name.")
         if self.quantization not in (None, "auto", "gguf", "int8", "none"):
             raise ValueError(f"speculative_config.quantization must be auto, gguf, int8 or none, got "
                              f"{self.quantization!r}.")

@@ -26,11 +26,21 @@ drafts only as far as its blocks reach (and ``max_model_len`` allows).
 Draft KV may be stale where the draft model did not run (steps above
 ``disable_by_batch_size``, prefix-cache hits on blocks computed then): that lowers the
 acceptance rate, never the output, which the rejection sampler keeps exact.
+
+An EAGLE head (method "eagle") reads, at position ``p``, the token at ``p + 1`` and the
+target's hidden state at ``p``. Those hidden states exist only in the step that computed
+them, so its pass 1 covers exactly the positions the target computed this step whose next
+token is known: up to ``N - 2`` for a request that sampled (the target's states past its
+last accepted draft were computed from rejected drafts), every scheduled one for a prompt
+chunk. Draft 1 comes from position ``N - 2``; pass ``j`` then runs position ``N + j - 3``
+with the token at ``N + j - 2`` (draft ``j - 1``) and the head's own last output as its
+feature. Nothing is caught up later: positions computed in steps without drafting keep
+stale head KV (a lower acceptance rate only).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -42,18 +52,22 @@ class DraftModelProposer:
     # ModelRunner._propose passes the step's ScheduledTokens (for the catch-up of prompt chunks).
     wants_scheduled = True
 
-    def __init__(self, config: SpeculativeConfig, draft_forward: Callable[[ScheduledTokens], np.ndarray],
+    def __init__(self, config: SpeculativeConfig, draft_forward: Callable[..., np.ndarray],
                  block_size: int, max_model_len: int, max_tokens_per_pass: int) -> None:
         self.k = config.num_speculative_tokens
+        self.eagle = config.is_eagle
         self.draft_forward = draft_forward
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.max_tokens_per_pass = max(max_tokens_per_pass, 1)
 
-    def propose(self, batch: InputBatch, rows: np.ndarray, scheduled: ScheduledTokens | None = None
-                ) -> list[list[int]]:
+    def propose(self, batch: InputBatch, rows: np.ndarray, scheduled: ScheduledTokens | None = None,
+                hidden: Any = None) -> list[list[int]]:
         """Up to ``k`` greedy drafts for each of ``rows`` (requests that sampled this step),
-        after catching the draft model's KV up with everything the target computed."""
+        after catching the draft model's KV up with everything the target computed
+        (``hidden``: the target's hidden states of the step, for an EAGLE head)."""
+        if self.eagle:
+            return self._propose_eagle(batch, rows, scheduled, hidden)
         proposing = {int(r) for r in rows.tolist()}
         spans: dict[int, tuple[int, int, int]] = {}  # row -> (start, end, drafts to make)
         if scheduled is not None:  # prompt chunks that did not sample: catch up only
@@ -95,6 +109,52 @@ class DraftModelProposer:
             state.draft_num_computed = end
             # Drafts 1..k-1 have their draft KV at positions end, end + 1, ...
             state.drafted = tuple(drafts[r][:num_drafts - 1]) if num_drafts > 1 else ()
+        return [drafts.get(r, []) for r in rows.tolist()]
+
+    def _propose_eagle(self, batch: InputBatch, rows: np.ndarray, scheduled: ScheduledTokens,
+                       hidden: Any) -> list[list[int]]:
+        proposing = set(rows.tolist())
+        sampled = set(scheduled.sample_rows.tolist())
+        p_rows, p_start, p_count, p_drafts, p_hidden = [], [], [], [], []
+        qsl = scheduled.query_start_loc
+        for i, (r, c, n) in enumerate(zip(scheduled.rows.tolist(), scheduled.num_computed.tolist(),
+                                          scheduled.num_scheduled.tolist())):
+            if batch.states[r].sampling_params.structured_outputs is not None:
+                continue
+            num_drafts, end = 0, c + n  # a prompt chunk: the token after each position is known
+            if r in sampled:
+                if r not in proposing:
+                    continue
+                total = int(batch.num_tokens[r])
+                end = total - 1  # the target's states up to the last accepted draft
+                num_drafts = max(min(self.k, self.max_model_len - total, self._room(batch, r) - total + 2), 0)
+            if end > c:
+                p_rows.append(r)
+                p_start.append(c)
+                p_count.append(end - c)
+                p_drafts.append(num_drafts)
+                p_hidden.append(np.arange(qsl[i], qsl[i] + end - c))
+        drafts: dict[int, list[int]] = {}
+        if not p_rows:
+            return [[] for _ in range(len(rows))]
+        num_drafts = dict(zip(p_rows, p_drafts))
+        sample = np.array(p_drafts) > 0
+        sched = batch.schedule_spans(np.array(p_rows, np.int64), np.array(p_start, np.int64),
+                                     np.array(p_count, np.int64), sample, self.block_size)
+        last = np.array(p_rows, np.int64)[sample]  # the rows of the head's last outputs, in order
+        for r, tok in zip(last.tolist(), self.draft_forward(sched, hidden, np.concatenate(p_hidden)).tolist()):
+            drafts[r] = [int(tok)]
+        for j in range(2, self.k + 1):  # position n + j - 3 reads draft j - 1 (at n + j - 2)
+            active = np.array(sorted(r for r in drafts if num_drafts[r] >= j), dtype=np.int64)
+            if not len(active):
+                break
+            batch.token_ids[active, batch.num_tokens[active] + j - 2] = [drafts[r][-1] for r in active.tolist()]
+            sched = batch.schedule_spans(active, batch.num_tokens[active] + j - 3, np.ones(len(active), np.int64),
+                                         np.ones(len(active), bool), self.block_size)
+            feature_rows = np.searchsorted(last, active)
+            for r, tok in zip(active.tolist(), self.draft_forward(sched, None, feature_rows).tolist()):
+                drafts[r].append(int(tok))
+            last = active
         return [drafts.get(r, []) for r in rows.tolist()]
 
     def _room(self, batch: InputBatch, row: int) -> int:

@@ -112,11 +112,15 @@ class ModelRunner(abc.ABC):
         every returned token, in order, when ``sampling.max_num_logprobs`` is set."""
         raise NotImplementedError(f"{type(self).__name__} has no speculative decoding.")
 
-    def draft_forward(self, scheduled: ScheduledTokens) -> np.ndarray:
+    def draft_forward(self, scheduled: ScheduledTokens, hidden: Any = None,
+                      hidden_index: np.ndarray | None = None) -> np.ndarray:
         """Speculative decoding by a draft model (platforms with ``supports_draft_model``):
         run the draft model over ``scheduled`` (its KV cache layers share the target's
         blocks) and return the argmax of its logits at each of ``scheduled.logits_indices``
-        (piston.step.draft_proposer decides the passes)."""
+        (piston.step.draft_proposer decides the passes). An EAGLE head (``supports_eagle``)
+        reads the token after each position, and the features ``hidden[hidden_index]``
+        (``hidden``: the target's hidden states of the step, as ``forward`` returned them;
+        None: the head's outputs at the last pass's ``logits_indices``)."""
         raise NotImplementedError(f"{type(self).__name__} cannot run a draft model.")
 
     def apply_kv_transfer(self, transfer: KVTransfer | list) -> None:
@@ -195,12 +199,12 @@ class ModelRunner(abc.ABC):
                                      sampled_token_ids=[[t] for t in tokens.tolist()] + empty,
                                      logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         batch.append_token_lists(sample_rows, token_lists)
-        proposed = self._propose(sample_rows, scheduled)
+        proposed = self._propose(sample_rows, scheduled, hidden)
         return ModelRunnerOutput(req_ids=req_ids + chunk_only, sampled_token_ids=token_lists + empty,
                                  logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                                  spec_token_ids=proposed + empty if proposed else [])
 
-    def _propose(self, rows: np.ndarray, scheduled: ScheduledTokens) -> list[list[int]]:
+    def _propose(self, rows: np.ndarray, scheduled: ScheduledTokens, hidden: Any) -> list[list[int]]:
         """The proposer's drafts for ``rows`` (none for structured outputs, whose grammar
         the drafts would bypass, nor above ``disable_by_batch_size`` running requests)."""
         batch = self.batch
@@ -211,7 +215,7 @@ class ModelRunner(abc.ABC):
         k, vocab = self.proposer_k, self.vocab_size
         # At most k drafts each, cut at the first id outside the vocabulary (a custom proposer's).
         drafts = [d[:next((j for j, t in enumerate(d[:k]) if not 0 <= t < vocab), k)]
-                  for d in (self.proposer.propose(batch, rows[keep], scheduled)
+                  for d in (self.proposer.propose(batch, rows[keep], scheduled, hidden)
                             if getattr(self.proposer, "wants_scheduled", False)
                             else self.proposer.propose(batch, rows[keep]))]
         if keep.all():

@@ -101,6 +101,7 @@ class TorchModelRunner(ModelRunner):
         self.draft_config = spec.draft_model_config if spec is not None and spec.uses_draft_model else None
         self.draft_model: torch.nn.Module | None = None
         self.draft_attn_layers: dict = {}
+        self._draft_features: torch.Tensor | None = None  # an EAGLE head's last outputs
 
     # ----- set-up -----------------------------------------------------------------
 
@@ -112,7 +113,12 @@ class TorchModelRunner(ModelRunner):
         self.compiled = compile_model(self.model, self.config, self.device, self.attn_layers,
                                       self.capture_strategy, self.default_compilation_mode)
         if self.draft_config is not None:  # eager: its passes are small and few
-            self.draft_model = load_model(self.draft_config, device=self.device)
+            if self.config.speculative_config.is_eagle:
+                from piston.models.eagle import load_eagle_head
+
+                self.draft_model = load_eagle_head(self.draft_config, self.model, self.device)
+            else:
+                self.draft_model = load_model(self.draft_config, device=self.device)
             self.draft_attn_layers = attention_layers(self.draft_model)
 
     def capture_model(self) -> None:
@@ -273,21 +279,31 @@ class TorchModelRunner(ModelRunner):
             return model(ids, positions)
 
     @torch.inference_mode()
-    def draft_forward(self, scheduled: ScheduledTokens) -> np.ndarray:
+    def draft_forward(self, scheduled: ScheduledTokens, hidden: torch.Tensor | None = None,
+                      hidden_index: np.ndarray | None = None) -> np.ndarray:
+        eagle = hidden_index is not None  # an EAGLE head reads the next token and a feature
         ids, positions, ctx = self._step_inputs(scheduled, self.kv_caches[self.num_layers:],
-                                                self.draft_attn_layers, 0)
-        (index,) = self._to_device(scheduled.logits_indices.astype(np.int64))
+                                                self.draft_attn_layers, 0, token_shift=int(eagle))
+        index, features = self._to_device(scheduled.logits_indices.astype(np.int64),
+                                          *([hidden_index.astype(np.int64)] if eagle else []))
         self._flush_to_device()
         with set_forward_context(ctx):
-            hidden = self.draft_model(ids, positions)
-        return self.sampler.argmax(self.draft_model.compute_logits(hidden[index])).cpu().numpy()
+            if eagle:
+                source = hidden if hidden is not None else self._draft_features
+                out = self.draft_model(ids, positions, source[features])[index]
+                self._draft_features = out
+            else:
+                out = self.draft_model(ids, positions)[index]
+        return self.sampler.argmax(self.draft_model.compute_logits(out)).cpu().numpy()
 
     def _step_inputs(self, scheduled: ScheduledTokens, kv_caches: list[torch.Tensor], attn_layers: dict,
-                     num_common_prefix_blocks: int) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
-        """Token ids, positions and the forward context of ``scheduled`` (staged: flush
-        before use) for the model whose attention layers and KV cache layers are given."""
+                     num_common_prefix_blocks: int, token_shift: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
+        """Token ids (those ``token_shift`` positions later: an EAGLE head's), positions and
+        the forward context of ``scheduled`` (staged: flush before use) for the model whose
+        attention layers and KV cache layers are given."""
         batch, positions = self.batch, scheduled.positions
-        input_ids = batch.token_ids[scheduled.token_rows, positions]
+        input_ids = batch.token_ids[scheduled.token_rows, positions + token_shift]
         slot_mapping = scheduled.block_numbers.astype(np.int64) * self.block_size + positions % self.block_size
         query_start_loc = scheduled.query_start_loc
         seq_lens = (scheduled.num_computed + scheduled.num_scheduled).astype(np.int32)

@@ -54,9 +54,9 @@ class CudaModelRunner(TorchModelRunner):
         self.staging.reset()
         return super().execute_model(scheduler_output)
 
-    def draft_forward(self, scheduled):
+    def draft_forward(self, scheduled, hidden=None, hidden_index=None):
         self.staging.reset()  # the last pass's copies are done: its tokens came back to the host
-        return super().draft_forward(scheduled)
+        return super().draft_forward(scheduled, hidden, hidden_index)
 
     # ----- start-up ---------------------------------------------------------------
 

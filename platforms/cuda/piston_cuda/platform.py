@@ -23,6 +23,7 @@ class CudaPlatform(Platform):
     supports_kv_offload = True
     supports_speculative = True
     supports_draft_model = True
+    supports_eagle = True
 
     @classmethod
     def is_available(cls) -> bool:

@@ -213,7 +213,7 @@ class JaxModelRunner(ModelRunner):
             step.metadata, sample_idx)
         return StepHidden(step, hidden, hidden_sampled)
 
-    def draft_forward(self, scheduled: ScheduledTokens) -> np.ndarray:
+    def draft_forward(self, scheduled: ScheduledTokens, hidden=None, hidden_index=None) -> np.ndarray:
         step = self.inputs.build(scheduled, buckets.pick_bucket(self.token_buckets, scheduled.num_tokens))
         return self.draft.run(step, scheduled.logits_indices, self.max_seqs)
 

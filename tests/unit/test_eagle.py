@@ -1,0 +1,123 @@
+"""The EAGLE-1 head (piston.models.eagle) against transformers' modules on the same weights,
+in the published checkpoint layout, and the proposer's EAGLE passes with a fake head."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from piston.checkpoint.checkpoint_reader import read_hf_config
+from piston.models.eagle import load_eagle_head
+from piston.models.loader import load_model
+from piston.step.config import ModelConfig, SpeculativeConfig
+from piston.step.draft_proposer import DraftModelProposer
+from piston.step.input_batch import InputBatch, ScheduledTokens
+from piston.step.sampling_params import SamplingParams
+from piston.step.scheduler_output import NewRequestData
+from reference import reference
+
+TOKENS = [5, 17, 300, 4021, 9, 77, 1200, 45, 8, 610, 2, 33]
+
+
+def _config(path: str) -> ModelConfig:
+    return ModelConfig(model=path, path=path, hf_config=read_hf_config(path), max_model_len=128)
+
+
+@pytest.mark.parametrize("num_layers,fc_bias", [(1, False), (2, True)])
+def test_eagle_head_matches_transformers(tiny_models, tmp_path, num_layers, fc_bias):
+    target_path = tiny_models("llama")
+    head_path = reference().build_eagle_head(target_path, str(tmp_path / "head"), num_layers, fc_bias, 3)
+    target = load_model(_config(target_path))
+    head = load_eagle_head(_config(head_path), target, "cpu")
+    assert head.fc.bias is not None if fc_bias else head.fc.bias is None
+    ids = torch.tensor(TOKENS)
+    positions = torch.arange(len(TOKENS))
+    with torch.no_grad():
+        features = target(ids, positions)[:-1]  # the target's state at p, with the token at p + 1
+        out = head(ids[1:], positions[:-1], features)
+        logits = head.compute_logits(out)
+    expected = reference().eagle_reference(target_path, head_path, TOKENS)
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(logits.argmax(-1).numpy(), target.compute_logits(torch.from_numpy(expected))
+                                  .argmax(-1).numpy())
+
+
+def test_a_checkpoint_without_fc_is_not_an_eagle_head(tiny_models):
+    path = tiny_models("llama")
+    with pytest.raises(ValueError, match="not an EAGLE head"):
+        load_eagle_head(_config(path), load_model(_config(path)), "cpu")
+
+
+# ----- the proposer's EAGLE passes -------------------------------------------------------
+
+VOCAB = 13
+BLOCK = 4
+
+
+def target_next(seq):
+    return (sum(seq) * 5 + len(seq)) % VOCAB
+
+
+class FakeEagle:
+    """Feature of a position p: (p, token p + 1); it checks that position p gets the token
+    at p + 1 and, in pass 1, the target's feature of p, later its own last output."""
+
+    def __init__(self, batch):
+        self.batch = batch
+        self.last: np.ndarray | None = None
+
+    def __call__(self, s: ScheduledTokens, hidden, index) -> np.ndarray:
+        b = self.batch
+        ids = b.token_ids[s.token_rows, s.positions + 1]
+        feats = hidden[index] if hidden is not None else self.last[index]
+        if hidden is not None:  # the target's state at position p is (row, p)
+            np.testing.assert_array_equal(feats, np.stack([s.token_rows, s.positions], 1))
+        else:  # the head's output at the position before
+            np.testing.assert_array_equal(feats[:, 1], s.positions - 1)
+        out = np.stack([s.token_rows, s.positions], 1)[s.logits_indices]
+        self.last = out
+        seqs = [b.token_ids[r, :p + 2].tolist() for r, p in zip(s.token_rows[s.logits_indices].tolist(),
+                                                                  s.positions[s.logits_indices].tolist())]
+        assert all(int(ids[i]) == seq[-1] for i, seq in zip(s.logits_indices.tolist(), seqs))
+        return np.array([target_next(seq) for seq in seqs], dtype=np.int64)
+
+
+def test_eagle_passes_read_the_next_token_and_the_right_features():
+    batch = InputBatch(4, 64, 16)
+    for i, (rid, prompt) in enumerate({"a": [1, 2, 3, 4, 5, 6, 7, 8, 9], "b": [3, 3]}.items()):
+        batch.add_request(NewRequestData(rid, prompt, [], SamplingParams(temperature=0.0),
+                                         list(range(16 * i, 16 * i + 16)), 0))
+    fake = FakeEagle(batch)
+    proposer = DraftModelProposer(SpeculativeConfig(method="eagle", model="h", num_speculative_tokens=3),
+                                  fake, BLOCK, 64, 64)
+    drafts: dict[str, list[int]] = {}
+    for _ in range(6):
+        num_sched = {}
+        for rid in ("a", "b"):
+            row = batch.req_id_to_row[rid]
+            left = int(batch.num_tokens[row] - batch.num_computed_tokens[row])
+            num_sched[rid] = min(left, 5) if left > 1 else 1 + len(drafts.get(rid, []))
+        batch.write_drafts({r: d for r, d in drafts.items() if d})
+        scheduled = batch.schedule(num_sched, BLOCK)
+        # The target's hidden state of each scheduled token: (row, position).
+        hidden = np.stack([scheduled.token_rows, scheduled.positions], 1)
+        rows = scheduled.sample_rows
+        for row in rows.tolist():
+            seq = batch.token_ids[row, :batch.num_tokens[row]].tolist()
+            new = []
+            for d in drafts.get(batch.req_ids[row], []):
+                if d != target_next(seq + new):
+                    break
+                new.append(d)
+            new.append(target_next(seq + new))
+            batch.append_token_lists(np.array([row]), [new])
+        for row, n in zip(scheduled.rows.tolist(), scheduled.num_scheduled.tolist()):
+            batch.num_computed_tokens[row] = min(batch.num_computed_tokens[row] + n, batch.num_tokens[row] - 1)
+        proposed = proposer.propose(batch, rows, scheduled, hidden)
+        drafts = {batch.req_ids[r]: d for r, d in zip(rows.tolist(), proposed)}
+        for r, d in zip(rows.tolist(), proposed):  # the fake head is the target: its drafts are right
+            seq = batch.token_ids[r, :batch.num_tokens[r]].tolist()
+            expect = []
+            for _ in range(3):
+                expect.append(target_next(seq + expect))
+            assert d == expect
