@@ -284,13 +284,13 @@ class TorchModelRunner(ModelRunner):
         eagle = hidden_index is not None  # an EAGLE head reads the next token and a feature
         ids, positions, ctx = self._step_inputs(scheduled, self.kv_caches[self.num_layers:],
                                                 self.draft_attn_layers, 0, token_shift=int(eagle))
-        index, features = self._to_device(scheduled.logits_indices.astype(np.int64),
-                                          *([hidden_index.astype(np.int64)] if eagle else []))
+        index, *features = self._to_device(scheduled.logits_indices.astype(np.int64),
+                                           *([hidden_index.astype(np.int64)] if eagle else []))
         self._flush_to_device()
         with set_forward_context(ctx):
             if eagle:
                 source = hidden if hidden is not None else self._draft_features
-                out = self.draft_model(ids, positions, source[features])[index]
+                out = self.draft_model(ids, positions, source[features[0]])[index]
                 self._draft_features = out
             else:
                 out = self.draft_model(ids, positions)[index]
