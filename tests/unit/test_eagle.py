@@ -121,3 +121,43 @@ def test_eagle_passes_read_the_next_token_and_the_right_features():
             for _ in range(3):
                 expect.append(target_next(seq + expect))
             assert d == expect
+
+
+@pytest.mark.parametrize("num_layers,fc_bias", [(1, True), (2, False)])
+def test_jax_eagle_head_matches_transformers(tiny_models, tmp_path, num_layers, fc_bias):
+    """The TPU plugin's EAGLE head (piston_tpu.model.eagle_forward over the paged cache, with
+    weights from load_eagle_params) gives transformers' features."""
+    jax = pytest.importorskip("jax")
+    from piston.step.rope import rope_tables
+    from piston_tpu.attention import make_attention, page_table_multiple
+    from piston_tpu.kv_cache import kv_cache_shape
+    from piston_tpu.model import LlamaSpec, eagle_forward
+    from piston_tpu.step_inputs import StepInputBuilder
+    from piston_tpu.weights import load_eagle_params
+
+    target_path = tiny_models("llama")
+    head_path = reference().build_eagle_head(target_path, str(tmp_path / "head"), num_layers, fc_bias, 5)
+    target = load_model(_config(target_path))
+    with torch.no_grad():
+        features = target(torch.tensor(TOKENS), torch.arange(len(TOKENS)))[:-1].numpy()
+    head = _config(head_path)
+    spec = LlamaSpec.from_model_config(head)
+    params = load_eagle_params(spec, head, np.dtype(np.float32))
+    assert ("fc_bias" in params) == fc_bias
+    block, bucket = 16, 16
+    batch = InputBatch(2, 64, 4)
+    batch.add_request(NewRequestData("a", TOKENS, [], SamplingParams(temperature=0.0), [0, 1, 2, 3], 0))
+    n = len(TOKENS) - 1
+    sched = batch.schedule_spans(np.array([0]), np.array([0]), np.array([n]), np.array([True]), block)
+    pages = -(-4 // page_table_multiple(block)) * page_table_multiple(block)
+    step = StepInputBuilder(batch, block, 4 * block, 2, pages).build(sched, bucket, token_shift=1)
+    tables = rope_tables(head.hf_config, spec.head_dim, 128)
+    feats = np.zeros((bucket, spec.hidden_size), np.float32)
+    feats[:n] = features
+    out, _ = eagle_forward(params, (tables.cos, tables.sin), jax.numpy.zeros(kv_cache_shape(
+        spec.num_layers, 4, block, spec.num_kv_heads, spec.head_dim), np.float32), step.input_ids, step.positions,
+        step.metadata, feats, np.arange(n), target.model.embed_tokens.weight.detach().numpy(), spec=spec,
+        attention=make_attention("xla", spec.head_dim ** -0.5, False, block, jax.lax.Precision.HIGHEST),
+        rotary_dim=tables.rotary_dim, precision=jax.lax.Precision.HIGHEST)
+    expected = reference().eagle_reference(target_path, head_path, TOKENS)
+    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-4, rtol=1e-4)

@@ -235,10 +235,10 @@ class EngineArgs:
                             max_model_len=target.max_model_len)
         draft.quantization = resolve_quantization(spec.quantization or "auto", path)
         if spec.is_eagle:
-            if draft.hidden_size != target.hidden_size:
+            if (draft.hidden_size, draft.vocab_size) != (target.hidden_size, target.vocab_size):
                 raise ValueError(f"speculative_config.model={spec.model!r}: an EAGLE head of hidden size "
-                                 f"{draft.hidden_size} cannot read the target's features (hidden size "
-                                 f"{target.hidden_size}).")
+                                 f"{draft.hidden_size} and vocabulary {draft.vocab_size} cannot draft for this "
+                                 f"target (hidden size {target.hidden_size}, vocabulary {target.vocab_size}).")
         elif draft.vocab_size > target.vocab_size:
             raise ValueError(f"speculative_config.model={spec.model!r}: its vocabulary ({draft.vocab_size} tokens) "
                              f"is larger than the target model's ({target.vocab_size}); a draft model must "

@@ -65,7 +65,7 @@ Interface version history:
      layers in ``kv_cache_bytes_per_block`` (they live in the target's blocks) and
      implement ``draft_forward`` (piston.step.draft_proposer decides its passes). With
      ``supports_eagle`` also EAGLE heads (method "eagle"): ``draft_forward`` then gets the
-     target's hidden states of the step (or, after the first pass, its own last features).
+     target's hidden states of the step (or, after the first pass, its own last outputs).
 """
 
 from __future__ import annotations

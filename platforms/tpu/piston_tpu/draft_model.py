@@ -4,7 +4,8 @@ The draft's weights, rotary tables, KV cache (its own layers, in the target's bl
 compiled programs: ``forward`` per token bucket and ``draft_tokens`` (greedy tokens of the
 sampled rows) per request bucket. The JaxModelRunner owns one when
 ``SpeculativeConfig.method`` is "draft_model" and calls ``run`` with the StepInputs of each
-pass that piston.step.draft_proposer lays out.
+pass that piston.step.draft_proposer lays out. An EAGLE-1 head (``eagle``) has its own
+programs (piston_tpu.programs) and reads the target's embedding, head and hidden states.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ logger = logging.getLogger(__name__.replace("piston_tpu", "piston.tpu", 1))
 
 
 class DraftModel:
-    def __init__(self, config: ModelConfig, dtype: np.dtype, max_model_len: int) -> None:
+    def __init__(self, config: ModelConfig, dtype: np.dtype, max_model_len: int, eagle: bool = False) -> None:
         self.config = config
+        self.eagle = eagle
+        self.last: jax.Array | None = None  # an EAGLE head's outputs of its last pass [max_seqs, hidden]
         self.dtype = dtype
         self.max_model_len = max_model_len
         self.spec = LlamaSpec.from_model_config(config)
@@ -42,14 +45,15 @@ class DraftModel:
         self.programs: ModelPrograms | None = None
 
     def load(self) -> None:
-        from piston_tpu.weights import load_params
+        from piston_tpu.weights import load_eagle_params, load_params
 
         start = time.perf_counter()
-        self.params = {n: jnp.asarray(a) for n, a in load_params(self.spec, self.config, self.dtype).items()}
+        load = load_eagle_params if self.eagle else load_params
+        self.params = {n: jnp.asarray(a) for n, a in load(self.spec, self.config, self.dtype).items()}
         tables = rope_tables(self.config.hf_config, self.spec.head_dim, self.max_model_len)
         self.rope = (jnp.asarray(tables.cos), jnp.asarray(tables.sin))
         self.rotary_dim = tables.rotary_dim
-        logger.info("Loaded the draft model %s (%s) in %.2f s: %.1fM parameters.",
+        logger.info("Loaded the %s %s (%s) in %.2f s: %.1fM parameters.", "EAGLE head" if self.eagle else "draft model",
                     self.config.path or self.config.model, self.spec.architecture, time.perf_counter() - start,
                     sum(int(np.prod(p.shape)) for p in self.params.values()) / 1e6)
 
@@ -84,7 +88,7 @@ class DraftModel:
             return
         attention = make_attention(attention_name, self.spec.head_dim ** -0.5, on_tpu, block_size, precision)
         self.programs = ModelPrograms(self.spec, attention, self.rotary_dim, token_buckets, request_buckets,
-                                      max_seqs, pages_per_seq, precision, draft=True)
+                                      max_seqs, pages_per_seq, precision, draft=True, eagle=self.eagle)
         self.programs.compile_all(self.params, self.rope, self.kv_cache)
 
     def run(self, step: StepInputs, logits_indices: np.ndarray, max_seqs: int) -> np.ndarray:
@@ -100,3 +104,25 @@ class DraftModel:
         r = buckets.pick_bucket(self.programs.request_buckets, n)
         head = self.params.get("lm_head", self.params["embed"])
         return np.asarray(self.programs("draft_tokens", r, head, hidden_sampled))[:n].astype(np.int64)
+
+    def run_eagle(self, step: StepInputs, logits_indices: np.ndarray, max_seqs: int, target_hidden: jax.Array | None,
+                  hidden_index: np.ndarray, embed: jax.Array, head: jax.Array) -> np.ndarray:
+        """One EAGLE pass over ``step`` (its ids are the tokens after each position): the
+        features are rows ``hidden_index`` of the target's hidden states of the step
+        (``target_hidden``, of the step's bucket) or, when None, of the head's last outputs."""
+        n = len(logits_indices)
+        idx = np.zeros(step.bucket, np.int32)
+        idx[:len(hidden_index)] = hidden_index
+        if target_hidden is not None:
+            features = self.programs("gather_target", step.bucket, target_hidden, idx)
+        else:
+            features = self.programs("gather_last", step.bucket, self.last, idx)
+        sample_idx = np.zeros(max_seqs, np.int32)
+        sample_idx[:n] = logits_indices
+        self.last, self.kv_cache = self.programs(
+            "eagle_forward", step.bucket, self.params, self.rope, self.kv_cache, step.input_ids, step.positions,
+            step.metadata, features, sample_idx, embed)
+        if n == 0:
+            return np.zeros(0, np.int64)
+        r = buckets.pick_bucket(self.programs.request_buckets, n)
+        return np.asarray(self.programs("draft_tokens", r, head, self.last))[:n].astype(np.int64)

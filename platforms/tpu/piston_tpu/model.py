@@ -119,6 +119,52 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, rotary_dim: int) ->
     return jnp.concatenate((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), axis=-1)
 
 
+_LAYER_PARAMS = ("in_norm", "post_norm", "qkv", "qkv_bias", "o", "o_bias", "gate_up", "gate_up_bias", "down",
+                 "down_bias", "q_norm", "k_norm", "qkv_scale", "o_scale", "gate_up_scale", "down_scale")
+
+
+def _decoder_layer(h: jax.Array, residual: jax.Array, cache: jax.Array, lp: dict[str, jax.Array], index,
+                   cos: jax.Array, sin: jax.Array, md: AttentionMetadata, *, spec: LlamaSpec,
+                   attention: AttentionFn, rotary_dim: int, precision, input_norm: bool = True
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One Llama decoder layer: (h, residual, cache) -> (h, residual, cache); the layer's
+    input is ``h + residual``, normalized unless ``input_norm`` is False (an EAGLE head's
+    first layer)."""
+    t = h.shape[0]
+    h_, kvh, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    q_size, kv_size = h_ * d, kvh * d
+    inter = spec.intermediate_size
+    eps = spec.rms_norm_eps
+    residual = h + residual
+    x = rms_norm(residual, lp["in_norm"], eps) if input_norm else residual
+    qkv = _linear(x, lp["qkv"], precision, lp.get("qkv_scale"))
+    if "qkv_bias" in lp:
+        qkv = qkv + lp["qkv_bias"]
+    q = qkv[:, :q_size].reshape(t, h_, d)
+    k = qkv[:, q_size:q_size + kv_size].reshape(t, kvh, d)
+    v = qkv[:, q_size + kv_size:].reshape(t, kvh, d)
+    if spec.qk_norm:
+        q = rms_norm(q, lp["q_norm"], eps)
+        k = rms_norm(k, lp["k_norm"], eps)
+    q = apply_rope(q, cos, sin, rotary_dim)
+    k = apply_rope(k, cos, sin, rotary_dim)
+    cache = write_kv(cache, index, k, v, md.slot_mapping)
+    o = attention(q, cache, index, md).reshape(t, q_size)
+    h = _linear(o, lp["o"], precision, lp.get("o_scale"))
+    if "o_bias" in lp:
+        h = h + lp["o_bias"]
+    residual = h + residual
+    x = rms_norm(residual, lp["post_norm"], eps)
+    gate_up = _linear(x, lp["gate_up"], precision, lp.get("gate_up_scale"))
+    if "gate_up_bias" in lp:
+        gate_up = gate_up + lp["gate_up_bias"]
+    h = _linear(_ACTIVATIONS[spec.hidden_act](gate_up[:, :inter]) * gate_up[:, inter:], lp["down"], precision,
+                lp.get("down_scale"))
+    if "down_bias" in lp:
+        h = h + lp["down_bias"]
+    return h, residual, cache
+
+
 def forward(params: dict[str, jax.Array], rope: tuple[jax.Array, jax.Array], kv_cache: jax.Array,
             input_ids: jax.Array, positions: jax.Array, md: AttentionMetadata, sample_idx: jax.Array,
             *, spec: LlamaSpec, attention: AttentionFn, rotary_dim: int,
@@ -127,54 +173,41 @@ def forward(params: dict[str, jax.Array], rope: tuple[jax.Array, jax.Array], kv_
 
     Returns (hidden [T, hidden], hidden rows ``sample_idx`` [S, hidden], the updated cache).
     """
-    t = input_ids.shape[0]
-    h_, kvh, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    q_size, kv_size = h_ * d, kvh * d
-    inter = spec.intermediate_size
-    act = _ACTIVATIONS[spec.hidden_act]
-    eps = spec.rms_norm_eps
     cos, sin = rope[0][positions], rope[1][positions]
-    layer_names = [n for n in ("in_norm", "post_norm", "qkv", "qkv_bias", "o", "o_bias", "gate_up",
-                               "gate_up_bias", "down", "down_bias", "q_norm", "k_norm", "qkv_scale",
-                               "o_scale", "gate_up_scale", "down_scale") if n in params]
-    stacked = {n: params[n] for n in layer_names}
+    stacked = {n: params[n] for n in _LAYER_PARAMS if n in params}
 
     def layer(carry, xs):
-        h, residual, cache = carry
         lp, index = xs
-        residual = h + residual
-        x = rms_norm(residual, lp["in_norm"], eps)
-        qkv = _linear(x, lp["qkv"], precision, lp.get("qkv_scale"))
-        if "qkv_bias" in lp:
-            qkv = qkv + lp["qkv_bias"]
-        q = qkv[:, :q_size].reshape(t, h_, d)
-        k = qkv[:, q_size:q_size + kv_size].reshape(t, kvh, d)
-        v = qkv[:, q_size + kv_size:].reshape(t, kvh, d)
-        if spec.qk_norm:
-            q = rms_norm(q, lp["q_norm"], eps)
-            k = rms_norm(k, lp["k_norm"], eps)
-        q = apply_rope(q, cos, sin, rotary_dim)
-        k = apply_rope(k, cos, sin, rotary_dim)
-        cache = write_kv(cache, index, k, v, md.slot_mapping)
-        o = attention(q, cache, index, md).reshape(t, q_size)
-        h = _linear(o, lp["o"], precision, lp.get("o_scale"))
-        if "o_bias" in lp:
-            h = h + lp["o_bias"]
-        residual = h + residual
-        x = rms_norm(residual, lp["post_norm"], eps)
-        gate_up = _linear(x, lp["gate_up"], precision, lp.get("gate_up_scale"))
-        if "gate_up_bias" in lp:
-            gate_up = gate_up + lp["gate_up_bias"]
-        h = _linear(act(gate_up[:, :inter]) * gate_up[:, inter:], lp["down"], precision, lp.get("down_scale"))
-        if "down_bias" in lp:
-            h = h + lp["down_bias"]
-        return (h, residual, cache), None
+        return _decoder_layer(*carry, lp, index, cos, sin, md, spec=spec, attention=attention,
+                              rotary_dim=rotary_dim, precision=precision), None
 
     h = params["embed"][input_ids]
     carry = (h, jnp.zeros_like(h), kv_cache)
     (h, residual, kv_cache), _ = lax.scan(layer, carry, (stacked, jnp.arange(spec.num_layers)))
-    hidden = rms_norm(h + residual, params["final_norm"], eps)
+    hidden = rms_norm(h + residual, params["final_norm"], spec.rms_norm_eps)
     return hidden, hidden[sample_idx], kv_cache
+
+
+def eagle_forward(params: dict[str, jax.Array], rope: tuple[jax.Array, jax.Array], kv_cache: jax.Array,
+                  input_ids: jax.Array, positions: jax.Array, md: AttentionMetadata, features: jax.Array,
+                  sample_idx: jax.Array, embed: jax.Array, *, spec: LlamaSpec, attention: AttentionFn,
+                  rotary_dim: int, precision=None) -> tuple[jax.Array, jax.Array]:
+    """An EAGLE-1 head (piston.models.eagle) over T tokens: ``input_ids[t]`` is the token
+    after ``positions[t]``, ``features`` [T, hidden] the target's (or the head's) features
+    there, ``embed`` the target's embedding. Returns (the head's outputs at ``sample_idx``
+    [S, hidden], the updated cache)."""
+    cos, sin = rope[0][positions], rope[1][positions]
+    x = jnp.concatenate([embed[input_ids], features.astype(embed.dtype)], axis=-1)
+    h = _linear(x, params["fc"], precision)
+    if "fc_bias" in params:
+        h = h + params["fc_bias"]
+    residual, cache = jnp.zeros_like(h), kv_cache
+    for i in range(spec.num_layers):  # a head has a layer or two: unrolled, the first without input norm
+        lp = {n: params[n][i] for n in _LAYER_PARAMS if n in params}
+        h, residual, cache = _decoder_layer(h, residual, cache, lp, i, cos, sin, md, spec=spec, attention=attention,
+                                            rotary_dim=rotary_dim, precision=precision, input_norm=i > 0)
+    out = h + residual
+    return out[sample_idx], cache
 
 
 def compute_logits(params: dict[str, jax.Array], hidden: jax.Array, precision=None) -> jax.Array:

@@ -82,7 +82,7 @@ class JaxModelRunner(ModelRunner):
         spec = config.speculative_config
         self.draft: DraftModel | None = None  # speculative decoding by a draft model
         if spec is not None and spec.uses_draft_model:
-            self.draft = DraftModel(spec.draft_model_config, self.dtype, self.max_model_len)
+            self.draft = DraftModel(spec.draft_model_config, self.dtype, self.max_model_len, eagle=spec.is_eagle)
 
     # ----- set-up -----------------------------------------------------------------
 
@@ -213,9 +213,18 @@ class JaxModelRunner(ModelRunner):
             step.metadata, sample_idx)
         return StepHidden(step, hidden, hidden_sampled)
 
-    def draft_forward(self, scheduled: ScheduledTokens, hidden=None, hidden_index=None) -> np.ndarray:
-        step = self.inputs.build(scheduled, buckets.pick_bucket(self.token_buckets, scheduled.num_tokens))
-        return self.draft.run(step, scheduled.logits_indices, self.max_seqs)
+    def draft_forward(self, scheduled: ScheduledTokens, hidden: StepHidden | None = None,
+                      hidden_index: np.ndarray | None = None) -> np.ndarray:
+        if hidden_index is None:
+            step = self.inputs.build(scheduled, buckets.pick_bucket(self.token_buckets, scheduled.num_tokens))
+            return self.draft.run(step, scheduled.logits_indices, self.max_seqs)
+        # An EAGLE head: its first pass reads the target's hidden states, in the step's bucket.
+        bucket = hidden.step.bucket if hidden is not None else buckets.pick_bucket(self.token_buckets,
+                                                                                   scheduled.num_tokens)
+        step = self.inputs.build(scheduled, bucket, token_shift=1)
+        return self.draft.run_eagle(step, scheduled.logits_indices, self.max_seqs,
+                                    hidden.hidden if hidden is not None else None, hidden_index, self.params["embed"],
+                                    self._head())
 
     def prompt_logprobs(self, hidden: StepHidden, token_indices: np.ndarray, targets: np.ndarray,
                         k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

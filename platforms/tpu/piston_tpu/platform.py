@@ -45,6 +45,7 @@ class TpuPlatform(Platform):
     supports_tensor_parallel = False
     supports_speculative = True
     supports_draft_model = True
+    supports_eagle = True
 
     @classmethod
     def is_available(cls) -> bool:

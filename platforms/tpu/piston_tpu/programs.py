@@ -10,7 +10,9 @@ raises instead of compiling.
 
 A draft model (speculative decoding, ``draft=True``) has its own set: ``forward`` per token
 bucket and ``draft_tokens`` (the argmax of the logits of the sampled rows) per request
-bucket.
+bucket. An EAGLE head (``eagle=True``) has ``eagle_forward``, ``gather_target`` (the target's
+hidden rows of the step's bucket) and ``gather_last`` (rows of the head's last outputs) per
+token bucket instead of ``forward``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from tqdm import tqdm
 
 from piston_tpu import sampler
 from piston_tpu.attention_metadata import AttentionMetadata
-from piston_tpu.model import LlamaSpec, compute_logits, forward
+from piston_tpu.model import LlamaSpec, compute_logits, eagle_forward, forward
 
 # Under "piston" so the engine's log handler shows it.
 logger = logging.getLogger(__name__.replace("piston_tpu", "piston.tpu", 1))
@@ -42,10 +44,11 @@ class ModelPrograms:
 
     def __init__(self, spec: LlamaSpec, attention: Callable, rotary_dim: int, token_buckets: list[int],
                  request_buckets: list[int], max_seqs: int, pages_per_seq: int, precision,
-                 speculative: bool = False, draft: bool = False) -> None:
+                 speculative: bool = False, draft: bool = False, eagle: bool = False) -> None:
         self.spec = spec
         self.speculative = speculative
-        self.draft = draft
+        self.draft = draft or eagle
+        self.eagle = eagle
         self.token_buckets = token_buckets
         self.request_buckets = request_buckets
         self.max_seqs = max_seqs
@@ -54,6 +57,9 @@ class ModelPrograms:
         self._forward = jax.jit(functools.partial(forward, spec=spec, attention=attention, rotary_dim=rotary_dim,
                                                   precision=precision), donate_argnums=(2,))
         self._gather_rows = jax.jit(lambda hidden, idx: hidden[idx])
+        if eagle:
+            self._forward = jax.jit(functools.partial(eagle_forward, spec=spec, attention=attention,
+                                                      rotary_dim=rotary_dim, precision=precision), donate_argnums=(2,))
         self._precision = precision
 
     # ----- compilation ------------------------------------------------------------
@@ -61,7 +67,7 @@ class ModelPrograms:
     def _jobs(self, params, rope, kv_cache) -> list[tuple[str, int, Callable[[], Any]]]:
         spec, s = self.spec, self.max_seqs
         vocab, hidden = spec.vocab_size, spec.hidden_size
-        act_dtype = params["embed"].dtype
+        act_dtype = params["embed" if "embed" in params else "fc"].dtype
         jobs = []
         for t in self.token_buckets:
             md = AttentionMetadata(
@@ -70,12 +76,23 @@ class ModelPrograms:
                 cu_q_lens=_spec((s + 1,), np.int32), page_indices=_spec((s, self.pages_per_seq), np.int32),
                 num_seqs=_spec((1,), np.int32))
             args = (params, rope, kv_cache, _spec((t,), np.int32), _spec((t,), np.int32), md, _spec((s,), np.int32))
+            if self.eagle:
+                feats = _spec((t, hidden), act_dtype)
+                args = (*args[:6], feats, args[6], _spec((vocab, hidden), act_dtype))
+                jobs.append(("eagle_forward", t, functools.partial(self._forward.lower, *args)))
+                jobs.append(("gather_target", t, functools.partial(
+                    self._gather_rows.lower, feats, _spec((t,), np.int32))))
+                jobs.append(("gather_last", t, functools.partial(
+                    self._gather_rows.lower, _spec((s, hidden), act_dtype), _spec((t,), np.int32))))
+                continue
             jobs.append(("forward", t, functools.partial(self._forward.lower, *args)))
             if self.draft:
                 continue
             jobs.append(("gather_rows", t, functools.partial(
                 self._gather_rows.lower, _spec((t, hidden), act_dtype), _spec((s,), np.int32))))
-        head = params.get("lm_head", params["embed"])
+        head = params.get("lm_head", params.get("embed"))
+        if head is None:  # an EAGLE head's logits come from its target's head
+            head = _spec((vocab, hidden), act_dtype)
         if self.draft:
             for r in self.request_buckets:
                 argmax = functools.partial(lambda r_, w, h: jnp.argmax(

@@ -39,8 +39,9 @@ class StepInputBuilder:
         # Entries past a sequence's own blocks keep stale (valid) page ids: never attended.
         self.page_table = np.zeros((max_seqs, pages_per_seq), np.int32)
 
-    def build(self, scheduled: ScheduledTokens, bucket: int) -> StepInputs:
-        """The step's inputs padded to the token ``bucket``."""
+    def build(self, scheduled: ScheduledTokens, bucket: int, token_shift: int = 0) -> StepInputs:
+        """The step's inputs padded to the token ``bucket`` (``token_shift``: each position
+        reads the token that many places later, as an EAGLE head does)."""
         batch = self.batch
         rows, num_sched, cu, computed, positions = (scheduled.rows, scheduled.num_scheduled,
                                                     scheduled.cu_num_scheduled, scheduled.num_computed,
@@ -50,7 +51,7 @@ class StepInputBuilder:
         blocks = scheduled.block_numbers.astype(np.int64)
 
         input_ids = np.zeros(bucket, np.int32)
-        input_ids[:total] = batch.token_ids[token_rows, positions]
+        input_ids[:total] = batch.token_ids[token_rows, positions + token_shift]
         pos = np.zeros(bucket, np.int32)
         pos[:total] = positions
         token_positions = np.full(bucket, -1, np.int32)

@@ -103,14 +103,7 @@ def load_params(spec, model_config: ModelConfig, dtype: np.dtype) -> dict[str, n
             if not ("rotary_emb.inv_freq" in name or (name == "lm_head.weight" and spec.tie_word_embeddings)):
                 unexpected.append(name)
             continue
-        dst = params[target] if layer is None else params[target][layer]
-        if rows is not None:
-            dst = dst[rows[0]:rows[0] + rows[1]]
-        if dst.shape != tensor.shape:
-            raise ValueError(f"Checkpoint tensor {name} has shape {tuple(tensor.shape)}, but the model "
-                             f"expects {tuple(dst.shape)}: the config does not match the weights.")
-        dst[...] = tensor.astype(dtype, copy=False)
-        filled[target] += dst.size
+        filled[target] += _write(params, target, layer, rows, name, tensor)
     if unexpected:
         logger.warning("Skipped %d checkpoint tensors the model has no place for: %s",
                        len(unexpected), ", ".join(unexpected[:5]))
@@ -120,6 +113,60 @@ def load_params(spec, model_config: ModelConfig, dtype: np.dtype) -> dict[str, n
                          f"(e.g. {', '.join(missing[:5])}); is it a {spec.architecture} checkpoint?")
     logger.info("Read %d checkpoint tensors in %.2f s.", total, time.perf_counter() - start)
     return _quantize(params, model_config)
+
+
+_EAGLE_SHARED = ("embed_tokens.", "lm_head.", "norm.")  # the target's: not read from the head
+
+
+def load_eagle_params(spec, model_config: ModelConfig, dtype: np.dtype) -> dict[str, np.ndarray]:
+    """An EAGLE-1 head's parameters (piston.models.eagle's layout: ``fc.weight``, optional
+    ``fc.bias``, ``layers.N.*``, an optional ``model.`` prefix): ``fc`` [h, 2h], ``fc_bias``,
+    and the layer parameters of ``spec`` stacked by layer (layer 0's input norm, which the
+    head does not have, is ones and unused)."""
+    h = spec.hidden_size
+    shapes = {n: shape for n, shape in param_shapes(spec).items() if n not in ("embed", "final_norm", "lm_head")}
+    shapes["fc"] = (h, 2 * h)
+    if model_config.load_format == "dummy":
+        rng = np.random.default_rng(model_config.seed)
+        return {name: (np.ones(shape, dtype) if "norm" in name else rng.uniform(-1e-3, 1e-3, shape).astype(dtype))
+                for name, shape in shapes.items()}
+    params = {name: np.zeros(shape, dtype) for name, shape in shapes.items()}
+    params["in_norm"][0] = 1
+    filled = {name: 0 for name in shapes}
+    filled["in_norm"] = h
+    reader = CheckpointReader(model_config.path or model_config.model, model_config.hf_config)
+    for name, tensor in reader.tensors():
+        name = name.removeprefix("model.")
+        if name.startswith(_EAGLE_SHARED) or name == "layers.0.input_layernorm.weight":  # unused by EAGLE-1
+            continue
+        if name in ("fc.weight", "fc.bias"):
+            target, layer, rows = ("fc" if name == "fc.weight" else "fc_bias"), None, None
+            if target == "fc_bias":
+                params["fc_bias"] = np.zeros(h, dtype)
+                filled["fc_bias"] = 0
+        else:
+            target, layer, rows = _place(spec, "model." + name)
+        if target is None:
+            raise ValueError(f"EAGLE head tensor {name} has no place in the head.")
+        filled[target] += _write(params, target, layer, rows, name, tensor)
+    missing = [n for n, a in params.items() if filled[n] != a.size]
+    if missing:
+        raise ValueError(f"The EAGLE head's checkpoint does not provide {', '.join(missing)}.")
+    return params
+
+
+def _write(params: dict[str, np.ndarray], target: str, layer: int | None, rows: tuple[int, int] | None, name: str,
+           tensor: np.ndarray) -> int:
+    """Copy checkpoint tensor ``name`` into its place (ValueError on a shape mismatch);
+    returns the values written."""
+    dst = params[target] if layer is None else params[target][layer]
+    if rows is not None:
+        dst = dst[rows[0]:rows[0] + rows[1]]
+    if dst.shape != tensor.shape:
+        raise ValueError(f"Checkpoint tensor {name} has shape {tuple(tensor.shape)}, but the model expects "
+                         f"{tuple(dst.shape)}: the config does not match the weights.")
+    dst[...] = tensor.astype(dst.dtype, copy=False)
+    return dst.size
 
 
 def _quantize(params: dict[str, np.ndarray], model_config: ModelConfig) -> dict[str, np.ndarray]:
