@@ -67,6 +67,14 @@ class RemoteReference:
     def eagle_reference(self, target: str, head: str, token_ids: list[int]) -> np.ndarray:
         return self._call("eagle_reference", target, head, list(token_ids), returns_array=True)
 
+    def build_eagle3_head(self, target: str, folder: str, draft_vocab: int, norm_before_residual: bool,
+                          own_embedding: bool, aux_ids: list[int] | None, seed: int) -> str:
+        return self._call("build_eagle3_head", target, str(folder), draft_vocab, norm_before_residual,
+                          own_embedding, aux_ids, seed)
+
+    def eagle3_reference(self, target: str, head: str, token_ids: list[int]) -> tuple[list[int], np.ndarray]:
+        return self._call("eagle3_reference", target, head, list(token_ids), returns_array=True)
+
     def greedy(self, path: str, prompt: list[int], max_new_tokens: int) -> tuple[list[int], np.ndarray]:
         return self._call("greedy", path, list(prompt), max_new_tokens, returns_array=True)
 

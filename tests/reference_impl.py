@@ -214,6 +214,105 @@ def eagle_reference(target: str, head: str, token_ids: list[int]) -> np.ndarray:
     return out[0].float().numpy()
 
 
+def build_eagle3_head(target: str, folder: str, draft_vocab: int, norm_before_residual: bool,
+                      own_embedding: bool, aux_ids: list[int] | None, seed: int) -> str:
+    """Write a seeded random EAGLE-3 head for ``target`` in the published layout: a Llama
+    config.json (1 layer, ``draft_vocab_size``) and safetensors with ``midlayer.*`` (q/k/v
+    reading 2h values, ``hidden_norm``), ``fc.weight`` [h, 3h], ``norm.weight``,
+    ``lm_head.weight`` [draft_vocab, h], ``d2t`` and ``t2d`` (a random draft vocabulary)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    config = json.loads(open(os.path.join(target, "config.json")).read())
+    config.update(num_hidden_layers=1, architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=draft_vocab,
+                  norm_before_residual=norm_before_residual)
+    if aux_ids is not None:
+        config["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": aux_ids, "use_aux_hidden_state": True}
+    h, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config.get("head_dim") or h // heads
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, std=0.08):
+        return (torch.randn(*shape, generator=gen) * std).contiguous()
+
+    chosen = torch.sort(torch.randperm(vocab, generator=gen)[:draft_vocab]).values
+    t2d = torch.zeros(vocab, dtype=torch.bool)
+    t2d[chosen] = True
+    tensors = {"fc.weight": rand(h, 3 * h), "norm.weight": 1 + rand(h, std=0.1), "lm_head.weight": rand(draft_vocab, h),
+               "d2t": (chosen - torch.arange(draft_vocab)).to(torch.int64), "t2d": t2d,
+               "midlayer.self_attn.q_proj.weight": rand(heads * head_dim, 2 * h),
+               "midlayer.self_attn.k_proj.weight": rand(kv_heads * head_dim, 2 * h),
+               "midlayer.self_attn.v_proj.weight": rand(kv_heads * head_dim, 2 * h),
+               "midlayer.self_attn.o_proj.weight": rand(h, heads * head_dim),
+               "midlayer.mlp.gate_proj.weight": rand(inter, h), "midlayer.mlp.up_proj.weight": rand(inter, h),
+               "midlayer.mlp.down_proj.weight": rand(h, inter),
+               "midlayer.input_layernorm.weight": 1 + rand(h, std=0.1),
+               "midlayer.hidden_norm.weight": 1 + rand(h, std=0.1),
+               "midlayer.post_attention_layernorm.weight": 1 + rand(h, std=0.1)}
+    if own_embedding:
+        tensors["embed_tokens.weight"] = rand(vocab, h, std=0.5)
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    return str(folder)
+
+
+def eagle3_reference(target: str, head: str, token_ids: list[int]) -> tuple[list[int], np.ndarray]:
+    """An EAGLE-3 head's first pass over ``token_ids`` [T] in plain torch: position p reads
+    token p + 1 and the target's hidden states entering its three aux layers at p
+    (transformers' ``hidden_states[j]``). Returns (the greedy target-vocabulary token at each
+    of the T - 1 positions, the head's outputs before its final norm [T - 1, hidden])."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    model = load_hf_model(target)
+    config_dict = json.loads(open(os.path.join(head, "config.json")).read())
+    w = load_file(os.path.join(head, "model.safetensors"))
+    eps = config_dict["rms_norm_eps"]
+    n_layers = model.config.num_hidden_layers
+    ids_aux = (config_dict.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") or [
+        2, n_layers // 2, n_layers - 3]
+
+    def rms(x, weight):
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    ids = torch.tensor([token_ids])
+    t = len(token_ids) - 1
+    with torch.no_grad():
+        hs = model.model(input_ids=ids, output_hidden_states=True).hidden_states
+        feat = torch.cat([hs[i][0, :-1] for i in ids_aux], dim=-1) @ w["fc.weight"].T
+        embed = w["embed_tokens.weight"] if "embed_tokens.weight" in w else model.model.embed_tokens.weight
+        e = rms(embed[ids[0, 1:]], w["midlayer.input_layernorm.weight"])
+        if config_dict["norm_before_residual"]:
+            hn = rms(feat, w["midlayer.hidden_norm.weight"])
+            res = hn
+        else:
+            res, hn = feat, rms(feat, w["midlayer.hidden_norm.weight"])
+        x = torch.cat([e, hn], dim=-1)
+        heads, kvh = config_dict["num_attention_heads"], config_dict["num_key_value_heads"]
+        d = config_dict.get("head_dim") or config_dict["hidden_size"] // heads
+        q = (x @ w["midlayer.self_attn.q_proj.weight"].T).view(t, heads, d).transpose(0, 1)[None]
+        k = (x @ w["midlayer.self_attn.k_proj.weight"].T).view(t, kvh, d).transpose(0, 1)[None]
+        v = (x @ w["midlayer.self_attn.v_proj.weight"].T).view(t, kvh, d).transpose(0, 1)[None]
+        cos, sin = LlamaRotaryEmbedding(model.config)(x[None], torch.arange(t)[None])
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k, v = k.repeat_interleave(heads // kvh, dim=1), v.repeat_interleave(heads // kvh, dim=1)
+        scores = (q @ k.transpose(-1, -2)) * d ** -0.5 + torch.triu(torch.full((t, t), float("-inf")), 1)
+        o = (scores.softmax(-1) @ v)[0].transpose(0, 1).reshape(t, heads * d) @ w["midlayer.self_attn.o_proj.weight"].T
+        res = o + res
+        hm = rms(res, w["midlayer.post_attention_layernorm.weight"])
+        gate, up = hm @ w["midlayer.mlp.gate_proj.weight"].T, hm @ w["midlayer.mlp.up_proj.weight"].T
+        m = (torch.nn.functional.silu(gate) * up) @ w["midlayer.mlp.down_proj.weight"].T
+        out = m + res
+        draft = (rms(out, w["norm.weight"]) @ w["lm_head.weight"].T).argmax(-1)
+    return (draft + w["d2t"][draft]).tolist(), out.float().numpy()
+
+
 @functools.lru_cache(maxsize=4)
 def load_hf_model(model_dir_or_gguf: str):
     """A float32 transformers model from an HF folder or a .gguf file (cached)."""
@@ -370,7 +469,8 @@ def serve() -> None:
     to ``out`` and the reply says so. Reply: {"result": ...} or {"error": text}.
     """
     calls = {"build_tiny_model": build_tiny_model, "build_truncated_model": build_truncated_model,
-             "build_eagle_head": build_eagle_head, "eagle_reference": eagle_reference, "greedy": greedy,
+             "build_eagle_head": build_eagle_head, "eagle_reference": eagle_reference,
+             "build_eagle3_head": build_eagle3_head, "eagle3_reference": eagle3_reference, "greedy": greedy,
              "prompt_logprobs": prompt_logprobs,
              "config": config, "constrained_greedy": constrained_greedy}
     reply_stream = sys.stdout

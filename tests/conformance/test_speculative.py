@@ -11,8 +11,8 @@
 - Draft models: greedy tokens equal transformers' (tiny models) and the engine's own
   without speculation (SmolLM2), drafted by the first layers of the target itself (its
   embeddings, final norm and head kept): a draft that agrees with the target part of the
-  time, so drafts are accepted and rejected. EAGLE heads: a random head drafts, and the
-  tokens are transformers'.
+  time, so drafts are accepted and rejected. EAGLE-1 and EAGLE-3 heads: a random head
+  drafts, and the tokens are transformers'.
 
 Runs where the platform has speculative decoding (supports_speculative); elsewhere it
 skips, saying so.
@@ -76,10 +76,12 @@ def truncated_model(tmp_path_factory, smollm2_path):
 @pytest.fixture(autouse=True)
 def _needs_draft_models(request):
     platform = get_platform(None)
-    if "draft_model" in request.node.name and not platform.supports_draft_model:
-        pytest.skip(f"platform {platform.name} runs no draft models yet (supports_draft_model=False)")
-    if "eagle" in request.node.name and not platform.supports_eagle:
-        pytest.skip(f"platform {platform.name} runs no EAGLE heads yet (supports_eagle=False)")
+    for method in ("draft_model", "eagle3", "eagle"):
+        if method in request.node.name:
+            if method not in platform.draft_methods:
+                pytest.skip(f"platform {platform.name} cannot run method {method} yet (its draft_methods: "
+                            f"{platform.draft_methods})")
+            break
 
 
 @pytest.fixture(scope="module")
@@ -156,18 +158,22 @@ def test_tiny_model_greedy_with_draft_model_matches_hf(name, tiny_models, trunca
     _assert_speculated(llm)
 
 
-def test_tiny_model_greedy_with_an_eagle_head_matches_hf(tiny_models, make_llm, smollm2_tokenizer, tmp_path):
-    """A random EAGLE-1 head in the published layout (its features against transformers:
-    tests/unit/test_eagle.py): whatever it drafts, the tokens are the target's, in a batch
-    with chunked prefill and prefix caching."""
+@pytest.mark.parametrize("method", ["eagle", "eagle3"])
+def test_tiny_model_greedy_with_an_eagle_head_matches_hf(method, tiny_models, make_llm, smollm2_tokenizer, tmp_path):
+    """A random EAGLE-1 or EAGLE-3 head in the published layout (its outputs against
+    references: tests/unit/test_eagle.py): whatever it drafts, the tokens are the target's,
+    in a batch with chunked prefill and prefix caching."""
     path = tiny_models("llama")
-    head = reference().build_eagle_head(path, str(tmp_path / "eagle"), 1, True, 0)
+    if method == "eagle":
+        head = reference().build_eagle_head(path, str(tmp_path / "eagle"), 1, True, 0)
+    else:
+        head = reference().build_eagle3_head(path, str(tmp_path / "eagle3"), 4096, False, False, None, 0)
     prompts = REFERENCE_PROMPTS + [LONG_PROMPT]
     prompt_ids = [smollm2_tokenizer(p).input_ids for p in prompts]
     reference_out = hf_greedy(path, prompt_ids, MAX_TOKENS)
     assert_no_near_ties(reference_out)
     llm = make_llm(path, max_model_len=1024, kv_cache_memory="64MiB", seed=0, dtype="float32",
-                   max_num_batched_tokens=64, speculative_config={**DRAFT, "method": "eagle", "model": head})
+                   max_num_batched_tokens=64, speculative_config={**DRAFT, "method": method, "model": head})
     assert _tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == [r.token_ids for r in reference_out]
     assert llm.llm_engine.get_stats().spec_num_draft_tokens > 0
 

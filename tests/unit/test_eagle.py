@@ -161,3 +161,30 @@ def test_jax_eagle_head_matches_transformers(tiny_models, tmp_path, num_layers, 
         rotary_dim=tables.rotary_dim, precision=jax.lax.Precision.HIGHEST)
     expected = reference().eagle_reference(target_path, head_path, TOKENS)
     np.testing.assert_allclose(np.asarray(out), expected, atol=1e-4, rtol=1e-4)
+
+
+# ----- EAGLE-3 --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,norm_before_residual,own_embedding,aux_ids",
+                         [("llama", False, False, None), ("qwen3", True, True, [3, 0, 1])])
+def test_eagle3_head_matches_a_reference(name, tiny_models, tmp_path, norm_before_residual, own_embedding, aux_ids):
+    """Piston's EAGLE-3 head (piston.models.eagle3), fed the target's aux layers by the target
+    model itself, against a plain-torch reference over transformers' hidden states: the same
+    outputs, and the same target-vocabulary tokens through the draft vocabulary's d2t."""
+    from piston.models.eagle3 import load_eagle3_head
+
+    target_path = tiny_models(name)  # llama: 3 layers, vLLM's default aux layers (2, 1, 0)
+    head_path = reference().build_eagle3_head(target_path, str(tmp_path / "head"), 512, norm_before_residual,
+                                             own_embedding, aux_ids, 7)
+    target = load_model(_config(target_path))
+    head = load_eagle3_head(_config(head_path), target, "cpu")
+    assert target.model.aux_layers == (tuple(aux_ids) if aux_ids else (2, 1, 0))
+    ids = torch.tensor(TOKENS)
+    positions = torch.arange(len(TOKENS))
+    with torch.no_grad():
+        target(ids, positions)
+        out = head(ids[1:], positions[:-1], target.model.aux_hidden_states[:-1])
+        tokens = head.compute_logits(out).argmax(-1)
+    expected_tokens, expected = reference().eagle3_reference(target_path, head_path, TOKENS)
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-4, rtol=1e-4)
+    assert tokens.tolist() == expected_tokens

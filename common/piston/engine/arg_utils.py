@@ -234,7 +234,13 @@ class EngineArgs:
                             load_format=self.load_format, enforce_eager=True, hf_config=hf_config,
                             max_model_len=target.max_model_len)
         draft.quantization = resolve_quantization(spec.quantization or "auto", path)
-        if spec.is_eagle:
+        if spec.is_eagle3:
+            target_hidden = getattr(hf_config, "target_hidden_size", None) or draft.hidden_size
+            if (target_hidden, draft.vocab_size) != (target.hidden_size, target.vocab_size):
+                raise ValueError(f"speculative_config.model={spec.model!r}: an EAGLE-3 head for hidden size "
+                                 f"{target_hidden} and vocabulary {draft.vocab_size} cannot draft for this target "
+                                 f"(hidden size {target.hidden_size}, vocabulary {target.vocab_size}).")
+        elif spec.is_eagle:
             if (draft.hidden_size, draft.vocab_size) != (target.hidden_size, target.vocab_size):
                 raise ValueError(f"speculative_config.model={spec.model!r}: an EAGLE head of hidden size "
                                  f"{draft.hidden_size} and vocabulary {draft.vocab_size} cannot draft for this "

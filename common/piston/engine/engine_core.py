@@ -55,14 +55,10 @@ class EngineCore:
         platform.check_and_update_config(config)
         if config.speculative_config is not None and not platform.supports_speculative:
             raise ValueError(f"speculative_config: the {platform.name} platform has no speculative decoding yet.")
-        if (config.speculative_config is not None and config.speculative_config.uses_draft_model
-                and not platform.supports_draft_model):
-            raise ValueError(f"speculative_config: the {platform.name} platform cannot run draft models yet "
-                             "(method draft_model).")
-        if (config.speculative_config is not None and config.speculative_config.is_eagle
-                and not platform.supports_eagle):
-            raise ValueError(f"speculative_config: the {platform.name} platform cannot run EAGLE heads yet "
-                             "(method eagle).")
+        spec = config.speculative_config
+        if spec is not None and spec.uses_draft_model and spec.method not in platform.draft_methods:
+            raise ValueError(f"speculative_config: the {platform.name} platform cannot run method {spec.method!r} "
+                             f"yet (it runs {', '.join(platform.draft_methods) or 'no drafting models'}).")
         if config.speculative_config is not None and ":" in config.speculative_config.method:
             proposer_class(config.speculative_config.method)  # a bad name fails here, before any worker
         tp = config.parallel_config.tensor_parallel_size

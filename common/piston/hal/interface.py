@@ -60,12 +60,14 @@ Interface version history:
      out the positions and runs the proposer. ``check_and_update_config`` may fill in
      ``SpeculativeConfig.disable_by_batch_size`` (left None: speculation is never skipped).
      Without the flag the engine rejects ``speculative_config`` with a clear error.
-  8: draft models. A platform with ``supports_draft_model`` has its model runner load
-     ``SpeculativeConfig.draft_model_config`` next to the target, count the draft's KV
-     layers in ``kv_cache_bytes_per_block`` (they live in the target's blocks) and
-     implement ``draft_forward`` (piston.step.draft_proposer decides its passes). With
-     ``supports_eagle`` also EAGLE heads (method "eagle"): ``draft_forward`` then gets the
-     target's hidden states of the step (or, after the first pass, its own last outputs).
+  8: draft models and EAGLE heads. ``Platform.draft_methods`` names the speculative
+     methods with a drafting model its runner implements ("draft_model", "eagle",
+     "eagle3"): it loads ``SpeculativeConfig.draft_model_config`` next to the target,
+     counts the draft's KV layers in ``kv_cache_bytes_per_block`` (they live in the
+     target's blocks) and implements ``draft_forward`` (piston.step.draft_proposer decides
+     its passes); for an EAGLE head ``draft_forward`` gets the target's hidden states of
+     the step (or, after the first pass, the head's own last outputs). The engine refuses
+     a method the platform does not name.
 """
 
 from __future__ import annotations
@@ -97,10 +99,8 @@ class Platform(abc.ABC):
     supports_kv_offload: bool = False
     #: Whether its model runner implements ``sample_speculative`` (see the version 7 note).
     supports_speculative: bool = False
-    #: Whether its model runner runs draft models (``draft_forward``; see the version 8 note).
-    supports_draft_model: bool = False
-    #: Whether it runs EAGLE heads too (see the version 8 note).
-    supports_eagle: bool = False
+    #: The drafting-model methods of speculative decoding its runner implements (version 8).
+    draft_methods: tuple[str, ...] = ()
 
     @classmethod
     @abc.abstractmethod

@@ -128,10 +128,19 @@ class LlamaModel(nn.Module):
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+    # An EAGLE-3 head reads the inputs of these layers (h + residual): each forward keeps
+    # them, concatenated, in ``aux_hidden_states`` [T, 3 * hidden] (eager runs only).
+    aux_layers: tuple[int, ...] = ()
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+        aux = {}
+        for i, layer in enumerate(self.layers):
+            if i in self.aux_layers:
+                aux[i] = h if residual is None else h + residual
             h, residual = layer(positions, h, residual)
+        if aux:
+            self.aux_hidden_states = torch.cat([aux[i] for i in self.aux_layers], dim=-1)
         h, _ = self.norm(h, residual)
         return h
 

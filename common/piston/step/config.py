@@ -204,7 +204,7 @@ class StructuredOutputsConfig:
     backend: str = "auto"
 
 
-SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle")
+SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle", "eagle3")
 # Filled in by the engine, never by the user.
 _INTERNAL_SPECULATIVE_FIELDS = ("draft_model_config",)
 
@@ -222,7 +222,8 @@ class SpeculativeConfig:
     model with the target's vocabulary (``model``), run by the same workers with its own KV
     cache layers in the target's blocks, drafts greedily (piston.step.draft_proposer).
     "eagle": an EAGLE-1 head (``model``: its folder) that drafts from the target's features and
-    shares its embedding and LM head (piston.models.eagle), run the same way.
+    shares its embedding and LM head (piston.models.eagle), run the same way. "eagle3": an
+    EAGLE-3 head, which fuses three of the target's layers (piston.models.eagle3).
     "module:Class": a custom proposer (piston.step.proposer).
     """
 
@@ -244,12 +245,17 @@ class SpeculativeConfig:
     def uses_draft_model(self) -> bool:
         """Whether a model drafts (its KV cache shares the target's blocks, and each request
         needs KV slots past its scheduled tokens for the drafts' own passes)."""
-        return self.method in ("draft_model", "eagle")
+        return self.method in ("draft_model", "eagle", "eagle3")
 
     @property
     def is_eagle(self) -> bool:
         """An EAGLE head drafts: it reads the target's hidden states."""
-        return self.method == "eagle"
+        return self.method in ("eagle", "eagle3")
+
+    @property
+    def is_eagle3(self) -> bool:
+        """An EAGLE-3 head: it reads three of the target's layers (piston.models.eagle3)."""
+        return self.method == "eagle3"
 
     @classmethod
     def from_value(cls, value: "SpeculativeConfig | dict | str | None") -> "SpeculativeConfig | None":

@@ -114,10 +114,10 @@ class ModelRunner(abc.ABC):
 
     def draft_forward(self, scheduled: ScheduledTokens, hidden: Any = None,
                       hidden_index: np.ndarray | None = None) -> np.ndarray:
-        """Speculative decoding by a draft model (platforms with ``supports_draft_model``):
+        """Speculative decoding by a draft model (a platform's ``draft_methods``):
         run the draft model over ``scheduled`` (its KV cache layers share the target's
         blocks) and return the argmax of its logits at each of ``scheduled.logits_indices``
-        (piston.step.draft_proposer decides the passes). An EAGLE head (``supports_eagle``)
+        (piston.step.draft_proposer decides the passes). An EAGLE head
         reads the token after each position, and the features ``hidden[hidden_index]``
         (``hidden``: the target's hidden states of the step, as ``forward`` returned them;
         None: the head's outputs at the last pass's ``logits_indices``)."""

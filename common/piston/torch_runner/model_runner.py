@@ -22,7 +22,7 @@ from piston.attention.forward_context import ForwardContext, set_forward_context
 from piston.attention.layer import attention_layers
 from piston.attention.metadata import CommonAttentionMetadata
 from piston.compilation.capture import CaptureStrategy, dummy_decode_metadata
-from piston.compilation.compiled_model import CompiledModel, capture_graphs, compile_model
+from piston.compilation.compiled_model import CompiledModel, capture_graphs, compile_model, resolve_mode
 from piston.distributed.parallel_state import get_tp_rank, get_tp_size
 from piston.step import named_tensors
 from piston.step.config import EngineConfig
@@ -110,10 +110,20 @@ class TorchModelRunner(ModelRunner):
 
         self.model = load_model(self.config.model_config, device=self.device)
         self.attn_layers = attention_layers(self.model)
+        spec = self.config.speculative_config
+        if spec is not None and spec.is_eagle3 and resolve_mode(self.config, self.default_compilation_mode) != "eager":
+            # The head reads three layers' inputs, which the model keeps aside in eager runs only.
+            logger.warning("An EAGLE-3 head drafts: the target runs eagerly (compilation mode %r ignored).",
+                           self.config.compilation_config.mode)
+            self.config.compilation_config.mode = "eager"
         self.compiled = compile_model(self.model, self.config, self.device, self.attn_layers,
                                       self.capture_strategy, self.default_compilation_mode)
         if self.draft_config is not None:  # eager: its passes are small and few
-            if self.config.speculative_config.is_eagle:
+            if spec.is_eagle3:
+                from piston.models.eagle3 import load_eagle3_head
+
+                self.draft_model = load_eagle3_head(self.draft_config, self.model, self.device)
+            elif spec.is_eagle:
                 from piston.models.eagle import load_eagle_head
 
                 self.draft_model = load_eagle_head(self.draft_config, self.model, self.device)
@@ -289,7 +299,9 @@ class TorchModelRunner(ModelRunner):
         self._flush_to_device()
         with set_forward_context(ctx):
             if eagle:
-                source = hidden if hidden is not None else self._draft_features
+                source = self._draft_features
+                if hidden is not None:  # the first pass: the target's features of the step
+                    source = self.model.model.aux_hidden_states if self.model.model.aux_layers else hidden
                 out = self.draft_model(ids, positions, source[features[0]])[index]
                 self._draft_features = out
             else:

@@ -22,8 +22,7 @@ class CudaPlatform(Platform):
     name = "cuda"
     supports_kv_offload = True
     supports_speculative = True
-    supports_draft_model = True
-    supports_eagle = True
+    draft_methods = ("draft_model", "eagle", "eagle3")
 
     @classmethod
     def is_available(cls) -> bool:

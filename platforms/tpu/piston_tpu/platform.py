@@ -44,8 +44,7 @@ class TpuPlatform(Platform):
     # One chip per engine so far: a JAX-mesh tensor-parallel runner is future work.
     supports_tensor_parallel = False
     supports_speculative = True
-    supports_draft_model = True
-    supports_eagle = True
+    draft_methods = ("draft_model", "eagle")
 
     @classmethod
     def is_available(cls) -> bool:
