@@ -188,3 +188,52 @@ def test_eagle3_head_matches_a_reference(name, tiny_models, tmp_path, norm_befor
     expected_tokens, expected = reference().eagle3_reference(target_path, head_path, TOKENS)
     np.testing.assert_allclose(out.numpy(), expected, atol=1e-4, rtol=1e-4)
     assert tokens.tolist() == expected_tokens
+
+
+def test_jax_eagle3_head_matches_a_reference(tiny_models, tmp_path):
+    """The TPU plugin's EAGLE-3 path: the target's JAX forward keeps its aux layers' inputs,
+    fc fuses them, eagle3_forward and eagle3_tokens give the reference's outputs and tokens."""
+    jax = pytest.importorskip("jax")
+    from piston.step.rope import rope_tables
+    from piston_tpu.attention import make_attention, page_table_multiple
+    from piston_tpu.kv_cache import kv_cache_shape
+    from piston_tpu.model import LlamaSpec, _linear, eagle3_forward, eagle3_tokens, forward
+    from piston_tpu.step_inputs import StepInputBuilder
+    from piston_tpu.weights import load_eagle3_params, load_params
+
+    hp = jax.lax.Precision.HIGHEST
+    target_path = tiny_models("llama")
+    head_path = reference().build_eagle3_head(target_path, str(tmp_path / "head"), 512, True, False, [1, 0, 2], 9)
+    target_mc, head_mc = _config(target_path), _config(head_path)
+    tspec = LlamaSpec.from_model_config(target_mc)
+    hspec = LlamaSpec.from_model_config(head_mc, "LlamaForCausalLM")
+    tparams = load_params(tspec, target_mc, np.dtype(np.float32))
+    hparams = load_eagle3_params(hspec, head_mc, np.dtype(np.float32))
+    block, bucket, n = 16, 16, len(TOKENS)
+    pages = -(-4 // page_table_multiple(block)) * page_table_multiple(block)
+    batch = InputBatch(2, 64, 4)
+    batch.add_request(NewRequestData("a", TOKENS, [], SamplingParams(temperature=0.0), [0, 1, 2, 3], 0))
+    builder = StepInputBuilder(batch, block, 4 * block, 2, pages)
+    attention = make_attention("xla", tspec.head_dim ** -0.5, False, block, hp)
+    tables = rope_tables(target_mc.hf_config, tspec.head_dim, 128)
+    rope = (tables.cos, tables.sin)
+
+    def cache(spec):
+        return jax.numpy.zeros(kv_cache_shape(spec.num_layers, 4, block, spec.num_kv_heads, spec.head_dim),
+                               np.float32)
+
+    step = builder.build(batch.schedule_spans(np.array([0]), np.array([0]), np.array([n]), np.array([True]), block),
+                         bucket)
+    *_, aux = forward(tparams, rope, cache(tspec), step.input_ids, step.positions, step.metadata, np.arange(2),
+                      spec=tspec, attention=attention, rotary_dim=tables.rotary_dim, precision=hp,
+                      aux_layers=(1, 0, 2))
+    features = np.zeros((bucket, hspec.hidden_size), np.float32)
+    features[:n - 1] = np.asarray(_linear(aux[:n - 1], hparams["fc"], hp))
+    step = builder.build(batch.schedule_spans(np.array([0]), np.array([0]), np.array([n - 1]), np.array([True]),
+                                              block), bucket, token_shift=1)
+    out, _ = eagle3_forward(hparams, rope, cache(hspec), step.input_ids, step.positions, step.metadata, features,
+                            np.arange(n - 1), tparams["embed"], spec=hspec, attention=attention,
+                            rotary_dim=tables.rotary_dim, precision=hp, norm_before_residual=True)
+    expected_tokens, expected = reference().eagle3_reference(target_path, head_path, TOKENS)
+    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-4, rtol=1e-4)
+    assert np.asarray(eagle3_tokens(hparams, out, hspec.rms_norm_eps, hp)).tolist() == expected_tokens

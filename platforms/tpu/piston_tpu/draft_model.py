@@ -30,13 +30,16 @@ logger = logging.getLogger(__name__.replace("piston_tpu", "piston.tpu", 1))
 
 
 class DraftModel:
-    def __init__(self, config: ModelConfig, dtype: np.dtype, max_model_len: int, eagle: bool = False) -> None:
+    def __init__(self, config: ModelConfig, dtype: np.dtype, max_model_len: int, eagle: bool = False,
+                 eagle3: bool = False) -> None:
         self.config = config
-        self.eagle = eagle
+        self.eagle = eagle or eagle3
+        self.eagle3 = eagle3
         self.last: jax.Array | None = None  # an EAGLE head's outputs of its last pass [max_seqs, hidden]
         self.dtype = dtype
         self.max_model_len = max_model_len
-        self.spec = LlamaSpec.from_model_config(config)
+        # An EAGLE head's layers are Llama layers, whatever architecture its config names.
+        self.spec = LlamaSpec.from_model_config(config, "LlamaForCausalLM" if self.eagle else None)
         self.params: dict[str, jax.Array] = {}
         self.host_params: dict[str, np.ndarray] | None = None
         self.rope: tuple[jax.Array, jax.Array] | None = None
@@ -45,10 +48,10 @@ class DraftModel:
         self.programs: ModelPrograms | None = None
 
     def load(self) -> None:
-        from piston_tpu.weights import load_eagle_params, load_params
+        from piston_tpu.weights import load_eagle3_params, load_eagle_params, load_params
 
         start = time.perf_counter()
-        load = load_eagle_params if self.eagle else load_params
+        load = load_eagle3_params if self.eagle3 else load_eagle_params if self.eagle else load_params
         self.params = {n: jnp.asarray(a) for n, a in load(self.spec, self.config, self.dtype).items()}
         tables = rope_tables(self.config.hf_config, self.spec.head_dim, self.max_model_len)
         self.rope = (jnp.asarray(tables.cos), jnp.asarray(tables.sin))
@@ -88,7 +91,9 @@ class DraftModel:
             return
         attention = make_attention(attention_name, self.spec.head_dim ** -0.5, on_tpu, block_size, precision)
         self.programs = ModelPrograms(self.spec, attention, self.rotary_dim, token_buckets, request_buckets,
-                                      max_seqs, pages_per_seq, precision, draft=True, eagle=self.eagle)
+                                      max_seqs, pages_per_seq, precision, draft=True, eagle=self.eagle,
+                                      eagle3=self.eagle3, norm_before_residual=bool(
+                                          getattr(self.config.hf_config, "norm_before_residual", False)))
         self.programs.compile_all(self.params, self.rope, self.kv_cache)
 
     def run(self, step: StepInputs, logits_indices: np.ndarray, max_seqs: int) -> np.ndarray:
@@ -109,11 +114,14 @@ class DraftModel:
                   hidden_index: np.ndarray, embed: jax.Array, head: jax.Array) -> np.ndarray:
         """One EAGLE pass over ``step`` (its ids are the tokens after each position): the
         features are rows ``hidden_index`` of the target's hidden states of the step
-        (``target_hidden``, of the step's bucket) or, when None, of the head's last outputs."""
+        (``target_hidden``, of the step's bucket; an EAGLE-3 head's: its aux layers' inputs)
+        or, when None, of the head's last outputs."""
         n = len(logits_indices)
         idx = np.zeros(step.bucket, np.int32)
         idx[:len(hidden_index)] = hidden_index
-        if target_hidden is not None:
+        if target_hidden is not None and self.eagle3:
+            features = self.programs("gather_target", step.bucket, target_hidden, idx, self.params["fc"])
+        elif target_hidden is not None:
             features = self.programs("gather_target", step.bucket, target_hidden, idx)
         else:
             features = self.programs("gather_last", step.bucket, self.last, idx)
@@ -121,8 +129,10 @@ class DraftModel:
         sample_idx[:n] = logits_indices
         self.last, self.kv_cache = self.programs(
             "eagle_forward", step.bucket, self.params, self.rope, self.kv_cache, step.input_ids, step.positions,
-            step.metadata, features, sample_idx, embed)
+            step.metadata, features, sample_idx, self.params.get("embed", embed))
         if n == 0:
             return np.zeros(0, np.int64)
         r = buckets.pick_bucket(self.programs.request_buckets, n)
+        if self.eagle3:  # its own head over its draft vocabulary
+            head = {name: self.params[name] for name in ("norm", "lm_head", "d2t")}
         return np.asarray(self.programs("draft_tokens", r, head, self.last))[:n].astype(np.int64)

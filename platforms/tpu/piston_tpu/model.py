@@ -53,10 +53,11 @@ class LlamaSpec:
     qk_norm: bool
 
     @classmethod
-    def from_model_config(cls, model_config: Any) -> "LlamaSpec":
-        """Raises ValueError for an architecture or activation the JAX models do not implement."""
+    def from_model_config(cls, model_config: Any, architecture: str | None = None) -> "LlamaSpec":
+        """Raises ValueError for an architecture or activation the JAX models do not implement
+        (``architecture``: instead of the config's, e.g. for an EAGLE head's Llama layers)."""
         config = model_config.hf_config
-        names = model_config.architectures
+        names = [architecture] if architecture else model_config.architectures
         arch = next((n for n in names if n in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
             raise ValueError(f"Model architecture {names or '(none given)'} is not supported on the TPU "
@@ -168,23 +169,32 @@ def _decoder_layer(h: jax.Array, residual: jax.Array, cache: jax.Array, lp: dict
 def forward(params: dict[str, jax.Array], rope: tuple[jax.Array, jax.Array], kv_cache: jax.Array,
             input_ids: jax.Array, positions: jax.Array, md: AttentionMetadata, sample_idx: jax.Array,
             *, spec: LlamaSpec, attention: AttentionFn, rotary_dim: int,
-            precision=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+            precision=None, aux_layers: tuple[int, ...] = ()) -> tuple[jax.Array, ...]:
     """One step over T flattened tokens.
 
-    Returns (hidden [T, hidden], hidden rows ``sample_idx`` [S, hidden], the updated cache).
+    Returns (hidden [T, hidden], hidden rows ``sample_idx`` [S, hidden], the updated cache),
+    and with ``aux_layers`` (an EAGLE-3 head drafts) the inputs of those layers,
+    concatenated [T, len(aux_layers) * hidden].
     """
     cos, sin = rope[0][positions], rope[1][positions]
     stacked = {n: params[n] for n in _LAYER_PARAMS if n in params}
 
     def layer(carry, xs):
         lp, index = xs
-        return _decoder_layer(*carry, lp, index, cos, sin, md, spec=spec, attention=attention,
-                              rotary_dim=rotary_dim, precision=precision), None
+        h, residual, cache, aux = carry
+        for j, layer_id in enumerate(aux_layers):  # keep the stream entering the aux layers
+            aux = aux.at[j].set(jnp.where(index == layer_id, h + residual, aux[j]))
+        h, residual, cache = _decoder_layer(h, residual, cache, lp, index, cos, sin, md, spec=spec,
+                                            attention=attention, rotary_dim=rotary_dim, precision=precision)
+        return (h, residual, cache, aux), None
 
     h = params["embed"][input_ids]
-    carry = (h, jnp.zeros_like(h), kv_cache)
-    (h, residual, kv_cache), _ = lax.scan(layer, carry, (stacked, jnp.arange(spec.num_layers)))
+    aux = jnp.zeros((len(aux_layers), *h.shape), h.dtype)
+    carry = (h, jnp.zeros_like(h), kv_cache, aux)
+    (h, residual, kv_cache, aux), _ = lax.scan(layer, carry, (stacked, jnp.arange(spec.num_layers)))
     hidden = rms_norm(h + residual, params["final_norm"], spec.rms_norm_eps)
+    if aux_layers:
+        return hidden, hidden[sample_idx], kv_cache, jnp.concatenate(list(aux), axis=-1)
     return hidden, hidden[sample_idx], kv_cache
 
 
@@ -208,6 +218,45 @@ def eagle_forward(params: dict[str, jax.Array], rope: tuple[jax.Array, jax.Array
                                             rotary_dim=rotary_dim, precision=precision, input_norm=i > 0)
     out = h + residual
     return out[sample_idx], cache
+
+
+def eagle3_forward(params: dict[str, jax.Array], rope: tuple[jax.Array, jax.Array], kv_cache: jax.Array,
+                   input_ids: jax.Array, positions: jax.Array, md: AttentionMetadata, features: jax.Array,
+                   sample_idx: jax.Array, embed: jax.Array, *, spec: LlamaSpec, attention: AttentionFn,
+                   rotary_dim: int, precision=None, norm_before_residual: bool = False
+                   ) -> tuple[jax.Array, jax.Array]:
+    """An EAGLE-3 head (piston.models.eagle3) of one layer over T tokens: ``features`` [T, h]
+    (the fused aux layers, or the head's own last outputs), ``embed``: the head's embedding
+    or the target's. Returns (outputs before the final norm at ``sample_idx``, the cache)."""
+    t = input_ids.shape[0]
+    h_, kvh, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    q_size, kv_size = h_ * d, kvh * d
+    eps, inter = spec.rms_norm_eps, spec.intermediate_size
+    cos, sin = rope[0][positions], rope[1][positions]
+    embeds = rms_norm(embed[input_ids], params["in_norm"][0], eps)
+    features = features.astype(embeds.dtype)
+    if norm_before_residual:
+        hn = residual = rms_norm(features, params["hidden_norm"], eps)
+    else:
+        residual, hn = features, rms_norm(features, params["hidden_norm"], eps)
+    qkv = _linear(jnp.concatenate([embeds, hn], axis=-1), params["qkv"][0], precision)
+    q = apply_rope(qkv[:, :q_size].reshape(t, h_, d), cos, sin, rotary_dim)
+    k = apply_rope(qkv[:, q_size:q_size + kv_size].reshape(t, kvh, d), cos, sin, rotary_dim)
+    v = qkv[:, q_size + kv_size:].reshape(t, kvh, d)
+    cache = write_kv(kv_cache, 0, k, v, md.slot_mapping)
+    o = _linear(attention(q, cache, 0, md).reshape(t, q_size), params["o"][0], precision)
+    residual = o + residual
+    x = rms_norm(residual, params["post_norm"][0], eps)
+    gate_up = _linear(x, params["gate_up"][0], precision)
+    h = _linear(_ACTIVATIONS[spec.hidden_act](gate_up[:, :inter]) * gate_up[:, inter:], params["down"][0], precision)
+    return (h + residual)[sample_idx], cache
+
+
+def eagle3_tokens(params: dict[str, jax.Array], outputs: jax.Array, eps: float, precision=None) -> jax.Array:
+    """An EAGLE-3 head's greedy tokens, in the target's vocabulary, from its outputs [N, h]."""
+    logits = _linear(rms_norm(outputs, params["norm"], eps), params["lm_head"], precision)
+    best = jnp.argmax(logits.astype(jnp.float32), axis=-1)
+    return (best + params["d2t"][best]).astype(jnp.int32)
 
 
 def compute_logits(params: dict[str, jax.Array], hidden: jax.Array, precision=None) -> jax.Array:

@@ -50,6 +50,7 @@ class StepHidden(NamedTuple):
     step: StepInputs
     hidden: jax.Array  # [token bucket, hidden]
     hidden_sampled: jax.Array  # [max_seqs, hidden]: the sampled requests' rows first
+    aux: jax.Array | None = None  # [token bucket, 3 * hidden]: an EAGLE-3 head's aux layers' inputs
 
 
 class JaxModelRunner(ModelRunner):
@@ -82,7 +83,14 @@ class JaxModelRunner(ModelRunner):
         spec = config.speculative_config
         self.draft: DraftModel | None = None  # speculative decoding by a draft model
         if spec is not None and spec.uses_draft_model:
-            self.draft = DraftModel(spec.draft_model_config, self.dtype, self.max_model_len, eagle=spec.is_eagle)
+            self.draft = DraftModel(spec.draft_model_config, self.dtype, self.max_model_len,
+                                    eagle=spec.is_eagle and not spec.is_eagle3, eagle3=spec.is_eagle3)
+        # An EAGLE-3 head reads the inputs of three target layers: the forward programs return them.
+        self.aux_layers: tuple[int, ...] = ()
+        if spec is not None and spec.is_eagle3:
+            from piston.step.eagle3_layers import aux_layer_ids
+
+            self.aux_layers = aux_layer_ids(spec.draft_model_config.hf_config, self.spec.num_layers)
 
     # ----- set-up -----------------------------------------------------------------
 
@@ -189,7 +197,7 @@ class JaxModelRunner(ModelRunner):
                                        self.block_size, self.precision)
             self.programs = ModelPrograms(self.spec, attention, self.rotary_dim, self.token_buckets,
                                           self.request_buckets, self.max_seqs, self.pages_per_seq, self.precision,
-                                          speculative=self.proposer is not None)
+                                          speculative=self.proposer is not None, aux_layers=self.aux_layers)
             self.programs.compile_all(self.params, self.rope, self.kv_cache)
         if self.draft is not None:
             self.draft.warm_up(self.attention_name, self.on_tpu, self.block_size, self.precision, self.token_buckets,
@@ -208,10 +216,10 @@ class JaxModelRunner(ModelRunner):
         step = self.inputs.build(scheduled, buckets.pick_bucket(self.token_buckets, scheduled.num_tokens))
         sample_idx = np.zeros(self.max_seqs, np.int32)
         sample_idx[:len(scheduled.logits_indices)] = scheduled.logits_indices
-        hidden, hidden_sampled, self.kv_cache = self.programs(
+        hidden, hidden_sampled, self.kv_cache, *aux = self.programs(
             "forward", step.bucket, self.params, self.rope, self.kv_cache, step.input_ids, step.positions,
             step.metadata, sample_idx)
-        return StepHidden(step, hidden, hidden_sampled)
+        return StepHidden(step, hidden, hidden_sampled, aux[0] if aux else None)
 
     def draft_forward(self, scheduled: ScheduledTokens, hidden: StepHidden | None = None,
                       hidden_index: np.ndarray | None = None) -> np.ndarray:
@@ -223,7 +231,8 @@ class JaxModelRunner(ModelRunner):
                                                                                    scheduled.num_tokens)
         step = self.inputs.build(scheduled, bucket, token_shift=1)
         return self.draft.run_eagle(step, scheduled.logits_indices, self.max_seqs,
-                                    hidden.hidden if hidden is not None else None, hidden_index, self.params["embed"],
+                                    None if hidden is None else hidden.aux if self.aux_layers else hidden.hidden,
+                                    hidden_index, self.params["embed"],
                                     self._head())
 
     def prompt_logprobs(self, hidden: StepHidden, token_indices: np.ndarray, targets: np.ndarray,

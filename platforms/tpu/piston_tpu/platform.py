@@ -44,7 +44,7 @@ class TpuPlatform(Platform):
     # One chip per engine so far: a JAX-mesh tensor-parallel runner is future work.
     supports_tensor_parallel = False
     supports_speculative = True
-    draft_methods = ("draft_model", "eagle")
+    draft_methods = ("draft_model", "eagle", "eagle3")
 
     @classmethod
     def is_available(cls) -> bool:

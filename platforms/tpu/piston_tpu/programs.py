@@ -12,7 +12,9 @@ A draft model (speculative decoding, ``draft=True``) has its own set: ``forward`
 bucket and ``draft_tokens`` (the argmax of the logits of the sampled rows) per request
 bucket. An EAGLE head (``eagle=True``) has ``eagle_forward``, ``gather_target`` (the target's
 hidden rows of the step's bucket) and ``gather_last`` (rows of the head's last outputs) per
-token bucket instead of ``forward``.
+token bucket instead of ``forward``; an EAGLE-3 head's ``gather_target`` fuses the target's
+aux layers with ``fc``, and its ``draft_tokens`` maps its draft vocabulary to the target's.
+With ``aux_layers`` the target's ``forward`` also returns those layers' inputs.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from tqdm import tqdm
 
 from piston_tpu import sampler
 from piston_tpu.attention_metadata import AttentionMetadata
-from piston_tpu.model import LlamaSpec, compute_logits, eagle_forward, forward
+from piston_tpu.model import (LlamaSpec, _linear, compute_logits, eagle3_forward, eagle3_tokens, eagle_forward,
+                              forward)
 
 # Under "piston" so the engine's log handler shows it.
 logger = logging.getLogger(__name__.replace("piston_tpu", "piston.tpu", 1))
@@ -44,22 +47,31 @@ class ModelPrograms:
 
     def __init__(self, spec: LlamaSpec, attention: Callable, rotary_dim: int, token_buckets: list[int],
                  request_buckets: list[int], max_seqs: int, pages_per_seq: int, precision,
-                 speculative: bool = False, draft: bool = False, eagle: bool = False) -> None:
+                 speculative: bool = False, draft: bool = False, eagle: bool = False, eagle3: bool = False,
+                 norm_before_residual: bool = False, aux_layers: tuple[int, ...] = ()) -> None:
         self.spec = spec
         self.speculative = speculative
-        self.draft = draft or eagle
-        self.eagle = eagle
+        self.draft = draft or eagle or eagle3
+        self.eagle = eagle or eagle3
+        self.eagle3 = eagle3
+        self.aux_layers = aux_layers  # the target's, when an EAGLE-3 head drafts
         self.token_buckets = token_buckets
         self.request_buckets = request_buckets
         self.max_seqs = max_seqs
         self.pages_per_seq = pages_per_seq
         self.compiled: dict[tuple[str, int], Any] = {}
         self._forward = jax.jit(functools.partial(forward, spec=spec, attention=attention, rotary_dim=rotary_dim,
-                                                  precision=precision), donate_argnums=(2,))
+                                                  precision=precision, aux_layers=aux_layers), donate_argnums=(2,))
         self._gather_rows = jax.jit(lambda hidden, idx: hidden[idx])
         if eagle:
             self._forward = jax.jit(functools.partial(eagle_forward, spec=spec, attention=attention,
                                                       rotary_dim=rotary_dim, precision=precision), donate_argnums=(2,))
+        if eagle3:
+            self._forward = jax.jit(functools.partial(eagle3_forward, spec=spec, attention=attention,
+                                                      rotary_dim=rotary_dim, precision=precision,
+                                                      norm_before_residual=norm_before_residual), donate_argnums=(2,))
+            # The first pass's features: the target's aux layers at the rows, fused by fc.
+            self._gather_target = jax.jit(lambda aux, idx, fc: _linear(aux[idx].astype(fc.dtype), fc, precision))
         self._precision = precision
 
     # ----- compilation ------------------------------------------------------------
@@ -80,8 +92,13 @@ class ModelPrograms:
                 feats = _spec((t, hidden), act_dtype)
                 args = (*args[:6], feats, args[6], _spec((vocab, hidden), act_dtype))
                 jobs.append(("eagle_forward", t, functools.partial(self._forward.lower, *args)))
-                jobs.append(("gather_target", t, functools.partial(
-                    self._gather_rows.lower, feats, _spec((t,), np.int32))))
+                if self.eagle3:
+                    fc = params["fc"]
+                    jobs.append(("gather_target", t, functools.partial(
+                        self._gather_target.lower, _spec((t, fc.shape[1]), act_dtype), _spec((t,), np.int32), fc)))
+                else:
+                    jobs.append(("gather_target", t, functools.partial(
+                        self._gather_rows.lower, feats, _spec((t,), np.int32))))
                 jobs.append(("gather_last", t, functools.partial(
                     self._gather_rows.lower, _spec((s, hidden), act_dtype), _spec((t,), np.int32))))
                 continue
@@ -93,6 +110,14 @@ class ModelPrograms:
         head = params.get("lm_head", params.get("embed"))
         if head is None:  # an EAGLE head's logits come from its target's head
             head = _spec((vocab, hidden), act_dtype)
+        if self.eagle3:
+            for r in self.request_buckets:
+                tokens = functools.partial(lambda r_, p, h: eagle3_tokens(p, h[:r_], spec.rms_norm_eps,
+                                                                          self._precision), r)
+                head_params = {n: params[n] for n in ("norm", "lm_head", "d2t")}
+                jobs.append(("draft_tokens", r, functools.partial(jax.jit(tokens).lower, head_params,
+                                                                  _spec((s, hidden), act_dtype))))
+            return jobs
         if self.draft:
             for r in self.request_buckets:
                 argmax = functools.partial(lambda r_, w, h: jnp.argmax(

@@ -155,6 +155,54 @@ def load_eagle_params(spec, model_config: ModelConfig, dtype: np.dtype) -> dict[
     return params
 
 
+def load_eagle3_params(spec, model_config: ModelConfig, dtype: np.dtype) -> dict[str, np.ndarray]:
+    """An EAGLE-3 head's parameters (piston.models.eagle3's layout; one layer): ``fc``
+    [h, 3 * target hidden], ``hidden_norm``, layer 0's ``in_norm``, ``post_norm``, ``qkv``
+    [q + 2kv, 2h], ``o``, ``gate_up``, ``down``, then ``norm``, ``lm_head`` [draft vocab, h],
+    ``d2t`` (int32) and, when the checkpoint has one, its own ``embed``."""
+    config = model_config.hf_config
+    if spec.num_layers != 1:
+        raise ValueError(f"EAGLE-3 heads of {spec.num_layers} layers are not supported on the TPU platform (1).")
+    h, i = spec.hidden_size, spec.intermediate_size
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    target_hidden = getattr(config, "target_hidden_size", None) or h
+    draft_vocab = getattr(config, "draft_vocab_size", None) or spec.vocab_size
+    shapes = {"fc": (h, 3 * target_hidden), "hidden_norm": (h,), "in_norm": (1, h), "post_norm": (1, h),
+              "qkv": (1, q + 2 * kv, 2 * h), "o": (1, h, q), "gate_up": (1, 2 * i, h), "down": (1, h, i),
+              "norm": (h,), "lm_head": (draft_vocab, h)}
+    if model_config.load_format == "dummy":
+        rng = np.random.default_rng(model_config.seed)
+        params = {name: (np.ones(shape, dtype) if "norm" in name else rng.uniform(-1e-3, 1e-3, shape).astype(dtype))
+                  for name, shape in shapes.items()}
+        params["d2t"] = np.zeros(draft_vocab, np.int32)
+        return params
+    params = {name: np.zeros(shape, dtype) for name, shape in shapes.items()}
+    filled = {name: 0 for name in shapes}
+    top = {"fc.weight": "fc", "norm.weight": "norm", "lm_head.weight": "lm_head", "embed_tokens.weight": "embed",
+           "layers.0.hidden_norm.weight": "hidden_norm"}
+    reader = CheckpointReader(model_config.path or model_config.model, model_config.hf_config)
+    for name, tensor in reader.tensors():
+        name = name.removeprefix("model.")
+        name = "layers.0." + name[len("midlayer."):] if name.startswith("midlayer.") else name
+        if name == "t2d":
+            continue
+        if name == "d2t":
+            params["d2t"] = np.asarray(tensor).astype(np.int32)
+            continue
+        if name == "embed_tokens.weight":
+            params["embed"] = np.zeros(tensor.shape, dtype)
+            filled["embed"] = 0
+        target, layer, rows = (top[name], None, None) if name in top else _place(spec, "model." + name)
+        if target is None:
+            raise ValueError(f"EAGLE-3 head tensor {name} has no place in the head.")
+        filled[target] += _write(params, target, layer, rows, name, tensor)
+    missing = [n for n, a in params.items() if n in filled and filled[n] != a.size] + (
+        [] if "d2t" in params else ["d2t"])
+    if missing:
+        raise ValueError(f"The EAGLE-3 head's checkpoint does not provide {', '.join(missing)}.")
+    return params
+
+
 def _write(params: dict[str, np.ndarray], target: str, layer: int | None, rows: tuple[int, int] | None, name: str,
            tensor: np.ndarray) -> int:
     """Copy checkpoint tensor ``name`` into its place (ValueError on a shape mismatch);
