@@ -147,15 +147,25 @@ def build_truncated_model(src: str, folder: str, num_layers: int, tokenizer_gguf
     return str(folder)
 
 
+def _target_config(target: str) -> dict:
+    """The target's config.json as a dict (a .gguf file's as transformers reads it)."""
+    import json
+
+    if target.endswith(".gguf"):
+        return {k: v for k, v in config(target).items() if not k.startswith("_")}
+    with open(os.path.join(target, "config.json")) as f:
+        return json.load(f)
+
+
 def build_eagle_head(target: str, folder: str, num_layers: int, fc_bias: bool, seed: int) -> str:
-    """Write a seeded random EAGLE-1 head for the model folder ``target`` in the published
+    """Write a seeded random EAGLE-1 head for the model ``target`` (a folder or .gguf) in the published
     layout: a Llama config.json of ``num_layers`` layers and safetensors with ``fc.*`` and
     ``layers.N.*`` (no input norm in layer 0, no final norm, no embedding or head)."""
     import json
 
     from safetensors.torch import save_file
 
-    config = json.loads(open(os.path.join(target, "config.json")).read())
+    config = _target_config(target)
     config.update(num_hidden_layers=num_layers, architectures=["LlamaForCausalLM"])
     h, inter = config["hidden_size"], config["intermediate_size"]
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
@@ -224,7 +234,7 @@ def build_eagle3_head(target: str, folder: str, draft_vocab: int, norm_before_re
 
     from safetensors.torch import save_file
 
-    config = json.loads(open(os.path.join(target, "config.json")).read())
+    config = _target_config(target)
     config.update(num_hidden_layers=1, architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=draft_vocab,
                   norm_before_residual=norm_before_residual)
     if aux_ids is not None:

@@ -114,10 +114,11 @@ def test_tiny_model_greedy_with_speculation_matches_hf(name, tiny_models, make_l
 
 
 def _check_smollm2_variant(variant, speculative_config, baseline, make_llm, smollm2_path, smollm2_llm_kwargs,
-                           draft_layers: int = 0) -> None:
+                           draft_layers: int = 0, random_drafts: bool = False) -> None:
     """Greedy tokens with speculation equal ``baseline``: "default"; "budget16_no_prefix_caching"
     (chunked prefill, every prompt computed in full); "preemption" (16 blocks, one full
-    context, for a batch that needs ~60; a draft model's ``draft_layers`` share the blocks)."""
+    context, for a batch that needs ~60; a draft model's ``draft_layers`` share the blocks).
+    Drafts were checked, and (unless ``random_drafts``) some accepted and some rejected."""
     kwargs = {**smollm2_llm_kwargs, "speculative_config": speculative_config}
     if variant == "budget16_no_prefix_caching":
         kwargs.update(max_num_batched_tokens=16, enable_prefix_caching=False)
@@ -131,7 +132,10 @@ def _check_smollm2_variant(variant, speculative_config, baseline, make_llm, smol
         prompts, expected = REFERENCE_PROMPTS * 2, baseline * 2
     llm = make_llm(smollm2_path, **kwargs)
     assert _tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == expected
-    _assert_speculated(llm)
+    if random_drafts:
+        assert llm.llm_engine.get_stats().spec_num_draft_tokens > 0
+    else:
+        _assert_speculated(llm)
     if variant == "preemption":
         assert llm.llm_engine.get_num_preemptions() > 0
 
@@ -141,7 +145,7 @@ def test_smollm2_greedy_with_ngram_matches_without(variant, baseline, make_llm, 
     _check_smollm2_variant(variant, NGRAM, baseline, make_llm, smollm2_path, smollm2_llm_kwargs)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", pytest.param("qwen3", marks=pytest.mark.slow)])
 def test_tiny_model_greedy_with_draft_model_matches_hf(name, tiny_models, truncated_model, make_llm,
                                                        smollm2_tokenizer):
     """Drafts from the target's first layer, in a batch with chunked prefill (a 64-token
@@ -186,6 +190,21 @@ def test_smollm2_greedy_with_draft_model_matches_without(variant, baseline, make
     """SmolLM2 drafted by its first 24 layers (of 30), in float32."""
     config = {**DRAFT, "model": truncated_model(smollm2_path, 24)}
     _check_smollm2_variant(variant, config, baseline, make_llm, smollm2_path, smollm2_llm_kwargs, draft_layers=24)
+
+
+@pytest.mark.slow  # about 20 s each on the CPU, a minute on the TPU plugin: nox -s slow
+@pytest.mark.parametrize("method", ["eagle", "eagle3"])
+def test_smollm2_greedy_with_an_eagle_head_matches_without(method, baseline, make_llm, smollm2_path,
+                                                           smollm2_llm_kwargs, tmp_path):
+    """SmolLM2 with a random EAGLE-1 or EAGLE-3 head, in a KV cache small enough to preempt
+    (the head's layer shares the blocks): the tokens are the engine's own without it."""
+    folder = str(tmp_path / method)
+    if method == "eagle":
+        head = reference().build_eagle_head(smollm2_path, folder, 1, False, 0)
+    else:
+        head = reference().build_eagle3_head(smollm2_path, folder, 4096, False, False, None, 0)
+    _check_smollm2_variant("preemption", {**DRAFT, "method": method, "model": head}, baseline, make_llm,
+                           smollm2_path, smollm2_llm_kwargs, draft_layers=1, random_drafts=True)
 
 
 def test_ngram_logprobs_are_the_target_models(smollm2_llm, make_llm, smollm2_path, smollm2_llm_kwargs):
