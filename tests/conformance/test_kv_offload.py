@@ -104,3 +104,27 @@ def test_an_external_store_plugs_in_by_name(tiny_models, make_llm, tmp_path, mon
     assert sum(s for s, _ in orders) > 0 and sum(n for _, n in orders) == 12  # prompt 0's 12 blocks came back
     with pytest.raises(ValueError, match="kv_offloading_backend='no_such_module:Store'"):
         make_llm(path, kv_offloading_size="4MiB", kv_offloading_backend="no_such_module:Store", **SMALL_POOL)
+
+
+def test_host_tier_keeps_a_draft_models_kv(tiny_models, make_llm):
+    """With a draft model (the target itself, so a right draft KV means every draft is
+    accepted) the draft's KV layers travel with the target's through the host tier: prefixes
+    loaded back draft as well as they did the first time."""
+    platform = get_platform(None)
+    if "draft_model" not in platform.draft_methods:
+        pytest.skip(f"platform {platform.name} runs no draft models yet")
+    path = tiny_models("llama")
+    prompts = _prompts(6, seed=1)
+    spec = {"method": "draft_model", "model": path, "num_speculative_tokens": 3, "disable_by_batch_size": 0}
+    pool = {**SMALL_POOL, "kv_cache_memory": 2 * SMALL_POOL["kv_cache_memory"]}  # the draft's layers double a block
+    llm = make_llm(path, kv_offloading_size="8MiB", speculative_config=spec, **pool)
+    assert llm.llm_engine.get_num_total_blocks() == 64
+    first = _run_one_at_a_time(llm, prompts)
+    before = llm.llm_engine.get_stats()
+    again = _run_one_at_a_time(llm, prompts[:2])
+    after = llm.llm_engine.get_stats()
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in first[:2]]
+    assert [o.num_cached_tokens for o in again] == [192, 192]  # hits from the host tier
+    drafted = after.spec_num_draft_tokens - before.spec_num_draft_tokens
+    accepted = after.spec_num_accepted_tokens - before.spec_num_accepted_tokens
+    assert drafted > 0 and accepted == drafted, (accepted, drafted)
