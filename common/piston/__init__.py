@@ -2,13 +2,14 @@
 
 from piston.logger import configure_logging
 from piston.outputs import CompletionOutput, Logprob, RequestOutput
+from piston.step.lora_request import LoRARequest
 from piston.step.sampling_params import SamplingParams, StructuredOutputsParams
 from piston.version import __version__
 
 configure_logging()
 
-__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob",
-           "__version__"]
+__all__ = ["LLM", "LoRARequest", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput",
+           "Logprob", "__version__"]
 
 
 def __getattr__(name):

@@ -88,7 +88,7 @@ class KVCacheManager:
         """
         if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
             return [], 0
-        update_request_block_hashes(request, self.block_size)
+        update_request_block_hashes(request, self.block_size, request.block_hash_extra_keys)
         max_hit_blocks = (request.num_tokens - 1) // self.block_size
         hashes = request.block_hashes
         hit_blocks: list[KVCacheBlock] = []
@@ -174,7 +174,7 @@ class KVCacheManager:
         num_cached = self.num_cached_blocks.get(request.request_id, 0)
         if num_full_blocks <= num_cached:
             return
-        update_request_block_hashes(request, self.block_size)
+        update_request_block_hashes(request, self.block_size, request.block_hash_extra_keys)
         first = len(self.step_registered)
         self.block_pool.cache_full_blocks(request, blocks, num_cached, num_full_blocks, self.step_registered)
         if self.offload is not None:  # only the offload tier asks (_on_evict)

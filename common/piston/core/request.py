@@ -10,6 +10,7 @@ from piston.step.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from piston.step.engine_messages import EngineCoreRequest
+    from piston.step.lora_request import LoRARequest
 
 
 class RequestStatus(enum.IntEnum):
@@ -55,6 +56,7 @@ class Request:
         arrival_time: float | None = None,
         priority: int = 0,
         client_id: str | None = None,
+        lora_request: "LoRARequest | None" = None,
     ) -> None:
         self.request_id = request_id
         self.sampling_params = sampling_params
@@ -62,6 +64,9 @@ class Request:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.priority = priority
         self.client_id = client_id
+        self.lora_request = lora_request
+        # What the prefix cache keys this request's blocks by besides their tokens.
+        self.block_hash_extra_keys = lora_request.cache_key if lora_request is not None else None
         # When the scheduler first ran it (for queue-time metrics); None while queued.
         self.first_scheduled_time: float | None = None
         # When the engine process read it off the socket, and when the busy loop (between
@@ -99,6 +104,7 @@ class Request:
             arrival_time=req.arrival_time or None,
             priority=req.priority,
             client_id=req.client_id,
+            lora_request=req.lora_request,
         )
         request.added_time = time.monotonic()
         request.received_time = req.received_time or request.added_time

@@ -58,6 +58,8 @@ class Scheduler:
         # The cap needs chunking: without it a prompt larger than the cap would never fit.
         self.max_prefill_tokens = (sched.max_prefill_tokens or None) if self.enable_chunked_prefill else None
         self.policy = self.make_policy(sched.policy)
+        # Multi-LoRA: the most distinct adapters among running requests (0: LoRA off).
+        self.max_loras = config.lora_config.max_loras if config.lora_config is not None else 0
         # 0 means "not resolved yet" (unit tests); the engine sets the real context.
         self.max_model_len = config.model_config.max_model_len or sys.maxsize
         offload = None
@@ -186,11 +188,16 @@ class Scheduler:
         kv.begin_step()
         policy.begin_step(self.running, self.waiting, budget)
 
+        # LoRA: the adapters of running requests, which a step may hold at most max_loras of.
+        loras = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None} \
+            if self.max_loras else None
         i = 0  # self.running[:i] are served (or skipped) this step; victims come from the end
         while budget > 0:
             if admitting and self.waiting:
-                head = self.waiting.peek()
-                if head.request_id in preempted:
+                head = self.waiting.peek() if loras is None else self._next_fitting(loras)
+                if head is None:
+                    admitting = False  # every waiting request needs an adapter beyond max_loras
+                elif head.request_id in preempted:
                     admitting = False  # re-admitting a request preempted this step would thrash
                 elif i >= len(self.running) or policy.waiting_first(head, self.running[i]):
                     num_new = self._admit(head, min(budget, prefill_left), i, len(new_reqs), preempted)
@@ -202,6 +209,8 @@ class Scheduler:
                         prefill_left -= num_new
                         new_reqs.append(head)
                         policy.on_scheduled(head, num_new, admitted=True)
+                        if loras is not None and head.lora_request is not None:
+                            loras.add(head.lora_request.lora_int_id)
                     continue
             if i >= len(self.running):
                 break
@@ -255,6 +264,7 @@ class Scheduler:
                     block_ids=kv.get_block_ids(r.request_id),
                     num_computed_tokens=r.num_computed_tokens,
                     eos_token_id=r.eos_token_id,
+                    lora_request=r.lora_request,
                 )
                 for r in new_reqs
             ],
@@ -283,6 +293,19 @@ class Scheduler:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
         return output
+
+    def _next_fitting(self, loras: set[int]) -> Request | None:
+        """The first waiting request (the head, else in the queue's order) whose adapter is
+        among ``loras`` or still fits within max_loras; None if none does. A request of an
+        adapter beyond the limit waits, and those behind it of other adapters go first."""
+        head = self.waiting.peek()
+        if self._lora_fits(head, loras):
+            return head
+        return next((r for r in self.waiting if self._lora_fits(r, loras)), None)
+
+    def _lora_fits(self, request: Request, loras: set[int]) -> bool:
+        lora = request.lora_request
+        return lora is None or lora.lora_int_id in loras or len(loras) < self.max_loras
 
     def _lookahead(self, request: Request, num_new: int, served: int) -> list[int]:
         """Blocks for the draft model's lookahead slots of ``request`` (scheduled ``num_new``

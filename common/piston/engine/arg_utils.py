@@ -11,6 +11,7 @@ from piston.step.config import (
     CacheConfig,
     CompilationConfig,
     EngineConfig,
+    LoRAConfig,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
@@ -58,6 +59,10 @@ class EngineArgs:
     compilation_cache_dir: str | None = None
     speculative_config: dict | str | None = None
     platform: str | None = None
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -127,6 +132,13 @@ class EngineArgs:
                  '"prompt_lookup_min": 2, "prompt_lookup_max": 5}\' (greedy output is unchanged, sampled '
                  'output keeps its distribution)')
         add("--platform", default=None, help="cpu, cuda or tpu (default: $PISTON_PLATFORM or auto)")
+        add("--enable-lora", action="store_true",
+            help="serve PEFT LoRA adapters: requests name one (the server's --lora-modules), and one batch "
+            "mixes adapters and the base model")
+        add("--max-loras", type=int, default=d.max_loras, help="the most adapters in one batch (with --enable-lora)")
+        add("--max-lora-rank", type=int, default=d.max_lora_rank, help="the largest adapter rank served")
+        add("--max-cpu-loras", type=int, default=None,
+            help="adapters kept in host memory, least recently used evicted (default: --max-loras)")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
@@ -162,6 +174,14 @@ class EngineArgs:
         SpeculativeConfig.from_value(self.speculative_config)  # a bad one fails before the model is read
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")
+        if self.enable_lora:
+            self._lora_config().validate()
+            if self.speculative_config is not None:
+                raise ValueError("enable_lora and speculative_config cannot be used together yet: drafts would "
+                                 "come from the base model, not the request's adapter.")
+
+    def _lora_config(self) -> LoRAConfig:
+        return LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras)
 
     def create_engine_config(self) -> EngineConfig:
         """Resolve the model, read its config and fill in every derived setting."""
@@ -213,7 +233,8 @@ class EngineArgs:
             spec.draft_model_config = self._draft_model_config(spec, mc)
         return EngineConfig(mc, cache, sched, parallel, compilation,
                             StructuredOutputsConfig(self.structured_outputs_backend),
-                            speculative_config=spec, platform=self.platform or "")
+                            speculative_config=spec, platform=self.platform or "",
+                            lora_config=self._lora_config() if self.enable_lora else None)
 
     def _draft_model_config(self, spec: SpeculativeConfig, target: ModelConfig) -> ModelConfig:
         """The draft model's ModelConfig: the target's dtype, context and seed; ValueError

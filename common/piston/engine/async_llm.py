@@ -29,6 +29,7 @@ from piston.engine.output_processor import EngineRequestError, OutputProcessor
 from piston.engine.stat_logger import StatLogger
 from piston.outputs import RequestOutput
 from piston.step.engine_messages import EngineCoreRequest, SchedulerStats
+from piston.step.lora_request import LoRARequest
 from piston.step.sampling_params import SamplingParams
 from piston.tokenizer import load_tokenizer
 
@@ -137,8 +138,8 @@ class AsyncLLM:
         return len(self.output_processor.child_to_parent)
 
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams, request_id: str,
-                       priority: int = 0, client_id: str | None = None, received_time: float | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, client_id: str | None = None, received_time: float | None = None,
+                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's cumulative output after every step that advanced it.
 
         ``received_time``: when the request reached the server (time.monotonic), kept in
@@ -152,6 +153,8 @@ class AsyncLLM:
             raise EngineDeadError(f"The engine is not running: {self.dead_error}")
         if self.sleeping:
             raise EngineSleepingError("The engine is asleep (sleep mode); retry after POST /wake_up.")
+        if lora_request is not None:
+            await self._in_thread(self._tokenize_thread, self.input_processor.check_lora, lora_request)
         text, token_ids, params = await self.process_prompt(prompt, sampling_params)
         if self.max_requests is not None and self.num_unfinished_requests() + params.n > self.max_requests:
             raise EngineOverloadedError(
@@ -170,7 +173,7 @@ class AsyncLLM:
             eos = self.tokenizer.eos_token_id
             await self.engine_core.add_requests_async([
                 EngineCoreRequest(engine_id, token_ids, child, eos_token_id=eos, arrival_time=now,
-                                  priority=priority, client_id=client_id)
+                                  priority=priority, client_id=client_id, lora_request=lora_request)
                 for engine_id, child in zip(engine_ids, children)])
             while not finished:
                 out = await collector.get()
@@ -267,6 +270,22 @@ class AsyncLLM:
 
     async def get_num_total_blocks(self) -> int:
         return await self.engine_core.call_utility_async("get_num_total_blocks")
+
+    # ----- LoRA adapters ----------------------------------------------------------------------
+
+    async def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Check an adapter (LoRAAdapterError, a ValueError, naming what is wrong) and read it
+        into the workers' host memory."""
+        await self._in_thread(self._tokenize_thread, self.input_processor.check_lora, lora_request)
+        return await self.engine_core.call_utility_async("add_lora", lora_request)
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget an adapter; requests already running with it finish with it."""
+        self.input_processor.forget_lora(lora_int_id)
+        return await self.engine_core.call_utility_async("remove_lora", lora_int_id)
+
+    async def list_loras(self) -> list[int]:
+        return await self.engine_core.call_utility_async("list_loras")
 
     async def reset_prefix_cache(self) -> bool:
         return await self.engine_core.call_utility_async("reset_prefix_cache")

@@ -61,6 +61,8 @@ class EngineCore:
                              f"yet (it runs {', '.join(platform.draft_methods) or 'no drafting models'}).")
         if config.speculative_config is not None and ":" in config.speculative_config.method:
             proposer_class(config.speculative_config.method)  # a bad name fails here, before any worker
+        if config.lora_config is not None and not platform.supports_lora:
+            raise ValueError(f"enable_lora: the {platform.name} platform cannot serve LoRA adapters yet.")
         tp = config.parallel_config.tensor_parallel_size
         if tp > 1 and not platform.supports_tensor_parallel:
             raise ValueError(f"tensor_parallel_size={tp}: the {platform.name} platform runs one rank "
@@ -208,6 +210,29 @@ class EngineCore:
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list[Any]:
         return self.executor.collective_rpc(method, args, kwargs)
+
+    # ----- LoRA adapters -------------------------------------------------------------------
+
+    def add_lora(self, lora_request: Any) -> bool:
+        """Read an adapter into every worker's host memory (its first request then skips the
+        disk); ValueError naming what is wrong with it."""
+        self._check_lora()
+        return all(self.executor.collective_rpc("add_lora", (lora_request,)))
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget an adapter's weights; requests already running with it finish with it. Its
+        blocks in the prefix cache are never matched again (new loads get new ids)."""
+        self._check_lora()
+        return any(self.executor.collective_rpc("remove_lora", (lora_int_id,)))
+
+    def list_loras(self) -> list[int]:
+        """The adapter ids the workers hold (rank 0's host memory and slots)."""
+        self._check_lora()
+        return self.executor.collective_rpc("list_loras")[0]
+
+    def _check_lora(self) -> None:
+        if self.config.lora_config is None:
+            raise ValueError("LoRA adapters are off: start the engine with enable_lora=True (--enable-lora).")
 
     # ----- sleep mode and weight updates -------------------------------------------------
 

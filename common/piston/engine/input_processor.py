@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from piston.step.config import EngineConfig
+from piston.step.lora_adapter import LoRAModelDims, load_adapter
+from piston.step.lora_request import LoRARequest
 from piston.step.sampling_params import SamplingParams
 from piston.structured_output.selection import validate as validate_structured_outputs
 
@@ -19,6 +21,31 @@ class InputProcessor:
         max_logprobs = config.model_config.max_logprobs
         self.max_logprobs = self.vocab_size if max_logprobs < 0 else min(max_logprobs, self.vocab_size)
         self.structured_outputs_backend = config.structured_outputs_config.backend
+        self.lora_config = config.lora_config
+        self.hf_config = config.model_config.hf_config
+        self._checked_loras: dict[int, LoRARequest] = {}
+
+    def check_lora(self, lora_request: LoRARequest | None) -> None:
+        """Check a request's adapter before the engine sees it (read once per adapter id):
+        ValueError if LoRA is off, LoRAAdapterError if the adapter cannot be served."""
+        if lora_request is None:
+            return
+        if not isinstance(lora_request, LoRARequest):
+            raise TypeError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}.")
+        if self.lora_config is None:
+            raise ValueError(f"lora_request {lora_request.lora_name!r}: LoRA adapters are off; start the engine "
+                             "with enable_lora=True (--enable-lora).")
+        known = self._checked_loras.get(lora_request.lora_int_id)
+        if known == lora_request:
+            return
+        if known is not None:
+            raise ValueError(f"lora_int_id {lora_request.lora_int_id} already names adapter {known.lora_name!r} "
+                             f"({known.lora_path}); give each adapter its own id.")
+        load_adapter(lora_request, LoRAModelDims.from_hf_config(self.hf_config), self.lora_config.max_lora_rank)
+        self._checked_loras[lora_request.lora_int_id] = lora_request
+
+    def forget_lora(self, lora_int_id: int) -> None:
+        self._checked_loras.pop(lora_int_id, None)
 
     def process_prompt(self, prompt: PromptType, params: SamplingParams
                        ) -> tuple[str | None, list[int], SamplingParams]:

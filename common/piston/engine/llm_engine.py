@@ -17,6 +17,7 @@ from piston.outputs import RequestOutput
 from piston.step import named_tensors as wire_tensors
 from piston.step.config import EngineConfig
 from piston.step.engine_messages import EngineCoreRequest, SchedulerStats
+from piston.step.lora_request import LoRARequest
 from piston.step.sampling_params import SamplingParams
 from piston.tokenizer import load_tokenizer
 
@@ -58,7 +59,8 @@ class LLMEngine:
         return self.input_processor.process_prompt(prompt, params)
 
     def add_processed_request(self, request_id: str, prompt: str | None, token_ids: list[int],
-                              params: SamplingParams, priority: int = 0) -> None:
+                              params: SamplingParams, priority: int = 0,
+                              lora_request: LoRARequest | None = None) -> None:
         """Add a request already checked by ``process_prompt``.
 
         Adds are sent to the engine together at the next ``step``, so a batch built by
@@ -70,13 +72,30 @@ class LLMEngine:
         eos = self.tokenizer.eos_token_id
         self._pending_adds.extend(
             EngineCoreRequest(engine_id, token_ids, child, eos_token_id=eos, arrival_time=now,
-                              priority=priority)
+                              priority=priority, lora_request=lora_request)
             for engine_id, child in zip(engine_ids, children))
 
     def add_request(self, request_id: str, prompt: PromptType,
-                    params: SamplingParams | None = None, priority: int = 0) -> None:
+                    params: SamplingParams | None = None, priority: int = 0,
+                    lora_request: LoRARequest | None = None) -> None:
+        self.input_processor.check_lora(lora_request)
         text, token_ids, params = self.process_prompt(prompt, params or SamplingParams())
-        self.add_processed_request(request_id, text, token_ids, params, priority)
+        self.add_processed_request(request_id, text, token_ids, params, priority, lora_request)
+
+    # ----- LoRA adapters ------------------------------------------------------------------
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Check an adapter and read it into the workers' host memory ahead of its requests."""
+        self.input_processor.check_lora(lora_request)
+        return self.engine_core.call_utility("add_lora", lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget an adapter; requests already running with it finish with it."""
+        self.input_processor.forget_lora(lora_int_id)
+        return self.engine_core.call_utility("remove_lora", lora_int_id)
+
+    def list_loras(self) -> list[int]:
+        return self.engine_core.call_utility("list_loras")
 
     def abort_request(self, request_ids: str | Sequence[str]) -> None:
         if isinstance(request_ids, str):

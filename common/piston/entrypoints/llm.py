@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from piston.engine.arg_utils import EngineArgs
 from piston.engine.llm_engine import LLMEngine, PromptType
+from piston.step.lora_request import LoRARequest
 from piston.outputs import RequestOutput
 from piston.step.sampling_params import SamplingParams
 
@@ -31,12 +32,15 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, priority: Sequence[int] | None = None
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None
                  ) -> list[RequestOutput]:
         """Run every prompt to completion in one engine run; outputs keep the input order.
 
-        A prompt is a string or a list of token ids. Every prompt is validated before
-        any runs, so a bad one raises ValueError and leaves the engine untouched.
+        A prompt is a string or a list of token ids. ``lora_request``: the LoRA adapter of
+        every prompt, or one per prompt (None: the base model); needs ``enable_lora=True``.
+        Every prompt and adapter is validated before any runs, so a bad one raises
+        ValueError and leaves the engine untouched.
         """
         prompt_list = _as_prompt_list(prompts)
         if sampling_params is None:
@@ -50,15 +54,24 @@ class LLM:
                                  f"{len(prompt_list)} prompts; give one or one per prompt.")
         if priority is not None and len(priority) != len(prompt_list):
             raise ValueError(f"priority has {len(priority)} entries for {len(prompt_list)} prompts.")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            lora_list = [lora_request] * len(prompt_list)
+        else:
+            lora_list = list(lora_request)
+            if len(lora_list) != len(prompt_list):
+                raise ValueError(f"lora_request has {len(lora_list)} entries for {len(prompt_list)} prompts; "
+                                 "give one or one per prompt.")
         engine = self.llm_engine
         if engine.sleeping:
             raise RuntimeError("The engine is asleep; call wake_up() before generating.")
+        for lora in lora_list:
+            engine.input_processor.check_lora(lora)
         processed = [engine.process_prompt(p, sp) for p, sp in zip(prompt_list, params_list)]
         ids = []
         for i, (text, token_ids, params) in enumerate(processed):
             request_id = engine.next_request_id()
             engine.add_processed_request(request_id, text, token_ids, params,
-                                         priority[i] if priority else 0)
+                                         priority[i] if priority else 0, lora_list[i])
             ids.append(request_id)
         try:
             finished = self._run_engine(len(ids), use_tqdm)
@@ -70,7 +83,8 @@ class LLM:
     def chat(self, messages: Conversation | Sequence[Conversation],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tokenizer = self.get_tokenizer()
@@ -82,10 +96,22 @@ class LLM:
                                                  add_generation_prompt=add_generation_prompt)
             # The template already holds any special tokens the model expects.
             prompts.append(tokenizer(text, add_special_tokens=False).input_ids)
-        outputs = self.generate(prompts, sampling_params, use_tqdm)
+        outputs = self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)
         for out in outputs:
             out.prompt = tokenizer.decode(out.prompt_token_ids)
         return outputs
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Check a LoRA adapter and read it into host memory ahead of its requests."""
+        return self.llm_engine.add_lora(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forget an adapter's weights (requests running with it finish with it)."""
+        return self.llm_engine.remove_lora(lora_id)
+
+    def list_loras(self) -> set[int]:
+        """The ids of the adapters the workers hold."""
+        return set(self.llm_engine.list_loras())
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list[Any]:
         """Call ``method`` on every worker; returns one result per worker."""

@@ -68,6 +68,13 @@ Interface version history:
      its passes); for an EAGLE head ``draft_forward`` gets the target's hidden states of
      the step (or, after the first pass, the head's own last outputs). The engine refuses
      a method the platform does not name.
+  9: multi-LoRA. A platform with ``supports_lora`` has its model runner implement
+     ``write_lora_slot(slot, adapter)`` (copy a piston.step.lora_adapter.LoRAAdapter,
+     this rank's shards, into device slot ``slot`` of every LoRA layer; None zeroes it) and
+     ``set_lora_mapping(token_slots)`` (each token's slot in the next forward, -1: none),
+     and adds each token's adapter delta in q/k/v/o and gate/up/down. The step layer's
+     piston.step.lora_slots decides the slots; the scheduler keeps a step within
+     ``LoRAConfig.max_loras`` adapters. Without the flag the engine refuses ``enable_lora``.
 """
 
 from __future__ import annotations
@@ -82,7 +89,7 @@ if TYPE_CHECKING:
     from piston.step.runner_output import ModelRunnerOutput
     from piston.step.scheduler_output import SchedulerOutput
 
-PLATFORM_INTERFACE_VERSION = 8
+PLATFORM_INTERFACE_VERSION = 9
 
 
 class Platform(abc.ABC):
@@ -101,6 +108,8 @@ class Platform(abc.ABC):
     supports_speculative: bool = False
     #: The drafting-model methods of speculative decoding its runner implements (version 8).
     draft_methods: tuple[str, ...] = ()
+    #: Whether it serves LoRA adapters (``--enable-lora``; see the version 9 note).
+    supports_lora: bool = False
 
     @classmethod
     @abc.abstractmethod
@@ -207,6 +216,19 @@ class Worker(abc.ABC):
     def reload_weights(self) -> None:
         """Read every weight from the checkpoint again, in place."""
         raise NotImplementedError(f"the {type(self).__name__} worker cannot reload weights.")
+
+    # Multi-LoRA (interface version 9): the workers of a platform with ``supports_lora`` hold a
+    # ``runner`` (a piston.step.model_runner.ModelRunner) that implements ``write_lora_slot``
+    # and ``set_lora_mapping``; these three reach its adapter cache.
+    def add_lora(self, lora_request: Any) -> bool:
+        """Read a LoRA adapter (a LoRARequest, or its wire form) into host memory."""
+        return self.runner.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.runner.remove_lora(lora_int_id)
+
+    def list_loras(self) -> list[int]:
+        return self.runner.list_loras()
 
     def shutdown(self) -> None:
         """Free resources (optional)."""

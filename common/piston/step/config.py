@@ -307,6 +307,31 @@ class SpeculativeConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Multi-LoRA serving (``--enable-lora``): requests may each name a PEFT adapter, and one
+    step's rows may use different adapters (piston.step.lora_slots)."""
+
+    max_loras: int = 1  # adapters in one batch: the device slots
+    max_lora_rank: int = 16  # the largest rank an adapter may have (the slots' width)
+    max_cpu_loras: int | None = None  # adapters kept in host memory, least recently used out; None: max_loras
+
+    @property
+    def host_capacity(self) -> int:
+        return max(self.max_loras, self.max_cpu_loras or 0)
+
+    def validate(self) -> None:
+        for name, top in (("max_loras", 64), ("max_lora_rank", 512), ("max_cpu_loras", 4096)):
+            value = getattr(self, name)
+            if value is None and name == "max_cpu_loras":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
+                raise ValueError(f"{name} must be an integer in 1..{top}, got {value!r}.")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}): "
+                             "the adapters of one batch are kept in host memory too.")
+
+
+@dataclass
 class EngineConfig:
     model_config: ModelConfig
     cache_config: CacheConfig = field(default_factory=CacheConfig)
@@ -316,6 +341,7 @@ class EngineConfig:
     structured_outputs_config: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     speculative_config: SpeculativeConfig | None = None
     platform: str = ""  # the platform's name, set by the engine at start-up
+    lora_config: LoRAConfig | None = None  # None: LoRA adapters are off (--enable-lora turns them on)
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)

@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from piston.step.lora_request import LoRARequest
 from piston.step.runner_output import Logprobs
 from piston.step.sampling_params import SamplingParams
 
@@ -38,6 +39,8 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     client_id: str | None = None
     # When the engine process's input thread read it (time.monotonic; set there, not sent).
     received_time: float = 0.0
+    # The LoRA adapter it runs with; None: the base model.
+    lora_request: LoRARequest | None = None
 
 
 # Starts EngineCoreOutput.error when the request's own parameters caused the failure, found

@@ -31,6 +31,8 @@ class RunnerRequestState:
     draft_num_computed: int = 0
     # ... and the drafts it wrote KV for after them, at the last proposal.
     drafted: tuple[int, ...] = ()
+    # The LoRA adapter it runs with (None: the base model).
+    lora_request: Any = None
 
 
 class ScheduledTokens(NamedTuple):
@@ -122,7 +124,7 @@ class InputBatch:
     def add_request(self, new: NewRequestData) -> RunnerRequestState:
         """Place a new (or resumed) request in the first free row."""
         state = RunnerRequestState(new.req_id, new.prompt_token_ids, new.sampling_params, new.eos_token_id,
-                                   draft_num_computed=new.num_computed_tokens)
+                                   draft_num_computed=new.num_computed_tokens, lora_request=new.lora_request)
         if None in self.req_ids:
             row = self.req_ids.index(None)
         else:

@@ -41,6 +41,9 @@ from piston.step.config import EngineConfig, cdiv
 from piston.step.fault_injection import faulty, maybe_stall
 from piston.step.input_batch import InputBatch, RunnerRequestState, ScheduledTokens
 from piston.step.kv_transfer import KVTierStore, KVTransfer, store_class, tier_directory
+from piston.step.lora_adapter import LoRAAdapter, LoRAModelDims
+from piston.step.lora_request import LoRARequest
+from piston.step.lora_slots import LoRASlots
 from piston.step.runner_output import (EMPTY_MODEL_RUNNER_OUTPUT, Logprobs, ModelRunnerOutput,
                                        RequestFailedError)
 from piston.step.sampling_batch import SamplingBatch
@@ -72,6 +75,12 @@ class ModelRunner(abc.ABC):
                 self.proposer = make_proposer(spec)
             self.proposer_k = spec.num_speculative_tokens
             self.spec_disable_batch_size = spec.disable_by_batch_size or 0
+        # Multi-LoRA (piston.step.lora_slots): adapters in host memory and the device slots
+        # the platform's ``write_lora_slot`` fills.
+        self.lora: LoRASlots | None = None
+        if config.lora_config is not None:
+            self.lora = LoRASlots(config.lora_config, LoRAModelDims.from_hf_config(mc.hf_config),
+                                  self.write_lora_slot)
 
     def enable_kv_offload(self, rank: int = 0) -> None:
         """Keep this rank's offloaded KV blocks (the worker calls it when the tier is on)."""
@@ -123,6 +132,41 @@ class ModelRunner(abc.ABC):
         None: the head's outputs at the last pass's ``logits_indices``)."""
         raise NotImplementedError(f"{type(self).__name__} cannot run a draft model.")
 
+    def write_lora_slot(self, slot: int, adapter: LoRAAdapter | None) -> None:
+        """Multi-LoRA (platforms with ``supports_lora``): copy ``adapter``'s matrices (this
+        rank's shard of each) into device slot ``slot`` of every LoRA layer, zeros where the
+        adapter leaves a module out; None clears the slot."""
+        raise NotImplementedError(f"{type(self).__name__} cannot serve LoRA adapters.")
+
+    def set_lora_mapping(self, token_slots: np.ndarray) -> None:
+        """Multi-LoRA: the next ``forward``'s tokens' slots, int32 [num_tokens] (-1: the base
+        model alone)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot serve LoRA adapters.")
+
+    # ----- LoRA adapters (the engine's add_lora / remove_lora, through the workers) ----------
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Read an adapter into host memory (checking it); LoRAAdapterError if it cannot be
+        served."""
+        if self.lora is None:
+            raise ValueError("LoRA adapters are off: start the engine with enable_lora=True (--enable-lora).")
+        self.lora.add(msgspec.convert(lora_request, LoRARequest) if not isinstance(lora_request, LoRARequest)
+                      else lora_request)
+        return True
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget an adapter; requests running with it keep it until they finish."""
+        if self.lora is None:
+            return False
+        return self.lora.remove(lora_int_id, in_use=lora_int_id in self._loras_in_use())
+
+    def list_loras(self) -> list[int]:
+        return [] if self.lora is None else self.lora.loaded_ids()
+
+    def _loras_in_use(self) -> set[int]:
+        return {s.lora_request.lora_int_id for s in self.batch.states
+                if s is not None and s.lora_request is not None}
+
     def apply_kv_transfer(self, transfer: KVTransfer | list) -> None:
         """Carry out offload orders outside a step (the engine's last ones, at shutdown)."""
         if self.kv_store is not None and self.kv_caches_ready():
@@ -159,7 +203,13 @@ class ModelRunner(abc.ABC):
         new_states = batch.apply_diff(scheduler_output)
         for state, new in zip(new_states, scheduler_output.scheduled_new_reqs):
             with blame([new.req_id], "setting up the request"):
+                if new.lora_request is not None:
+                    if self.lora is None:
+                        raise ValueError("the request names a LoRA adapter, but LoRA is off (--enable-lora).")
+                    self.lora.add(new.lora_request)
                 self.on_new_request(state, new)
+        if self.lora is not None and self.lora.removed:
+            self.lora.release_unused(self._loras_in_use())
         spec = scheduler_output.scheduled_spec_decode_tokens
         if spec:
             batch.write_drafts(spec)
@@ -169,6 +219,12 @@ class ModelRunner(abc.ABC):
         _inject("runner", step_ids)
         maybe_stall([new.req_id for new in scheduler_output.scheduled_new_reqs])
         scheduled = batch.schedule(scheduler_output.num_scheduled_tokens, self.block_size)
+        if self.lora is not None:
+            requests = [batch.states[r].lora_request for r in scheduled.rows.tolist()]
+            with blame([batch.req_ids[r] for r, lr in zip(scheduled.rows.tolist(), requests) if lr is not None],
+                       "loading its LoRA adapter"):
+                slots = self.lora.slots_for(requests)
+            self.set_lora_mapping(slots[scheduled.req_idx])
         with blame(step_ids, "the forward pass"):
             hidden = self.forward(scheduled, scheduler_output)
         prompt_logprobs = self._prompt_logprobs(scheduled, hidden)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import msgspec
 
-from piston.step.sampling_params import SamplingParams
 from piston.step.kv_transfer import KVTransfer
+from piston.step.lora_request import LoRARequest
+from piston.step.sampling_params import SamplingParams
 
 
 class NewRequestData(msgspec.Struct, array_like=True, gc=False):
@@ -20,6 +21,8 @@ class NewRequestData(msgspec.Struct, array_like=True, gc=False):
     num_computed_tokens: int
     # The request's EOS token, which the sampler forbids until min_tokens are out.
     eos_token_id: int | None = None
+    # The LoRA adapter it runs with (EngineConfig.lora_config); None: the base model.
+    lora_request: LoRARequest | None = None
 
 
 class RunningRequestData(msgspec.Struct, array_like=True, gc=False):

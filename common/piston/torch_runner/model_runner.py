@@ -116,6 +116,8 @@ class TorchModelRunner(ModelRunner):
             logger.warning("An EAGLE-3 head drafts: the target runs eagerly (compilation mode %r ignored).",
                            self.config.compilation_config.mode)
             self.config.compilation_config.mode = "eager"
+        if self.config.lora_config is not None:
+            self._attach_lora()
         self.compiled = compile_model(self.model, self.config, self.device, self.attn_layers,
                                       self.capture_strategy, self.default_compilation_mode)
         if self.draft_config is not None:  # eager: its passes are small and few
@@ -130,6 +132,31 @@ class TorchModelRunner(ModelRunner):
             else:
                 self.draft_model = load_model(self.draft_config, device=self.device)
             self.draft_attn_layers = attention_layers(self.draft_model)
+
+    # ----- multi-LoRA (piston.models.layers.lora) -------------------------------------------
+
+    def _attach_lora(self) -> None:
+        from piston.models.layers.lora import attach_lora
+
+        lc = self.config.lora_config
+        if resolve_mode(self.config, self.default_compilation_mode) != "eager":
+            # The LoRA layers read the step's slot mapping on the host: not traced, not captured.
+            logger.warning("LoRA adapters are on: the model runs eagerly (compilation mode %r ignored).",
+                           self.config.compilation_config.mode)
+            self.config.compilation_config.mode = "eager"
+        self.lora_layers = attach_lora(self.model, lc.max_loras, lc.max_lora_rank)
+        logger.info("LoRA: %d layers with %d adapter slots of rank <= %d.", len(self.lora_layers), lc.max_loras,
+                    lc.max_lora_rank)
+
+    def write_lora_slot(self, slot: int, adapter) -> None:
+        from piston.models.layers.lora import write_lora_slot
+
+        write_lora_slot(self.lora_layers, slot, adapter)
+
+    def set_lora_mapping(self, token_slots: np.ndarray) -> None:
+        from piston.models.layers.lora import build_lora_mapping, set_lora_mapping
+
+        set_lora_mapping(build_lora_mapping(token_slots, self.config.lora_config.max_loras, self.device))
 
     def capture_model(self) -> None:
         """Capture graphs for every capture size (after initialize_kv_cache); a no-op when the
@@ -208,6 +235,8 @@ class TorchModelRunner(ModelRunner):
         """Give the weights their memory back: from the kept copy, else from the checkpoint."""
         if self.weight_memory is not None and not self.weight_memory.restore():
             self.reload_weights()
+            if self.lora is not None:  # the slots' memory came back empty: write them again when used
+                self.lora.forget_slots()
 
     def reload_weights(self) -> None:
         from piston.models.loader import reload_weights

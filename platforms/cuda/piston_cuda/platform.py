@@ -23,6 +23,7 @@ class CudaPlatform(Platform):
     supports_kv_offload = True
     supports_speculative = True
     draft_methods = ("draft_model", "eagle", "eagle3")
+    supports_lora = True
 
     @classmethod
     def is_available(cls) -> bool:

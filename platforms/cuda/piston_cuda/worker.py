@@ -67,6 +67,11 @@ class CudaWorker(Worker):
 
             if count := install_qkernels(self.runner.model):
                 logger.info("Packed weights: %d layers through the Triton dequant-GEMM.", count)
+        if self.config.lora_config is not None:  # the Triton SGMV shrink/expand pair for every LoRA layer
+            from piston.models.layers.lora import LoRAStack
+            from piston_cuda.kernels.lora import lora_shrink_expand
+
+            LoRAStack.kernel = staticmethod(lora_shrink_expand)
         logger.info("Weights on %s: %.2f GiB allocated.", torch.cuda.get_device_name(self.device),
                     torch.cuda.memory_allocated(self.device) / GiB)
 

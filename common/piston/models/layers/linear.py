@@ -65,6 +65,7 @@ class ParallelLinearBase(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_local, in_local))
         self.bias = nn.Parameter(torch.empty(out_local)) if bias else None
         self.qweight: PackedWeight | None = None  # set by use_packed_weight
+        self.lora = None  # a LoRAStack with --enable-lora (piston.models.layers.lora.attach_lora)
 
     def use_packed_weight(self, quantize: str | None = None) -> None:
         """Hold the weight packed (call on the model before its memory is allocated):
@@ -121,7 +122,10 @@ class ColumnParallelLinear(ParallelLinearBase):
         super().__init__(input_size, out_local, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x, self.bias)
+        y = self.matmul(x, self.bias)
+        if self.lora is not None:
+            self.lora.add_delta(x, y)
+        return y
 
     def _weight_part(self, loaded: Any, shard_id: Any) -> Any:
         return narrow(loaded, 0, self.out_start, self.out_local)
@@ -188,8 +192,14 @@ class RowParallelLinear(ParallelLinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return self.matmul(x, self.bias)
-        out = tp_all_reduce(self.matmul(x, None))
+            y = self.matmul(x, self.bias)
+            if self.lora is not None:
+                self.lora.add_delta(x, y)
+            return y
+        y = self.matmul(x, None)
+        if self.lora is not None:  # this rank's part of the delta: the all-reduce sums them
+            self.lora.add_delta(x, y)
+        out = tp_all_reduce(y)
         return out if self.bias is None else out + self.bias
 
     def _weight_part(self, loaded: Any, shard_id: Any) -> Any:
