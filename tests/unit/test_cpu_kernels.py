@@ -172,3 +172,32 @@ def test_argmax_rows_keeps_torchs_ties_infinities_and_nans(ops):
     rows = torch.randn(4, 40)[:, ::2]  # rows that are not contiguous: not the kernel's
     with pytest.raises(RuntimeError, match="contiguous rows"):
         ops.argmax_rows(rows)
+
+
+@pytest.mark.parametrize("tokens,in_features,out_features,slices",
+                         [(64, 576, 960, 3), (9, 72, 40, 2), (5, 1536, 576, 1), (1, 16, 13, 1)])
+def test_lora_sgmv_matches_a_loop_over_tokens(ops, tokens, in_features, out_features, slices):
+    """y[t] += x[t] @ A[s] @ B[s] per token of slot s (-1: untouched), B block-diagonal over
+    the slices as a fused layer's stack holds it, slices of widths no multiple of 8."""
+    import numpy as np
+    from piston.models.layers.lora import build_lora_mapping
+
+    torch.manual_seed(tokens)
+    slots, rank = 4, 16
+    x, y = torch.randn(tokens, in_features), torch.randn(tokens, out_features)
+    a = torch.randn(slots, in_features, slices * rank)
+    b = torch.randn(slots, slices * rank, out_features)
+    bounds = [out_features * j // slices for j in range(slices)] + [out_features]
+    for j in range(slices):
+        b[:, j * rank:(j + 1) * rank, :bounds[j]] = 0
+        b[:, j * rank:(j + 1) * rank, bounds[j + 1]:] = 0
+    token_slots = (np.arange(tokens) * 3) % (slots + 1) - 1  # every slot, and tokens without one
+    mapping = build_lora_mapping(token_slots.astype(np.int32), slots, torch.device("cpu"))
+    expected = y.clone()
+    for t, s in enumerate(token_slots.tolist()):
+        if s >= 0:
+            expected[t] += (x[t].double() @ a[s].double() @ b[s].double()).float()
+    if mapping is None:
+        return
+    ops.lora_sgmv(x, y, a, b, mapping.token_ids, mapping.slot_ends, torch.tensor(bounds, dtype=torch.int64))
+    torch.testing.assert_close(y, expected, atol=1e-3, rtol=1e-4)

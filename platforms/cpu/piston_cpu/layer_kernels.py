@@ -168,3 +168,18 @@ def install(model: nn.Module, ops: ModuleType) -> int:
             module.act_and_mul_kernel = ops.silu_and_mul
             count += 1
     return count
+
+
+def install_lora(ops: ModuleType) -> None:
+    """The C++ SGMV kernel for every LoRA layer (piston.models.layers.lora): one call per
+    layer serves all of a step's adapters."""
+    from piston.models.layers.lora import LoRAStack
+
+    sgmv = ops.lora_sgmv
+
+    def lora_kernel(stack, x: torch.Tensor, y: torch.Tensor, mapping) -> None:
+        if x.dtype != torch.float32 or x.stride(-1) != 1 or y.stride(-1) != 1:
+            return LoRAStack.torch_delta(stack, x, y, mapping)
+        sgmv(x, y, stack.lora_a, stack.lora_b, mapping.token_ids, mapping.slot_ends, stack.slice_bounds)
+
+    LoRAStack.kernel = staticmethod(lora_kernel)

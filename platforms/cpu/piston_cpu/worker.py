@@ -36,6 +36,9 @@ class CpuWorker(Worker):
             self.runner.sampler.argmax = layer_kernels.make_argmax(self.kernels)
         if self.kernels is not None and self.runner.draft_model is not None:
             layer_kernels.install(self.runner.draft_model, self.kernels)
+        if self.kernels is not None and self.config.lora_config is not None:
+            layer_kernels.install_lora(self.kernels)
+            logger.info("CPU kernels: LoRA layers through the C++ SGMV kernel (every adapter of a step in one call).")
         if self.kernels is not None and self.runner.compiled is None:
             self.kernel_layers = layer_kernels.install(self.runner.model, self.kernels)
             logger.info("CPU kernels: paged attention, and %d layers (linear up to %d rows, %d past %d inputs; "

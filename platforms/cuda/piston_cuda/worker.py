@@ -71,7 +71,8 @@ class CudaWorker(Worker):
             from piston.models.layers.lora import LoRAStack
             from piston_cuda.kernels.lora import lora_shrink_expand
 
-            LoRAStack.kernel = staticmethod(lora_shrink_expand)
+            LoRAStack.kernel = staticmethod(lambda stack, x, y, m: lora_shrink_expand(
+                x, y, stack.lora_a, stack.lora_b, m.token_ids, m.slot_ends, m.max_tokens_per_slot))
         logger.info("Weights on %s: %.2f GiB allocated.", torch.cuda.get_device_name(self.device),
                     torch.cuda.memory_allocated(self.device) / GiB)
 

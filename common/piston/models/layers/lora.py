@@ -12,8 +12,10 @@ Each step the runner sets a ``LoRAMapping`` (``set_lora_mapping``): the step's t
 that use an adapter, grouped by slot. A layer then adds, for those tokens only,
 ``(x @ A[slot]) @ B[slot]`` to its output: two grouped GEMMs (shrink to the rank, expand
 back) with no loop over adapters or rows (Punica/S-LoRA's SGMV). A platform may set a
-faster ``LoRAStack.kernel(x, y, lora_a, lora_b, token_ids, slot_ends, max_tokens_per_slot)``
-(CUDA: Triton); None runs torch's grouped GEMM.
+faster ``LoRAStack.kernel(stack, x, y, mapping)`` (the CPU: a C++ SGMV kernel; CUDA:
+Triton); None runs torch's grouped GEMM. The rank is padded to a multiple of 8 (zeros),
+and ``slice_bounds`` [slices + 1] holds each slice's output columns, so a kernel may skip
+the zero blocks of B between slices.
 
 Tensor parallelism: a column-parallel layer keeps A whole and its rows of B (the output
 is split); a row-parallel layer keeps its columns of A (the input is split) and B whole,
@@ -74,15 +76,20 @@ def build_lora_mapping(token_slots: np.ndarray, num_slots: int, device: torch.de
 class LoRAStack(nn.Module):
     """The LoRA slots of one (possibly fused) linear layer; see the module docstring."""
 
-    kernel: Callable[..., None] | None = None
+    kernel: Callable[["LoRAStack", torch.Tensor, torch.Tensor, LoRAMapping], None] | None = None
 
     def __init__(self, layer: ParallelLinearBase, slices: list[tuple[str, Any]], max_loras: int, max_rank: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.slices = slices  # (hf module name, the layer's shard id), in output order
-        self.max_rank = max_rank
+        self.max_rank = -(-max_rank // 8) * 8  # padded: SIMD kernels take whole 8-float vectors
         self.row_parallel = isinstance(layer, RowParallelLinear)
-        width = len(slices) * max_rank
+        width = len(slices) * self.max_rank
+        if self.row_parallel or len(slices) == 1:
+            bounds = [0, layer.out_local]
+        else:
+            bounds = [layer._weight_rows(shard_id)[0] for _, shard_id in slices] + [layer.out_local]
+        self.slice_bounds = torch.tensor(bounds, dtype=torch.int64)  # host: not weights (sleep keeps it)
         self.register_buffer("lora_a", torch.zeros(max_loras, layer.in_local, width, dtype=dtype, device=device),
                              persistent=False)
         self.register_buffer("lora_b", torch.zeros(max_loras, width, layer.out_local, dtype=dtype, device=device),
@@ -117,8 +124,13 @@ class LoRAStack(nn.Module):
         if m is None:
             return
         if self.kernel is not None:
-            self.kernel(x, y, self.lora_a, self.lora_b, m.token_ids, m.slot_ends, m.max_tokens_per_slot)
-        elif m.single_slot is not None:
+            self.kernel(self, x, y, m)
+        else:
+            self.torch_delta(x, y, m)
+
+    def torch_delta(self, x: torch.Tensor, y: torch.Tensor, m: LoRAMapping) -> None:
+        """``add_delta`` with torch's ops (the fallback of a platform kernel)."""
+        if m.single_slot is not None:
             n = m.token_ids.shape[0]  # rows past the step's tokens (padding) get nothing
             y[:n] += (x[:n] @ self.lora_a[m.single_slot]) @ self.lora_b[m.single_slot]
         else:

@@ -16,6 +16,7 @@
 //                          memory speed (torch's CPU argmax reads about 5 GB/s here).
 //   qlinear, qembedding,   the same linear (and the embedding lookup) for packed, quantized
 //   qdequantize            weights: quant_kernels.cpp, bound into this module.
+//   lora_sgmv              batched multi-LoRA shrink and expand: lora_kernels.cpp.
 //
 // Compiled with -ffp-contract=off: a multiply followed by an add rounds twice, as torch's
 // element-wise ops do; fused multiply-adds appear only where written (_mm256_fmadd_ps).
@@ -29,8 +30,10 @@
 
 #include "simd.h"
 
-// The quantized-weight kernels (quant_kernels.cpp) add their functions to the module.
+// The quantized-weight kernels (quant_kernels.cpp) and the batched LoRA kernel
+// (lora_kernels.cpp) add their functions to the module.
 void bind_quant_kernels(pybind11::module_& m);
+void bind_lora_kernels(pybind11::module_& m);
 
 namespace {
 
@@ -524,4 +527,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "causal attention of query rows over a paged KV cache");
   m.def("argmax_rows", &argmax_rows, "torch.argmax(x, dim=-1) of a float32 matrix, at memory speed");
   bind_quant_kernels(m);
+  bind_lora_kernels(m);
 }
