@@ -26,14 +26,15 @@ from piston.entrypoints.openai.dev_endpoints import add_dev_routes
 from piston.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from piston.entrypoints.openai.openapi_schema import ERROR_RESPONSES, STREAM_RESPONSE, document_limits
 from piston.entrypoints.openai.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                                                CompletionResponse, HealthResponse, ModelCard, ModelList,
+                                                CompletionResponse, HealthResponse, ModelList,
                                                 OpenAIError, VersionResponse)
 from piston.entrypoints.openai.request_limits import BodySizeLimit
 from piston.entrypoints.openai.request_timeline import RequestTimelineWriter
-from piston.entrypoints.openai.server_config import ServerConfig
+from piston.entrypoints.openai.server_config import RUNTIME_LORA_ENV, ServerConfig
 from piston.entrypoints.openai.serving_chat import OpenAIServingChat
 from piston.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from piston.entrypoints.openai.serving_engine import engine_dead_error, to_openai_error
+from piston.entrypoints.openai.serving_models import OpenAIServingModels, add_lora_routes
 from piston.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -101,8 +102,11 @@ def build_app(engine, config: ServerConfig) -> FastAPI:
     app.state.engine_dead = False
     app.state.on_engine_dead = lambda: None
     app.state.metrics = metrics
-    completion = OpenAIServingCompletion(engine, config, metrics)
-    chat = OpenAIServingChat(engine, config, metrics)
+    # The base model and its LoRA adapters; serve() loads the --lora-modules ones before serving.
+    models = OpenAIServingModels(engine, name)
+    app.state.models = models
+    completion = OpenAIServingCompletion(engine, config, metrics, models)
+    chat = OpenAIServingChat(engine, config, metrics, models)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
@@ -155,13 +159,16 @@ def build_app(engine, config: ServerConfig) -> FastAPI:
 
     @v1.get("/models", response_model=ModelList)
     async def list_models():
-        # The served name only: the model's file path is nobody's business.
-        return ModelList(data=[ModelCard(id=name, root=name,
-                                         max_model_len=engine.config.model_config.max_model_len)])
+        # The base model by its served name only (its file path is nobody's business), then
+        # each LoRA adapter with parent (the base model) and root (its folder), as vLLM lists them.
+        return ModelList(data=models.cards(engine.config.model_config.max_model_len))
 
     app.include_router(v1)
     if config.dev_mode:
         add_dev_routes(app, engine, authenticate)
+    # As vLLM: the routes exist only when the flag allows them (and LoRA is on); otherwise 404.
+    if config.allow_runtime_lora_updating and models.lora_enabled:
+        add_lora_routes(app, models, authenticate)
 
     @app.get("/health", response_model=HealthResponse, responses={503: ERROR_RESPONSES[503]})
     async def health():
@@ -198,8 +205,17 @@ async def serve(args: argparse.Namespace) -> int:
 
     name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
     config = ServerConfig.from_cli_args(args, name)
+    if config.lora_modules and not getattr(args, "enable_lora", False):
+        raise ValueError(f"--lora-modules {' '.join(map(str, config.lora_modules))}: LoRA is off; add --enable-lora.")
     engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args), config.max_waiting_requests)
-    app = build_app(engine, config)
+    try:
+        app = build_app(engine, config)
+        # Each adapter is checked here: a bad one stops the start-up, naming the problem.
+        await app.state.models.register_static(config.lora_modules)
+    except BaseException:
+        engine.shutdown()
+        raise
+    _log_lora(app.state.models, config)
     uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                     timeout_graceful_shutdown=3, timeout_keep_alive=5)
     server = uvicorn.Server(uvicorn_config)
@@ -213,7 +229,10 @@ async def serve(args: argparse.Namespace) -> int:
         while not server.started and not server.should_exit:
             await asyncio.sleep(0.05)
         if server.started:
-            logger.info("Piston is serving %s at http://%s:%d/v1", name, args.host, args.port)
+            adapters = list(app.state.models.adapters)
+            logger.info("Piston is serving %s%s at http://%s:%d/v1", name,
+                        f" and {len(adapters)} LoRA adapter(s) ({', '.join(adapters)})" if adapters else "",
+                        args.host, args.port)
 
     announcer = asyncio.ensure_future(announce())
     try:
@@ -222,6 +241,23 @@ async def serve(args: argparse.Namespace) -> int:
         announcer.cancel()
         engine.shutdown()
     return 1 if app.state.engine_dead else 0
+
+
+def _log_lora(models: OpenAIServingModels, config: ServerConfig) -> None:
+    """The start-up log's LoRA lines: the settings, the adapters, the runtime endpoints."""
+    if not models.lora_enabled:
+        if config.allow_runtime_lora_updating:
+            logger.warning("%s is set, but LoRA is off (--enable-lora): /v1/load_lora_adapter and "
+                           "/v1/unload_lora_adapter are not served.", RUNTIME_LORA_ENV)
+        return
+    logger.info(models.describe())
+    if config.allow_runtime_lora_updating:
+        logger.warning("LoRA adapters may be loaded and unloaded at run time (%s): POST /v1/load_lora_adapter "
+                       "makes the server read any folder it can; allow it only where clients are trusted.",
+                       RUNTIME_LORA_ENV)
+    else:
+        logger.info("Loading LoRA adapters at run time is off (%s=1 serves POST /v1/load_lora_adapter and "
+                    "/v1/unload_lora_adapter).", RUNTIME_LORA_ENV)
 
 
 def run_server(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "A missing or wrong API key."},
     403: {"model": ErrorResponse, "description": "A parameter the caller may not set (priority, with "
                                                  "--restrict-priority)."},
-    404: {"model": ErrorResponse, "description": "A model this server does not serve."},
+    404: {"model": ErrorResponse, "description": "A model (or LoRA adapter) this server does not serve."},
     413: {"model": ErrorResponse, "description": "The request body is larger than --max-request-body-bytes."},
     500: {"model": ErrorResponse, "description": "This request failed inside the engine; other requests and the "
                                                  "server are unaffected."},

@@ -423,3 +423,37 @@ class HealthResponse(OpenAIModel):
 
 class VersionResponse(OpenAIModel):
     version: str
+
+
+# ----- LoRA adapters at run time (PISTON_ALLOW_RUNTIME_LORA_UPDATING) -----------------------
+
+LoRAName = Annotated[str, Field(min_length=1, max_length=256, description="What requests call the adapter in "
+                                                                          "`model`.")]
+
+
+class LoadLoRAAdapterRequest(RequestModel):
+    """POST /v1/load_lora_adapter (vLLM's)."""
+
+    lora_name: LoRAName
+    lora_path: str = Field(min_length=1, max_length=4096, description="The PEFT adapter's folder on the server "
+                                                                      "(adapter_config.json and "
+                                                                      "adapter_model.safetensors).")
+
+
+class UnloadLoRAAdapterRequest(RequestModel):
+    """POST /v1/unload_lora_adapter (vLLM's)."""
+
+    lora_name: LoRAName
+    lora_int_id: json_int(ge=1, le=JSON_SAFE_INT) | None = Field(
+        None, description="When given, the adapter's id must be this one (404 otherwise).")
+
+
+class LoRAAdapterResponse(OpenAIModel):
+    object: Literal["lora_adapter"] = "lora_adapter"
+    status: Literal["loaded", "unloaded"]
+    lora_name: str
+    lora_int_id: int
+    lora_path: str
+    # On unload: requests that were running with the adapter and finish with it.
+    running_requests: int = 0
+    message: str

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 
@@ -16,6 +17,56 @@ from piston.step.config import parse_size
 
 API_KEY_ENV = "PISTON_API_KEY"
 DEV_MODE_ENV = "PISTON_SERVER_DEV_MODE"
+RUNTIME_LORA_ENV = "PISTON_ALLOW_RUNTIME_LORA_UPDATING"
+MAX_LORA_NAME_CHARS = 256
+
+
+def runtime_lora_updating_allowed() -> bool:
+    """PISTON_ALLOW_RUNTIME_LORA_UPDATING is "1" or "true" (any case), as vLLM reads its own."""
+    return os.environ.get(RUNTIME_LORA_ENV, "0").strip().lower() in ("1", "true")
+
+
+@dataclass(frozen=True)
+class LoRAModulePath:
+    """One ``--lora-modules`` entry."""
+
+    name: str
+    path: str
+    base_model_name: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.path}"
+
+
+def parse_lora_module(value: str) -> LoRAModulePath:
+    """``name=path`` or ``{"name": ..., "path": ..., "base_model_name": ...}`` (argparse type)."""
+    text = value.strip()
+    if text.startswith("{"):
+        try:
+            spec = json.loads(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{value!r} is not valid JSON ({e}).") from None
+        if not isinstance(spec, dict):
+            raise argparse.ArgumentTypeError(f"{value!r}: give a JSON object.")
+        unknown = sorted(set(spec) - {"name", "path", "base_model_name"})
+        if unknown:
+            raise argparse.ArgumentTypeError(f"{value!r}: unknown key(s) {', '.join(unknown)}; an entry has name, "
+                                             "path and optionally base_model_name.")
+        name, path, base = spec.get("name"), spec.get("path"), spec.get("base_model_name")
+        if base is not None and not isinstance(base, str):
+            raise argparse.ArgumentTypeError(f"{value!r}: base_model_name must be a string.")
+    elif "=" in text:
+        name, path = text.split("=", 1)
+        base = None
+    else:
+        raise argparse.ArgumentTypeError(f"{value!r}: give name=path or a JSON object "
+                                         '{"name": ..., "path": ..., "base_model_name": ...}.')
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_LORA_NAME_CHARS:
+        raise argparse.ArgumentTypeError(f"{value!r}: the adapter's name must be 1 to {MAX_LORA_NAME_CHARS} "
+                                         "characters.")
+    if not isinstance(path, str) or not path.strip():
+        raise argparse.ArgumentTypeError(f"{value!r}: the adapter's path (its PEFT folder) is missing.")
+    return LoRAModulePath(name.strip(), path.strip(), base or None)
 
 
 @dataclass(frozen=True)
@@ -44,6 +95,11 @@ class ServerConfig:
     # The development endpoints: /sleep, /wake_up, /is_sleeping, /reset_prefix_cache
     # (piston.entrypoints.openai.dev_endpoints); off, they are 404.
     dev_mode: bool = False
+    # LoRA adapters served from start-up (--lora-modules; the engine needs --enable-lora).
+    lora_modules: tuple[LoRAModulePath, ...] = ()
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (with --enable-lora only); off,
+    # they are 404. Read from $PISTON_ALLOW_RUNTIME_LORA_UPDATING, as vLLM reads its own flag.
+    allow_runtime_lora_updating: bool = False
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +132,12 @@ class ServerConfig:
             help=f"serve the development endpoints (POST /sleep?level=1|2, POST /wake_up?tags=weights|kv_cache, "
                  f"GET /is_sleeping, POST /reset_prefix_cache), behind the API key when one is set; "
                  f"also on with {DEV_MODE_ENV}=1")
+        add("--lora-modules", nargs="+", action="extend", type=parse_lora_module, default=None,
+            metavar="NAME=PATH",
+            help="LoRA adapters to serve (needs --enable-lora): name=path, or vLLM's JSON form "
+                 "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'; requests name one in `model`. Each "
+                 "is checked at start-up; they get lora_int_id 1, 2, ... in order. Loading and unloading at run "
+                 f"time (POST /v1/load_lora_adapter, /v1/unload_lora_adapter) needs {RUNTIME_LORA_ENV}=1")
         add("--max-waiting-requests", type=int, default=d.max_waiting_requests,
             help="engine requests that may wait beyond the running max_num_seqs; past it new requests get 503 "
                  "with Retry-After (-1: no bound)")
@@ -97,7 +159,9 @@ class ServerConfig:
             max_waiting_requests=None if args.max_waiting_requests < 0 else args.max_waiting_requests,
             tool_call_parser=args.tool_call_parser, chat_template=read_chat_template(args.chat_template),
             request_timeline_file=getattr(args, "request_timeline_file", None),
-            dev_mode=getattr(args, "dev_mode", False))
+            dev_mode=getattr(args, "dev_mode", False),
+            lora_modules=tuple(getattr(args, "lora_modules", None) or ()),
+            allow_runtime_lora_updating=runtime_lora_updating_allowed())
         config.validate()
         return config
 
@@ -109,6 +173,14 @@ class ServerConfig:
         if self.metrics_require_api_key and not self.api_keys:
             raise ValueError("--metrics-require-api-key needs an API key (--api-key, --api-key-file or "
                              f"${API_KEY_ENV}).")
+        seen: set[str] = set()
+        for m in self.lora_modules:
+            if m.name == self.served_model_name:
+                raise ValueError(f"--lora-modules {m}: {m.name!r} is the base model's served name; give the "
+                                 "adapter another name.")
+            if m.name in seen:
+                raise ValueError(f"--lora-modules: two adapters are named {m.name!r}.")
+            seen.add(m.name)
 
     def client_of_key(self, key: str) -> str:
         """A stable name for an API key's holder (the fair policy shares by it; the key

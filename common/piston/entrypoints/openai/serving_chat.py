@@ -51,7 +51,8 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request):
         """Serve one /v1/chat/completions request; raises OpenAIError for a bad request."""
-        self.check_request(request, raw_request)
+        lora_request = self.check_request(request, raw_request)
+        model_name = self.response_model_name(lora_request)
         try:
             constraint = tool_constraint(request)
             params = request.to_sampling_params(constraint)
@@ -68,9 +69,9 @@ class OpenAIServingChat(OpenAIServing):
         [(_, token_ids, params)] = await self.validate_prompts([token_ids], params)
         request_id = self.request_id("chatcmpl", raw_request)
         created = int(time.time())
-        gen = self.generate(token_ids, params, request_id, request, raw_request)
+        gen = self.generate(token_ids, params, request_id, request, raw_request, lora_request)
         if request.stream:
-            return StreamingResponse(self._stream(gen, request, request_id, created, params, constraint),
+            return StreamingResponse(self._stream(gen, request, request_id, created, params, constraint, model_name),
                                      media_type="text/event-stream")
 
         async def collect() -> RequestOutput:
@@ -92,11 +93,11 @@ class OpenAIServingChat(OpenAIServing):
                 logprobs=self._logprobs(c, 0, len(c.token_ids), params.logprobs) if request.logprobs
                 else None, finish_reason=finish, stop_reason=c.stop_reason))
         return ChatCompletionResponse(id=request_id, created=created,
-                                      model=self.served_model_name, choices=choices,
+                                      model=model_name, choices=choices,
                                       usage=usage_of([final]))
 
     async def _stream(self, gen, request: ChatCompletionRequest, request_id: str, created: int,
-                      params, constraint=None):
+                      params, constraint=None, model_name: str | None = None):
         hold = stop_hold_back(params)
         sent_chars = [0] * params.n
         sent_tokens = [0] * params.n
@@ -108,7 +109,7 @@ class OpenAIServingChat(OpenAIServing):
 
         def chunk(choices, usage=None) -> str:
             payload = ChatCompletionChunk(id=request_id, created=created,
-                                          model=self.served_model_name, choices=choices,
+                                          model=model_name or self.served_model_name, choices=choices,
                                           usage=usage)
             return sse(payload.model_dump(exclude=None if usage else {"usage"}))
 

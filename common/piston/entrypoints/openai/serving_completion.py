@@ -62,7 +62,8 @@ class OpenAIServingCompletion(OpenAIServing):
             prompts = as_prompt_list(request.prompt)
         except (ValueError, TypeError) as e:
             raise bad_request(e) from e
-        self.check_request(request, raw_request, len(prompts))
+        lora_request = self.check_request(request, raw_request, len(prompts))
+        model_name = self.response_model_name(lora_request)
         try:
             params = request.to_sampling_params()
         except (ValueError, TypeError) as e:
@@ -72,11 +73,11 @@ class OpenAIServingCompletion(OpenAIServing):
         created = int(time.time())
         prompt_texts = [text if text is not None else (await self.engine.decode(ids) if request.echo else "")
                         for text, ids, _ in processed]
-        gens = [self.generate(ids, p, f"{request_id}-{i}", request, raw_request)
+        gens = [self.generate(ids, p, f"{request_id}-{i}", request, raw_request, lora_request)
                 for i, (_, ids, p) in enumerate(processed)]
         if request.stream:
             return StreamingResponse(
-                self._stream(gens, request, request_id, created, prompt_texts, params),
+                self._stream(gens, request, request_id, created, prompt_texts, params, model_name),
                 media_type="text/event-stream")
 
         async def collect() -> list[RequestOutput]:
@@ -98,11 +99,11 @@ class OpenAIServingCompletion(OpenAIServing):
                 choices.append(CompletionChoice(
                     index=i * params.n + c.index, text=text, logprobs=logprobs,
                     finish_reason=c.finish_reason, stop_reason=c.stop_reason))
-        return CompletionResponse(id=request_id, created=created, model=self.served_model_name,
+        return CompletionResponse(id=request_id, created=created, model=model_name,
                                   choices=choices, usage=usage_of(finals))
 
     async def _stream(self, gens, request: CompletionRequest, request_id: str, created: int,
-                      prompt_texts: list[str], params):
+                      prompt_texts: list[str], params, model_name: str):
         hold = stop_hold_back(params)
         states: dict[int, _StreamState] = {}
         finals: list[RequestOutput | None] = [None] * len(gens)
@@ -131,7 +132,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     stream.started, stream.done = True, finished
                     stream.sent_chars, stream.sent_tokens = end, num_tokens
                     yield sse(CompletionResponse(
-                        id=request_id, created=created, model=self.served_model_name,
+                        id=request_id, created=created, model=model_name,
                         choices=[CompletionChoice(
                             index=index, text=prefix + delta, logprobs=logprobs,
                             finish_reason=c.finish_reason,
@@ -140,7 +141,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 self.observe(out, first_chunk_times.get(i))
             if request.include_usage:
                 yield sse(CompletionResponse(id=request_id, created=created,
-                                             model=self.served_model_name, choices=[],
+                                             model=model_name, choices=[],
                                              usage=usage_of(finals)))
         except Exception as e:  # the engine died or a request failed mid-stream
             yield sse(to_openai_error(e).to_response())

@@ -18,8 +18,10 @@ from piston.engine.output_processor import EngineRequestError
 from piston.entrypoints.openai.metrics import ServerMetrics
 from piston.entrypoints.openai.protocol import OpenAIError, PromptTokensDetails, SamplingFields, UsageInfo
 from piston.entrypoints.openai.server_config import ServerConfig
+from piston.entrypoints.openai.serving_models import OpenAIServingModels
 from piston.outputs import RequestOutput
 from piston.step.engine_messages import INVALID_REQUEST_ERROR
+from piston.step.lora_request import LoRARequest
 from piston.step.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -87,21 +89,21 @@ SSE_DONE = "data: [DONE]\n\n"
 class OpenAIServing:
     """State and helpers shared by the completion and chat handlers."""
 
-    def __init__(self, engine, config: ServerConfig, metrics: ServerMetrics) -> None:
+    def __init__(self, engine, config: ServerConfig, metrics: ServerMetrics,
+                 models: OpenAIServingModels | None = None) -> None:
         self.engine = engine
         self.config = config
         self.served_model_name = config.served_model_name
         self.metrics = metrics
         self.tokenizer = engine.tokenizer
-        self.accepted_names = {config.served_model_name, engine.config.model_config.model}
+        self.models = models if models is not None else OpenAIServingModels(engine, config.served_model_name)
 
-    def check_request(self, request: SamplingFields, raw_request: Request, num_prompts: int = 1) -> None:
-        """Raise 404 for a model this server does not serve, 503 if the engine is dead, 400
-        past a limit, 403 for a priority the caller may not set."""
-        if request.model is not None and request.model not in self.accepted_names:
-            raise OpenAIError(f"The model `{request.model}` does not exist; this server serves "
-                              f"`{self.served_model_name}`.", status=404,
-                              type="NotFoundError", param="model", code="model_not_found")
+    def check_request(self, request: SamplingFields, raw_request: Request, num_prompts: int = 1
+                      ) -> LoRARequest | None:
+        """The LoRA adapter ``model`` names (None: the base model). Raise 404 for a model this
+        server does not serve, 503 if the engine is dead, 400 past a limit, 403 for a priority
+        the caller may not set."""
+        lora_request = self.models.resolve(request.model)
         if self.engine.errored:
             raise engine_dead_error(self.engine.dead_error)
         self._check_limits(request, num_prompts)
@@ -110,6 +112,11 @@ class OpenAIServing:
             raise OpenAIError(f"priority={request.priority} would run ahead of the default (0); only callers with "
                               "an API key may set it (--restrict-priority).", status=403,
                               type="permission_error", param="priority")
+        return lora_request
+
+    def response_model_name(self, lora_request: LoRARequest | None) -> str:
+        """``model`` in a response: the adapter's name, else the base model's served name."""
+        return lora_request.lora_name if lora_request is not None else self.served_model_name
 
     def _check_limits(self, request: SamplingFields, num_prompts: int) -> None:
         c = self.config
@@ -165,10 +172,16 @@ class OpenAIServing:
             raise bad_request(e) from e
 
     def generate(self, token_ids: list[int], params: SamplingParams, request_id: str,
-                 request: SamplingFields, raw_request: Request) -> AsyncIterator[RequestOutput]:
-        return self.engine.generate(token_ids, params, request_id, priority=request.priority,
-                                    client_id=self.client_id(request, raw_request),
-                                    received_time=getattr(raw_request.state, "received_time", None))
+                 request: SamplingFields, raw_request: Request,
+                 lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
+        received = getattr(raw_request.state, "received_time", None)
+        client_id = self.client_id(request, raw_request)
+        if lora_request is None:
+            return self.engine.generate(token_ids, params, request_id, priority=request.priority,
+                                        client_id=client_id, received_time=received)
+        return self.models.track(lora_request, self.engine.generate(
+            token_ids, params, request_id, priority=request.priority, client_id=client_id, received_time=received,
+            lora_request=lora_request))
 
     def observe(self, out: RequestOutput, first_chunk_time: float | None = None) -> None:
         """Record a finished request in the metrics (with when its first streamed chunk
