@@ -168,7 +168,7 @@ def build_app(engine, config: ServerConfig) -> FastAPI:
         add_dev_routes(app, engine, authenticate)
     # As vLLM: the routes exist only when the flag allows them (and LoRA is on); otherwise 404.
     if config.allow_runtime_lora_updating and models.lora_enabled:
-        add_lora_routes(app, models, authenticate)
+        add_lora_routes(app, models, authenticate, to_openai_error)
 
     @app.get("/health", response_model=HealthResponse, responses={503: ERROR_RESPONSES[503]})
     async def health():

@@ -192,9 +192,10 @@ class OpenAIServingModels:
                 f"max_cpu_loras={c.host_capacity}); serving {adapters}.")
 
 
-def add_lora_routes(app: FastAPI, models: OpenAIServingModels, authenticate: Callable) -> None:
-    """POST /v1/load_lora_adapter and /v1/unload_lora_adapter, behind the API key."""
-    from piston.entrypoints.openai.serving_engine import to_openai_error  # it imports this module
+def add_lora_routes(app: FastAPI, models: OpenAIServingModels, authenticate: Callable,
+                    to_openai_error: Callable[[BaseException], OpenAIError]) -> None:
+    """POST /v1/load_lora_adapter and /v1/unload_lora_adapter, behind the API key
+    (``to_openai_error``: serving_engine's, which imports this module)."""
 
     router = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)], responses=ERROR_RESPONSES, tags=["lora"])
 
