@@ -223,7 +223,11 @@ class EngineCore:
         """Forget an adapter's weights; requests already running with it finish with it. Its
         blocks in the prefix cache are never matched again (new loads get new ids)."""
         self._check_lora()
-        return any(self.executor.collective_rpc("remove_lora", (lora_int_id,)))
+        # The engine knows which requests are unfinished; a worker's batch still holds the
+        # requests that finished in the last step until the next one.
+        in_use = any(r.lora_request is not None and r.lora_request.lora_int_id == lora_int_id
+                     for r in self.scheduler.requests.values())
+        return any(self.executor.collective_rpc("remove_lora", (lora_int_id, in_use)))
 
     def list_loras(self) -> list[int]:
         """The adapter ids the workers hold (rank 0's host memory and slots)."""

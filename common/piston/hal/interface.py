@@ -224,8 +224,9 @@ class Worker(abc.ABC):
         """Read a LoRA adapter (a LoRARequest, or its wire form) into host memory."""
         return self.runner.add_lora(lora_request)
 
-    def remove_lora(self, lora_int_id: int) -> bool:
-        return self.runner.remove_lora(lora_int_id)
+    def remove_lora(self, lora_int_id: int, in_use: bool = True) -> bool:
+        """Forget an adapter; with ``in_use`` (unfinished requests use it) once they are gone."""
+        return self.runner.remove_lora(lora_int_id, in_use)
 
     def list_loras(self) -> list[int]:
         return self.runner.list_loras()

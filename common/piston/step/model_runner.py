@@ -154,11 +154,12 @@ class ModelRunner(abc.ABC):
                       else lora_request)
         return True
 
-    def remove_lora(self, lora_int_id: int) -> bool:
-        """Forget an adapter; requests running with it keep it until they finish."""
+    def remove_lora(self, lora_int_id: int, in_use: bool = True) -> bool:
+        """Forget an adapter; with ``in_use`` (the engine's unfinished requests use it) only
+        once the requests of this batch that use it are gone."""
         if self.lora is None:
             return False
-        return self.lora.remove(lora_int_id, in_use=lora_int_id in self._loras_in_use())
+        return self.lora.remove(lora_int_id, in_use=in_use and lora_int_id in self._loras_in_use())
 
     def list_loras(self) -> list[int]:
         return [] if self.lora is None else self.lora.loaded_ids()

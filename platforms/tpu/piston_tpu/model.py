@@ -5,6 +5,9 @@ decoder layers run under ``lax.scan`` over weights stacked by layer, so XLA comp
 layer body whatever the depth. All of a step's tokens arrive flattened, ``[num_tokens]``;
 the attention function reads the paged cache through the step's metadata. The arithmetic
 follows the torch models (and so transformers) operation by operation, in ``dtype``.
+
+With LoRA slots in the parameters (piston_tpu.lora) and the step's ``lora_slots``, each
+projection adds its tokens' adapter deltas.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from piston_tpu import lora
 from piston_tpu.attention_metadata import AttentionMetadata
 from piston_tpu.kv_cache import write_kv
 
@@ -121,16 +125,26 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, rotary_dim: int) ->
 
 
 _LAYER_PARAMS = ("in_norm", "post_norm", "qkv", "qkv_bias", "o", "o_bias", "gate_up", "gate_up_bias", "down",
-                 "down_bias", "q_norm", "k_norm", "qkv_scale", "o_scale", "gate_up_scale", "down_scale")
+                 "down_bias", "q_norm", "k_norm", "qkv_scale", "o_scale", "gate_up_scale", "down_scale",
+                 *lora.PARAM_NAMES)
+
+
+def _lora(y: jax.Array, x: jax.Array, lp: dict[str, jax.Array], group: str, one_hot: jax.Array | None,
+          precision) -> jax.Array:
+    """y plus the LoRA delta of fused layer ``group`` (when the model has LoRA slots)."""
+    if one_hot is None or f"lora_a_{group}" not in lp:
+        return y
+    modules = dict(lora.GROUPS)[group]
+    return y + lora.delta(x, lp[f"lora_a_{group}"], [lp[f"lora_b_{m}"] for m in modules], one_hot, precision)
 
 
 def _decoder_layer(h: jax.Array, residual: jax.Array, cache: jax.Array, lp: dict[str, jax.Array], index,
                    cos: jax.Array, sin: jax.Array, md: AttentionMetadata, *, spec: LlamaSpec,
-                   attention: AttentionFn, rotary_dim: int, precision, input_norm: bool = True
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                   attention: AttentionFn, rotary_dim: int, precision, input_norm: bool = True,
+                   lora_one_hot: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One Llama decoder layer: (h, residual, cache) -> (h, residual, cache); the layer's
     input is ``h + residual``, normalized unless ``input_norm`` is False (an EAGLE head's
-    first layer)."""
+    first layer). ``lora_one_hot`` [T, slots]: each token's LoRA slot (piston_tpu.lora)."""
     t = h.shape[0]
     h_, kvh, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
     q_size, kv_size = h_ * d, kvh * d
@@ -141,6 +155,7 @@ def _decoder_layer(h: jax.Array, residual: jax.Array, cache: jax.Array, lp: dict
     qkv = _linear(x, lp["qkv"], precision, lp.get("qkv_scale"))
     if "qkv_bias" in lp:
         qkv = qkv + lp["qkv_bias"]
+    qkv = _lora(qkv, x, lp, "qkv", lora_one_hot, precision)
     q = qkv[:, :q_size].reshape(t, h_, d)
     k = qkv[:, q_size:q_size + kv_size].reshape(t, kvh, d)
     v = qkv[:, q_size + kv_size:].reshape(t, kvh, d)
@@ -154,23 +169,27 @@ def _decoder_layer(h: jax.Array, residual: jax.Array, cache: jax.Array, lp: dict
     h = _linear(o, lp["o"], precision, lp.get("o_scale"))
     if "o_bias" in lp:
         h = h + lp["o_bias"]
+    h = _lora(h, o, lp, "o", lora_one_hot, precision)
     residual = h + residual
     x = rms_norm(residual, lp["post_norm"], eps)
     gate_up = _linear(x, lp["gate_up"], precision, lp.get("gate_up_scale"))
     if "gate_up_bias" in lp:
         gate_up = gate_up + lp["gate_up_bias"]
-    h = _linear(_ACTIVATIONS[spec.hidden_act](gate_up[:, :inter]) * gate_up[:, inter:], lp["down"], precision,
-                lp.get("down_scale"))
+    gate_up = _lora(gate_up, x, lp, "gate_up", lora_one_hot, precision)
+    act = _ACTIVATIONS[spec.hidden_act](gate_up[:, :inter]) * gate_up[:, inter:]
+    h = _linear(act, lp["down"], precision, lp.get("down_scale"))
     if "down_bias" in lp:
         h = h + lp["down_bias"]
+    h = _lora(h, act, lp, "down", lora_one_hot, precision)
     return h, residual, cache
 
 
 def forward(params: dict[str, jax.Array], rope: tuple[jax.Array, jax.Array], kv_cache: jax.Array,
             input_ids: jax.Array, positions: jax.Array, md: AttentionMetadata, sample_idx: jax.Array,
-            *, spec: LlamaSpec, attention: AttentionFn, rotary_dim: int,
+            lora_slots: jax.Array | None = None, *, spec: LlamaSpec, attention: AttentionFn, rotary_dim: int,
             precision=None, aux_layers: tuple[int, ...] = ()) -> tuple[jax.Array, ...]:
-    """One step over T flattened tokens.
+    """One step over T flattened tokens (``lora_slots`` [T] int32: each token's LoRA slot,
+    the number of slots for none, when the parameters hold LoRA slots).
 
     Returns (hidden [T, hidden], hidden rows ``sample_idx`` [S, hidden], the updated cache),
     and with ``aux_layers`` (an EAGLE-3 head drafts) the inputs of those layers,
@@ -185,10 +204,14 @@ def forward(params: dict[str, jax.Array], rope: tuple[jax.Array, jax.Array], kv_
         for j, layer_id in enumerate(aux_layers):  # keep the stream entering the aux layers
             aux = aux.at[j].set(jnp.where(index == layer_id, h + residual, aux[j]))
         h, residual, cache = _decoder_layer(h, residual, cache, lp, index, cos, sin, md, spec=spec,
-                                            attention=attention, rotary_dim=rotary_dim, precision=precision)
+                                            attention=attention, rotary_dim=rotary_dim, precision=precision,
+                                            lora_one_hot=one_hot)
         return (h, residual, cache, aux), None
 
     h = params["embed"][input_ids]
+    one_hot = None
+    if lora_slots is not None and "lora_a_qkv" in params:
+        one_hot = lora.token_one_hot(lora_slots, params["lora_a_qkv"].shape[1], h.dtype)
     aux = jnp.zeros((len(aux_layers), *h.shape), h.dtype)
     carry = (h, jnp.zeros_like(h), kv_cache, aux)
     (h, residual, kv_cache, aux), _ = lax.scan(layer, carry, (stacked, jnp.arange(spec.num_layers)))

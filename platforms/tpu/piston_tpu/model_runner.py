@@ -6,6 +6,10 @@ the step's inputs padded to their buckets (step_inputs), the compiled forward pr
 the token bucket, then the logits/penalty/sampling programs of the request bucket.
 Nothing on the hot path compiles: every program is built in ``warm_up`` and a
 RecompileDetector turns any later compilation into an error.
+
+Multi-LoRA (``config.lora_config``): the parameters hold ``max_loras`` adapter slots
+(piston_tpu.lora); ``write_lora_slot`` fills one with a compiled program and
+``set_lora_mapping`` gives the next forward its tokens' slots, a program input.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from jax import lax
 from piston.step import named_tensors
 from piston.step.config import EngineConfig
 from piston.step.input_batch import ScheduledTokens
+from piston.step.lora_adapter import LoRAAdapter
 from piston.step.model_runner import ModelRunner
 from piston.step.rope import rope_tables
 from piston.step.runner_output import Logprobs, ModelRunnerOutput
@@ -28,7 +33,7 @@ from piston.step.sampling_batch import SamplingBatch
 from piston.step.scheduler_output import SchedulerOutput
 from piston.step.spec_decode import SpecDecodeBatch
 
-from piston_tpu import buckets, sampler
+from piston_tpu import buckets, lora, sampler
 from piston_tpu.attention import choose_attention, make_attention, page_table_multiple
 from piston_tpu.compilation_cache import enable_compilation_cache
 from piston_tpu.draft_model import DraftModel
@@ -91,6 +96,7 @@ class JaxModelRunner(ModelRunner):
             from piston.step.eagle3_layers import aux_layer_ids
 
             self.aux_layers = aux_layer_ids(spec.draft_model_config.hf_config, self.spec.num_layers)
+        self.lora_token_slots: np.ndarray | None = None  # the next forward's (set_lora_mapping)
 
     # ----- set-up -----------------------------------------------------------------
 
@@ -101,16 +107,66 @@ class JaxModelRunner(ModelRunner):
         mc = self.config.model_config
         params = load_params(self.spec, mc, self.dtype)
         self.params = {name: jnp.asarray(array) for name, array in params.items()}
+        self._add_lora_slots({})
         tables = rope_tables(mc.hf_config, self.spec.head_dim, self.max_model_len)
         self.rope = (jnp.asarray(tables.cos), jnp.asarray(tables.sin))
         self.rotary_dim = tables.rotary_dim
-        num_params = sum(int(np.prod(p.shape)) for p in self.params.values())
+        num_params = sum(int(np.prod(p.shape)) for n, p in self.params.items() if not lora.is_lora_param(n))
         logger.info("Loaded %s (%s, JAX) in %.2f s: %.1fM parameters in %s on %s; attention: %s%s.",
                     mc.path or mc.model, self.spec.architecture, time.perf_counter() - start, num_params / 1e6,
                     mc.dtype, jax.devices()[0].platform, self.attention_name,
                     "" if self.on_tpu or self.attention_name == "xla" else " (Pallas interpret mode)")
         if self.draft is not None:
             self.draft.load()
+
+    # ----- multi-LoRA (piston_tpu.lora) ----------------------------------------------------
+
+    def _add_lora_slots(self, kept: dict[str, jax.Array]) -> None:
+        """With LoRA on, put the slot stacks into the parameters: ``kept`` (those of the
+        weights replaced), else zeros, forgetting which adapters the slots held."""
+        lc = self.config.lora_config
+        if lc is None:
+            return
+        if kept:
+            self.params.update(kept)
+            return
+        self.params.update(lora.zero_params(self.spec, lc.max_loras, lc.max_lora_rank, self.dtype))
+        nbytes = sum(int(self.params[n].nbytes) for n in lora.PARAM_NAMES)
+        logger.info("LoRA: %d adapter slots of rank <= %d (%.1f MB).", lc.max_loras, lc.max_lora_rank, nbytes / 1e6)
+        if self.lora is not None and any(self.lora.slot_ids):
+            self.lora.forget_slots()
+
+    def write_lora_slot(self, slot: int, adapter: LoRAAdapter | None) -> None:
+        lc = self.config.lora_config
+        values = lora.slot_values(self.spec, adapter, lc.max_lora_rank, self.dtype)
+        if not self.params:  # asleep: the host copies of a level-1 sleep, else nothing to keep
+            if self.host_params is not None:
+                for n, v in values.items():
+                    self.host_params[n][:, slot] = v
+            return
+        stacks = {n: self.params[n] for n in lora.PARAM_NAMES}
+        if self.programs is not None:
+            self.params.update(self.programs("write_lora_slot", 0, stacks, np.int32(slot), values))
+            return
+        for n, stack in stacks.items():  # before warm-up: through the host, compiling nothing
+            host = np.array(jax.device_get(stack))
+            host[:, slot] = values[n]
+            self.params[n] = jnp.asarray(host)
+
+    def set_lora_mapping(self, token_slots: np.ndarray) -> None:
+        self.lora_token_slots = np.asarray(token_slots, np.int32)
+
+    def _lora_slots_input(self, num_tokens: int, bucket: int) -> np.ndarray:
+        """int32 [bucket]: the step's tokens' slots; ``max_loras`` (no slot's one-hot) for
+        tokens without an adapter and for the padding."""
+        none = self.config.lora_config.max_loras
+        out = np.full(bucket, none, np.int32)
+        slots, self.lora_token_slots = self.lora_token_slots, None
+        if slots is not None:
+            if len(slots) != num_tokens:
+                raise ValueError(f"the LoRA mapping has {len(slots)} tokens, the step {num_tokens}.")
+            out[:num_tokens] = np.where(slots >= 0, slots, none)
+        return out
 
     def kv_cache_bytes_per_block(self) -> int:
         draft = self.draft.kv_bytes_per_block(self.block_size) if self.draft is not None else 0
@@ -166,7 +222,9 @@ class JaxModelRunner(ModelRunner):
 
         start = time.perf_counter()
         params = load_params(self.spec, self.config.model_config, self.dtype)
+        kept = {n: p for n, p in self.params.items() if lora.is_lora_param(n)}
         self.params = {name: jnp.asarray(array) for name, array in params.items()}
+        self._add_lora_slots(kept)
         logger.info("Reloaded the weights in %.2f s.", time.perf_counter() - start)
 
     def update_weights(self, weights: list) -> int:
@@ -216,9 +274,11 @@ class JaxModelRunner(ModelRunner):
         step = self.inputs.build(scheduled, buckets.pick_bucket(self.token_buckets, scheduled.num_tokens))
         sample_idx = np.zeros(self.max_seqs, np.int32)
         sample_idx[:len(scheduled.logits_indices)] = scheduled.logits_indices
+        extra = () if self.config.lora_config is None else (self._lora_slots_input(scheduled.num_tokens,
+                                                                                    step.bucket),)
         hidden, hidden_sampled, self.kv_cache, *aux = self.programs(
             "forward", step.bucket, self.params, self.rope, self.kv_cache, step.input_ids, step.positions,
-            step.metadata, sample_idx)
+            step.metadata, sample_idx, *extra)
         return StepHidden(step, hidden, hidden_sampled, aux[0] if aux else None)
 
     def draft_forward(self, scheduled: ScheduledTokens, hidden: StepHidden | None = None,

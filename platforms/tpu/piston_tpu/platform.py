@@ -45,6 +45,8 @@ class TpuPlatform(Platform):
     supports_tensor_parallel = False
     supports_speculative = True
     draft_methods = ("draft_model", "eagle", "eagle3")
+    # Adapter slots stacked in the JAX parameters (piston_tpu.lora); one chip, so nothing to shard.
+    supports_lora = True
 
     @classmethod
     def is_available(cls) -> bool:

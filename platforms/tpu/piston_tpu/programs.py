@@ -15,6 +15,10 @@ hidden rows of the step's bucket) and ``gather_last`` (rows of the head's last o
 token bucket instead of ``forward``; an EAGLE-3 head's ``gather_target`` fuses the target's
 aux layers with ``fc``, and its ``draft_tokens`` maps its draft vocabulary to the target's.
 With ``aux_layers`` the target's ``forward`` also returns those layers' inputs.
+
+With LoRA slots in the parameters (piston_tpu.lora), ``forward`` takes each token's slot
+(int32 [T]) and one more program, ``write_lora_slot`` (bucket 0), writes an adapter into a
+slot of every LoRA stack.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from piston_tpu import sampler
+from piston_tpu import lora, sampler
 from piston_tpu.attention_metadata import AttentionMetadata
 from piston_tpu.model import (LlamaSpec, _linear, compute_logits, eagle3_forward, eagle3_tokens, eagle_forward,
                               forward)
@@ -63,6 +67,7 @@ class ModelPrograms:
         self._forward = jax.jit(functools.partial(forward, spec=spec, attention=attention, rotary_dim=rotary_dim,
                                                   precision=precision, aux_layers=aux_layers), donate_argnums=(2,))
         self._gather_rows = jax.jit(lambda hidden, idx: hidden[idx])
+        self._write_lora_slot = jax.jit(lora.write_slot, donate_argnums=(0,))
         if eagle:
             self._forward = jax.jit(functools.partial(eagle_forward, spec=spec, attention=attention,
                                                       rotary_dim=rotary_dim, precision=precision), donate_argnums=(2,))
@@ -102,11 +107,18 @@ class ModelPrograms:
                 jobs.append(("gather_last", t, functools.partial(
                     self._gather_rows.lower, _spec((s, hidden), act_dtype), _spec((t,), np.int32))))
                 continue
+            if "lora_a_qkv" in params:  # each token's LoRA slot
+                args = (*args, _spec((t,), np.int32))
             jobs.append(("forward", t, functools.partial(self._forward.lower, *args)))
             if self.draft:
                 continue
             jobs.append(("gather_rows", t, functools.partial(
                 self._gather_rows.lower, _spec((t, hidden), act_dtype), _spec((s,), np.int32))))
+        stacks = {n: p for n, p in params.items() if lora.is_lora_param(n)}
+        if stacks:
+            values = {n: _spec(p.shape[:1] + p.shape[2:], p.dtype) for n, p in stacks.items()}
+            jobs.append(("write_lora_slot", 0, functools.partial(
+                self._write_lora_slot.lower, stacks, _spec((), np.int32), values)))
         head = params.get("lm_head", params.get("embed"))
         if head is None:  # an EAGLE head's logits come from its target's head
             head = _spec((vocab, hidden), act_dtype)
