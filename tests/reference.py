@@ -89,6 +89,16 @@ class RemoteReference:
         return self._call("constrained_greedy", path, list(prompt), max_new_tokens, constraint, engine,
                           returns_array=True)
 
+    def build_peft_adapter(self, model_dir: str, folder: str, rank: int, alpha: float, seed: int,
+                           target_modules: list[str] | None = None, use_rslora: bool = False,
+                           scale_b: float = 20.0) -> str:
+        return self._call("build_peft_adapter", model_dir, str(folder), rank, alpha, seed,
+                          list(target_modules) if target_modules is not None else None, use_rslora, scale_b)
+
+    def peft_greedy(self, model_dir: str, adapter_dir: str | None, prompt: list[int],
+                    max_new_tokens: int) -> tuple[list[int], np.ndarray]:
+        return self._call("peft_greedy", model_dir, adapter_dir, list(prompt), max_new_tokens, returns_array=True)
+
 
 @functools.lru_cache(maxsize=1)
 def reference():

@@ -16,6 +16,12 @@ against transformers.
   decoding with a grammar engine (llguidance or xgrammar, used directly, not through
   Piston) masking the logits: new token ids, and the gap between the best two allowed
   logits at each step.
+- ``build_peft_adapter(model_dir, folder, rank, alpha, seed, ...)``: a seeded random PEFT
+  LoRA adapter for a model, saved by peft itself, with lora_B scaled up so that it changes
+  greedy output.
+- ``peft_greedy(model_dir, adapter_dir, prompt_ids, max_new_tokens)``: greedy decoding by
+  transformers with that adapter applied by peft (None: the base model): new token ids
+  (no EOS stop) and their raw log-probabilities [new tokens, vocab].
 """
 
 from __future__ import annotations
@@ -401,6 +407,80 @@ def constrained_greedy(path: str, prompt: list[int], max_new_tokens: int, constr
     return ids, np.array(gaps, dtype=np.float32)
 
 
+PEFT_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _fresh_hf_model(model_dir_or_gguf: str):
+    """A float32 transformers model of its own (peft wraps models in place, so never the
+    cached ``load_hf_model`` one), whose generate() does not stop at EOS."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": torch.float32}
+    path = model_dir_or_gguf
+    if path.endswith(".gguf"):
+        path, kwargs["gguf_file"] = os.path.dirname(path), os.path.basename(path)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    # generate() fills the settings a GenerationConfig leaves None from the model's own.
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def build_peft_adapter(model_dir: str, folder: str, rank: int, alpha: float, seed: int,
+                       target_modules: list[str] | None = None, use_rslora: bool = False,
+                       scale_b: float = 20.0) -> str:
+    """Write a seeded random PEFT LoRA adapter for the model ``model_dir`` (an HF folder or a
+    .gguf file) with ``PeftModel.save_pretrained``: rank ``rank``, ``lora_alpha=alpha``, on
+    ``target_modules`` (default: q/k/v/o and gate/up/down). Every lora_A and lora_B gets
+    nn.Linear's default init (uniform +-1/sqrt(fan_in)) from a generator seeded by ``seed``
+    (peft's own random init, init_lora_weights=False, is reseeded so the adapter does not
+    depend on peft's init order), then lora_B is multiplied by ``scale_b``: a trained-looking
+    adapter is far too weak to move a random model's greedy tokens, this one does."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules or PEFT_LORA_MODULES),
+                        init_lora_weights=False, use_rslora=use_rslora, lora_dropout=0.0, bias="none")
+    model = get_peft_model(_fresh_hf_model(model_dir), config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if ".lora_A." in name or ".lora_B." in name:
+                bound = 1.0 / param.shape[1] ** 0.5
+                param.copy_((torch.rand(param.shape, generator=gen) * 2 - 1) * bound)
+                if ".lora_B." in name:
+                    param.mul_(scale_b)
+    model.save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
+@functools.lru_cache(maxsize=4)
+def _peft_model(model_dir_or_gguf: str, adapter_dir: str | None):
+    """The base model with the adapter applied by peft (not merged), or the base alone."""
+    model = _fresh_hf_model(model_dir_or_gguf)
+    if adapter_dir is None:
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter_dir).eval()
+
+
+def peft_greedy(model_dir: str, adapter_dir: str | None, prompt: list[int],
+                max_new_tokens: int) -> tuple[list[int], np.ndarray]:
+    """Greedy decoding of one prompt by transformers with the PEFT adapter ``adapter_dir``
+    (None: the base model), float32, exactly ``max_new_tokens`` tokens (EOS does not stop
+    it): new token ids and their raw log-probabilities [max_new_tokens, vocab]."""
+    from transformers import GenerationConfig
+
+    model = _peft_model(model_dir, adapter_dir)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=None,
+                              pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    ids = torch.tensor([list(prompt)])
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    new_ids = out.sequences[0, len(prompt):].tolist()
+    assert len(new_ids) == max_new_tokens, f"generation stopped after {len(new_ids)} tokens"
+    return new_ids, torch.log_softmax(torch.stack(out.logits)[:, 0].float(), dim=-1).numpy()
+
+
 def _unpack(bitmask: np.ndarray, vocab: int) -> np.ndarray:
     return np.unpackbits(bitmask.view(np.uint8), bitorder="little")[:vocab].astype(bool)
 
@@ -482,7 +562,8 @@ def serve() -> None:
              "build_eagle_head": build_eagle_head, "eagle_reference": eagle_reference,
              "build_eagle3_head": build_eagle3_head, "eagle3_reference": eagle3_reference, "greedy": greedy,
              "prompt_logprobs": prompt_logprobs,
-             "config": config, "constrained_greedy": constrained_greedy}
+             "config": config, "constrained_greedy": constrained_greedy,
+             "build_peft_adapter": build_peft_adapter, "peft_greedy": peft_greedy}
     reply_stream = sys.stdout
     sys.stdout = sys.stderr  # library prints must not corrupt the protocol
     for line in sys.stdin:

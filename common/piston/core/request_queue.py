@@ -50,6 +50,10 @@ class RequestQueue(ABC):
     def __iter__(self) -> Iterator[Request]:
         """The queued requests, in no guaranteed order for non-FCFS policies."""
 
+    def in_order(self) -> Iterator[Request]:
+        """The requests in the order ``pop`` would return them (FCFS: iteration order)."""
+        return iter(self)
+
     def __bool__(self) -> bool:
         return len(self) > 0
 
@@ -140,6 +144,9 @@ class PriorityRequestQueue(RequestQueue):
     def __iter__(self) -> Iterator[Request]:
         return (entry[2] for entry in self._heap)
 
+    def in_order(self) -> Iterator[Request]:
+        return (entry[2] for entry in sorted(self._heap, key=lambda e: (e[0], e[1])))
+
 
 class ClientRequestQueue(RequestQueue):
     """One FCFS queue per client (``Request.client_id``); serves the client ranked first.
@@ -196,3 +203,14 @@ class ClientRequestQueue(RequestQueue):
 
     def __iter__(self) -> Iterator[Request]:
         return itertools.chain.from_iterable(self.clients.values())
+
+    def in_order(self) -> Iterator[Request]:
+        """Pop order as it stands now: the best-ranked client's head each time."""
+        rank = self.client_rank or (lambda c: 0)
+        pos = {c: 0 for c in self.clients}
+        while pos:
+            best = min(pos, key=lambda c: (rank(c), self.clients[c][pos[c]].arrival_time))
+            yield self.clients[best][pos[best]]
+            pos[best] += 1
+            if pos[best] == len(self.clients[best]):
+                del pos[best]

@@ -189,8 +189,7 @@ class Scheduler:
         policy.begin_step(self.running, self.waiting, budget)
 
         # LoRA: the adapters of running requests, which a step may hold at most max_loras of.
-        loras = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None} \
-            if self.max_loras else None
+        loras = {r.lora_request for r in self.running if r.lora_request is not None} if self.max_loras else None
         i = 0  # self.running[:i] are served (or skipped) this step; victims come from the end
         while budget > 0:
             if admitting and self.waiting:
@@ -210,7 +209,7 @@ class Scheduler:
                         new_reqs.append(head)
                         policy.on_scheduled(head, num_new, admitted=True)
                         if loras is not None and head.lora_request is not None:
-                            loras.add(head.lora_request.lora_int_id)
+                            loras.add(head.lora_request)
                     continue
             if i >= len(self.running):
                 break
@@ -295,17 +294,18 @@ class Scheduler:
         return output
 
     def _next_fitting(self, loras: set[int]) -> Request | None:
-        """The first waiting request (the head, else in the queue's order) whose adapter is
-        among ``loras`` or still fits within max_loras; None if none does. A request of an
+        """The first waiting request (the head, else in the queue's pop order) whose adapter
+        is among ``loras`` (the running adapters, LoRARequests: an id reused for another
+        folder is another adapter) or still fits within max_loras; None if none does. A request of an
         adapter beyond the limit waits, and those behind it of other adapters go first."""
         head = self.waiting.peek()
         if self._lora_fits(head, loras):
             return head
-        return next((r for r in self.waiting if self._lora_fits(r, loras)), None)
+        return next((r for r in self.waiting.in_order() if self._lora_fits(r, loras)), None)
 
-    def _lora_fits(self, request: Request, loras: set[int]) -> bool:
+    def _lora_fits(self, request: Request, loras: set) -> bool:
         lora = request.lora_request
-        return lora is None or lora.lora_int_id in loras or len(loras) < self.max_loras
+        return lora is None or lora in loras or len(loras) < self.max_loras
 
     def _lookahead(self, request: Request, num_new: int, served: int) -> list[int]:
         """Blocks for the draft model's lookahead slots of ``request`` (scheduled ``num_new``

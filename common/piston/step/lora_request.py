@@ -31,5 +31,6 @@ class LoRARequest(msgspec.Struct, array_like=True, frozen=True, gc=False):
     @property
     def cache_key(self) -> tuple:
         """The prefix cache's extra key for this adapter's blocks: two adapters never share
-        KV for the same tokens."""
-        return ("lora", self.lora_int_id, self.lora_name)
+        KV for the same tokens (an id reused for another folder is another adapter; the same
+        folder rewritten under the same id and name is not told apart: reset the prefix cache)."""
+        return ("lora", self.lora_int_id, self.lora_name, self.lora_path)

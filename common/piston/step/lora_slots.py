@@ -32,73 +32,78 @@ logger = logging.getLogger(__name__)
 
 
 class LoRASlots:
+    """Adapters are told apart by their whole LoRARequest (id, name and folder): an id that
+    an application reuses for another folder, even while requests of the old one still run,
+    is another adapter with its own host copy and slot."""
+
     def __init__(self, config: LoRAConfig, dims: LoRAModelDims,
                  write_slot: Callable[[int, LoRAAdapter | None], None]) -> None:
         self.config = config
         self.dims = dims
         self.write_slot = write_slot
-        self.host: collections.OrderedDict[int, LoRAAdapter] = collections.OrderedDict()
-        self.slot_ids = [0] * config.max_loras  # the adapter id in each slot (0: empty)
+        self.host: collections.OrderedDict[LoRARequest, LoRAAdapter] = collections.OrderedDict()
+        self.slot_ids: list[LoRARequest | None] = [None] * config.max_loras  # each slot's adapter
         self.slot_used = [0] * config.max_loras  # the step that last used each slot (LRU)
         self.step = 0
-        self.removed: set[int] = set()  # unloaded while requests used them: dropped once unused
+        self.removed: set[int] = set()  # ids unloaded while requests used them: dropped once unused
 
     # ----- host memory ----------------------------------------------------------------
 
     def add(self, request: LoRARequest) -> LoRAAdapter:
         """The adapter of ``request``, read from disk unless it is in host memory (it becomes
         the most recently used). LoRAAdapterError when it cannot be served."""
-        adapter = self.host.get(request.lora_int_id)
-        if adapter is not None and adapter.request == request:
-            self.host.move_to_end(request.lora_int_id)
+        adapter = self.host.get(request)
+        if adapter is not None:
+            self.host.move_to_end(request)
             return adapter
         start = time.perf_counter()
         adapter = load_adapter(request, self.dims, self.config.max_lora_rank)
-        self.removed.discard(request.lora_int_id)
-        if self.host.get(request.lora_int_id) is not None:  # another adapter under a known id: its weights go
-            self._drop_slot(request.lora_int_id)
-        self.host[request.lora_int_id] = adapter
+        self.host[request] = adapter
         while len(self.host) > self.config.host_capacity:
             evicted, _ = self.host.popitem(last=False)
-            logger.info("LoRA adapter %d evicted from host memory (max_cpu_loras=%d).", evicted,
-                        self.config.host_capacity)
+            logger.info("LoRA adapter %r (id %d) evicted from host memory (max_cpu_loras=%d).", evicted.lora_name,
+                        evicted.lora_int_id, self.config.host_capacity)
         logger.info("Loaded LoRA adapter %r (id %d, rank %d, %d modules, %.1f MB) from %s in %.2f s.",
                     request.lora_name, request.lora_int_id, adapter.rank, len(adapter.weights),
                     adapter.nbytes / 1e6, request.lora_path, time.perf_counter() - start)
         return adapter
 
     def remove(self, lora_int_id: int, in_use: bool) -> bool:
-        """Forget an adapter (its host copy and slot); with ``in_use`` (running requests still
-        use it) only once they are gone (``release_unused``). False if it was not loaded."""
-        known = lora_int_id in self.host or lora_int_id in self.slot_ids
+        """Forget the adapters of id ``lora_int_id`` (host copies and slots); with ``in_use``
+        (requests still use it) only once they are gone (``release_unused``). False if none
+        was loaded."""
+        known = any(r.lora_int_id == lora_int_id for r in self._loaded())
         if in_use:
             self.removed.add(lora_int_id)
             return known
-        self.host.pop(lora_int_id, None)
-        self._drop_slot(lora_int_id)
+        self._drop(lora_int_id)
         return known
 
     def release_unused(self, in_use: set[int]) -> None:
         """Drop the removed adapters that no request uses any more."""
         for lora_int_id in [i for i in self.removed if i not in in_use]:
             self.removed.discard(lora_int_id)
-            self.host.pop(lora_int_id, None)
-            self._drop_slot(lora_int_id)
+            self._drop(lora_int_id)
 
     def loaded_ids(self) -> list[int]:
-        return sorted(set(self.host) | {i for i in self.slot_ids if i})
+        return sorted({r.lora_int_id for r in self._loaded()})
 
     def forget_slots(self) -> None:
         """Zero every slot (their memory was lost, e.g. to sleep mode); adapters are written
         again when a step uses them."""
         for slot in range(len(self.slot_ids)):
-            self.slot_ids[slot] = 0
+            self.slot_ids[slot] = None
             self.write_slot(slot, None)
 
-    def _drop_slot(self, lora_int_id: int) -> None:
+    def _loaded(self) -> set[LoRARequest]:
+        return set(self.host) | {r for r in self.slot_ids if r is not None}
+
+    def _drop(self, lora_int_id: int) -> None:
+        for request in [r for r in self.host if r.lora_int_id == lora_int_id]:
+            del self.host[request]
         for slot, held in enumerate(self.slot_ids):
-            if held == lora_int_id:
-                self.slot_ids[slot] = 0
+            if held is not None and held.lora_int_id == lora_int_id:
+                self.slot_ids[slot] = None
                 self.write_slot(slot, None)
 
     # ----- device slots ------------------------------------------------------------------
@@ -108,25 +113,22 @@ class LoRASlots:
         into slots as needed. RuntimeError if they need more than ``max_loras`` slots."""
         self.step += 1
         out = np.full(len(requests), -1, dtype=np.int32)
-        wanted: dict[int, LoRARequest] = {}
-        for r in requests:
-            if r is not None:
-                wanted.setdefault(r.lora_int_id, r)
+        wanted = list(dict.fromkeys(r for r in requests if r is not None))
         if not wanted:
             return out
         if len(wanted) > len(self.slot_ids):
             raise RuntimeError(f"A step uses {len(wanted)} LoRA adapters, more than max_loras="
                                f"{len(self.slot_ids)}: the scheduler must keep them within it.")
-        slot_of = {lora_id: slot for slot, lora_id in enumerate(self.slot_ids) if lora_id in wanted}
-        for lora_id, request in wanted.items():
-            if lora_id not in slot_of:
-                free = [s for s in range(len(self.slot_ids)) if self.slot_ids[s] not in wanted]
-                slot = min(free, key=lambda s: (self.slot_ids[s] != 0, self.slot_used[s]))
+        slot_of = {held: slot for slot, held in enumerate(self.slot_ids) if held in wanted}
+        for request in wanted:
+            if request not in slot_of:
+                free = [s for s in range(len(self.slot_ids)) if self.slot_ids[s] not in slot_of]
+                slot = min(free, key=lambda s: (self.slot_ids[s] is not None, self.slot_used[s]))
                 self.write_slot(slot, self.add(request))
-                self.slot_ids[slot] = lora_id
-                slot_of[lora_id] = slot
-            self.slot_used[slot_of[lora_id]] = self.step
+                self.slot_ids[slot] = request
+                slot_of[request] = slot
+            self.slot_used[slot_of[request]] = self.step
         for i, r in enumerate(requests):
             if r is not None:
-                out[i] = slot_of[r.lora_int_id]
+                out[i] = slot_of[r]
         return out
