@@ -182,9 +182,11 @@ def test_tiny_model_greedy_with_an_eagle_head_matches_hf(method, tiny_models, ma
     assert llm.llm_engine.get_stats().spec_num_draft_tokens > 0
 
 
+# All slow (30 s on the CPU, a minute on the TPU plugin each: nox -s slow); the tiny draft-model
+# and EAGLE cases above keep draft models in the default suite.
 @pytest.mark.parametrize("variant", [pytest.param("default", marks=pytest.mark.slow),
                                      pytest.param("budget16_no_prefix_caching", marks=pytest.mark.slow),
-                                     "preemption"])
+                                     pytest.param("preemption", marks=pytest.mark.slow)])
 def test_smollm2_greedy_with_draft_model_matches_without(variant, baseline, make_llm, smollm2_path,
                                                          smollm2_llm_kwargs, truncated_model):
     """SmolLM2 drafted by its first 24 layers (of 30), in float32."""
