@@ -230,3 +230,34 @@ def test_scheduler_never_shares_prefix_blocks_across_adapters():
     # All at once, in one queue: still no foreign KV (LoRAWorker), and every request finishes.
     assert len(run(*[(k, lora_id) for k in (2, 3) for lora_id in (1, 2, 3, None)])) == 8
     assert_no_leak(sched)
+
+
+def test_a_waiting_adapter_is_not_starved_by_a_busy_one():
+    """max_loras=1 and adapter 1 gets a new request every step: a request of adapter 2 at the
+    head of the queue is passed over (adapter 1's later requests go first) for
+    LORA_MAX_SKIPPED_STEPS steps; after that only base-model requests pass it, adapter 1's
+    running requests drain, and it runs. Without the rule it would wait for ever."""
+    from piston.core.scheduler import LORA_MAX_SKIPPED_STEPS
+
+    sched = make_lora_scheduler(max_loras=1, num_blocks=400, budget=256, max_num_seqs=64)
+    sched.add_request(make_lora_request("busy0", 1, max_tokens=8))
+    worker = LoRAWorker(sched)
+    worker.step()
+    starved = make_lora_request("other", 2, max_tokens=4)
+    sched.add_request(starved)
+    admitted_at = None
+    for step in range(1, 3 * LORA_MAX_SKIPPED_STEPS):
+        sched.add_request(make_lora_request(f"busy{step}", 1, max_tokens=8))
+        sched.add_request(make_lora_request(f"base{step}", None, max_tokens=2))
+        worker.step()
+        if starved.first_scheduled_time is not None:
+            admitted_at = step
+            break
+        if step <= LORA_MAX_SKIPPED_STEPS:  # passed over: adapter 1's new request went ahead of it
+            assert f"busy{step}" in worker.new_per_step[-1]
+        else:  # only the base model's requests pass it now
+            assert all(r.startswith("base") for r in worker.new_per_step[-1]), worker.new_per_step[-1]
+    assert admitted_at is not None and admitted_at <= LORA_MAX_SKIPPED_STEPS + 10
+    worker.run_to_completion()
+    assert starved.num_output_tokens == 4
+    assert_no_leak(sched)

@@ -67,6 +67,8 @@ class Request:
         self.lora_request = lora_request
         # What the prefix cache keys this request's blocks by besides their tokens.
         self.block_hash_extra_keys = lora_request.cache_key if lora_request is not None else None
+        # Steps in a row this request headed the waiting queue but found no free adapter slot.
+        self.lora_skipped_steps = 0
         # When the scheduler first ran it (for queue-time metrics); None while queued.
         self.first_scheduled_time: float | None = None
         # When the engine process read it off the socket, and when the busy loop (between

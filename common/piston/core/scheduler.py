@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 # The most decode steps a request whose drafts keep being rejected goes without checking
 # drafts (see Scheduler.schedule): a probe every 32 steps.
 SPEC_MAX_SKIP = 31
+# Multi-LoRA: steps the head of the waiting queue may be passed over for want of an adapter
+# slot before requests of the running adapters stop going ahead of it.
+LORA_MAX_SKIPPED_STEPS = 32
 
 
 class Scheduler:
@@ -190,10 +193,21 @@ class Scheduler:
 
         # LoRA: the adapters of running requests, which a step may hold at most max_loras of.
         loras = {r.lora_request for r in self.running if r.lora_request is not None} if self.max_loras else None
+        # The head of the queue skipped for want of an adapter slot for LORA_MAX_SKIPPED_STEPS
+        # steps: only base-model requests go ahead of it from now on, so the running adapters
+        # drain and free a slot (requests of busy adapters would otherwise starve it).
+        lora_starving = False
+        if loras is not None and self.waiting:
+            first = self.waiting.peek()
+            if self._lora_fits(first, loras):
+                first.lora_skipped_steps = 0
+            else:
+                first.lora_skipped_steps += 1
+                lora_starving = first.lora_skipped_steps > LORA_MAX_SKIPPED_STEPS
         i = 0  # self.running[:i] are served (or skipped) this step; victims come from the end
         while budget > 0:
             if admitting and self.waiting:
-                head = self.waiting.peek() if loras is None else self._next_fitting(loras)
+                head = self.waiting.peek() if loras is None else self._next_fitting(loras, lora_starving)
                 if head is None:
                     admitting = False  # every waiting request needs an adapter beyond max_loras
                 elif head.request_id in preempted:
@@ -293,15 +307,17 @@ class Scheduler:
                 request.first_scheduled_time = now
         return output
 
-    def _next_fitting(self, loras: set[int]) -> Request | None:
+    def _next_fitting(self, loras: set, starving: bool) -> Request | None:
         """The first waiting request (the head, else in the queue's pop order) whose adapter
         is among ``loras`` (the running adapters, LoRARequests: an id reused for another
-        folder is another adapter) or still fits within max_loras; None if none does. A request of an
+        folder is another adapter) or still fits within max_loras; None if none does (with
+        ``starving``: only base-model requests pass the head). A request of an
         adapter beyond the limit waits, and those behind it of other adapters go first."""
         head = self.waiting.peek()
         if self._lora_fits(head, loras):
             return head
-        return next((r for r in self.waiting.in_order() if self._lora_fits(r, loras)), None)
+        return next((r for r in self.waiting.in_order()
+                     if (r.lora_request is None if starving else self._lora_fits(r, loras))), None)
 
     def _lora_fits(self, request: Request, loras: set) -> bool:
         lora = request.lora_request
