@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 from piston import LLM, LoRARequest, SamplingParams
-from piston.step.lora_adapter import LORA_MODULES, LoRAModelDims
+from piston.step.lora_adapter import LORA_MODULES, LoRAModelDims, module_name
 
 
 def write_adapter(folder: str, dims: LoRAModelDims, rank: int, seed: int) -> None:
@@ -44,9 +44,8 @@ def write_adapter(folder: str, dims: LoRAModelDims, rank: int, seed: int) -> Non
     tensors = {}
     for layer in range(dims.num_layers):
         for module in LORA_MODULES:
-            block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
             in_f, out_f = dims.features[module]
-            prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
+            prefix = f"base_model.model.{module_name(layer, module)}"
             bound = 1.0 / np.sqrt(in_f)
             tensors[f"{prefix}.lora_A.weight"] = rng.uniform(-bound, bound, (rank, in_f)).astype(np.float32)
             tensors[f"{prefix}.lora_B.weight"] = rng.normal(0.0, 0.02, (out_f, rank)).astype(np.float32)

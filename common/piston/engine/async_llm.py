@@ -153,7 +153,7 @@ class AsyncLLM:
             raise EngineDeadError(f"The engine is not running: {self.dead_error}")
         if self.sleeping:
             raise EngineSleepingError("The engine is asleep (sleep mode); retry after POST /wake_up.")
-        if lora_request is not None:
+        if not self.input_processor.lora_checked(lora_request):  # reads the adapter once: off the event loop
             await self._in_thread(self._tokenize_thread, self.input_processor.check_lora, lora_request)
         text, token_ids, params = await self.process_prompt(prompt, sampling_params)
         if self.max_requests is not None and self.num_unfinished_requests() + params.n > self.max_requests:

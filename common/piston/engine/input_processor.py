@@ -44,6 +44,10 @@ class InputProcessor:
         load_adapter(lora_request, LoRAModelDims.from_hf_config(self.hf_config), self.lora_config.max_lora_rank)
         self._checked_loras[lora_request.lora_int_id] = lora_request
 
+    def lora_checked(self, lora_request: LoRARequest | None) -> bool:
+        """Whether ``check_lora`` has nothing to do for it (no adapter, or one already read)."""
+        return lora_request is None or self._checked_loras.get(lora_request.lora_int_id) == lora_request
+
     def forget_lora(self, lora_int_id: int) -> None:
         self._checked_loras.pop(lora_int_id, None)
 

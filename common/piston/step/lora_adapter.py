@@ -33,6 +33,14 @@ from piston.step.lora_request import LoRARequest
 
 # The projections LoRA may adapt, in the order a layer runs them.
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def module_name(layer: int, module: str) -> str:
+    """A LoRA module's Hugging Face name, e.g. ``model.layers.3.self_attn.q_proj``."""
+    block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    return f"model.layers.{layer}.{block}.{module}"
+
+
 # Where a checkpoint's LoRA tensors live: [base_model.model.][model.]layers.N.<block>.<module>.lora_A|B[.adapter].weight
 _TENSOR = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)"
                      r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
@@ -142,8 +150,7 @@ def load_adapter(request: LoRARequest, dims: LoRAModelDims, max_lora_rank: int) 
         if rank < 1 or rank > max_lora_rank:
             raise LoRAAdapterError(f"LoRA adapter {name!r}: rank {rank} (layer {layer} {module}) exceeds "
                                    f"--max-lora-rank {max_lora_rank}.")
-        block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-        full = f"model.layers.{layer}.{block}.{module}"
+        full = module_name(layer, module)
         alpha = _pattern_value(alpha_pattern, full, default_alpha)
         declared = _pattern_value(rank_pattern, full, config.get("r", rank))
         if declared != rank:

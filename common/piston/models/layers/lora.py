@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from piston.models.layers.linear import ParallelLinearBase, RowParallelLinear
-from piston.step.lora_adapter import LORA_MODULES, LoRAAdapter
+from piston.step.lora_adapter import LORA_MODULES, LoRAAdapter, module_name
 
 
 @dataclass
@@ -164,8 +164,7 @@ def attach_lora(model: nn.Module, max_loras: int, max_rank: int) -> dict[str, tu
     grouped: dict[str, tuple[int, list[tuple[str, Any]]]] = {}
     for i in range(len(model.model.layers)):
         for module in LORA_MODULES:
-            block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            target, shard_id = model._target(f"model.layers.{i}.{block}.{module}.weight")
+            target, shard_id = model._target(f"{module_name(i, module)}.weight")
             name = target.rpartition(".")[0]
             grouped.setdefault(name, (i, []))[1].append((module, shard_id))
     layers = {}
