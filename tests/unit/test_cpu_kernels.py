@@ -88,7 +88,7 @@ def test_paged_attention_rejects_bad_tables(ops):
 
     def call(table, seq_idx, ctx, slot=5):
         ops.paged_attention(q, kv, kv, cache, cache, torch.tensor([slot]), torch.tensor(table, dtype=torch.int32),
-                            torch.tensor(seq_idx, dtype=torch.int32), torch.tensor(ctx, dtype=torch.int32), 1, 0.125)
+                            torch.tensor(seq_idx, dtype=torch.int32), torch.tensor(ctx, dtype=torch.int32), 1, 0.125, 0)
 
     with pytest.raises(RuntimeError, match="does not fit"):
         call([[0]], [0], [17])  # 17 tokens, one 16-token block

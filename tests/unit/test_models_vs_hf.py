@@ -35,6 +35,19 @@ TINY_MODELS = {
     "mistral": ("MistralConfig", dict(sliding_window=None, head_dim=8)),
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", dict(head_dim=32)),
+    # Sliding windows shorter than the 20 tokens compared: every layer, or the later layers.
+    "mistral-window": ("MistralConfig", dict(sliding_window=6, head_dim=8)),
+    "qwen3-window": ("Qwen3Config", dict(head_dim=32, use_sliding_window=True, sliding_window=5,
+                                         max_window_layers=1)),
+    # Local (window 6) and global layers with their own RoPE, the global one scaled; sandwich
+    # norms, q/k norms, GeGLU, a query scale other than head_dim's, soft-capped logits.
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, num_hidden_layers=3, sliding_window=6,
+                                        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                        query_pre_attn_scalar=24, final_logit_softcapping=3.0,
+                                        rope_parameters={
+                                            "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                               "rope_theta": 100000.0},
+                                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
 }
 
 

@@ -22,16 +22,23 @@ class Attention(nn.Module):
 
     Under torch.compile the layer calls the opaque ``piston::attention`` op instead, so
     the compiler splits the graph here and nothing it traces depends on the metadata.
+
+    ``sliding_window`` W (None: the whole context): the query at position p attends to the
+    keys at positions p - W + 1 .. p only, as transformers' sliding-window mask has it.
+    Every backend applies it.
     """
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
-                 layer_idx: int) -> None:
+                 layer_idx: int, sliding_window: int | None = None) -> None:
         super().__init__()
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be at least 1 (or None), not {sliding_window}.")
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
         self.scale = scale
         self.layer_idx = layer_idx
+        self.sliding_window = sliding_window
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -51,9 +58,23 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim).transpose(0, 1)
         k = k.view(t, self.num_kv_heads, self.head_dim).transpose(0, 1)
         v = v.view(t, self.num_kv_heads, self.head_dim).transpose(0, 1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
-                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        gqa = self.num_heads != self.num_kv_heads
+        if self.sliding_window is not None and self.sliding_window < t:
+            mask = window_mask(torch.arange(t, device=q.device), t, self.sliding_window)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
         return out.transpose(0, 1).reshape(t, self.num_heads * self.head_dim)
+
+
+def window_mask(q_pos: torch.Tensor, num_keys: int, window: int | None) -> torch.Tensor:
+    """[len(q_pos), num_keys] bool, True = attend: causal over keys at positions
+    0 .. num_keys - 1, limited to the last ``window`` keys of each query (None: no limit)."""
+    key_pos = torch.arange(num_keys, device=q_pos.device)[None, :]
+    mask = key_pos <= q_pos[:, None]
+    if window is not None:
+        mask &= key_pos > q_pos[:, None] - window
+    return mask
 
 
 def attention_layers(model: nn.Module) -> dict[int, Attention]:

@@ -40,17 +40,26 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma 3's four norms per layer: llama.cpp's ffn_norm is the one before the MLP there.
+_GEMMA3_BLOCK_NAMES = {
+    **_BLOCK_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
 
 
-def gguf_hf_name(gguf_name: str) -> str | None:
-    """The Hugging Face name of a llama.cpp tensor name, or None if it has none."""
+def gguf_hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The Hugging Face name of a llama.cpp tensor name of architecture ``arch``, or None
+    if it has none."""
     stem, _, suffix = gguf_name.rpartition(".")
     if stem in _TOP_LEVEL_NAMES:
         return f"{_TOP_LEVEL_NAMES[stem]}.{suffix}"
+    names = _GEMMA3_BLOCK_NAMES if arch == "gemma3" else _BLOCK_NAMES
     m = _BLOCK_RE.match(gguf_name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
     return None
 
 
@@ -82,8 +91,9 @@ def _packed(tensor, file) -> PackedArray:
 
 def packed_tensor_formats(path: str) -> dict[str, str]:
     """``{hf_name: format}`` of the tensors ``iterate_gguf_tensors(packed=True)`` yields packed."""
-    return {gguf_hf_name(t.name) or t.name: t.tensor_type.name for t in open_gguf(path).tensors
-            if _stays_packed(t)}
+    reader = open_gguf(path)
+    arch = gguf_field(reader, "general.architecture")
+    return {gguf_hf_name(t.name, arch) or t.name: t.tensor_type.name for t in reader.tensors if _stays_packed(t)}
 
 
 def iterate_gguf_tensors(path: str, config: Any, packed: bool = False
@@ -95,18 +105,19 @@ def iterate_gguf_tensors(path: str, config: Any, packed: bool = False
     loader reports them); ``rope_freqs`` is skipped, since the config already holds it.
     """
     reader = open_gguf(path)
-    permute = gguf_field(reader, "general.architecture") == "llama"
+    arch = gguf_field(reader, "general.architecture")
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     dequantized: list[str] = []
     with open(path, "rb", buffering=0) as file:
-        yield from _tensors(reader, file, packed, permute, n_head, n_kv, dequantized)
+        yield from _tensors(reader, file, packed, arch, n_head, n_kv, dequantized)
     if dequantized:
         logger.info("Dequantized %d GGUF tensors to float32 at load (their types are not served packed): %s",
                     len(dequantized), ", ".join(dequantized))
 
 
-def _tensors(reader, file, packed: bool, permute: bool, n_head: int, n_kv: int, dequantized: list[str]):
+def _tensors(reader, file, packed: bool, arch: str, n_head: int, n_kv: int, dequantized: list[str]):
+    permute = arch == "llama"
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":
             continue
@@ -123,7 +134,9 @@ def _tensors(reader, file, packed: bool, permute: bool, n_head: int, n_kv: int, 
             w = PackedArray(w.fmt, np.ascontiguousarray(_reverse_permute(w.data, heads)), w.cols)
         elif heads is not None:
             w = np.ascontiguousarray(_reverse_permute(w, heads))
-        yield gguf_hf_name(tensor.name) or tensor.name, w
+        if arch == "gemma3" and tensor.name.endswith("norm.weight"):
+            w = w - np.float32(1)  # llama.cpp stores Gemma's norms as 1 + w; transformers' take w
+        yield gguf_hf_name(tensor.name, arch) or tensor.name, w
 
 
 def count_gguf_tensors(path: str) -> int:

@@ -1,5 +1,8 @@
 """The Llama family: Llama 2/3, Mistral, Qwen2, Qwen3 and SmolLM2, in plain torch.
 
+Sliding-window layers (Mistral's ``sliding_window``, Qwen2/3's ``use_sliding_window``) get
+their window from piston.step.layer_types.
+
 All of a step's tokens arrive flattened, ``[num_tokens]``, with no batch dimension; the
 Attention layer (and the platform behind it) knows which tokens belong to which sequence.
 q/k/v and gate/up are fused into one Linear each; ``load_weights`` fills them from the
@@ -31,6 +34,7 @@ from piston.models.layers.vocab_parallel_embedding import (
 )
 from piston.models.weight_loader import materialize
 from piston.step.config import hf_head_dim, hf_num_kv_heads
+from piston.step.layer_types import sliding_windows
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +89,7 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary_emb = rotary_emb
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads,
-                              self.head_dim ** -0.5, layer_idx)
+                              self.head_dim ** -0.5, layer_idx, sliding_windows(config)[layer_idx])
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -267,14 +271,8 @@ class LlamaForCausalLM(nn.Module):
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    """Mistral: Llama with an optional sliding window, which Piston does not apply yet."""
-
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
-        window = getattr(config, "sliding_window", None)
-        if window and window < getattr(config, "max_position_embeddings", 0):
-            logger.warning("sliding_window=%d is not applied: attention sees the whole context, "
-                           "so outputs past %d tokens differ from the reference.", window, window)
+    """Mistral: Llama whose layers attend within ``sliding_window`` tokens when it is set
+    (piston.step.layer_types; the attention backends apply the window)."""
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

@@ -20,6 +20,7 @@ GGUF_ARCHITECTURES = {
     "llama": ("llama", "LlamaForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
 }
 
 
@@ -54,10 +55,10 @@ def dequantize(tensor) -> np.ndarray:
 
 
 def config_from_gguf(path: str):
-    """A PlainConfig (as transformers' Llama/Qwen2/Qwen3Config would have it) built from the
-    file's metadata.
+    """A PlainConfig (as transformers' Llama/Qwen2/Qwen3/Gemma3TextConfig would have it) built
+    from the file's metadata.
 
-    Raises ValueError for an architecture other than llama, qwen2 or qwen3.
+    Raises ValueError for an architecture other than llama, qwen2, qwen3 or gemma3.
     """
 
     reader = open_gguf(path)
@@ -92,6 +93,14 @@ def config_from_gguf(path: str):
         eos_token_id=gguf_field(reader, "tokenizer.ggml.eos_token_id"),
         pad_token_id=gguf_field(reader, "tokenizer.ggml.padding_token_id"),
     )
+    if arch == "gemma3":
+        # llama.cpp's Gemma 3: local layers rotate with base 10000 (not in the file), every
+        # sixth layer is global, and q is scaled by 1/sqrt(head_dim), by 1/sqrt(hidden / heads)
+        # for the 27B model (62 layers).
+        kwargs.update(sliding_window=meta("attention.sliding_window"), rope_local_base_freq=10000.0,
+                      query_pre_attn_scalar=hidden // heads if meta("block_count") == 62 else kwargs["head_dim"],
+                      final_logit_softcapping=meta("final_logit_softcapping"),
+                      attn_logit_softcapping=meta("attn_logit_softcapping"))
     scaling = meta("rope.scaling.type")
     if scaling in ("linear", "yarn"):
         rope = {"rope_type": scaling, "factor": meta("rope.scaling.factor", 1.0)}

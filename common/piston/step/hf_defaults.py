@@ -31,6 +31,17 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
               "num_hidden_layers": 32, "num_attention_heads": 32, "head_dim": 128,
               "max_position_embeddings": 32768, "attention_bias": False, "use_sliding_window": False,
               "sliding_window": None, "max_window_layers": 28, "bos_token_id": None, "eos_token_id": None},
+    # Gemma 3's text model. Its RoPE settings stay unset here: piston.step.layer_types reads
+    # the per-layer-type ``rope_parameters`` of a transformers-5 config.json, or else the
+    # older rope_theta / rope_local_base_freq / rope_scaling with Gemma 3's own defaults.
+    "gemma3_text": {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+                    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+                    "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072,
+                    "initializer_range": 0.02, "rms_norm_eps": 1e-6, "pad_token_id": 0, "eos_token_id": 1,
+                    "bos_token_id": 2, "tie_word_embeddings": True, "attention_bias": False,
+                    "attention_dropout": 0.0, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+                    "layer_types": None, "final_logit_softcapping": None, "attn_logit_softcapping": None,
+                    "use_bidirectional_attention": False, "rope_parameters": None, "architectures": None},
 }
 
 

@@ -13,13 +13,14 @@ the paged cache and uses an offset causal mask.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from piston.attention.backend import AttentionImpl
+from piston.attention.layer import window_mask
 from piston.attention.metadata import CommonAttentionMetadata
 
 
@@ -31,6 +32,18 @@ class PrefillSeq:
     fresh: bool  # no earlier context: attend to this step's own k/v
     block_ids: torch.Tensor | None  # blocks holding the context (when not fresh)
     mask: torch.Tensor | None  # [query_len, seq_len] bool, True = attend (when not fresh)
+    window_masks: dict[int, torch.Tensor | None] = field(default_factory=dict)  # sliding window -> mask
+
+    def mask_for(self, window: int | None) -> torch.Tensor | None:
+        """The mask for a layer with sliding ``window`` (None: the causal mask; a fresh prompt
+        needs none then), built once per step and window."""
+        if window is None or window >= self.seq_len:
+            return self.mask
+        if window not in self.window_masks:
+            qlen = self.end - self.start
+            self.window_masks[window] = window_mask(torch.arange(self.seq_len - qlen, self.seq_len),
+                                                    self.seq_len, window)
+        return self.window_masks[window]
 
 
 @dataclass
@@ -38,6 +51,18 @@ class DecodeGroup:
     token_idx: torch.Tensor  # [rows] rows of the step's tokens
     block_ids: torch.Tensor  # [rows * max_blocks] int64, row-major
     mask: torch.Tensor  # [rows, 1, 1, max_blocks * block_size] bool, True = attend
+    lens: torch.Tensor  # [rows] int64: each row's context length
+    window_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # sliding window -> mask
+
+    def mask_for(self, window: int | None) -> torch.Tensor:
+        """The mask for a layer with sliding ``window``: also False before each row's last
+        ``window`` tokens. Built once per step and window."""
+        if window is None:
+            return self.mask
+        if window not in self.window_masks:
+            keys = torch.arange(self.mask.shape[-1])[None, :]
+            self.window_masks[window] = self.mask & (keys >= self.lens[:, None] - window)[:, None, None, :]
+        return self.window_masks[window]
 
 
 @dataclass
@@ -116,7 +141,7 @@ class CpuAttention(AttentionImpl):
                 table = common.block_table[torch.from_numpy(rows), :max_blocks].long().flatten()
                 mask = torch.arange(max_blocks * bs)[None, :] < torch.from_numpy(group_lens)[:, None]
                 decodes.append(DecodeGroup(torch.from_numpy(qsl[rows].astype(np.int64)), table,
-                                           mask[:, None, None, :]))
+                                           mask[:, None, None, :], torch.from_numpy(group_lens)))
                 start = end
         prefills = []
         for row in np.flatnonzero(query_lens > 1):
@@ -138,7 +163,7 @@ class CpuAttention(AttentionImpl):
             rows = md.kernel_rows
             return self.kernels.paged_attention(q[:n], k, v, kv_cache[0], kv_cache[1], md.slot_mapping,
                                                 rows.block_table, rows.seq_idx, rows.ctx_lens,
-                                                layer.num_heads, layer.scale)
+                                                layer.num_heads, layer.scale, layer.sliding_window or 0)
         h, kvh, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
         q = q[:n].view(n, h, d)
         k = k[:n].view(n, kvh, d)
@@ -168,7 +193,7 @@ class CpuAttention(AttentionImpl):
         values = values.view(b, -1, kvh, d).transpose(1, 2)
         # Grouped heads ride as extra query rows, so K/V are never repeated.
         qg = q.view(b, kvh, h // kvh, d)
-        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=group.mask,
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=group.mask_for(layer.sliding_window),
                                              scale=layer.scale)
         return out.reshape(b, h, d)
 
@@ -176,14 +201,15 @@ class CpuAttention(AttentionImpl):
         kvh, d = layer.num_kv_heads, layer.head_dim
         qi = q[p.start:p.end].transpose(0, 1)
         gqa = layer.num_heads != kvh
+        mask = p.mask_for(layer.sliding_window)
         if p.fresh:
             ki = k[p.start:p.end].transpose(0, 1)
             vi = v[p.start:p.end].transpose(0, 1)
-            out = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=layer.scale,
-                                                 enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(qi, ki, vi, is_causal=mask is None, attn_mask=mask,
+                                                 scale=layer.scale, enable_gqa=gqa)
         else:
             ki = key_cache[p.block_ids].view(-1, kvh, d)[:p.seq_len].transpose(0, 1)
             vi = value_cache[p.block_ids].view(-1, kvh, d)[:p.seq_len].transpose(0, 1)
-            out = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=p.mask, scale=layer.scale,
+            out = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=layer.scale,
                                                  enable_gqa=gqa)
         return out.transpose(0, 1)

@@ -26,6 +26,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 #include "simd.h"
@@ -269,7 +270,8 @@ void rotary_neox(const torch::Tensor& positions, torch::Tensor q, torch::Tensor 
 // paged_attention
 //
 // Query row r of q ([T, H*D]) belongs to sequence seq_idx[r] and attends to the first
-// ctx_lens[r] tokens of it (its own position + 1: causal), whose K/V live in blocks
+// ctx_lens[r] tokens of it (its own position + 1: causal), or with a sliding window W > 0
+// to the last W of them only (the blocks before those are never read), whose K/V live in blocks
 // block_table[seq_idx[r], :] of the caches ([num_blocks, block_size, KVH, D]). The
 // step's own K and V rows (k, v: [T, KVH*D]) are first written to the caches at
 // slot_mapping. Returns out ([T, H*D]). So one call serves decodes, fresh prompts
@@ -374,7 +376,7 @@ void attend_any(const float* q, int64_t D8, const float* KC, const float* VC, co
 torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                               torch::Tensor key_cache, torch::Tensor value_cache, const torch::Tensor& slot_mapping,
                               const torch::Tensor& block_table, const torch::Tensor& seq_idx,
-                              const torch::Tensor& ctx_lens, int64_t num_heads, double scale) {
+                              const torch::Tensor& ctx_lens, int64_t num_heads, double scale, int64_t window) {
   check_f32(q, "q");
   check_f32(k, "k");
   check_f32(v, "v");
@@ -391,6 +393,7 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
   const int64_t nblk = key_cache.size(0), bs = key_cache.size(1), KVH = key_cache.size(2), D = key_cache.size(3);
   TORCH_CHECK(num_heads % KVH == 0 && q.size(1) == num_heads * D, "head counts");
   TORCH_CHECK(D % 8 == 0 && D <= 256, "head_dim must be a multiple of 8, at most 256");
+  TORCH_CHECK(window >= 0, "window must be >= 0 (0: the whole context)");
   TORCH_CHECK(q.stride(1) == 1 && k.stride(1) == 1 && v.stride(1) == 1, "q, k and v rows must be contiguous");
   TORCH_CHECK(k.dim() == 2 && v.dim() == 2 && k.size(0) >= R && v.size(0) >= R && k.size(1) == KVH * D &&
                   v.size(1) == KVH * D, "k and v must be [tokens, kv_heads * head_dim]");
@@ -401,14 +404,16 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
   const int32_t* SI = seq_idx.data_ptr<int32_t>();
   const int32_t* CL = ctx_lens.data_ptr<int32_t>();
   // Everything is checked here: the parallel region below must not throw.
-  std::vector<int64_t> longest(S, 0);
+  // The blocks each sequence's rows read: [first, end) in tokens.
+  std::vector<int64_t> longest(S, 0), first_read(S, INT64_MAX);
   for (int64_t r = 0; r < R; ++r) {
     TORCH_CHECK(SI[r] >= 0 && SI[r] < S, "row ", r, ": sequence ", SI[r], " is not in the block table");
     TORCH_CHECK(CL[r] >= 1 && CL[r] <= max_blocks * bs, "row ", r, ": context ", CL[r], " does not fit the block table");
     longest[SI[r]] = std::max<int64_t>(longest[SI[r]], CL[r]);
+    first_read[SI[r]] = std::min<int64_t>(first_read[SI[r]], window > 0 ? std::max<int64_t>(0, CL[r] - window) : 0);
   }
   for (int64_t i = 0; i < S; ++i)
-    for (int64_t j = 0; j * bs < longest[i]; ++j)
+    for (int64_t j = longest[i] ? first_read[i] / bs : 0; j * bs < longest[i]; ++j)
       TORCH_CHECK(BT[i * max_blocks + j] >= 0 && BT[i * max_blocks + j] < nblk, "block id ", BT[i * max_blocks + j],
                   " out of range");
   // The step's own K/V go to their slots first (rows may attend to earlier rows).
@@ -444,14 +449,12 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t r = task / (KVH * split), kh = task / split % KVH, part = task % split;
-      const int64_t L = CL[r];
+      const int64_t end = CL[r], first = window > 0 ? std::max<int64_t>(0, end - window) : 0;
+      const int64_t L = end - first;
       const int32_t* table = BT + SI[r] * max_blocks;
       offsets.resize(L);
-      for (int64_t t0 = 0, j = 0; t0 < L; t0 += bs, ++j) {
-        const int64_t blk = table[j];
-        const int64_t n = std::min(bs, L - t0);
-        for (int64_t o = 0; o < n; ++o) offsets[t0 + o] = (blk * bs + o) * tok_stride + kh * D;
-      }
+      for (int64_t t = first; t < end; ++t)
+        offsets[t - first] = (table[t / bs] * bs + t % bs) * tok_stride + kh * D;
       scores.resize(L);
       const float* qb = Q + r * qs + kh * G * D;
       float* ob = O + r * os + kh * G * D;

