@@ -154,7 +154,7 @@ def test_jax_eagle_head_matches_transformers(tiny_models, tmp_path, num_layers, 
     tables = rope_tables(head.hf_config, spec.head_dim, 128)
     feats = np.zeros((bucket, spec.hidden_size), np.float32)
     feats[:n] = features
-    out, _ = eagle_forward(params, (tables.cos, tables.sin), jax.numpy.zeros(kv_cache_shape(
+    out, _ = eagle_forward(params, (tables.cos[None], tables.sin[None]), jax.numpy.zeros(kv_cache_shape(
         spec.num_layers, 4, block, spec.num_kv_heads, spec.head_dim), np.float32), step.input_ids, step.positions,
         step.metadata, feats, np.arange(n), target.model.embed_tokens.weight.detach().numpy(), spec=spec,
         attention=make_attention("xla", spec.head_dim ** -0.5, False, block, jax.lax.Precision.HIGHEST),
@@ -216,7 +216,7 @@ def test_jax_eagle3_head_matches_a_reference(tiny_models, tmp_path):
     builder = StepInputBuilder(batch, block, 4 * block, 2, pages)
     attention = make_attention("xla", tspec.head_dim ** -0.5, False, block, hp)
     tables = rope_tables(target_mc.hf_config, tspec.head_dim, 128)
-    rope = (tables.cos, tables.sin)
+    rope = (tables.cos[None], tables.sin[None])  # [kinds, positions, rotary_dim / 2]
 
     def cache(spec):
         return jax.numpy.zeros(kv_cache_shape(spec.num_layers, 4, block, spec.num_kv_heads, spec.head_dim),

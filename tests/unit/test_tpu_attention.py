@@ -25,8 +25,9 @@ MAX_SEQS = 8
 PAGES_PER_SEQ = 16  # a multiple of the kernel's 8-page KV block (128 keys)
 
 
-def _reference(q, cache, layer, seqs, page_table, scale):
-    """Per sequence: gather its context, causal softmax attention, GQA by head groups."""
+def _reference(q, cache, layer, seqs, page_table, scale, window=0):
+    """Per sequence: gather its context, causal softmax attention (over the last ``window``
+    positions only, when given), GQA by head groups."""
     t, h, d = q.shape
     kv_heads = cache.shape[2]
     group = h // kv_heads
@@ -38,11 +39,12 @@ def _reference(q, cache, layer, seqs, page_table, scale):
         v = cache[layer, 1][:, pages].reshape(kv_heads, -1, d)[:, :kv_len].astype(np.float64)
         for i in range(q_len):
             pos = kv_len - q_len + i
+            lo = max(0, pos - window + 1) if window else 0
             for head in range(h):
                 kh = head // group
-                scores = k[kh, :pos + 1] @ q[start + i, head].astype(np.float64) * scale
+                scores = k[kh, lo:pos + 1] @ q[start + i, head].astype(np.float64) * scale
                 p = np.exp(scores - scores.max())
-                out[start + i, head] = (p / p.sum()) @ v[kh, :pos + 1]
+                out[start + i, head] = (p / p.sum()) @ v[kh, lo:pos + 1]
         start += q_len
     return out
 
@@ -111,6 +113,30 @@ def test_xla_path_matches_pallas_kernel(seqs):
     kernel = ragged_paged_attention_pallas(q, cache, jnp.asarray(0), md, sm_scale=0.25, interpret=True)
     xla = ragged_paged_attention_xla(q, cache, jnp.asarray(0), md, sm_scale=0.25)
     np.testing.assert_allclose(np.asarray(xla), np.asarray(kernel), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 20, 130])
+def test_sliding_window_matches_reference_and_skips_pages_before_it(window):
+    """Both paths mask each token to its last ``window`` positions; pages wholly before every
+    row's window (which a KV manager may have freed) point at a garbage page and must not
+    matter."""
+    rng = np.random.default_rng(4)
+    seqs = [(1, 37), (50, 50), (1, 250), (23, 140), (1, 129), (9, 9)]
+    q, cache, table, md = _batch(rng, seqs, 128, 2, 2, 16)
+    garbage = int(np.setdiff1d(np.arange(NUM_BLOCKS), table[:len(seqs)].ravel())[0])
+    cache[:, :, :, garbage] = 1e4
+    for s, (q_len, kv_len) in enumerate(seqs):
+        first_pos = kv_len - q_len
+        table[s, :max(0, first_pos - window + 1) // BLOCK_SIZE] = garbage
+    md = md._replace(page_indices=jnp.asarray(table))
+    expected = _reference(q, cache, 0, seqs, table, 0.25, window)
+    n = sum(q_len for q_len, _ in seqs)
+    q, cache = jnp.asarray(q), jnp.asarray(cache)
+    for out in (ragged_paged_attention_pallas(q, cache, jnp.asarray(0), md, sm_scale=0.25, window=window,
+                                              interpret=True),
+                ragged_paged_attention_xla(q, cache, jnp.asarray(0), md, sm_scale=0.25, window=jnp.asarray(window))):
+        np.testing.assert_allclose(np.asarray(out)[:n], expected[:n], atol=2e-5, rtol=1e-5)
+        assert np.all(np.asarray(out)[n:] == 0)
 
 
 def test_kernel_rejects_page_tables_not_multiple_of_its_kv_block():

@@ -34,7 +34,8 @@ def layer_types(config: Any) -> list[str]:
     types = getattr(config, "layer_types", None)
     model_type = getattr(config, "model_type", "")
     if types:
-        types = list(types)
+        # An EAGLE head's config may keep its target's longer list: its layers come first.
+        types = list(types)[:n]
         if len(types) != n or any(t not in (FULL, SLIDING) for t in types):
             raise ValueError(f"layer_types must name {FULL!r} or {SLIDING!r} for each of the {n} layers; "
                              f"got {types}.")

@@ -38,7 +38,7 @@ def pages_per_kv_block(block_size: int, keys_per_block: int = DEFAULT_KEYS_PER_B
     return max(1, keys_per_block // block_size)
 
 
-def _kernel(layer_ref, kv_lens_ref, page_indices_ref, cu_q_lens_ref, num_seqs_ref,  # scalar prefetch
+def _kernel(layer_ref, kv_lens_ref, page_indices_ref, cu_q_lens_ref, num_seqs_ref, window_ref,  # scalar prefetch
             q_ref, kv_hbm,  # inputs: q block [rows, D] in VMEM; the whole cache in HBM
             o_ref,  # output block [rows, D]
             k_buf, v_buf, sems,  # scratch: [2, pages, block_size, D] x2, DMA semaphores [2, 2]
@@ -51,6 +51,7 @@ def _kernel(layer_ref, kv_lens_ref, page_indices_ref, cu_q_lens_ref, num_seqs_re
     keys = pages_per_block * k_buf.shape[2]
     layer = layer_ref[0]
     num_seqs = num_seqs_ref[0]
+    window = window_ref[0]  # sliding window, 0: the whole context
 
     def copies(seq, kv_block, slot):
         descriptors = []
@@ -72,9 +73,12 @@ def _kernel(layer_ref, kv_lens_ref, page_indices_ref, cu_q_lens_ref, num_seqs_re
         first_pos = kv_lens_ref[seq] - (seq_end - seq_start)  # position of the sequence's first query
         last_pos = first_pos + jnp.minimum(seq_end, q_end) - 1 - seq_start
         num_blocks = last_pos // keys + 1  # only blocks some query of this q block can see
+        # With a window, blocks wholly before the window of this q block's earliest query are skipped.
+        earliest = first_pos + jnp.maximum(seq_start, q_start) - seq_start - window + 1
+        first_block = jnp.where(window > 0, jnp.maximum(earliest, 0) // keys, 0)
         row_pos = first_pos + row_token - seq_start
         row_mine = (row_token >= seq_start) & (row_token < seq_end)
-        for c in copies(seq, 0, 0):
+        for c in copies(seq, first_block, first_block % 2):
             c.start()
 
         def attend_block(b, carry):
@@ -93,7 +97,7 @@ def _kernel(layer_ref, kv_lens_ref, page_indices_ref, cu_q_lens_ref, num_seqs_re
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                 preferred_element_type=jnp.float32)
             key_pos = b * keys + lax.broadcasted_iota(jnp.int32, (1, keys), 1)
-            mask = row_mine & (key_pos <= row_pos)
+            mask = row_mine & (key_pos <= row_pos) & ((window <= 0) | (key_pos > row_pos - window))
             s = jnp.where(mask, s, MASK_VALUE)
             m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
             p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
@@ -103,7 +107,7 @@ def _kernel(layer_ref, kv_lens_ref, page_indices_ref, cu_q_lens_ref, num_seqs_re
                                  preferred_element_type=jnp.float32)
             return m_new, denom, alpha * acc + pv
 
-        m, denom, acc = lax.fori_loop(0, num_blocks, attend_block, (m, denom, acc))
+        m, denom, acc = lax.fori_loop(first_block, num_blocks, attend_block, (m, denom, acc))
         return seq + 1, m, denom, acc
 
     def overlaps(carry):
@@ -120,11 +124,13 @@ def _kernel(layer_ref, kv_lens_ref, page_indices_ref, cu_q_lens_ref, num_seqs_re
 
 
 def ragged_paged_attention_pallas(q: jax.Array, kv_cache: jax.Array, layer: jax.Array,
-                                  md: AttentionMetadata, *, sm_scale: float, interpret: bool = False,
+                                  md: AttentionMetadata, *, sm_scale: float, window=0, interpret: bool = False,
                                   block_q: int = DEFAULT_BLOCK_Q,
                                   keys_per_block: int = DEFAULT_KEYS_PER_BLOCK,
                                   precision=lax.Precision.HIGHEST) -> jax.Array:
     """Causal attention of q [T, H, D] over ``layer`` of the paged cache; returns [T, H, D].
+    With a sliding ``window`` W > 0 (an int or a traced int32), each token attends to its
+    last W positions only, and KV blocks before them are not copied.
 
     ``md.page_indices`` must have a multiple of ``pages_per_kv_block(block_size)`` columns.
     Tokens past ``md.cu_q_lens[num_seqs]`` (padding) return zeros.
@@ -149,7 +155,7 @@ def ragged_paged_attention_pallas(q: jax.Array, kv_cache: jax.Array, layer: jax.
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5,
+            num_scalar_prefetch=6,
             in_specs=[block, pl.BlockSpec(memory_space=pl.ANY)],
             out_specs=block,
             grid=(kv_heads, t // block_q),
@@ -162,5 +168,5 @@ def ragged_paged_attention_pallas(q: jax.Array, kv_cache: jax.Array, layer: jax.
         interpret=interpret,
         name="piston_ragged_paged_attention",
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), md.kv_lens, md.page_indices.reshape(-1), md.cu_q_lens,
-      md.num_seqs, q_rows, kv_cache)
+      md.num_seqs, jnp.reshape(window, (1,)).astype(jnp.int32), q_rows, kv_cache)
     return out.reshape(kv_heads, t, group, d).transpose(1, 0, 2, 3).reshape(t, h, d)

@@ -33,11 +33,13 @@ def pages_per_chunk(num_tokens: int, block_size: int, pages_per_seq: int) -> int
 
 
 def ragged_paged_attention_xla(q: jax.Array, kv_cache: jax.Array, layer: jax.Array,
-                               md: AttentionMetadata, *, sm_scale: float,
+                               md: AttentionMetadata, *, sm_scale: float, window=0,
                                precision=lax.Precision.HIGHEST) -> jax.Array:
     """Causal attention of q [T, H, D] over the paged cache of ``layer``; returns [T, H, D].
 
-    Padding tokens (position -1) attend to nothing and return zeros.
+    With a sliding ``window`` W > 0 (an int or a traced int32), the token at position p
+    attends to positions p - W + 1 .. p only, and chunks wholly before every token's window
+    are not read. Padding tokens (position -1) attend to nothing and return zeros.
     """
     t, h, d = q.shape
     kv_heads, block_size = kv_cache.shape[2], kv_cache.shape[4]
@@ -49,6 +51,9 @@ def ragged_paged_attention_xla(q: jax.Array, kv_cache: jax.Array, layer: jax.Arr
     positions = md.token_positions
     qf = q.astype(jnp.float32).reshape(t, kv_heads, group, d) * sm_scale
     num_steps = jnp.max(positions) // step_keys + 1  # 0 when every token is padding
+    window = jnp.asarray(window, jnp.int32)
+    earliest = jnp.min(jnp.where(positions >= 0, positions, jnp.iinfo(jnp.int32).max)) - window + 1
+    first_step = jnp.where(window > 0, jnp.clip(earliest, 0, None) // step_keys, 0)
 
     def chunk(j, carry):
         m, denom, acc = carry
@@ -59,7 +64,9 @@ def ragged_paged_attention_xla(q: jax.Array, kv_cache: jax.Array, layer: jax.Arr
         v = v.transpose(0, 2, 1, 3, 4).reshape(t, kv_heads, step_keys, d)
         s = jnp.einsum("tkgd,tkcd->tkgc", qf, k, precision=precision)
         key_pos = j * step_keys + jnp.arange(step_keys)
-        mask = (key_pos[None, :] <= positions[:, None])[:, None, None, :]
+        mask = (key_pos[None, :] <= positions[:, None]) & (
+            (window <= 0) | (key_pos[None, :] > positions[:, None] - window))
+        mask = mask[:, None, None, :]
         s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
@@ -71,6 +78,6 @@ def ragged_paged_attention_xla(q: jax.Array, kv_cache: jax.Array, layer: jax.Arr
     init = (jnp.full((t, kv_heads, group), MASK_VALUE, jnp.float32),
             jnp.zeros((t, kv_heads, group), jnp.float32),
             jnp.zeros((t, kv_heads, group, d), jnp.float32))
-    _, denom, acc = lax.fori_loop(0, num_steps, chunk, init)
+    _, denom, acc = lax.fori_loop(jnp.minimum(first_step, num_steps), num_steps, chunk, init)
     out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]
     return out.reshape(t, h, d).astype(q.dtype)

@@ -17,12 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from piston.step.config import ModelConfig
-from piston.step.rope import rope_tables
 
 from piston_tpu import buckets
 from piston_tpu.attention import make_attention
 from piston_tpu.kv_cache import kv_cache_shape
-from piston_tpu.model import LlamaSpec
+from piston_tpu.model import LlamaSpec, rope_arrays
 from piston_tpu.programs import ModelPrograms
 from piston_tpu.step_inputs import StepInputs
 
@@ -53,9 +52,7 @@ class DraftModel:
         start = time.perf_counter()
         load = load_eagle3_params if self.eagle3 else load_eagle_params if self.eagle else load_params
         self.params = {n: jnp.asarray(a) for n, a in load(self.spec, self.config, self.dtype).items()}
-        tables = rope_tables(self.config.hf_config, self.spec.head_dim, self.max_model_len)
-        self.rope = (jnp.asarray(tables.cos), jnp.asarray(tables.sin))
-        self.rotary_dim = tables.rotary_dim
+        self.rope, self.rotary_dim = rope_arrays(self.spec, self.config.hf_config, self.max_model_len)
         logger.info("Loaded the %s %s (%s) in %.2f s: %.1fM parameters.", "EAGLE head" if self.eagle else "draft model",
                     self.config.path or self.config.model, self.spec.architecture, time.perf_counter() - start,
                     sum(int(np.prod(p.shape)) for p in self.params.values()) / 1e6)
@@ -89,7 +86,7 @@ class DraftModel:
                 request_buckets: list[int], max_seqs: int, pages_per_seq: int) -> None:
         if self.programs is not None:
             return
-        attention = make_attention(attention_name, self.spec.head_dim ** -0.5, on_tpu, block_size, precision)
+        attention = make_attention(attention_name, self.spec.query_scale, on_tpu, block_size, precision)
         self.programs = ModelPrograms(self.spec, attention, self.rotary_dim, token_buckets, request_buckets,
                                       max_seqs, pages_per_seq, precision, draft=True, eagle=self.eagle,
                                       eagle3=self.eagle3, norm_before_residual=bool(

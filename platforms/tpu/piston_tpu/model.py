@@ -1,4 +1,4 @@
-"""The Llama family in JAX: Llama 2/3, Mistral, Qwen2, Qwen3 and SmolLM2.
+"""The Llama family and Gemma 3 in JAX: Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2, Gemma 3 (text).
 
 A pure function of (params, kv_cache, step inputs), traced once per token bucket. The
 decoder layers run under ``lax.scan`` over weights stacked by layer, so XLA compiles one
@@ -8,6 +8,12 @@ follows the torch models (and so transformers) operation by operation, in ``dtyp
 
 With LoRA slots in the parameters (piston_tpu.lora) and the step's ``lora_slots``, each
 projection adds its tokens' adapter deltas.
+
+Per-layer facts ride in the scan beside the weights: each layer's sliding window (0: the
+whole context; piston.step.layer_types) and which RoPE table it rotates with (Gemma 3's
+local and global layers have their own). Gemma 3 also brings norms that scale by
+``1 + weight``, sandwich norms around attention and the MLP, a scaled embedding, its own
+query scale and optional final-logit soft-capping, all switched by the spec.
 """
 
 from __future__ import annotations
@@ -18,8 +24,11 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
+from piston.step.layer_types import FULL, layer_types, rope_config, sliding_windows
+from piston.step.rope import rope_tables
 from piston_tpu import lora
 from piston_tpu.attention_metadata import AttentionMetadata
 from piston_tpu.kv_cache import write_kv
@@ -27,7 +36,8 @@ from piston_tpu.kv_cache import write_kv
 # Under "piston" so the engine's log handler shows it.
 logger = logging.getLogger(__name__.replace("piston_tpu", "piston.tpu", 1))
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "Gemma3ForCausalLM")
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
@@ -55,6 +65,22 @@ class LlamaSpec:
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool
+    # Each layer's sliding window (0: whole context) and RoPE table (an index into
+    # ``rope_kinds``, the layer types whose tables the runner builds, in that order).
+    layer_windows: tuple[int, ...] = ()
+    layer_rope: tuple[int, ...] = ()
+    rope_kinds: tuple[str, ...] = (FULL,)
+    # Gemma 3: norms scale by 1 + weight, sandwich norms, embedding scale, query scale (0:
+    # head_dim ** -0.5) and final-logit soft-capping (0: none).
+    norm_offset: float = 0.0
+    sandwich_norms: bool = False
+    embed_scale: float = 0.0
+    attn_scale: float = 0.0
+    final_logit_softcapping: float = 0.0
+
+    @property
+    def query_scale(self) -> float:
+        return self.attn_scale or self.head_dim ** -0.5
 
     @classmethod
     def from_model_config(cls, model_config: Any, architecture: str | None = None) -> "LlamaSpec":
@@ -66,15 +92,25 @@ class LlamaSpec:
         if arch is None:
             raise ValueError(f"Model architecture {names or '(none given)'} is not supported on the TPU "
                              f"platform; supported: {', '.join(SUPPORTED_ARCHITECTURES)}.")
-        act = getattr(config, "hidden_act", "silu")
+        gemma = arch == "Gemma3ForCausalLM"
+        act = getattr(config, "hidden_activation" if gemma else "hidden_act", "silu")
         if act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act={act!r} is not supported; supported: {', '.join(_ACTIVATIONS)}.")
         attention_bias = bool(getattr(config, "attention_bias", False))
-        if arch == "MistralForCausalLM":
-            window = getattr(config, "sliding_window", None)
-            if window and window < getattr(config, "max_position_embeddings", 0):
-                logger.warning("sliding_window=%d is not applied: attention sees the whole context, "
-                               "so outputs past %d tokens differ from the reference.", window, window)
+        types = layer_types(config) if architecture is None else [FULL] * model_config.num_layers
+        kinds = tuple(sorted(set(types)))
+        windows = sliding_windows(config) if architecture is None else [None] * model_config.num_layers
+        extra: dict[str, Any] = dict(layer_windows=tuple(w or 0 for w in windows),
+                                     layer_rope=tuple(kinds.index(t) for t in types), rope_kinds=kinds)
+        if gemma:
+            if getattr(config, "attn_logit_softcapping", None) is not None:
+                raise ValueError("attn_logit_softcapping is set: attention-score soft-capping (Gemma 2) is not "
+                                 "implemented by Piston's attention kernels.")
+            if getattr(config, "use_bidirectional_attention", False):
+                raise ValueError("use_bidirectional_attention=True (Gemma 3 embedding models) is not supported.")
+            extra.update(norm_offset=1.0, sandwich_norms=True, embed_scale=float(config.hidden_size) ** 0.5,
+                         attn_scale=float(config.query_pre_attn_scalar) ** -0.5,
+                         final_logit_softcapping=float(getattr(config, "final_logit_softcapping", None) or 0.0))
         return cls(
             architecture=arch,
             vocab_size=model_config.vocab_size,
@@ -86,16 +122,29 @@ class LlamaSpec:
             head_dim=model_config.head_dim,
             rms_norm_eps=float(config.rms_norm_eps),
             hidden_act=act,
-            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", gemma)),
             qkv_bias=True if arch == "Qwen2ForCausalLM" else attention_bias,
             o_bias=False if arch == "Qwen2ForCausalLM" else attention_bias,
             mlp_bias=bool(getattr(config, "mlp_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
+            **extra,
         )
 
 
-AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, AttentionMetadata], jax.Array]
-"""(q [T, H, D], kv_cache, layer index, metadata) -> [T, H, D]; see attention_metadata."""
+def rope_arrays(spec: LlamaSpec, hf_config: Any, max_position: int) -> tuple[tuple[jax.Array, jax.Array], int]:
+    """((cos, sin), rotary_dim): the RoPE tables of ``spec.rope_kinds``, stacked
+    [kinds, max_position, rotary_dim / 2], the ``rope`` argument of ``forward``."""
+    tables = [rope_tables(rope_config(hf_config, kind), spec.head_dim, max_position) for kind in spec.rope_kinds]
+    if len({t.rotary_dim for t in tables}) != 1:
+        raise ValueError("Layers of one model must rotate the same number of channels.")
+    cos = jnp.asarray(np.stack([t.cos for t in tables]))
+    sin = jnp.asarray(np.stack([t.sin for t in tables]))
+    return (cos, sin), tables[0].rotary_dim
+
+
+AttentionFn = Callable[..., jax.Array]
+"""(q [T, H, D], kv_cache, layer index, metadata, window=0) -> [T, H, D]; see attention_metadata.
+``window``: the layer's sliding window (a traced int32 under the scan; 0 = whole context)."""
 
 
 def _linear(x: jax.Array, w: jax.Array, precision, scale: jax.Array | None = None) -> jax.Array:
@@ -108,10 +157,13 @@ def _linear(x: jax.Array, w: jax.Array, precision, scale: jax.Array | None = Non
     return out * scale.astype(x.dtype)
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """Hugging Face's LlamaRMSNorm: normalize in float32, scale in the input dtype."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
+    """Hugging Face's LlamaRMSNorm: normalize in float32, scale in the input dtype. With
+    ``offset`` (Gemma: 1.0), Gemma3RMSNorm: scale by offset + weight in float32, then cast."""
     xf = x.astype(jnp.float32)
     xf = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if offset:
+        return (xf * (offset + weight.astype(jnp.float32))).astype(x.dtype)
     return weight * xf.astype(x.dtype)
 
 
@@ -124,9 +176,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, rotary_dim: int) ->
     return jnp.concatenate((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), axis=-1)
 
 
-_LAYER_PARAMS = ("in_norm", "post_norm", "qkv", "qkv_bias", "o", "o_bias", "gate_up", "gate_up_bias", "down",
-                 "down_bias", "q_norm", "k_norm", "qkv_scale", "o_scale", "gate_up_scale", "down_scale",
-                 *lora.PARAM_NAMES)
+_LAYER_PARAMS = ("in_norm", "post_norm", "pre_ff_norm", "post_ff_norm", "qkv", "qkv_bias", "o", "o_bias",
+                 "gate_up", "gate_up_bias", "down", "down_bias", "q_norm", "k_norm", "qkv_scale", "o_scale",
+                 "gate_up_scale", "down_scale", *lora.PARAM_NAMES)
 
 
 def _lora(y: jax.Array, x: jax.Array, lp: dict[str, jax.Array], group: str, one_hot: jax.Array | None,
@@ -141,17 +193,18 @@ def _lora(y: jax.Array, x: jax.Array, lp: dict[str, jax.Array], group: str, one_
 def _decoder_layer(h: jax.Array, residual: jax.Array, cache: jax.Array, lp: dict[str, jax.Array], index,
                    cos: jax.Array, sin: jax.Array, md: AttentionMetadata, *, spec: LlamaSpec,
                    attention: AttentionFn, rotary_dim: int, precision, input_norm: bool = True,
-                   lora_one_hot: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One Llama decoder layer: (h, residual, cache) -> (h, residual, cache); the layer's
-    input is ``h + residual``, normalized unless ``input_norm`` is False (an EAGLE head's
-    first layer). ``lora_one_hot`` [T, slots]: each token's LoRA slot (piston_tpu.lora)."""
+                   lora_one_hot: jax.Array | None = None, window=0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decoder layer: (h, residual, cache) -> (h, residual, cache); the layer's input is
+    ``h + residual``, normalized unless ``input_norm`` is False (an EAGLE head's first
+    layer). ``lora_one_hot`` [T, slots]: each token's LoRA slot (piston_tpu.lora);
+    ``window``: the layer's sliding window (0: none)."""
     t = h.shape[0]
     h_, kvh, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
     q_size, kv_size = h_ * d, kvh * d
     inter = spec.intermediate_size
-    eps = spec.rms_norm_eps
+    eps, off = spec.rms_norm_eps, spec.norm_offset
     residual = h + residual
-    x = rms_norm(residual, lp["in_norm"], eps) if input_norm else residual
+    x = rms_norm(residual, lp["in_norm"], eps, off) if input_norm else residual
     qkv = _linear(x, lp["qkv"], precision, lp.get("qkv_scale"))
     if "qkv_bias" in lp:
         qkv = qkv + lp["qkv_bias"]
@@ -160,18 +213,20 @@ def _decoder_layer(h: jax.Array, residual: jax.Array, cache: jax.Array, lp: dict
     k = qkv[:, q_size:q_size + kv_size].reshape(t, kvh, d)
     v = qkv[:, q_size + kv_size:].reshape(t, kvh, d)
     if spec.qk_norm:
-        q = rms_norm(q, lp["q_norm"], eps)
-        k = rms_norm(k, lp["k_norm"], eps)
+        q = rms_norm(q, lp["q_norm"], eps, off)
+        k = rms_norm(k, lp["k_norm"], eps, off)
     q = apply_rope(q, cos, sin, rotary_dim)
     k = apply_rope(k, cos, sin, rotary_dim)
     cache = write_kv(cache, index, k, v, md.slot_mapping)
-    o = attention(q, cache, index, md).reshape(t, q_size)
+    o = attention(q, cache, index, md, window=window).reshape(t, q_size)
     h = _linear(o, lp["o"], precision, lp.get("o_scale"))
     if "o_bias" in lp:
         h = h + lp["o_bias"]
     h = _lora(h, o, lp, "o", lora_one_hot, precision)
+    if spec.sandwich_norms:  # Gemma: the attention output is normalized before the residual add
+        h = rms_norm(h, lp["post_norm"], eps, off)
     residual = h + residual
-    x = rms_norm(residual, lp["post_norm"], eps)
+    x = rms_norm(residual, lp["pre_ff_norm" if spec.sandwich_norms else "post_norm"], eps, off)
     gate_up = _linear(x, lp["gate_up"], precision, lp.get("gate_up_scale"))
     if "gate_up_bias" in lp:
         gate_up = gate_up + lp["gate_up_bias"]
@@ -181,6 +236,8 @@ def _decoder_layer(h: jax.Array, residual: jax.Array, cache: jax.Array, lp: dict
     if "down_bias" in lp:
         h = h + lp["down_bias"]
     h = _lora(h, act, lp, "down", lora_one_hot, precision)
+    if spec.sandwich_norms:
+        h = rms_norm(h, lp["post_ff_norm"], eps, off)
     return h, residual, cache
 
 
@@ -195,27 +252,32 @@ def forward(params: dict[str, jax.Array], rope: tuple[jax.Array, jax.Array], kv_
     and with ``aux_layers`` (an EAGLE-3 head drafts) the inputs of those layers,
     concatenated [T, len(aux_layers) * hidden].
     """
-    cos, sin = rope[0][positions], rope[1][positions]
+    # rope: (cos, sin), each [kinds, positions, rotary_dim / 2] (piston_tpu.model_runner.rope_arrays).
+    cos_all, sin_all = jnp.asarray(rope[0])[:, positions], jnp.asarray(rope[1])[:, positions]
     stacked = {n: params[n] for n in _LAYER_PARAMS if n in params}
+    windows = jnp.asarray(spec.layer_windows or (0,) * spec.num_layers, jnp.int32)
+    kinds = jnp.asarray(spec.layer_rope or (0,) * spec.num_layers, jnp.int32)
 
     def layer(carry, xs):
-        lp, index = xs
+        lp, index, window, kind = xs
         h, residual, cache, aux = carry
         for j, layer_id in enumerate(aux_layers):  # keep the stream entering the aux layers
             aux = aux.at[j].set(jnp.where(index == layer_id, h + residual, aux[j]))
-        h, residual, cache = _decoder_layer(h, residual, cache, lp, index, cos, sin, md, spec=spec,
-                                            attention=attention, rotary_dim=rotary_dim, precision=precision,
-                                            lora_one_hot=one_hot)
+        h, residual, cache = _decoder_layer(h, residual, cache, lp, index, cos_all[kind], sin_all[kind], md,
+                                            spec=spec, attention=attention, rotary_dim=rotary_dim,
+                                            precision=precision, lora_one_hot=one_hot, window=window)
         return (h, residual, cache, aux), None
 
     h = params["embed"][input_ids]
+    if spec.embed_scale:  # transformers rounds the scale to the weights' dtype first
+        h = h * jnp.asarray(spec.embed_scale, h.dtype)
     one_hot = None
     if lora_slots is not None and "lora_a_qkv" in params:
         one_hot = lora.token_one_hot(lora_slots, params["lora_a_qkv"].shape[1], h.dtype)
     aux = jnp.zeros((len(aux_layers), *h.shape), h.dtype)
     carry = (h, jnp.zeros_like(h), kv_cache, aux)
-    (h, residual, kv_cache, aux), _ = lax.scan(layer, carry, (stacked, jnp.arange(spec.num_layers)))
-    hidden = rms_norm(h + residual, params["final_norm"], spec.rms_norm_eps)
+    (h, residual, kv_cache, aux), _ = lax.scan(layer, carry, (stacked, jnp.arange(spec.num_layers), windows, kinds))
+    hidden = rms_norm(h + residual, params["final_norm"], spec.rms_norm_eps, spec.norm_offset)
     if aux_layers:
         return hidden, hidden[sample_idx], kv_cache, jnp.concatenate(list(aux), axis=-1)
     return hidden, hidden[sample_idx], kv_cache
@@ -229,7 +291,7 @@ def eagle_forward(params: dict[str, jax.Array], rope: tuple[jax.Array, jax.Array
     after ``positions[t]``, ``features`` [T, hidden] the target's (or the head's) features
     there, ``embed`` the target's embedding. Returns (the head's outputs at ``sample_idx``
     [S, hidden], the updated cache)."""
-    cos, sin = rope[0][positions], rope[1][positions]
+    cos, sin = rope[0][0, positions], rope[1][0, positions]
     x = jnp.concatenate([embed[input_ids], features.astype(embed.dtype)], axis=-1)
     h = _linear(x, params["fc"], precision)
     if "fc_bias" in params:
@@ -255,7 +317,7 @@ def eagle3_forward(params: dict[str, jax.Array], rope: tuple[jax.Array, jax.Arra
     h_, kvh, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
     q_size, kv_size = h_ * d, kvh * d
     eps, inter = spec.rms_norm_eps, spec.intermediate_size
-    cos, sin = rope[0][positions], rope[1][positions]
+    cos, sin = rope[0][0, positions], rope[1][0, positions]
     embeds = rms_norm(embed[input_ids], params["in_norm"][0], eps)
     features = features.astype(embeds.dtype)
     if norm_before_residual:
@@ -282,7 +344,12 @@ def eagle3_tokens(params: dict[str, jax.Array], outputs: jax.Array, eps: float, 
     return (best + params["d2t"][best]).astype(jnp.int32)
 
 
-def compute_logits(params: dict[str, jax.Array], hidden: jax.Array, precision=None) -> jax.Array:
-    """[N, hidden] -> [N, vocab] float32 logits (tied models read the embedding matrix)."""
+def compute_logits(params: dict[str, jax.Array], hidden: jax.Array, precision=None, softcap: float = 0.0
+                   ) -> jax.Array:
+    """[N, hidden] -> [N, vocab] float32 logits (tied models read the embedding matrix),
+    soft-capped to (-softcap, softcap) as transformers does when ``softcap`` is set."""
     weight = params["lm_head"] if "lm_head" in params else params["embed"]
-    return _linear(hidden, weight, precision).astype(jnp.float32)
+    logits = _linear(hidden, weight, precision)
+    if softcap:
+        logits = jnp.tanh(logits / softcap) * softcap
+    return logits.astype(jnp.float32)

@@ -27,7 +27,6 @@ from piston.step.config import EngineConfig
 from piston.step.input_batch import ScheduledTokens
 from piston.step.lora_adapter import LoRAAdapter
 from piston.step.model_runner import ModelRunner
-from piston.step.rope import rope_tables
 from piston.step.runner_output import Logprobs, ModelRunnerOutput
 from piston.step.sampling_batch import SamplingBatch
 from piston.step.scheduler_output import SchedulerOutput
@@ -38,7 +37,7 @@ from piston_tpu.attention import choose_attention, make_attention, page_table_mu
 from piston_tpu.compilation_cache import enable_compilation_cache
 from piston_tpu.draft_model import DraftModel
 from piston_tpu.kv_cache import kv_cache_shape
-from piston_tpu.model import LlamaSpec
+from piston_tpu.model import LlamaSpec, rope_arrays
 from piston_tpu.programs import ModelPrograms
 from piston_tpu.recompile_detector import RecompileDetector
 from piston_tpu.step_inputs import StepInputBuilder, StepInputs
@@ -108,9 +107,7 @@ class JaxModelRunner(ModelRunner):
         params = load_params(self.spec, mc, self.dtype)
         self.params = {name: jnp.asarray(array) for name, array in params.items()}
         self._add_lora_slots({})
-        tables = rope_tables(mc.hf_config, self.spec.head_dim, self.max_model_len)
-        self.rope = (jnp.asarray(tables.cos), jnp.asarray(tables.sin))
-        self.rotary_dim = tables.rotary_dim
+        self.rope, self.rotary_dim = rope_arrays(self.spec, mc.hf_config, self.max_model_len)
         num_params = sum(int(np.prod(p.shape)) for n, p in self.params.items() if not lora.is_lora_param(n))
         logger.info("Loaded %s (%s, JAX) in %.2f s: %.1fM parameters in %s on %s; attention: %s%s.",
                     mc.path or mc.model, self.spec.architecture, time.perf_counter() - start, num_params / 1e6,
@@ -251,7 +248,7 @@ class JaxModelRunner(ModelRunner):
             folder = enable_compilation_cache(self.config.compilation_config.cache_dir)
             if folder:
                 logger.info("XLA programs are cached in %s.", folder)
-            attention = make_attention(self.attention_name, self.spec.head_dim ** -0.5, self.on_tpu,
+            attention = make_attention(self.attention_name, self.spec.query_scale, self.on_tpu,
                                        self.block_size, self.precision)
             self.programs = ModelPrograms(self.spec, attention, self.rotary_dim, self.token_buckets,
                                           self.request_buckets, self.max_seqs, self.pages_per_seq, self.precision,

@@ -139,7 +139,8 @@ class ModelPrograms:
             return jobs
         for r in self.request_buckets:
             logits = _spec((r, vocab), np.float32)
-            rows = functools.partial(lambda r_, w, h: compute_logits({"embed": w}, h[:r_], self._precision), r)
+            rows = functools.partial(lambda r_, w, h: compute_logits({"embed": w}, h[:r_], self._precision,
+                                                                     spec.final_logit_softcapping), r)
             jobs.append(("logits", r, functools.partial(jax.jit(rows).lower, head, _spec((s, hidden), act_dtype))))
             jobs.append(("grammar", r, functools.partial(
                 jax.jit(sampler.apply_bitmask).lower, logits, _spec((r, (vocab + 31) // 32), np.int32))))

@@ -1,4 +1,4 @@
-"""Checkpoint weights for the JAX Llama family, as numpy arrays stacked by layer.
+"""Checkpoint weights for the JAX models (Llama family, Gemma 3), as numpy arrays stacked by layer.
 
 The tensors come from the core's torch-free CheckpointReader (safetensors in numpy mode;
 a GGUF file dequantized with the ``gguf`` package and cached as a safetensors folder
@@ -31,6 +31,8 @@ INT8_PARAMS = ("qkv", "o", "gate_up", "down")
 _LAYER_NAMES = {
     "input_layernorm.weight": ("in_norm", None),
     "post_attention_layernorm.weight": ("post_norm", None),
+    "pre_feedforward_layernorm.weight": ("pre_ff_norm", None),  # Gemma's sandwich norms
+    "post_feedforward_layernorm.weight": ("post_ff_norm", None),
     "self_attn.q_proj.weight": ("qkv", "q"), "self_attn.k_proj.weight": ("qkv", "k"),
     "self_attn.v_proj.weight": ("qkv", "v"),
     "self_attn.q_proj.bias": ("qkv_bias", "q"), "self_attn.k_proj.bias": ("qkv_bias", "k"),
@@ -63,6 +65,9 @@ def param_shapes(spec) -> dict[str, tuple[int, ...]]:
     if spec.qk_norm:
         shapes["q_norm"] = (L, spec.head_dim)
         shapes["k_norm"] = (L, spec.head_dim)
+    if spec.sandwich_norms:
+        shapes["pre_ff_norm"] = (L, d)
+        shapes["post_ff_norm"] = (L, d)
     return shapes
 
 
