@@ -66,8 +66,9 @@ def gather_keys(cache: torch.Tensor, table_row: torch.Tensor, start: int, end: i
     return cache.cpu()[blocks, pos % block_size].double()  # [n, kv_heads, head_dim]
 
 
-def reference_attention(b: PagedBatch, kv_start: int = 0, causal: bool = True):
-    """Float64 attention of every query over its sequence's keys ``[kv_start, seq_len)``:
+def reference_attention(b: PagedBatch, kv_start: int = 0, causal: bool = True, window: int | None = None):
+    """Float64 attention of every query over its sequence's keys ``[kv_start, seq_len)`` (its
+    last ``window`` positions only, with a window):
     ``(out [num_tokens, num_heads, head_dim], lse [num_heads, num_tokens])``."""
     q_all = b.q.cpu().double()
     num_heads = q_all.shape[1]
@@ -86,6 +87,8 @@ def reference_attention(b: PagedBatch, kv_start: int = 0, causal: bool = True):
             q_pos = b.context_lens[i] + torch.arange(q.shape[0])[:, None]
             k_pos = torch.arange(kv_start, seq_len)[None, :]
             s = s.masked_fill(k_pos > q_pos, float("-inf"))
+            if window is not None:
+                s = s.masked_fill(k_pos <= q_pos - window, float("-inf"))
         lse = torch.logsumexp(s, dim=-1)  # [heads, q]
         p = torch.softmax(s, dim=-1)
         outs.append(torch.einsum("hqk,khd->qhd", p, v))

@@ -68,8 +68,8 @@ def _cascade_batch(dtype, device):
                             shared_prefix_blocks=PREFIX_BLOCKS)
 
 
-def _check(out, after, dtype):
-    ref, _ = reference_attention(make_ref(after))
+def _check(out, after, dtype, window=None):
+    ref, _ = reference_attention(make_ref(after), window=window)
     err = (out.double().cpu() - ref).abs().max().item()
     assert err <= tolerance(dtype), f"max abs error {err:.3g} ({dtype})"
 
@@ -123,9 +123,10 @@ def test_triton_backend_splits_long_decodes_at_small_batch(device):
 
 # ----- FlashAttention through stand-ins with the documented signatures --------------------
 
-def _paged_sdpa(q, k_cache, v_cache, cu_q, k_lens, block_table, scale, causal):
+def _paged_sdpa(q, k_cache, v_cache, cu_q, k_lens, block_table, scale, causal, window_size=(-1, -1)):
     """out [total_q, h, d], lse [h, total_q]: FlashAttention's paged varlen semantics
-    (causal mask aligned to the bottom right)."""
+    (causal mask aligned to the bottom right; ``window_size[0]`` >= 0: a query at p sees keys
+    p - left .. p)."""
     n, h, d = q.shape
     out = torch.zeros(n, h, d, dtype=q.dtype, device=q.device)
     lse = torch.full((h, n), float("-inf"), dtype=torch.float32, device=q.device)
@@ -141,6 +142,8 @@ def _paged_sdpa(q, k_cache, v_cache, cu_q, k_lens, block_table, scale, causal):
         if causal:
             qpos = kl - (qe - qs) + torch.arange(qe - qs, device=q.device)
             s = s.masked_fill(pos[None, None, :] > qpos[None, :, None], float("-inf"))
+            if window_size[0] >= 0:
+                s = s.masked_fill(pos[None, None, :] < qpos[None, :, None] - window_size[0], float("-inf"))
         lse[:, qs:qe] = torch.logsumexp(s, -1)
         out[qs:qe] = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), vv).to(q.dtype)
     return out, lse
@@ -150,7 +153,8 @@ def fa2_upstream_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
                         softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                         deterministic=False, return_attn_probs=False, block_table=None):
     assert block_table is not None and block_table.dtype == torch.int32
-    out, lse = _paged_sdpa(q, k, v, cu_seqlens_q, torch.diff(cu_seqlens_k), block_table, softmax_scale, causal)
+    out, lse = _paged_sdpa(q, k, v, cu_seqlens_q, torch.diff(cu_seqlens_k), block_table, softmax_scale, causal,
+                           window_size)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -161,7 +165,8 @@ def fa3_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary_cos=No
                      window_size=(-1, -1), attention_chunk=0, softcap=0.0, rotary_interleaved=True,
                      scheduler_metadata=None, num_splits=0, pack_gqa=None, sm_margin=0, return_softmax_lse=False):
     assert k is None and v is None  # Piston writes the cache itself
-    out, lse = _paged_sdpa(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, page_table, softmax_scale, causal)
+    out, lse = _paged_sdpa(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, page_table, softmax_scale, causal,
+                           window_size)
     return (out, lse) if return_softmax_lse else out
 
 
@@ -194,6 +199,27 @@ def test_flash_attn_backend_calls_the_library_as_documented(device, fake_flash_a
     out, after, md = _run(FlashAttention(lib, 4, 2, 64, use_cascade=cascade), b, layer, k, v, common)
     assert (md.cascade is not None) == cascade
     _check(out, after, dtype)
+
+
+@pytest.mark.parametrize("backend", ["triton", "fa3", "fa2"])
+def test_sliding_window_layer_skips_cascade_and_sees_its_window(device, fake_flash_attn, backend):
+    """A step whose requests share a 256-token prefix cascades, but a sliding-window layer of
+    it attends over each request's last 20 positions only."""
+    from piston_cuda.attention.flash_attention import FlashAttention, detect_flash_attn
+    from piston_cuda.attention.triton_attention import TritonAttention
+
+    dtype = torch.float32 if device.type == "cpu" else torch.float16
+    if backend == "triton":
+        impl = TritonAttention(4, 2, 64, use_cascade=True)
+    else:
+        fake_flash_attn(3 if backend == "fa3" else 2)
+        impl = FlashAttention(detect_flash_attn((9, 0)), 4, 2, 64, use_cascade=True)
+    b = _cascade_batch(dtype, device)
+    layer, k, v, common = _step(b, PREFIX_BLOCKS)
+    layer.sliding_window = 20
+    out, after, md = _run(impl, b, layer, k, v, common)
+    assert md.cascade is not None
+    _check(out, after, dtype, window=20)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

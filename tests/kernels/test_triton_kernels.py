@@ -67,6 +67,35 @@ def test_mixed_prefill_chunk_and_decode_batch_matches_reference(device, dtype, s
     _close(lse, ref_lse, torch.float32 if dtype == torch.float32 else torch.float16)
 
 
+def _garbage_before_windows(b, window: int):
+    """The float64 reference with ``window``, then every block wholly before every query's
+    window pointed at a block of huge values, which would show if any were read unmasked."""
+    expected = reference_attention(b, window=window)
+    garbage = next(i for i in range(b.k_cache.shape[0]) if i not in set(b.block_table.flatten().tolist()))
+    b.k_cache[garbage] = 1e4
+    b.v_cache[garbage] = 1e4
+    for i, ctx in enumerate(b.context_lens):
+        b.block_table[i, :max(0, ctx - window + 1) // b.block_size] = garbage
+    return expected
+
+
+@pytest.mark.parametrize("window", [1, 7, 40])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sliding_window_masks_and_skips_keys_before_it(device, dtype, window):
+    """Each query sees its last ``window`` positions: the mixed batch, and a decode-only
+    batch on the split-KV path."""
+    for query_lens, context_lens, num_splits in ((MIXED_QUERY_LENS, MIXED_CONTEXT_LENS, 1),
+                                                 ([1, 1], [300, 20], 4)):
+        b = make_paged_batch(query_lens, context_lens, block_size=16, num_kv_heads=2, queries_per_kv=2,
+                             head_dim=64, dtype=dtype, device=device, seed=5)
+        ref_out, ref_lse = _garbage_before_windows(b, window)
+        out = torch.empty_like(b.q)
+        lse = torch.empty(b.q.shape[1], b.q.shape[0], dtype=torch.float32, device=device)
+        _attend(b, out, lse=lse, num_splits=num_splits, window=window)
+        _close(out, ref_out, dtype)
+        _close(lse, ref_lse, torch.float32 if dtype == torch.float32 else torch.float16)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_split_kv_decode_matches_single_pass(device, dtype):
     # Long and short contexts: with 4 splits the short one leaves splits without keys.

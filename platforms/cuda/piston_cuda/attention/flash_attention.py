@@ -14,7 +14,9 @@ Calls follow the libraries' documented signatures:
 - FA2 ``flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
   max_seqlen_k, softmax_scale=, causal=, block_table=, return_attn_probs=)`` (upstream),
   or with ``seqused_k=`` and ``return_softmax_lse=`` where the build has them (vLLM's fork).
-Both return the log-sum-exp as ``[heads, total_q]``.
+Both return the log-sum-exp as ``[heads, total_q]``. A sliding window W goes in as
+``window_size=(W - 1, 0)`` (both libraries' causal local attention), and such a layer
+never cascades.
 """
 
 from __future__ import annotations
@@ -97,9 +99,11 @@ class FlashAttention(CudaAttentionBackend):
         n, q, key_cache, value_cache = self.write_step_kv(layer, q, k, v, kv_cache, md)
         h, d = layer.num_heads, layer.head_dim
         c = md.cascade
-        if c is None:
+        window = getattr(layer, "sliding_window", None)
+        if c is None or window is not None:
             out, _ = self._attend(q, key_cache, value_cache, md.query_start_loc, md.max_query_len, md.seq_lens,
-                                  md.cu_seqlens_k, md.max_seq_len, md.block_table, layer.scale, True, False)
+                                  md.cu_seqlens_k, md.max_seq_len, md.block_table, layer.scale, True, False,
+                                  window)
             return out.reshape(n, h * d)
         from piston_cuda.kernels.merge_attn_states import merge_attn_states
 
@@ -114,23 +118,24 @@ class FlashAttention(CudaAttentionBackend):
         return out.view(n, h * d)
 
     def _attend(self, q, k_cache, v_cache, cu_seqlens_q, max_seqlen_q, seq_lens, cu_seqlens_k, max_seqlen_k,
-                block_table, scale, causal, return_lse):
+                block_table, scale, causal, return_lse, window=None):
         """(out [total_q, heads, dim], lse [heads, total_q] or None)."""
         lib = self.lib
+        local = {"window_size": (window - 1, 0)} if window is not None else {}
         if lib.version == 3:
             res = lib.fn(q, k_cache, v_cache, cache_seqlens=seq_lens, page_table=block_table,
                          cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, softmax_scale=scale,
-                         causal=causal, return_softmax_lse=return_lse)
+                         causal=causal, return_softmax_lse=return_lse, **local)
         elif lib.has_seqused_k:
             lse_kw = {"return_softmax_lse": return_lse} if lib.has_return_softmax_lse else \
                 {"return_attn_probs": return_lse}
             res = lib.fn(q=q, k=k_cache, v=v_cache, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q,
                          seqused_k=seq_lens, max_seqlen_k=max_seqlen_k, softmax_scale=scale, causal=causal,
-                         block_table=block_table, **lse_kw)
+                         block_table=block_table, **lse_kw, **local)
         else:
             res = lib.fn(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          softmax_scale=scale, causal=causal, block_table=block_table,
-                         return_attn_probs=return_lse)
+                         return_attn_probs=return_lse, **local)
         if not return_lse:
             return (res[0] if isinstance(res, tuple) else res), None
         return res[0], res[1]

@@ -4,7 +4,8 @@ Per layer and step: one kernel writes the step's K/V at the slot mapping; one pa
 attention kernel covers the whole mixed batch (split-KV for long decodes at small batch);
 with cascade attention, a non-causal pass over the shared prefix and a causal pass over
 each suffix are merged with their log-sum-exps. Partials are float32 so cascade changes
-the result only by float32 rounding.
+the result only by float32 rounding. A sliding-window layer never cascades (the shared
+prefix pass would see keys outside its window): its kernel skips the keys before the window.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ class TritonAttention(CudaAttentionBackend):
         else:
             out = torch.empty((n, h, d), dtype=q.dtype, device=q.device)
         c = md.cascade
-        if c is None:
+        window = getattr(layer, "sliding_window", None)
+        if c is None or window is not None:
             paged_attention(q, key_cache, value_cache, out, md.block_table, md.query_start_loc, md.seq_lens,
                             num_seqs=md.num_reqs, max_query_len=md.max_query_len, scale=layer.scale,
-                            num_splits=md.num_splits)
+                            num_splits=md.num_splits, window=window)
             return out.view(n, h * d)
         prefix_out = torch.empty((n, h, d), dtype=torch.float32, device=q.device)
         suffix_out = torch.empty_like(prefix_out)

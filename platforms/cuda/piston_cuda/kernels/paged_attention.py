@@ -12,7 +12,9 @@ One kernel serves prefill, chunked prefill and decode: the query of a sequence w
 ``seq_len`` keys and ``query_len`` queries sits at positions ``seq_len - query_len ..``
 and sees keys up to its own position (``CAUSAL``). ``kv_start`` skips the first keys of
 every sequence (cascade attention's suffix pass); ``CAUSAL=False`` with one "sequence"
-holding every query is cascade attention's shared-prefix pass.
+holding every query is cascade attention's shared-prefix pass. A sliding ``window`` W > 0
+limits each query to its last W positions; tiles before the window of a query block's
+first row are not read.
 
 Split-KV: with few programs (small batch) and long contexts, ``NUM_SPLITS`` programs share
 one query block's keys, each writing a float32 partial output and its log-sum-exp; a
@@ -48,11 +50,11 @@ def _find_seq(query_start_loc_ptr, num_seqs, q_block, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit(do_not_specialize=["num_seqs", "kv_start"])
+@triton.jit(do_not_specialize=["num_seqs", "kv_start", "window"])
 def _paged_attention_kernel(
         out_ptr, lse_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
         block_table_ptr, query_start_loc_ptr, seq_lens_ptr,
-        scale_log2, num_seqs, kv_start,
+        scale_log2, num_seqs, kv_start, window,
         stride_q_t, stride_q_h,
         stride_c_blk, stride_c_slot, stride_c_h,
         stride_bt,
@@ -60,7 +62,7 @@ def _paged_attention_kernel(
         stride_l_s, stride_l_h, stride_l_t,
         QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
-        TILE_N: tl.constexpr, CAUSAL: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        TILE_N: tl.constexpr, CAUSAL: tl.constexpr, SLIDING: tl.constexpr, NUM_SPLITS: tl.constexpr,
         STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -91,7 +93,10 @@ def _paged_attention_kernel(
         kv_end = tl.minimum(seq_len, context_len + tl.minimum(local_block * BLOCK_Q + BLOCK_Q, q_len))
     else:
         kv_end = seq_len
-    tile_lo = kv_start // TILE_N
+    kv_lo = kv_start
+    if SLIDING:  # keys before the window of this block's first query are never needed
+        kv_lo = tl.maximum(kv_lo, context_len + local_block * BLOCK_Q - window + 1)
+    tile_lo = kv_lo // TILE_N
     tile_hi = tl.cdiv(kv_end, TILE_N)
     if NUM_SPLITS > 1:
         per_split = tl.cdiv(tile_hi - tile_lo, NUM_SPLITS)
@@ -104,7 +109,7 @@ def _paged_attention_kernel(
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
     for tile in range(tile_lo, tile_hi):
         pos = tile * TILE_N + offs_n
-        pos_ok = (pos >= kv_start) & (pos < kv_end)
+        pos_ok = (pos >= kv_lo) & (pos < kv_end)
         blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
         slot = blk * stride_c_blk + (pos % BLOCK_SIZE) * stride_c_slot + kv_head * stride_c_h
         k = tl.load(k_cache_ptr + slot[None, :] + offs_d[:, None],
@@ -113,6 +118,8 @@ def _paged_attention_kernel(
         allowed = row_ok[:, None] & pos_ok[None, :]
         if CAUSAL:
             allowed = allowed & (pos[None, :] <= q_pos[:, None])
+        if SLIDING:
+            allowed = allowed & (pos[None, :] > q_pos[:, None] - window)
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows that have seen no key yet keep m = -inf; shift them by 0 to avoid inf - inf.
@@ -188,7 +195,8 @@ def num_kv_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                     block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, *,
                     num_seqs: int, max_query_len: int, scale: float, causal: bool = True,
-                    kv_start: int = 0, lse: torch.Tensor | None = None, num_splits: int = 1) -> None:
+                    kv_start: int = 0, lse: torch.Tensor | None = None, num_splits: int = 1,
+                    window: int | None = None) -> None:
     """Attention of ``q`` ``[num_tokens, num_heads, head_dim]`` over the paged cache into ``out``.
 
     ``k_cache``/``v_cache``: ``[num_blocks, block_size, num_kv_heads, head_dim]``.
@@ -197,6 +205,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     ``out`` may be float32 (cascade partials). ``lse`` ``[num_heads, num_tokens]`` float32, if
     given, receives each row's natural log-sum-exp (-inf for a row with no key).
     Keys before ``kv_start`` are skipped. ``num_splits`` > 1 selects the split-KV path.
+    ``window``: a causal sliding window (each query sees its last ``window`` positions).
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -215,8 +224,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     num_warps = 8 if block_m * head_dim_pad >= 64 * 256 else 4
     common = dict(QUERIES_PER_KV=qpk, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
                   BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n,
-                  CAUSAL=causal, DOT_PRECISION=precision, num_warps=num_warps)
+                  CAUSAL=causal, SLIDING=bool(window), DOT_PRECISION=precision, num_warps=num_warps)
+    if window and not causal:
+        raise ValueError("paged_attention: a sliding window needs causal attention.")
     args = (q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scale * LOG2E, num_seqs, kv_start,
+            window or 0,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             block_table.stride(0))
     if num_splits <= 1:
