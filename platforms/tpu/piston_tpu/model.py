@@ -31,13 +31,14 @@ from piston.step.layer_types import FULL, layer_types, rope_config, sliding_wind
 from piston.step.rope import rope_tables
 from piston_tpu import lora
 from piston_tpu.attention_metadata import AttentionMetadata
+from piston_tpu.moe import MOE_ARCHITECTURES, MOE_PARAMS, moe_fields, moe_mlp
 from piston_tpu.kv_cache import write_kv
 
 # Under "piston" so the engine's log handler shows it.
 logger = logging.getLogger(__name__.replace("piston_tpu", "piston.tpu", 1))
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "Gemma3ForCausalLM")
+                           "Gemma3ForCausalLM", *MOE_ARCHITECTURES)
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
@@ -77,6 +78,18 @@ class LlamaSpec:
     embed_scale: float = 0.0
     attn_scale: float = 0.0
     final_logit_softcapping: float = 0.0
+    # Mixture of experts (piston_tpu.moe; 0 experts: a dense model): top-k routing, expert
+    # and shared-expert widths, and which layers are sparse (1) or dense Llama MLPs (0).
+    num_experts: int = 0
+    experts_per_tok: int = 0
+    renormalize: bool = False
+    moe_intermediate_size: int = 0
+    shared_intermediate_size: int = 0
+    sparse_layers: tuple[int, ...] = ()
+
+    @property
+    def all_sparse(self) -> bool:
+        return bool(self.num_experts) and all(self.sparse_layers)
 
     @property
     def query_scale(self) -> float:
@@ -102,6 +115,7 @@ class LlamaSpec:
         windows = sliding_windows(config) if architecture is None else [None] * model_config.num_layers
         extra: dict[str, Any] = dict(layer_windows=tuple(w or 0 for w in windows),
                                      layer_rope=tuple(kinds.index(t) for t in types), rope_kinds=kinds)
+        extra.update(moe_fields(config, arch, model_config.num_layers))
         if gemma:
             if getattr(config, "attn_logit_softcapping", None) is not None:
                 raise ValueError("attn_logit_softcapping is set: attention-score soft-capping (Gemma 2) is not "
@@ -123,10 +137,10 @@ class LlamaSpec:
             rms_norm_eps=float(config.rms_norm_eps),
             hidden_act=act,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", gemma)),
-            qkv_bias=True if arch == "Qwen2ForCausalLM" else attention_bias,
-            o_bias=False if arch == "Qwen2ForCausalLM" else attention_bias,
+            qkv_bias=True if arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM") else attention_bias,
+            o_bias=False if arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM") else attention_bias,
             mlp_bias=bool(getattr(config, "mlp_bias", False)),
-            qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM", "Qwen3MoeForCausalLM"),
             **extra,
         )
 
@@ -178,7 +192,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, rotary_dim: int) ->
 
 _LAYER_PARAMS = ("in_norm", "post_norm", "pre_ff_norm", "post_ff_norm", "qkv", "qkv_bias", "o", "o_bias",
                  "gate_up", "gate_up_bias", "down", "down_bias", "q_norm", "k_norm", "qkv_scale", "o_scale",
-                 "gate_up_scale", "down_scale", *lora.PARAM_NAMES)
+                 "gate_up_scale", "down_scale", *MOE_PARAMS, *lora.PARAM_NAMES)
 
 
 def _lora(y: jax.Array, x: jax.Array, lp: dict[str, jax.Array], group: str, one_hot: jax.Array | None,
@@ -193,11 +207,12 @@ def _lora(y: jax.Array, x: jax.Array, lp: dict[str, jax.Array], group: str, one_
 def _decoder_layer(h: jax.Array, residual: jax.Array, cache: jax.Array, lp: dict[str, jax.Array], index,
                    cos: jax.Array, sin: jax.Array, md: AttentionMetadata, *, spec: LlamaSpec,
                    attention: AttentionFn, rotary_dim: int, precision, input_norm: bool = True,
-                   lora_one_hot: jax.Array | None = None, window=0) -> tuple[jax.Array, jax.Array, jax.Array]:
+                   lora_one_hot: jax.Array | None = None, window=0, sparse=0
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decoder layer: (h, residual, cache) -> (h, residual, cache); the layer's input is
     ``h + residual``, normalized unless ``input_norm`` is False (an EAGLE head's first
     layer). ``lora_one_hot`` [T, slots]: each token's LoRA slot (piston_tpu.lora);
-    ``window``: the layer's sliding window (0: none)."""
+    ``window``: the layer's sliding window (0: none); ``sparse``: 1 for an MoE layer."""
     t = h.shape[0]
     h_, kvh, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
     q_size, kv_size = h_ * d, kvh * d
@@ -227,15 +242,27 @@ def _decoder_layer(h: jax.Array, residual: jax.Array, cache: jax.Array, lp: dict
         h = rms_norm(h, lp["post_norm"], eps, off)
     residual = h + residual
     x = rms_norm(residual, lp["pre_ff_norm" if spec.sandwich_norms else "post_norm"], eps, off)
-    gate_up = _linear(x, lp["gate_up"], precision, lp.get("gate_up_scale"))
-    if "gate_up_bias" in lp:
-        gate_up = gate_up + lp["gate_up_bias"]
-    gate_up = _lora(gate_up, x, lp, "gate_up", lora_one_hot, precision)
-    act = _ACTIVATIONS[spec.hidden_act](gate_up[:, :inter]) * gate_up[:, inter:]
-    h = _linear(act, lp["down"], precision, lp.get("down_scale"))
-    if "down_bias" in lp:
-        h = h + lp["down_bias"]
-    h = _lora(h, act, lp, "down", lora_one_hot, precision)
+
+    def dense(x):
+        gate_up = _linear(x, lp["gate_up"], precision, lp.get("gate_up_scale"))
+        if "gate_up_bias" in lp:
+            gate_up = gate_up + lp["gate_up_bias"]
+        gate_up = _lora(gate_up, x, lp, "gate_up", lora_one_hot, precision)
+        act = _ACTIVATIONS[spec.hidden_act](gate_up[:, :inter]) * gate_up[:, inter:]
+        h = _linear(act, lp["down"], precision, lp.get("down_scale"))
+        if "down_bias" in lp:
+            h = h + lp["down_bias"]
+        return _lora(h, act, lp, "down", lora_one_hot, precision)
+
+    def experts(x):
+        return moe_mlp(x, lp, spec, _ACTIVATIONS[spec.hidden_act], precision)
+
+    if not spec.num_experts:
+        h = dense(x)
+    elif spec.all_sparse:
+        h = experts(x)
+    else:  # Qwen's dense layers among sparse ones: both parameter sets are stacked
+        h = lax.cond(sparse > 0, experts, dense, x)
     if spec.sandwich_norms:
         h = rms_norm(h, lp["post_ff_norm"], eps, off)
     return h, residual, cache
@@ -257,15 +284,17 @@ def forward(params: dict[str, jax.Array], rope: tuple[jax.Array, jax.Array], kv_
     stacked = {n: params[n] for n in _LAYER_PARAMS if n in params}
     windows = jnp.asarray(spec.layer_windows or (0,) * spec.num_layers, jnp.int32)
     kinds = jnp.asarray(spec.layer_rope or (0,) * spec.num_layers, jnp.int32)
+    sparse = jnp.asarray(spec.sparse_layers or (0,) * spec.num_layers, jnp.int32)
 
     def layer(carry, xs):
-        lp, index, window, kind = xs
+        lp, index, window, kind, is_sparse = xs
         h, residual, cache, aux = carry
         for j, layer_id in enumerate(aux_layers):  # keep the stream entering the aux layers
             aux = aux.at[j].set(jnp.where(index == layer_id, h + residual, aux[j]))
         h, residual, cache = _decoder_layer(h, residual, cache, lp, index, cos_all[kind], sin_all[kind], md,
                                             spec=spec, attention=attention, rotary_dim=rotary_dim,
-                                            precision=precision, lora_one_hot=one_hot, window=window)
+                                            precision=precision, lora_one_hot=one_hot, window=window,
+                                            sparse=is_sparse)
         return (h, residual, cache, aux), None
 
     h = params["embed"][input_ids]
@@ -276,7 +305,8 @@ def forward(params: dict[str, jax.Array], rope: tuple[jax.Array, jax.Array], kv_
         one_hot = lora.token_one_hot(lora_slots, params["lora_a_qkv"].shape[1], h.dtype)
     aux = jnp.zeros((len(aux_layers), *h.shape), h.dtype)
     carry = (h, jnp.zeros_like(h), kv_cache, aux)
-    (h, residual, kv_cache, aux), _ = lax.scan(layer, carry, (stacked, jnp.arange(spec.num_layers), windows, kinds))
+    (h, residual, kv_cache, aux), _ = lax.scan(layer, carry, (stacked, jnp.arange(spec.num_layers), windows, kinds,
+                                                              sparse))
     hidden = rms_norm(h + residual, params["final_norm"], spec.rms_norm_eps, spec.norm_offset)
     if aux_layers:
         return hidden, hidden[sample_idx], kv_cache, jnp.concatenate(list(aux), axis=-1)

@@ -66,6 +66,9 @@ class JaxModelRunner(ModelRunner):
         self.on_tpu = on_tpu
         self.dtype = np.dtype(_DTYPES[mc.dtype])
         self.spec = LlamaSpec.from_model_config(mc)
+        if self.spec.num_experts and config.lora_config is not None:
+            raise ValueError(f"LoRA adapters on a mixture-of-experts model ({self.spec.architecture}) are not "
+                             "supported on the TPU platform: its expert MLPs take no adapter deltas.")
         self.token_buckets = buckets.token_buckets(sc.max_num_batched_tokens)
         self.request_buckets = buckets.request_buckets(sc.max_num_seqs)
         self.max_seqs = self.request_buckets[-1]

@@ -21,6 +21,8 @@ from piston.checkpoint.packed import int8_rows
 from piston.step.config import ModelConfig
 from tqdm import tqdm
 
+from piston_tpu import moe
+
 # Under "piston" so the engine's log handler shows it.
 logger = logging.getLogger(__name__.replace("piston_tpu", "piston.tpu", 1))
 
@@ -68,7 +70,25 @@ def param_shapes(spec) -> dict[str, tuple[int, ...]]:
     if spec.sandwich_norms:
         shapes["pre_ff_norm"] = (L, d)
         shapes["post_ff_norm"] = (L, d)
+    if spec.all_sparse:  # no dense MLP anywhere
+        for name in ("gate_up", "down", "gate_up_bias", "down_bias"):
+            shapes.pop(name, None)
+    shapes.update(moe.param_shapes(spec))
     return shapes
+
+
+def _expected_fill(spec, name: str, shape: tuple[int, ...]) -> int:
+    """Values the checkpoint fills in parameter ``name``: in a model mixing dense and sparse
+    layers, each kind's parameters only in that kind's layers (the others stay zero)."""
+    size = int(np.prod(shape))
+    if not spec.num_experts or spec.all_sparse:
+        return size
+    per_layer = size // spec.num_layers
+    if name in moe.MOE_PARAMS:
+        return per_layer * sum(spec.sparse_layers)
+    if name in ("gate_up", "down", "gate_up_bias", "down_bias"):
+        return per_layer * (spec.num_layers - sum(spec.sparse_layers))
+    return size
 
 
 def _slot_rows(spec, param: str, slot: str | None) -> tuple[int, int] | None:
@@ -96,7 +116,7 @@ def load_params(spec, model_config: ModelConfig, dtype: np.dtype) -> dict[str, n
         logger.info("Built random (dummy) weights in %.2f s.", time.perf_counter() - start)
         return _quantize(params, model_config)
 
-    params = {name: np.empty(shape, dtype) for name, shape in shapes.items()}
+    params = {name: (np.zeros if spec.num_experts else np.empty)(shape, dtype) for name, shape in shapes.items()}
     filled: dict[str, int] = {name: 0 for name in shapes}  # rows (or layers x rows) written
     unexpected: list[str] = []
     reader = CheckpointReader(model_config.path or model_config.model, model_config.hf_config)
@@ -112,7 +132,7 @@ def load_params(spec, model_config: ModelConfig, dtype: np.dtype) -> dict[str, n
     if unexpected:
         logger.warning("Skipped %d checkpoint tensors the model has no place for: %s",
                        len(unexpected), ", ".join(unexpected[:5]))
-    missing = [n for n, a in params.items() if filled[n] != a.size]
+    missing = [n for n, a in params.items() if filled[n] != _expected_fill(spec, n, a.shape)]
     if missing:
         raise ValueError(f"The checkpoint does not provide {len(missing)} of the model's parameters "
                          f"(e.g. {', '.join(missing[:5])}); is it a {spec.architecture} checkpoint?")
@@ -227,7 +247,8 @@ def _quantize(params: dict[str, np.ndarray], model_config: ModelConfig) -> dict[
     if model_config.quantization != "int8":
         return params
     for name in INT8_PARAMS:
-        params[name], params[f"{name}_scale"] = int8_rows(params[name])
+        if name in params:  # an MoE model's experts stay in floats
+            params[name], params[f"{name}_scale"] = int8_rows(params[name])
     logger.info("Quantized the linear weights to int8 per output channel (%s).", ", ".join(INT8_PARAMS))
     return params
 
@@ -239,9 +260,11 @@ def _place(spec, name: str) -> tuple[str | None, int | None, tuple[int, int] | N
         return top[name], None, None
     if name == "lm_head.weight":
         return (None if spec.tie_word_embeddings else "lm_head"), None, None
-    parts = name.split(".")
+    parts = name.replace(".block_sparse_moe.", ".mlp.").split(".")  # Mixtral names the block so
     if len(parts) < 4 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
         return None, None, None
+    if spec.num_experts and parts[3] == "mlp" and (placed := _place_moe(spec, int(parts[2]), parts[4:])):
+        return placed
     entry = _LAYER_NAMES.get(".".join(parts[3:]))
     layer = int(parts[2])
     if entry is None or layer >= spec.num_layers:
@@ -250,6 +273,33 @@ def _place(spec, name: str) -> tuple[str | None, int | None, tuple[int, int] | N
     if param not in param_shapes(spec):
         return None, None, None
     return param, layer, _slot_rows(spec, param, slot)
+
+
+# An expert's projection -> (stacked parameter, which half of the gate/up rows or None).
+_EXPERT_PROJ = {"w1": ("experts_gate_up", 0), "gate_proj": ("experts_gate_up", 0), "w3": ("experts_gate_up", 1),
+                "up_proj": ("experts_gate_up", 1), "w2": ("experts_down", None), "down_proj": ("experts_down", None)}
+
+
+def _place_moe(spec, layer: int, rest: list[str]):
+    """The place of an MoE tensor of ``layer`` (``rest``: its name after ``mlp.``), or None:
+    the router, an expert's projection (one by one, or transformers' fused [E, ...] form),
+    the shared expert and its gate."""
+    if layer >= spec.num_layers or not spec.sparse_layers[layer]:
+        return None
+    i, name = spec.moe_intermediate_size, ".".join(rest)
+    if name == "gate.weight":
+        return "router", layer, None
+    if len(rest) == 4 and rest[0] == "experts" and rest[1].isdigit() and rest[2] in _EXPERT_PROJ:
+        param, half = _EXPERT_PROJ[rest[2]]
+        return param, (layer, int(rest[1])), (None if half is None else (half * i, i))
+    fused = {"experts.gate_up_proj": "experts_gate_up", "experts.down_proj": "experts_down",
+             "shared_expert_gate.weight": "shared_gate", "shared_expert.down_proj.weight": "shared_down"}
+    if name in fused:
+        return fused[name], layer, None
+    s = spec.shared_intermediate_size
+    if name in ("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight"):
+        return "shared_gate_up", layer, (0 if "gate_proj" in name else s, s)
+    return None
 
 
 def updated_params(spec, params: dict, named: list[tuple[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], int]:
