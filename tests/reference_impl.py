@@ -89,15 +89,15 @@ TINY_MODEL_SPECS: dict[str, tuple[str, dict]] = {
     "llama-256": ("LlamaConfig", dict(hidden_size=256, intermediate_size=512, initializer_range=_INIT_STD / 2)),
     # "llama" with other weights (another seed): a second checkpoint for weight updates.
     "llama-b": ("LlamaConfig", dict(num_hidden_layers=3)),
-    # Sliding windows shorter than most reference prompts (so blocks fall out of the window):
-    # Mistral's on every layer; Gemma 3's local layers around a global one, each kind with its
-    # own RoPE, plus Gemma's sandwich and q/k norms, scaled embedding, GeGLU and query scale.
-    "mistral-window": ("MistralConfig", dict(sliding_window=9, head_dim=16)),
-    "gemma3": ("Gemma3TextConfig", dict(
-        head_dim=16, num_hidden_layers=4, sliding_window=12, query_pre_attn_scalar=24,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
-        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
+    # Architectures Piston runs through the transformers fallback (--model-impl): Phi-3 (fused
+    # qkv and gate_up, half the head rotated), OLMo-2 (q/k norm over all heads, norms after
+    # attention and MLP), Granite (embedding, residual and attention multipliers, logits
+    # divided by logits_scaling), GPT-NeoX (parallel residual, LayerNorm, a quarter rotated, no GQA).
+    "phi3": ("Phi3Config", dict(partial_rotary_factor=0.5)),
+    "olmo2": ("Olmo2Config", dict()),
+    "granite": ("GraniteConfig", dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                                      logits_scaling=4.0)),
+    "gpt-neox": ("GPTNeoXConfig", dict(num_key_value_heads=None, rotary_pct=0.25, use_parallel_residual=True)),
 }
 # Seeds whose greedy paths on the reference prompts have no near-ties (top-2 gap > 1e-3).
 TINY_MODEL_SEEDS = {**{name: 0 for name in TINY_MODEL_SPECS}, "llama-tied": 3, "llama-b": 1}
@@ -120,7 +120,8 @@ def _randomize_norms_and_biases(model) -> None:
                 param.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
                 param.normal_(0.0, _INIT_STD)
-        model.model.norm.weight.mul_(_FINAL_NORM_GAIN)
+        base = model.base_model
+        (base.norm if hasattr(base, "norm") else base.final_layer_norm).weight.mul_(_FINAL_NORM_GAIN)
 
 
 def build_tiny_model(name: str, folder: str, tokenizer_gguf: str) -> str:

@@ -11,6 +11,7 @@ from piston.step.config import (
     CacheConfig,
     CompilationConfig,
     EngineConfig,
+    MODEL_IMPLS,
     LoRAConfig,
     ModelConfig,
     ParallelConfig,
@@ -63,6 +64,7 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    model_impl: str = "auto"
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -139,6 +141,9 @@ class EngineArgs:
         add("--max-lora-rank", type=int, default=d.max_lora_rank, help="the largest adapter rank served")
         add("--max-cpu-loras", type=int, default=None,
             help="adapters kept in host memory, least recently used evicted (default: --max-loras)")
+        add("--model-impl", default=d.model_impl, choices=list(MODEL_IMPLS),
+            help="piston: Piston's own model classes; transformers: transformers' modelling code with Piston's "
+            "paged attention (any decoder-only causal LM; CPU and CUDA); auto: Piston's own where it has one")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
@@ -174,6 +179,8 @@ class EngineArgs:
         SpeculativeConfig.from_value(self.speculative_config)  # a bad one fails before the model is read
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")
+        if self.model_impl not in MODEL_IMPLS:
+            raise ValueError(f"model_impl must be one of {', '.join(MODEL_IMPLS)}, got {self.model_impl!r}.")
         if self.enable_lora:
             self._lora_config().validate()
             if self.speculative_config is not None:
@@ -195,7 +202,7 @@ class EngineArgs:
         mc = ModelConfig(model=self.model or DEFAULT_MODEL_NAME, path=path, tokenizer=self.tokenizer,
                          dtype=self.dtype, seed=self.seed, load_format=self.load_format,
                          enforce_eager=self.enforce_eager, max_logprobs=self.max_logprobs, hf_config=hf_config,
-                         disable_cascade_attn=self.disable_cascade_attn)
+                         disable_cascade_attn=self.disable_cascade_attn, model_impl=self.model_impl)
         mc.quantization = resolve_quantization(self.quantization, path)
         native = native_context_length(hf_config)
         if self.max_model_len is None:
@@ -229,12 +236,30 @@ class EngineArgs:
             capture_sizes=sorted(set(self.capture_sizes)) if self.capture_sizes else None,
             cache_dir=self.compilation_cache_dir)
         spec = SpeculativeConfig.from_value(self.speculative_config)
+        if self.model_impl == "transformers":
+            self._check_transformers_fallback(spec, mc)
         if spec is not None and spec.uses_draft_model:
             spec.draft_model_config = self._draft_model_config(spec, mc)
         return EngineConfig(mc, cache, sched, parallel, compilation,
                             StructuredOutputsConfig(self.structured_outputs_backend),
                             speculative_config=spec, platform=self.platform or "",
                             lora_config=self._lora_config() if self.enable_lora else None)
+
+    def _check_transformers_fallback(self, spec: SpeculativeConfig | None, mc: ModelConfig) -> None:
+        """What model_impl="transformers" cannot serve, refused before any process starts
+        (with "auto" the fallback model refuses the same when it loads)."""
+        problems = []
+        if self.tensor_parallel_size > 1:
+            problems.append(f"tensor_parallel_size={self.tensor_parallel_size} (it runs on one rank)")
+        if self.enable_lora:
+            problems.append("LoRA adapters")
+        if spec is not None and spec.is_eagle:
+            problems.append(f"speculative method {spec.method} (EAGLE heads need Piston's own model)")
+        if mc.quantization in ("gguf", "int8"):
+            problems.append(f"quantization={mc.quantization} (float weights only: use quantization='none')")
+        if problems:
+            raise ValueError(f"model_impl='transformers' (the transformers fallback) cannot serve "
+                             f"{'; '.join(problems)}.")
 
     def _draft_model_config(self, spec: SpeculativeConfig, target: ModelConfig) -> ModelConfig:
         """The draft model's ModelConfig: the target's dtype, context and seed; ValueError

@@ -22,7 +22,7 @@ from piston.checkpoint.packed import PackedArray, resolve_quantization
 from piston.models import weight_loader
 from piston.models.layers.quantized import describe_packed
 from piston.models.layers.rotary_embedding import RotaryEmbedding
-from piston.models.registry import get_model_class
+from piston.models.registry import resolve_model_class
 from piston.step.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def load_model(model_config: ModelConfig, device: str | torch.device = "cpu",
     if model_config.hf_config is None:
         model_config.hf_config = read_hf_config(model_config.path or model_config.model)
     hf_config = model_config.hf_config
-    model_cls = model_cls or get_model_class(hf_config)
+    model_cls = model_cls or resolve_model_class(hf_config, model_config.model_impl)
     path = model_config.path or model_config.model
     quantization = resolve_quantization(model_config.quantization or "none", path)
     dummy = model_config.load_format == "dummy"
@@ -96,9 +96,7 @@ def load_model(model_config: ModelConfig, device: str | torch.device = "cpu",
         if reader is not None and quantization in ("gguf", "int8"):
             model.use_packed_weights(reader.packed_formats(), int8=quantization == "int8")
     model = model.to_empty(device=device)
-    for module in model.modules():
-        if isinstance(module, RotaryEmbedding):
-            module.build_cache()  # its float32 cache was not materialized by to_empty
+    _build_caches(model)
 
     if reader is None:
         _init_dummy_weights(model, model_config.seed)
@@ -119,6 +117,16 @@ def load_model(model_config: ModelConfig, device: str | torch.device = "cpu",
     return model
 
 
+def _build_caches(model: nn.Module) -> None:
+    """Rebuild what no checkpoint holds, after to_empty or a sleep that kept no copy: the
+    rotary tables, and the model's own (``build_cache``: the transformers fallback's)."""
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.build_cache()
+    if hasattr(model, "build_cache"):
+        model.build_cache()
+
+
 def _fill_from_checkpoint(model: nn.Module, reader: CheckpointReader) -> None:
     weights, total = _checkpoint_weights(reader)
     with torch.no_grad():
@@ -134,9 +142,7 @@ def reload_weights(model: nn.Module, model_config: ModelConfig) -> None:
     weights again, in place (or its dummy weights, seeded as at load); rebuilds the rotary
     tables too (they may have been released with the weights)."""
     start = time.perf_counter()
-    for module in model.modules():
-        if isinstance(module, RotaryEmbedding):
-            module.build_cache()
+    _build_caches(model)
     if model_config.load_format == "dummy":
         _init_dummy_weights(model, model_config.seed)
     else:

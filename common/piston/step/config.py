@@ -19,6 +19,7 @@ _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECA
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
           "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MODEL_IMPLS = ("auto", "piston", "transformers")  # ModelConfig.model_impl
 
 
 def parse_size(value: int | float | str, name: str = "kv_cache_memory") -> int:
@@ -72,6 +73,10 @@ class ModelConfig:
     # is "gguf" for a .gguf file, else "none"; "none" (and None) dequantizes everything.
     # EngineArgs fills it in ("auto" unless --quantization says otherwise).
     quantization: str | None = None
+    # Which code runs the model (torch platforms; piston.models.registry.resolve_model_class):
+    # "piston" its own model classes, "transformers" transformers' modelling code with
+    # Piston's attention (the fallback), "auto" Piston's own where it has one.
+    model_impl: str = "auto"
     hf_config: Any = None  # transformers.PretrainedConfig (piston.step.hf_config)
 
     @property

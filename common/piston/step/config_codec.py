@@ -34,7 +34,13 @@ def encode_engine_config(config: EngineConfig) -> bytes:
 
 
 def _hf_json(hf) -> dict | None:
-    return None if hf is None else json.loads(hf.to_json_string(use_diff=False))
+    if hf is None:
+        return None
+    values = json.loads(hf.to_json_string(use_diff=False))
+    # A PlainConfig has no attribute_map: keep transformers' aliases (GPT-2's n_layer is num_hidden_layers).
+    for alias in getattr(hf, "attribute_map", None) or {}:
+        values.setdefault(alias, getattr(hf, alias))
+    return values
 
 
 def decode_engine_config(data: bytes) -> EngineConfig:

@@ -39,6 +39,33 @@ def cpu_fallback_requested() -> bool:
     return os.environ.get("PISTON_PLATFORM", "").strip().lower() == "tpu"
 
 
+def select_jax_backend() -> bool:
+    """Whether this host has a TPU; without one JAX is pointed at its CPU backend. Call it
+    before JAX is imported (JAX reads JAX_PLATFORMS then): never probe for accelerators a
+    test machine may have."""
+    if tpu_present():
+        return True
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    return False
+
+
+def check_architecture(model_config) -> None:
+    """ValueError unless the JAX models run ``model_config``'s architecture: the transformers
+    fallback (model_impl "transformers", or "auto" for an architecture Piston has no model
+    of) is torch code, which this platform does not run."""
+    if model_config.model_impl == "transformers":
+        raise ValueError("model_impl='transformers': the transformers fallback is torch-only (CPU and CUDA "
+                         "platforms); the TPU platform runs Piston's own JAX models (model_impl auto or piston).")
+    select_jax_backend()
+    from piston_tpu.model import SUPPORTED_ARCHITECTURES
+
+    names = model_config.architectures
+    if not any(name in SUPPORTED_ARCHITECTURES for name in names):
+        raise ValueError(f"Model architecture {names or '(none given)'} is not supported on the TPU platform; "
+                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}. The transformers fallback, which runs "
+                         "other architectures, is torch-only: serve this model with PISTON_PLATFORM=cpu or cuda.")
+
+
 class TpuPlatform(Platform):
     name = "tpu"
     # One chip per engine so far: a JAX-mesh tensor-parallel runner is future work.
@@ -89,6 +116,7 @@ class TpuPlatform(Platform):
         if config.cache_config.kv_cache_memory is None and not tpu_present():
             avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
             config.cache_config.kv_cache_memory = min(DEFAULT_CPU_KV_CACHE_BYTES, avail // 4)
+        check_architecture(config.model_config)
 
     @classmethod
     def distributed_backend(cls) -> str:
@@ -100,10 +128,8 @@ class TpuPlatform(Platform):
 
     @classmethod
     def make_worker(cls, config, rank=0, world_size=1):
-        on_tpu = tpu_present()
+        on_tpu = select_jax_backend()
         if not on_tpu:
-            # Before JAX initializes: never probe for accelerators a test machine may have.
-            os.environ.setdefault("JAX_PLATFORMS", "cpu")
             logger.warning("TPU platform: no TPU on this host, running on JAX's CPU backend (Pallas kernels in "
                            "interpret mode). This is for testing only; serve on a CPU with PISTON_PLATFORM=cpu.")
         from piston_tpu.worker import TpuWorker
