@@ -89,6 +89,25 @@ TINY_MODEL_SPECS: dict[str, tuple[str, dict]] = {
     "llama-256": ("LlamaConfig", dict(hidden_size=256, intermediate_size=512, initializer_range=_INIT_STD / 2)),
     # "llama" with other weights (another seed): a second checkpoint for weight updates.
     "llama-b": ("LlamaConfig", dict(num_hidden_layers=3)),
+    # Mixture-of-experts (top-2 routing): Mixtral renormalizes the top-k weights; Qwen3-MoE
+    # (q/k norm) too, with a dense layer 1 (mlp_only_layers); Qwen2-MoE does not, and has a
+    # gated shared expert and sparse layers 1 and 3 only (decoder_sparse_step=2). Expert widths
+    # are multiples of 4: transformers' grouped GEMM on the CPU takes rows of 16 bytes only.
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=96)),
+    "qwen3-moe": ("Qwen3MoeConfig", dict(head_dim=32, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
+                                         moe_intermediate_size=48, norm_topk_prob=True, mlp_only_layers=[1])),
+    "qwen2-moe": ("Qwen2MoeConfig", dict(num_hidden_layers=4, num_experts=6, num_experts_per_tok=2,
+                                         moe_intermediate_size=40, shared_expert_intermediate_size=96,
+                                         decoder_sparse_step=2)),
+    # Sliding windows shorter than most reference prompts (so blocks fall out of the window):
+    # Mistral's on every layer; Gemma 3's local layers around a global one, each kind with its
+    # own RoPE, plus Gemma's sandwich and q/k norms, scaled embedding, GeGLU and query scale.
+    "mistral-window": ("MistralConfig", dict(sliding_window=9, head_dim=16)),
+    "gemma3": ("Gemma3TextConfig", dict(
+        head_dim=16, num_hidden_layers=4, sliding_window=12, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
     # Architectures Piston runs through the transformers fallback (--model-impl): Phi-3 (fused
     # qkv and gate_up, half the head rotated), OLMo-2 (q/k norm over all heads, norms after
     # attention and MLP), Granite (embedding, residual and attention multipliers, logits

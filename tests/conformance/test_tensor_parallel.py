@@ -1,6 +1,6 @@
 """Tensor parallelism changes nothing: TP=2 gives the same greedy tokens (and seeded
 samples) as TP=1, on tiny models that split evenly, replicate a single KV head, or split
-3 KV heads 2 + 1, and on SmolLM2 (9 q heads, 3 KV heads).
+3 KV heads 2 + 1, on a mixture-of-experts model, and on SmolLM2 (9 q heads, 3 KV heads).
 
 Runs on every platform that can run two ranks (the mp executor: one process per rank).
 """
@@ -27,7 +27,9 @@ def _tokens(llm, params=GREEDY) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
 
 
-@pytest.mark.parametrize("name", ["llama", "llama-tied", "qwen2", "qwen3", "llama-mqa", "llama-uneven"])
+# "qwen2-moe": each expert's intermediate rows and the shared expert's split over the ranks,
+# their partial sums added and all-reduced once per MoE block.
+@pytest.mark.parametrize("name", ["llama", "llama-tied", "qwen2", "qwen3", "llama-mqa", "llama-uneven", "qwen2-moe"])
 def test_tp2_greedy_tokens_equal_tp1(name, tiny_models, make_llm):
     path = tiny_models(name)
     expected = _tokens(make_llm(path, **TP_KWARGS))

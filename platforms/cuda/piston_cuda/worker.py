@@ -73,6 +73,14 @@ class CudaWorker(Worker):
 
             LoRAStack.kernel = staticmethod(lambda stack, x, y, m: lora_shrink_expand(
                 x, y, stack.lora_a, stack.lora_b, m.token_ids, m.slot_ends, m.max_tokens_per_slot))
+        from piston.models.layers.fused_moe import FusedMoE
+
+        if any(isinstance(m, FusedMoE) for m in self.runner.model.modules()):
+            # The Triton grouped GEMMs for every MoE layer: an opaque op, so compiled pieces and
+            # CUDA graphs take it as it is (it reads nothing back to the host).
+            from piston_cuda.kernels.fused_moe import fused_moe
+
+            FusedMoE.kernel = staticmethod(fused_moe)
         logger.info("Weights on %s: %.2f GiB allocated.", torch.cuda.get_device_name(self.device),
                     torch.cuda.memory_allocated(self.device) / GiB)
 

@@ -17,6 +17,7 @@
 //   qlinear, qembedding,   the same linear (and the embedding lookup) for packed, quantized
 //   qdequantize            weights: quant_kernels.cpp, bound into this module.
 //   lora_sgmv              batched multi-LoRA shrink and expand: lora_kernels.cpp.
+//   moe_grouped_linear     the expert GEMMs of a mixture-of-experts layer: moe_kernels.cpp.
 //
 // Compiled with -ffp-contract=off: a multiply followed by an add rounds twice, as torch's
 // element-wise ops do; fused multiply-adds appear only where written (_mm256_fmadd_ps).
@@ -31,10 +32,11 @@
 
 #include "simd.h"
 
-// The quantized-weight kernels (quant_kernels.cpp) and the batched LoRA kernel
-// (lora_kernels.cpp) add their functions to the module.
+// The quantized-weight kernels (quant_kernels.cpp), the batched LoRA kernel
+// (lora_kernels.cpp) and the MoE kernel (moe_kernels.cpp) add their functions to the module.
 void bind_quant_kernels(pybind11::module_& m);
 void bind_lora_kernels(pybind11::module_& m);
+void bind_moe_kernels(pybind11::module_& m);
 
 namespace {
 
@@ -531,4 +533,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &argmax_rows, "torch.argmax(x, dim=-1) of a float32 matrix, at memory speed");
   bind_quant_kernels(m);
   bind_lora_kernels(m);
+  bind_moe_kernels(m);
 }
