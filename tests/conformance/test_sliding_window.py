@@ -5,10 +5,15 @@ every query past the window must skip the keys before it: in the prompt, in chun
 prefill (chunks that start inside and past the window), on prefix-cache hits and in
 decode. The real Gemma 3 270M (Q4_K_M GGUF, built-in name ``gemma-3-270m``) runs a prompt
 longer than its 512-token window; transformers runs the same GGUF dequantized to float32.
+
+When every layer slides (Mistral's window), the KV cache frees the blocks that fall behind
+the window: a KV cache of 8 blocks (128 tokens) runs a 600-token prompt among others, its
+freed blocks rewritten by other requests, token for token as transformers.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -42,6 +47,26 @@ def test_tiny_sliding_window_model_matches_hf(name, tiny_models, make_llm, smoll
                    max_num_batched_tokens=64)
     _assert_same_tokens(llm.generate(prompt_ids, GREEDY, use_tqdm=False), reference, "64-token chunks")
     _assert_same_tokens(llm.generate(prompt_ids, GREEDY, use_tqdm=False), reference, "prefix-cache hits")
+
+
+def test_blocks_behind_the_window_are_freed_and_reused(tiny_models, make_llm, smollm2_tokenizer):
+    """A KV cache far smaller than one long prompt: only freeing the blocks behind the 9-token
+    window lets it run, and the other requests' KV lands in the blocks it freed."""
+    path = tiny_models("mistral-window")
+    prompt_ids = [smollm2_tokenizer(p).input_ids for p in [LONG_PROMPT] + REFERENCE_PROMPTS]
+    reference = hf_greedy(path, prompt_ids, MAX_TOKENS)
+    assert_no_near_ties(reference)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    block_size, num_blocks = 16, 8  # one sequence holds at most (9 - 1 + 64) / 16 + 1 = 6 blocks
+    bytes_per_block = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * config["head_dim"] * 4 \
+        * block_size
+    assert len(prompt_ids[0]) > 4 * num_blocks * block_size
+    llm = make_llm(path, max_model_len=1024, kv_cache_memory=num_blocks * bytes_per_block, block_size=block_size,
+                   seed=0, dtype="float32", max_num_batched_tokens=64)
+    assert llm.llm_engine.get_num_total_blocks() == num_blocks
+    _assert_same_tokens(llm.generate(prompt_ids, GREEDY, use_tqdm=False), reference, "8 blocks")
+    _assert_same_tokens(llm.generate(prompt_ids[::-1], GREEDY, use_tqdm=False), reference[::-1], "again, reversed")
 
 
 @pytest.fixture(scope="module")

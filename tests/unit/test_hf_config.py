@@ -13,7 +13,8 @@ transformers = pytest.importorskip("transformers")
 from piston.step.config import hf_head_dim, hf_num_kv_heads  # noqa: E402
 from piston.step.hf_config import load_hf_config  # noqa: E402
 from piston.step.hf_defaults import HF_DEFAULTS, complete  # noqa: E402
-from piston.step.layer_types import FULL, SLIDING, layer_types, rope_config, sliding_windows  # noqa: E402
+from piston.step.layer_types import (  # noqa: E402
+    FULL, SLIDING, kv_lookback, layer_types, rope_config, sliding_windows)
 from piston.step.plain_config import PlainConfig  # noqa: E402
 from piston.step.rope import rope_tables  # noqa: E402
 
@@ -67,6 +68,8 @@ def test_a_config_saved_with_only_its_differences_reads_the_same(model_type, ove
     assert layer_types(ours) == list(getattr(reference, "layer_types", None) or [
         SLIDING if window else FULL] * reference.num_hidden_layers)
     assert sliding_windows(ours) == [window if t == SLIDING else None for t in layer_types(ours)]
+    # The KV cache frees blocks behind the window only when no layer reads the whole context.
+    assert kv_lookback(ours) == (window if set(layer_types(ours)) == {SLIDING} else None)
     for kind in (FULL, SLIDING):
         ours_rope = rope_tables(rope_config(ours, kind), head_dim, 256)
         ref_rope = rope_tables(_rope_reference(reference, kind), head_dim, 256)

@@ -19,9 +19,9 @@ def make_scheduler(**kwargs):
 
 
 def make_config(num_blocks=64, block_size=4, budget=32, max_num_seqs=16, chunked=True,
-                caching=True, policy="fcfs", max_model_len=0, max_prefill_tokens=None):
+                caching=True, policy="fcfs", max_model_len=0, max_prefill_tokens=None, hf_config=None):
     return EngineConfig(
-        model_config=ModelConfig(model="fake", max_model_len=max_model_len),
+        model_config=ModelConfig(model="fake", max_model_len=max_model_len, hf_config=hf_config),
         cache_config=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=caching),
         scheduler_config=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
                                          enable_chunked_prefill=chunked, policy=policy,
@@ -71,7 +71,8 @@ class FakeWorker:
         for req_id, n in out.num_scheduled_tokens.items():
             r = sched.requests[req_id]
             blocks, computed = self.state[req_id]
-            assert blocks == sched.kv_cache_manager.get_block_ids(req_id)
+            released = sched.kv_cache_manager.num_released.get(req_id, 0)  # sliding windows
+            assert blocks[released:] == sched.kv_cache_manager.get_block_ids(req_id)[released:]
             assert computed + n == r.num_computed_tokens <= r.num_tokens
             assert len(blocks) * sched.kv_cache_manager.block_size >= r.num_computed_tokens
             req_ids.append(req_id)
@@ -84,17 +85,21 @@ class FakeWorker:
         """Write this step's tokens, then check every request attends to its own tokens.
 
         All writes come before any read, as each attention layer does; this is what makes
-        a prefix hit on a block filled in the same step safe.
+        a prefix hit on a block filled in the same step safe. With a sliding window W, the
+        step's first query (position p) reads from p - W + 1 on, and only that is checked:
+        the blocks before it may have been freed and overwritten.
         """
         bs = self.sched.kv_cache_manager.block_size
+        window = self.sched.kv_cache_manager.sliding_window
         for req_id, n in out.num_scheduled_tokens.items():
             r, blocks = self.sched.requests[req_id], self.state[req_id][0]
             for pos in range(r.num_computed_tokens - n, r.num_computed_tokens):
                 self.slots[blocks[pos // bs] * bs + pos % bs] = r.all_token_ids[pos]
-        for req_id in out.num_scheduled_tokens:
+        for req_id, n in out.num_scheduled_tokens.items():
             r, blocks = self.sched.requests[req_id], self.state[req_id][0]
-            seen = [self.slots[blocks[pos // bs] * bs + pos % bs] for pos in range(r.num_computed_tokens)]
-            assert seen == r.all_token_ids[: r.num_computed_tokens], f"{req_id} reads foreign KV"
+            first = 0 if window is None else max(0, r.num_computed_tokens - n - window + 1)
+            seen = [self.slots[blocks[pos // bs] * bs + pos % bs] for pos in range(first, r.num_computed_tokens)]
+            assert seen == r.all_token_ids[first: r.num_computed_tokens], f"{req_id} reads foreign KV"
 
     def run_to_completion(self, max_steps=1000):
         outs = []
@@ -417,4 +422,69 @@ def test_random_workload_with_aborts_and_preemption_leaks_no_blocks(policy, max_
         assert r.is_finished()
         if r.status == RequestStatus.FINISHED_LENGTH:
             assert r.num_output_tokens == r.max_tokens
+    assert_no_leak(sched)
+
+
+# ---- sliding windows ----------------------------------------------------------------------
+
+
+def _mistral(window):
+    """The config facts the scheduler reads: every layer slides over ``window`` tokens."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(model_type="mistral", num_hidden_layers=2, sliding_window=window)
+
+
+def _run_tracking_held_blocks(sched, worker):
+    """Runs to completion; the most blocks any request held (released places not counted)."""
+    kv, most = sched.kv_cache_manager, 0
+    while sched.has_unfinished_requests():
+        worker.step()
+        for r in sched.running:
+            most = max(most, len(kv.req_to_blocks.get(r.request_id, ())) - kv.num_released.get(r.request_id, 0))
+    return most
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_sliding_window_frees_blocks_behind_the_window(caching):
+    """Six 60-token prompts with 20 outputs each need 120 blocks of 4 if every block is kept;
+    a window of 8 needs a few per request, so 40 blocks run all six without preempting, and
+    each request reads only its own tokens within its window (the simulated KV), although the
+    blocks it freed went to the others."""
+    def workload():
+        return [make_request(f"r{i}", 60, max_tokens=20) for i in range(6)]
+
+    sched = make_scheduler(num_blocks=40, budget=16, caching=caching, hf_config=_mistral(8))
+    assert sched.kv_cache_manager.sliding_window == 8
+    reqs = workload()
+    for r in reqs:
+        sched.add_request(r)
+    most = _run_tracking_held_blocks(sched, FakeWorker(sched))
+    assert all(r.num_output_tokens == 20 for r in reqs)
+    assert sched.num_preemptions == 0
+    # The window's 8 positions span at most 3 blocks, plus the blocks of a 16-token chunk (4 or 5).
+    assert most <= 8, most
+    assert_no_leak(sched)
+
+    full = make_scheduler(num_blocks=40, budget=16, caching=caching, hf_config=_mistral(None))
+    assert full.kv_cache_manager.sliding_window is None
+    for r in workload():
+        full.add_request(r)
+    assert _run_tracking_held_blocks(full, FakeWorker(full)) == 20  # every block of 80 tokens kept
+    assert full.num_preemptions > 0
+    assert_no_leak(full)
+
+
+def test_sliding_window_keeps_released_blocks_as_prefix_hits_until_evicted():
+    sched = make_scheduler(num_blocks=64, budget=64, hf_config=_mistral(8))
+    prompt = [100 + i for i in range(40)]
+    sched.add_request(make_request("a", prompt=prompt, max_tokens=3))
+    worker = FakeWorker(sched)
+    worker.step()  # the whole prompt: nothing released yet (released at the next step's start)
+    worker.step()
+    kv = sched.kv_cache_manager
+    assert kv.num_released["a"] == (40 - 8 + 1) // 4  # blocks 0..7 end before position 33
+    sched.add_request(make_request("b", prompt=prompt + [7, 7, 7], max_tokens=2))
+    worker.run_to_completion()
+    assert sched.requests == {} and kv.prefix_hits >= 40  # b's whole prompt prefix hit freed blocks
     assert_no_leak(sched)

@@ -1,7 +1,7 @@
 """BlockPool: the fixed set of KV-cache blocks, their LRU free list and the prefix cache.
 
-Every block id in ``[0, num_blocks)`` is usable; no null block is reserved (nothing in
-Piston needs a placeholder block yet).
+Every block id in ``[0, num_blocks)`` is usable; no null block is reserved (the KV cache
+manager's place of a released sliding-window block, RELEASED, is never sent to a worker).
 
 A block is in exactly one of two states:
 - in use: ``ref_cnt > 0``, not in the free list;

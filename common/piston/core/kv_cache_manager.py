@@ -8,6 +8,18 @@ A block is registered in the prefix cache as soon as a step that fills it is
 scheduled, before its KV is written. This is safe because a hit from a request
 scheduled in the same step is computed in the same forward pass, where each layer
 writes the KV of every token before any attention reads it.
+
+Sliding windows: when every layer of the model attends to at most ``sliding_window``
+positions back (Mistral, Mixtral; piston.step.layer_types.kv_lookback), the blocks of a
+running request that fall wholly behind the window of its next query are freed at the
+start of each step (``release_out_of_window``): a request then holds about
+``sliding_window / block_size + 1`` blocks however long it grows. Each keeps its place in
+the request's list as ``RELEASED``. The workers are not told: every attention backend
+skips the blocks before a query's window without reading them (or masks what it gathers),
+so a freed block's new owner may overwrite it. Freed blocks keep their hash and stay
+prefix-cache hits until evicted, like a finished request's. A model with any
+full-attention layer (Gemma 3's global layers) keeps every block: per-group block tables,
+vLLM's hybrid allocator, are not built.
 """
 
 from __future__ import annotations
@@ -17,17 +29,49 @@ from typing import TYPE_CHECKING, Sequence
 from piston.core.block_hash import update_request_block_hashes
 from piston.core.block_pool import BlockPool, KVCacheBlock
 from piston.core.kv_offload import KVOffloadIndex
+from piston.step.layer_types import kv_lookback
 
 if TYPE_CHECKING:
     from piston.core.request import Request
+    from piston.step.config import EngineConfig
+
+# The place of a block freed for falling behind the sliding window (ref_cnt -1: never shared,
+# never freed again). Its id is never sent to a worker: only a new request's whole list is,
+# and a request is new before anything of it is released.
+RELEASED = KVCacheBlock(0)
+RELEASED.ref_cnt = -1
+
+
+def release_window(config: "EngineConfig") -> int | None:
+    """The sliding window behind which this engine frees a request's blocks: every layer's
+    look-back (piston.step.layer_types.kv_lookback), unless a draft model or EAGLE head,
+    which attends over the same blocks with full attention, reads them too. None: keep all."""
+    spec, hf_config = config.speculative_config, config.model_config.hf_config
+    if getattr(hf_config, "num_hidden_layers", None) is None or (spec is not None and spec.uses_draft_model):
+        return None  # no model (a test's scheduler alone), or a drafter
+    return kv_lookback(hf_config)
+
+
+def blocks_per_sequence(max_model_len: int, block_size: int, window: int | None, max_num_batched_tokens: int) -> int:
+    """The most blocks one request can hold at once: its whole context, or with a sliding
+    window, the window's blocks behind a step's first query plus the step's tokens (vLLM's
+    sliding-window bound)."""
+    whole = -(-max_model_len // block_size)
+    if window is None:
+        return whole
+    return min(whole, -(-(window - 1 + max_num_batched_tokens) // block_size) + 1)
 
 
 class KVCacheManager:
     """Allocates, shares and frees KV blocks for requests."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
-                 offload: KVOffloadIndex | None = None) -> None:
+                 offload: KVOffloadIndex | None = None, sliding_window: int | None = None) -> None:
         self.block_size = block_size
+        # Every layer's look-back in tokens (None: some layer reads the whole context).
+        self.sliding_window = sliding_window
+        # Per request: how many leading blocks were released (RELEASED in its list).
+        self.num_released: dict[str, int] = {}
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.block_pool = BlockPool(num_blocks, enable_caching)
@@ -164,6 +208,26 @@ class KVCacheManager:
         self.req_to_blocks[request.request_id].extend(new_blocks)
         return [b.block_id for b in new_blocks]
 
+    def release_out_of_window(self, request: "Request") -> int:
+        """Free the blocks of ``request`` that no query from its next token on can read
+        (those wholly before ``num_computed_tokens - sliding_window + 1``), leaving RELEASED
+        in their places; returns how many. A no-op without a sliding window.
+
+        Safe with a step still to run on the workers: the steps run in order, so a block
+        handed to another request is written only after the older step read it."""
+        blocks = self.req_to_blocks.get(request.request_id)
+        if self.sliding_window is None or not blocks:
+            return 0
+        end = min(max(0, request.num_computed_tokens - self.sliding_window + 1) // self.block_size, len(blocks))
+        start = self.num_released.get(request.request_id, 0)
+        if end <= start:
+            return 0
+        released = blocks[start:end]
+        blocks[start:end] = [RELEASED] * (end - start)
+        self.num_released[request.request_id] = end
+        self.block_pool.free_blocks(reversed(released))
+        return end - start
+
     def num_new_blocks(self, request: "Request", num_new_tokens: int) -> int:
         """How many fresh blocks ``allocate_slots(request, num_new_tokens)`` would take."""
         num_total = request.num_computed_tokens + num_new_tokens
@@ -188,8 +252,9 @@ class KVCacheManager:
         """
         blocks = self.req_to_blocks.pop(request.request_id, None)
         self.num_cached_blocks.pop(request.request_id, None)
+        released = self.num_released.pop(request.request_id, 0)
         if blocks:
-            self.block_pool.free_blocks(reversed(blocks))
+            self.block_pool.free_blocks(reversed(blocks[released:]))
 
     def get_block_ids(self, request_id: str) -> list[int]:
         """A new list of the request's block ids in sequence order ([] if it holds none)."""
@@ -199,7 +264,7 @@ class KVCacheManager:
         """Number of leading blocks of ``running_request`` shared by all running requests.
 
         A block is shared by all of them exactly when its ref_cnt equals their number,
-        since only running requests hold references.
+        since only running requests hold references (a RELEASED place never is).
         """
         n = 0
         for block in self.req_to_blocks.get(running_request.request_id, ()):

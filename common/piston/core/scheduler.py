@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Iterable
 
-from piston.core.kv_cache_manager import KVCacheManager
+from piston.core.kv_cache_manager import KVCacheManager, release_window
 from piston.core.kv_offload import KVOffloadIndex
 from piston.step.kv_transfer import tier_directory
 from piston.core.policies import SchedulingPolicy, make_policy
@@ -69,8 +69,9 @@ class Scheduler:
         if cache.kv_offloading:
             offload = KVOffloadIndex(cache.kv_offload_host_blocks, cache.kv_offload_disk_blocks,
                                      tier_directory(config), config.parallel_config.tensor_parallel_size)
+        # Sliding-window models free the blocks behind every layer's window.
         self.kv_cache_manager = KVCacheManager(
-            cache.num_blocks, cache.block_size, cache.enable_prefix_caching, offload
+            cache.num_blocks, cache.block_size, cache.enable_prefix_caching, offload, release_window(config)
         )
 
         self.requests: dict[str, Request] = {}
@@ -189,6 +190,9 @@ class Scheduler:
         preempted: set[str] = set()
         admitting = True
         kv.begin_step()
+        if kv.sliding_window is not None:
+            for request in self.running:
+                kv.release_out_of_window(request)
         policy.begin_step(self.running, self.waiting, budget)
 
         # LoRA: the adapters of running requests, which a step may hold at most max_loras of.

@@ -10,13 +10,14 @@ from typing import Any, Iterable
 
 import msgspec
 
+from piston.core.kv_cache_manager import blocks_per_sequence, release_window
 from piston.core.request import Request, RequestStatus
 from piston.core.scheduler import Scheduler
 from piston.engine.structured_outputs import StructuredOutputs
 from piston.executor import executor_class
 from piston.executor.abstract import Executor
 from piston.hal.registry import get_platform
-from piston.step.config import EngineConfig, cdiv
+from piston.step.config import EngineConfig
 from piston.step.proposer import proposer_class
 from piston.step.kv_transfer import store_class, tier_directory
 from piston.step.engine_messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, SchedulerStats
@@ -108,12 +109,18 @@ class EngineCore:
         reports = self.executor.determine_num_kv_blocks()
         num_blocks = min(r.num_blocks for r in reports)
         self.kv_cache_memory = num_blocks * reports[0].bytes_per_block
-        blocks_per_seq = cdiv(config.model_config.max_model_len, cc.block_size)
+        window = release_window(config)
+        blocks_per_seq = blocks_per_sequence(config.model_config.max_model_len, cc.block_size, window,
+                                             config.scheduler_config.max_num_batched_tokens)
         if num_blocks < blocks_per_seq:
+            held = "" if window is None else (
+                f" (with its sliding window of {window} tokens, one sequence holds at most {blocks_per_seq} "
+                f"blocks: the window and a step of max_num_batched_tokens="
+                f"{config.scheduler_config.max_num_batched_tokens})")
             raise ValueError(
                 f"The KV cache ({num_blocks} blocks of {cc.block_size} tokens, "
                 f"{self.kv_cache_memory} bytes per rank) cannot hold one sequence of "
-                f"max_model_len={config.model_config.max_model_len} tokens; raise kv_cache_memory "
+                f"max_model_len={config.model_config.max_model_len} tokens{held}; raise kv_cache_memory "
                 f"or lower max_model_len to at most {num_blocks * cc.block_size}.")
         cc.num_blocks = num_blocks  # the engine's own decision, in the engine's own config
         if cc.kv_offloading:

@@ -1,7 +1,7 @@
 """Which attention each decoder layer runs, full or a sliding window, and with which RoPE.
 
-Torch-free, so the torch models, the JAX models and the KV cache manager read the same
-answer from a Hugging Face config (a transformers config or a PlainConfig alike):
+Torch-free, so the torch models, the JAX models and the KV cache manager (``kv_lookback``)
+read the same answer from a Hugging Face config (a transformers config or a PlainConfig alike):
 
 - ``layer_types``: transformers-5 configs list them (Gemma 3, Qwen2/3 with
   ``use_sliding_window``); older config.json files give Gemma 3's ``sliding_window_pattern``
@@ -61,6 +61,17 @@ def sliding_windows(config: Any) -> list[int | None]:
     """Each layer's sliding window in tokens, None for a full-attention layer."""
     window = getattr(config, "sliding_window", None)
     return [window if t == SLIDING else None for t in layer_types(config)]
+
+
+def kv_lookback(config: Any) -> int | None:
+    """How far back any layer of ``config`` reads the KV cache: the longest sliding window
+    when every layer slides (the query at position p reads keys from p - W + 1 on), None
+    when some layer attends to the whole context. The KV cache manager frees the blocks
+    that fall behind it (piston.core.kv_cache_manager)."""
+    windows = sliding_windows(config)
+    if not windows or any(w is None for w in windows):
+        return None
+    return max(windows)
 
 
 def rope_config(config: Any, layer_type: str) -> Any:
