@@ -8,7 +8,8 @@ longer than its 512-token window; transformers runs the same GGUF dequantized to
 
 When every layer slides (Mistral's window), the KV cache frees the blocks that fall behind
 the window: a KV cache of 8 blocks (128 tokens) runs a 600-token prompt among others, its
-freed blocks rewritten by other requests, token for token as transformers.
+freed blocks rewritten by other requests, token for token as transformers; and a second turn
+hits the cache up to its last block although the conversation's first blocks are gone.
 """
 
 from __future__ import annotations
@@ -67,6 +68,16 @@ def test_blocks_behind_the_window_are_freed_and_reused(tiny_models, make_llm, sm
     assert llm.llm_engine.get_num_total_blocks() == num_blocks
     _assert_same_tokens(llm.generate(prompt_ids, GREEDY, use_tqdm=False), reference, "8 blocks")
     _assert_same_tokens(llm.generate(prompt_ids[::-1], GREEDY, use_tqdm=False), reference[::-1], "again, reversed")
+
+    # A second turn: the long prompt, its answer and more. Its first blocks were evicted long
+    # ago, but a hit needs only the blocks the window reaches back over, so all but the
+    # last few tokens come from the cache.
+    [first] = llm.generate([prompt_ids[0]], GREEDY, use_tqdm=False)
+    turn = prompt_ids[0] + list(first.outputs[0].token_ids) + prompt_ids[1]
+    [expected] = hf_greedy(path, [turn], MAX_TOKENS)
+    [second] = llm.generate([turn], GREEDY, use_tqdm=False)
+    assert second.num_cached_tokens >= len(prompt_ids[0]) + MAX_TOKENS - block_size, second.num_cached_tokens
+    _assert_same_tokens([second], [expected], "second turn")
 
 
 @pytest.fixture(scope="module")

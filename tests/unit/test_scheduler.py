@@ -488,3 +488,33 @@ def test_sliding_window_keeps_released_blocks_as_prefix_hits_until_evicted():
     worker.run_to_completion()
     assert sched.requests == {} and kv.prefix_hits >= 40  # b's whole prompt prefix hit freed blocks
     assert_no_leak(sched)
+
+
+def test_sliding_window_prefix_hit_needs_only_the_blocks_the_window_reaches():
+    """Once the first blocks of a cached prompt are evicted, a plain prefix hit would stop at
+    the first gap; with a window of 8 the hit runs to the prompt's end as long as the last two
+    blocks of 4 (what position 40's window reaches back over) are cached."""
+    sched = make_scheduler(num_blocks=24, budget=64, hf_config=_mistral(8))
+    kv, worker = sched.kv_cache_manager, FakeWorker(sched)
+    prompt = [100 + i for i in range(40)]
+    sched.add_request(make_request("a", prompt=prompt, max_tokens=3))
+    worker.run_to_completion()
+    sched.add_request(make_request("filler", prompt=[5000 + i for i in range(60)], max_tokens=1))
+    worker.run_to_completion()  # takes 16 blocks: 13 never used, then 3 of a's, freed first
+    probe = make_request("probe", prompt=prompt + [7])
+    from piston.core.block_hash import update_request_block_hashes
+
+    update_request_block_hashes(probe, 4, probe.block_hash_extra_keys)
+    cached = [kv.block_pool.get_cached_block(h) is not None for h in probe.block_hashes[:10]]
+    assert not all(cached) and cached[8] and cached[9], cached  # a gap, but the window's blocks remain
+
+    sched.add_request(make_request("c", prompt=prompt + [7, 7, 7], max_tokens=2))
+    hits_before = kv.prefix_hits
+    out, _ = worker.step()
+    assert kv.prefix_hits - hits_before == 40 and out.num_scheduled_tokens["c"] == 3
+    new = out.scheduled_new_reqs[0]
+    # Blocks 8 and 9 are the hit's own; the eight before them are RELEASED places (id 0).
+    assert new.num_computed_tokens == 40 and kv.num_released["c"] == 8
+    assert new.block_ids[8:10] == [kv.block_pool.get_cached_block(h).block_id for h in probe.block_hashes[8:10]]
+    worker.run_to_completion()  # the simulated KV: c reads its own tokens within its window
+    assert_no_leak(sched)

@@ -17,7 +17,8 @@ start of each step (``release_out_of_window``): a request then holds about
 the request's list as ``RELEASED``. The workers are not told: every attention backend
 skips the blocks before a query's window without reading them (or masks what it gathers),
 so a freed block's new owner may overwrite it. Freed blocks keep their hash and stay
-prefix-cache hits until evicted, like a finished request's. A model with any
+prefix-cache hits until evicted, like a finished request's; a prefix hit needs only the
+blocks the window reaches back from its end (``_window_hit``), not every block from the start. A model with any
 full-attention layer (Gemma 3's global layers) keeps every block: per-group block tables,
 vLLM's hybrid allocator, are not built.
 """
@@ -35,9 +36,9 @@ if TYPE_CHECKING:
     from piston.core.request import Request
     from piston.step.config import EngineConfig
 
-# The place of a block freed for falling behind the sliding window (ref_cnt -1: never shared,
-# never freed again). Its id is never sent to a worker: only a new request's whole list is,
-# and a request is new before anything of it is released.
+# The place of a block freed for falling behind the sliding window, or of a block a window
+# hit does not need (ref_cnt -1: never shared, never freed again). A new request's list sent
+# to the workers may hold its id (0) after a window hit: a block no query reads.
 RELEASED = KVCacheBlock(0)
 RELEASED.ref_cnt = -1
 
@@ -135,12 +136,15 @@ class KVCacheManager:
         update_request_block_hashes(request, self.block_size, request.block_hash_extra_keys)
         max_hit_blocks = (request.num_tokens - 1) // self.block_size
         hashes = request.block_hashes
-        hit_blocks: list[KVCacheBlock] = []
-        for i in range(max_hit_blocks):
-            block = self.block_pool.get_cached_block(hashes[i])
-            if block is None:
-                break
-            hit_blocks.append(block)
+        if self.sliding_window is not None:
+            hit_blocks = self._window_hit(hashes, max_hit_blocks)
+        else:
+            hit_blocks = []
+            for i in range(max_hit_blocks):
+                block = self.block_pool.get_cached_block(hashes[i])
+                if block is None:
+                    break
+                hit_blocks.append(block)
         num_hit_tokens = len(hit_blocks) * self.block_size
         if self.offload is not None:
             self.offload.unpin(self.offload_hits.pop(request.request_id, ()))
@@ -151,6 +155,23 @@ class KVCacheManager:
         self.prefix_queries += request.num_tokens
         self.prefix_hits += num_hit_tokens
         return hit_blocks, num_hit_tokens
+
+    def _window_hit(self, hashes: Sequence[int], max_hit_blocks: int) -> list[KVCacheBlock]:
+        """The prefix hit of a sliding-window model (vLLM's lookup): the longest prefix whose
+        last ``cdiv(sliding_window - 1, block_size)`` blocks, all the next query's window
+        reaches, are cached; the blocks before them need not be (RELEASED places). A block's
+        hash covers its whole prefix, so a hit on it is a hit on everything before it."""
+        need = max(1, -(-(self.sliding_window - 1) // self.block_size))
+        get_cached = self.block_pool.get_cached_block
+        run = 0
+        for i in range(max_hit_blocks - 1, -1, -1):
+            if get_cached(hashes[i]) is None:
+                run = 0
+                continue
+            run += 1
+            if run >= need or i == 0:
+                return [RELEASED] * i + [get_cached(hashes[j]) for j in range(i, i + run)]
+        return []
 
     def allocate_slots(
         self,
@@ -181,7 +202,10 @@ class KVCacheManager:
             return None
 
         if computed:
-            self.block_pool.touch(computed)
+            num_leading_released = sum(1 for b in computed if b is RELEASED)  # a window hit's
+            self.block_pool.touch(computed[num_leading_released:])
+            if num_leading_released:
+                self.num_released[req_id] = num_leading_released
             blocks.extend(computed)
         new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
         blocks.extend(new_blocks)
@@ -235,7 +259,8 @@ class KVCacheManager:
 
     def _cache_full_blocks(self, request: "Request", blocks: list[KVCacheBlock], num_tokens: int) -> None:
         num_full_blocks = num_tokens // self.block_size
-        num_cached = self.num_cached_blocks.get(request.request_id, 0)
+        req_id = request.request_id  # RELEASED places are never registered
+        num_cached = max(self.num_cached_blocks.get(req_id, 0), self.num_released.get(req_id, 0))
         if num_full_blocks <= num_cached:
             return
         update_request_block_hashes(request, self.block_size, request.block_hash_extra_keys)
