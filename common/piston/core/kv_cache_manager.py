@@ -18,9 +18,9 @@ the request's list as ``RELEASED``. The workers are not told: every attention ba
 skips the blocks before a query's window without reading them (or masks what it gathers),
 so a freed block's new owner may overwrite it. Freed blocks keep their hash and stay
 prefix-cache hits until evicted, like a finished request's; a prefix hit needs only the
-blocks the window reaches back from its end (``_window_hit``), not every block from the start. A model with any
-full-attention layer (Gemma 3's global layers) keeps every block: per-group block tables,
-vLLM's hybrid allocator, are not built.
+blocks the window reaches back over from its end (``_window_hit``), not every block from
+the start. A model with any full-attention layer (Gemma 3's global layers) keeps every
+block: per-group block tables, vLLM's hybrid allocator, are not built.
 """
 
 from __future__ import annotations
