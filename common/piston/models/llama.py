@@ -194,7 +194,8 @@ class LlamaForCausalLM(nn.Module):
     def use_packed_weights(self, packed_names: Iterable[str], int8: bool = False) -> int:
         """Before the model's memory is allocated: the layers that checkpoint tensors
         ``packed_names`` fill hold their weight packed, as do, with ``int8``, all linear
-        layers (quantizing their float weights at load). Returns how many layers."""
+        layers but those marked ``keep_float`` (an MoE router), quantizing their float
+        weights at load. Returns how many layers."""
         modules = dict(self.named_modules())
         chosen: dict[str, str | None] = {}
         for name in packed_names:
@@ -204,7 +205,8 @@ class LlamaForCausalLM(nn.Module):
             if param_name == "weight" and hasattr(modules.get(module_name), "use_packed_weight"):
                 chosen[module_name] = None
         if int8:
-            chosen.update({n: "int8" for n, m in modules.items() if isinstance(m, ParallelLinearBase)})
+            chosen.update({n: "int8" for n, m in modules.items()
+                           if isinstance(m, ParallelLinearBase) and not getattr(m, "keep_float", False)})
         for module_name, quantize in chosen.items():
             modules[module_name].use_packed_weight(quantize)
         return len(chosen)

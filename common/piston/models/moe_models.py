@@ -19,6 +19,7 @@ Sliding windows come with LlamaAttention (piston.step.layer_types).
 
 from __future__ import annotations
 
+import logging
 import re
 from types import SimpleNamespace
 from typing import Any
@@ -36,12 +37,18 @@ from piston.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausa
 from piston.step.config import hf_head_dim
 
 # A checkpoint's per-expert tensor: (layer prefix up to ".experts", expert, projection).
+logger = logging.getLogger(__name__)
+
 _PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
 _HALF = {"w1": 0, "gate_proj": 0, "w3": 1, "up_proj": 1}  # gate rows, then up rows
 
 
 class ReplicatedLinear(ColumnParallelLinear):
-    """The whole linear layer on every rank (a router: its few outputs are not split)."""
+    """The whole linear layer on every rank (a router: its few outputs are not split). Kept
+    in float under --quantization int8, as vLLM keeps routers: int8 logits would move tokens
+    between experts."""
+
+    keep_float = True
 
     def __init__(self, input_size: int, output_size: int) -> None:
         super().__init__(input_size, output_size, bias=False, partition=(0, output_size))
@@ -123,6 +130,13 @@ class MoeForCausalLM(LlamaForCausalLM):
 
     def _mlp(self, config: Any, layer_idx: int) -> nn.Module:
         raise NotImplementedError
+
+    def use_packed_weights(self, packed_names, int8: bool = False) -> int:
+        count = super().use_packed_weights(packed_names, int8)
+        if int8:
+            logger.info("int8: the routers and the routed experts stay in float (no int8 grouped GEMM yet); "
+                        "attention, dense MLPs and shared experts are int8.")
+        return count
 
     def _target(self, name: str) -> tuple[str, Any]:
         """Also maps the expert tensors (per expert, or fused) to the FusedMoE weights."""

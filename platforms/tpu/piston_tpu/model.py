@@ -192,7 +192,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, rotary_dim: int) ->
 
 _LAYER_PARAMS = ("in_norm", "post_norm", "pre_ff_norm", "post_ff_norm", "qkv", "qkv_bias", "o", "o_bias",
                  "gate_up", "gate_up_bias", "down", "down_bias", "q_norm", "k_norm", "qkv_scale", "o_scale",
-                 "gate_up_scale", "down_scale", *MOE_PARAMS, *lora.PARAM_NAMES)
+                 "gate_up_scale", "down_scale", "shared_gate_up_scale", "shared_down_scale", *MOE_PARAMS,
+                 *lora.PARAM_NAMES)
 
 
 def _lora(y: jax.Array, x: jax.Array, lp: dict[str, jax.Array], group: str, one_hot: jax.Array | None,
@@ -255,7 +256,7 @@ def _decoder_layer(h: jax.Array, residual: jax.Array, cache: jax.Array, lp: dict
         return _lora(h, act, lp, "down", lora_one_hot, precision)
 
     def experts(x):
-        return moe_mlp(x, lp, spec, _ACTIVATIONS[spec.hidden_act], precision)
+        return moe_mlp(x, lp, spec, _ACTIVATIONS[spec.hidden_act], precision, _linear)
 
     if not spec.num_experts:
         h = dense(x)

@@ -63,8 +63,10 @@ def param_shapes(spec) -> dict[str, tuple[int, ...]]:
 
 
 def moe_mlp(x: jax.Array, lp: dict[str, jax.Array], spec, act: Callable[[jax.Array], jax.Array],
-            precision) -> jax.Array:
-    """One sparse layer's MLP over x [T, H]: routed experts (plus the gated shared expert)."""
+            precision, linear: Callable[..., jax.Array]) -> jax.Array:
+    """One sparse layer's MLP over x [T, H]: routed experts (plus the gated shared expert).
+    ``linear(x, w, precision, scale)`` is the model's dense product, for the shared expert
+    (int8 with --quantization int8, as the dense MLPs; the router and the experts stay float)."""
     t, h = x.shape
     k, i = spec.experts_per_tok, spec.moe_intermediate_size
     logits = lax.dot_general(x, lp["router"], (((1,), (1,)), ((), ())), precision=precision)
@@ -83,9 +85,8 @@ def moe_mlp(x: jax.Array, lp: dict[str, jax.Array], spec, act: Callable[[jax.Arr
     out = jnp.zeros((t, h), down.dtype).at[token].add(down)
     if spec.shared_intermediate_size:
         s = spec.shared_intermediate_size
-        gu = lax.dot_general(x, lp["shared_gate_up"], (((1,), (1,)), ((), ())), precision=precision)
-        shared = lax.dot_general(act(gu[:, :s]) * gu[:, s:], lp["shared_down"], (((1,), (1,)), ((), ())),
-                                 precision=precision)
+        gu = linear(x, lp["shared_gate_up"], precision, lp.get("shared_gate_up_scale"))
+        shared = linear(act(gu[:, :s]) * gu[:, s:], lp["shared_down"], precision, lp.get("shared_down_scale"))
         gate = lax.dot_general(x, lp["shared_gate"], (((1,), (1,)), ((), ())), precision=precision)
         out = out + jax.nn.sigmoid(gate) * shared
     return out

@@ -26,8 +26,9 @@ from piston_tpu import moe
 # Under "piston" so the engine's log handler shows it.
 logger = logging.getLogger(__name__.replace("piston_tpu", "piston.tpu", 1))
 
-# The stacked linear weights ([layers, out, in]) that --quantization int8 holds as int8.
-INT8_PARAMS = ("qkv", "o", "gate_up", "down")
+# The stacked linear weights ([layers, out, in]) that --quantization int8 holds as int8 (an
+# MoE model's shared expert too; its router and routed experts stay float, as on torch).
+INT8_PARAMS = ("qkv", "o", "gate_up", "down", "shared_gate_up", "shared_down")
 
 # Hugging Face sub-module name -> (stacked parameter, fused slot or None).
 _LAYER_NAMES = {
@@ -247,9 +248,13 @@ def _quantize(params: dict[str, np.ndarray], model_config: ModelConfig) -> dict[
     if model_config.quantization != "int8":
         return params
     for name in INT8_PARAMS:
-        if name in params:  # an MoE model's experts stay in floats
+        if name in params:
             params[name], params[f"{name}_scale"] = int8_rows(params[name])
-    logger.info("Quantized the linear weights to int8 per output channel (%s).", ", ".join(INT8_PARAMS))
+    logger.info("Quantized the linear weights to int8 per output channel (%s).",
+                ", ".join(n for n in INT8_PARAMS if n in params))
+    if "experts_gate_up" in params:
+        logger.info("int8: the router and the routed experts stay in %s (no int8 grouped matmul yet).",
+                    params["experts_gate_up"].dtype)
     return params
 
 
