@@ -75,6 +75,14 @@ Interface version history:
      and adds each token's adapter delta in q/k/v/o and gate/up/down. The step layer's
      piston.step.lora_slots decides the slots; the scheduler keeps a step within
      ``LoRAConfig.max_loras`` adapters. Without the flag the engine refuses ``enable_lora``.
+  10: sliding windows and mixture of experts. Attention takes a per-layer window
+     (piston.step.layer_types; the query at p reads keys p - W + 1 .. p). When every layer
+     slides, the KV cache manager frees and hands out again the blocks wholly before a
+     request's window, and a prefix hit may put block 0 in their places, without telling
+     the workers: a backend must never let a block wholly before a query's window affect
+     its result (skip it, or mask it so that whatever it holds counts exactly 0). MoE
+     models (piston.models.layers.fused_moe) take a platform's grouped-GEMM kernel through
+     ``FusedMoE.kernel``; without one the core's torch path runs.
 """
 
 from __future__ import annotations
@@ -89,7 +97,7 @@ if TYPE_CHECKING:
     from piston.step.runner_output import ModelRunnerOutput
     from piston.step.scheduler_output import SchedulerOutput
 
-PLATFORM_INTERFACE_VERSION = 9
+PLATFORM_INTERFACE_VERSION = 10
 
 
 class Platform(abc.ABC):
