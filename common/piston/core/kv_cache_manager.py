@@ -25,7 +25,7 @@ block: per-group block tables, vLLM's hybrid allocator, are not built.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from piston.core.block_hash import update_request_block_hashes
 from piston.core.block_pool import BlockPool, KVCacheBlock
@@ -232,25 +232,30 @@ class KVCacheManager:
         self.req_to_blocks[request.request_id].extend(new_blocks)
         return [b.block_id for b in new_blocks]
 
-    def release_out_of_window(self, request: "Request") -> int:
-        """Free the blocks of ``request`` that no query from its next token on can read
-        (those wholly before ``num_computed_tokens - sliding_window + 1``), leaving RELEASED
-        in their places; returns how many. A no-op without a sliding window.
+    def release_out_of_window(self, requests: Iterable["Request"]) -> int:
+        """Free the blocks of each of ``requests`` that no query from its next token on can
+        read (those wholly before ``num_computed_tokens - sliding_window + 1``), leaving
+        RELEASED in their places; returns how many. A no-op without a sliding window.
 
         Safe with a step still to run on the workers: the steps run in order, so a block
         handed to another request is written only after the older step read it."""
-        blocks = self.req_to_blocks.get(request.request_id)
-        if self.sliding_window is None or not blocks:
+        if self.sliding_window is None:
             return 0
-        end = min(max(0, request.num_computed_tokens - self.sliding_window + 1) // self.block_size, len(blocks))
-        start = self.num_released.get(request.request_id, 0)
-        if end <= start:
-            return 0
-        released = blocks[start:end]
-        blocks[start:end] = [RELEASED] * (end - start)
-        self.num_released[request.request_id] = end
-        self.block_pool.free_blocks(reversed(released))
-        return end - start
+        freed = 0
+        for request in requests:
+            blocks = self.req_to_blocks.get(request.request_id)
+            if not blocks:
+                continue
+            end = min(max(0, request.num_computed_tokens - self.sliding_window + 1) // self.block_size, len(blocks))
+            start = self.num_released.get(request.request_id, 0)
+            if end <= start:
+                continue
+            released = blocks[start:end]
+            blocks[start:end] = [RELEASED] * (end - start)
+            self.num_released[request.request_id] = end
+            self.block_pool.free_blocks(reversed(released))
+            freed += end - start
+        return freed
 
     def num_new_blocks(self, request: "Request", num_new_tokens: int) -> int:
         """How many fresh blocks ``allocate_slots(request, num_new_tokens)`` would take."""

@@ -190,9 +190,7 @@ class Scheduler:
         preempted: set[str] = set()
         admitting = True
         kv.begin_step()
-        if kv.sliding_window is not None:
-            for request in self.running:
-                kv.release_out_of_window(request)
+        kv.release_out_of_window(self.running)  # sliding-window models: blocks behind the windows
         policy.begin_step(self.running, self.waiting, budget)
 
         # LoRA: the adapters of running requests, which a step may hold at most max_loras of.

@@ -101,12 +101,6 @@ class EngineCore:
             self.scheduler.max_prefill_tokens or "no cap",
             "on" if cc.enable_prefix_caching else "off", config.parallel_config.tensor_parallel_size,
             config.parallel_config.executor_backend, _describe_speculation(config))
-        window = self.scheduler.kv_cache_manager.sliding_window
-        if window is not None:
-            logger.info("Every layer slides over %d tokens: each request's KV blocks behind its window are freed "
-                        "(a sequence holds at most %d blocks).", window,
-                        blocks_per_sequence(config.model_config.max_model_len, cc.block_size, window,
-                                            config.scheduler_config.max_num_batched_tokens))
 
     def _init_cache(self, config: EngineConfig) -> None:
         """Size the KV cache from the workers' reports (the smallest rank decides) and
@@ -128,6 +122,9 @@ class EngineCore:
                 f"{self.kv_cache_memory} bytes per rank) cannot hold one sequence of "
                 f"max_model_len={config.model_config.max_model_len} tokens{held}; raise kv_cache_memory "
                 f"or lower max_model_len to at most {num_blocks * cc.block_size}.")
+        if window is not None:
+            logger.info("Every layer slides over %d tokens: each request's KV blocks behind its window are freed "
+                        "(a sequence holds at most %d blocks).", window, blocks_per_seq)
         cc.num_blocks = num_blocks  # the engine's own decision, in the engine's own config
         if cc.kv_offloading:
             self._size_kv_offload(config, sum(r.bytes_per_block for r in reports))
