@@ -102,3 +102,37 @@ def test_gemma3_270m_gguf_matches_hf(gemma3_270m_path, make_llm):
     reference = hf_greedy(gemma3_270m_path, prompt_ids, MAX_TOKENS)
     assert_no_near_ties(reference)
     _assert_same_tokens(llm.generate(prompt_ids, GREEDY, use_tqdm=False), reference, "gemma-3-270m")
+
+
+def test_gemma3_hybrid_cache_frees_the_sliding_layers_blocks(tiny_models, make_llm, smollm2_tokenizer):
+    """Gemma 3's layers mix sliding (window 12) and full attention: the hybrid KV cache gives
+    each group of layers its own block table (here three sliding groups and a full one, of one
+    layer each), so the sliding layers hold a few blocks per request while the global layer
+    keeps its whole context. The cache below holds 1024 tokens of one layer, with room for the
+    sliding groups' windows: a quarter of what keeping every block of every layer needs, so the
+    engine refuses it with one block table, and runs the long prompt among others, token for
+    token as transformers, with the hybrid one (the sliding groups' freed blocks rewritten by
+    other requests and groups)."""
+    path = tiny_models("gemma3")
+    prompt_ids = [smollm2_tokenizer(p).input_ids for p in [LONG_PROMPT] + REFERENCE_PROMPTS]
+    reference = hf_greedy(path, prompt_ids, MAX_TOKENS)
+    assert_no_near_ties(reference)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    block_size, num_blocks = 16, 64 + 3 * 6 + 8  # full: 1024 / 16; each sliding: (12 - 1 + 64) / 16 + 1
+    bytes_per_block = 2 * config["num_key_value_heads"] * config["head_dim"] * 4 * block_size  # one layer's
+    args = dict(max_model_len=1024, kv_cache_memory=num_blocks * bytes_per_block, block_size=block_size,
+                seed=0, dtype="float32", max_num_batched_tokens=64)
+    llm = make_llm(path, **args)
+    assert llm.llm_engine.get_num_total_blocks() == num_blocks
+    _assert_same_tokens(llm.generate(prompt_ids, GREEDY, use_tqdm=False), reference, "hybrid cache")
+    _assert_same_tokens(llm.generate(prompt_ids[::-1], GREEDY, use_tqdm=False), reference[::-1], "reversed")
+    # The long prompt twice: the second run hits every group's cache (the sliding groups only
+    # the blocks their window reaches) up to its last block.
+    llm.generate(prompt_ids[:1], GREEDY, use_tqdm=False)
+    [again] = llm.generate(prompt_ids[:1], GREEDY, use_tqdm=False)
+    assert again.num_cached_tokens >= len(prompt_ids[0]) - block_size, again.num_cached_tokens
+    _assert_same_tokens([again], reference[:1], "prefix hit")
+    del llm
+    with pytest.raises(Exception, match="cannot hold one sequence"):
+        make_llm(path, disable_hybrid_kv_cache_manager=True, **args)

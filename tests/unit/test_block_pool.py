@@ -98,6 +98,24 @@ def test_duplicate_hash_keeps_first_block_registered():
     assert b2.block_hash is None
 
 
+def test_duplicate_of_an_evictable_block_takes_its_place():
+    """A block computed again while the cached one is evictable (a hit that did not reach it)
+    replaces it, so handing the old one out does not lose the prefix; the old one is reused
+    first."""
+    pool = BlockPool(3, enable_caching=True)
+    b1, b2 = pool.get_new_blocks(2)
+    r1, r2 = make_request("a", [5, 6]), make_request("b", [5, 6])
+    update_request_block_hashes(r1, 2)
+    update_request_block_hashes(r2, 2)
+    pool.cache_full_blocks(r1, [b1], 0, 1)
+    pool.free_blocks([b1])
+    pool.cache_full_blocks(r2, [b2], 0, 1)
+    assert pool.get_cached_block(r1.block_hashes[0]) is b2 and b1.block_hash is None
+    assert free_ids(pool)[0] == b1.block_id
+    (again,) = pool.get_new_blocks(1)
+    assert again is b1 and pool.get_cached_block(r1.block_hashes[0]) is b2
+
+
 def test_caching_disabled_registers_nothing():
     pool = BlockPool(2, enable_caching=False)
     (blk,) = pool.get_new_blocks(1)

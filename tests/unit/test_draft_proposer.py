@@ -54,7 +54,7 @@ class FakeDraft:
 
 def _add(batch: InputBatch, req_id: str, prompt: list[int], first_block: int, num_blocks: int) -> None:
     batch.add_request(NewRequestData(req_id, prompt, [], SamplingParams(temperature=0.0),
-                                     list(range(first_block, first_block + num_blocks)), 0))
+                                     [list(range(first_block, first_block + num_blocks))], 0))
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -137,12 +137,12 @@ def test_scheduler_reserves_lookahead_slots_only_when_blocks_are_spare():
     sched.add_request(request("a"))
     out = sched.schedule()
     # 8 prompt tokens fill 2 blocks; the sampled token and its drafts' KV need a third.
-    assert len(out.scheduled_new_reqs[0].block_ids) == 3
+    assert len(out.scheduled_new_reqs[0].block_ids[0]) == 3
     tight = scheduler(4)  # two requests of 2 blocks each: no block to spare for lookahead
     tight.add_request(request("a"))
     tight.add_request(request("b"))
     out = tight.schedule()
-    assert [len(r.block_ids) for r in out.scheduled_new_reqs] == [2, 2]
+    assert [len(r.block_ids[0]) for r in out.scheduled_new_reqs] == [2, 2]
 
 
 # ----- configuration --------------------------------------------------------------------

@@ -86,7 +86,7 @@ def test_eagle_passes_read_the_next_token_and_the_right_features():
     batch = InputBatch(4, 64, 16)
     for i, (rid, prompt) in enumerate({"a": [1, 2, 3, 4, 5, 6, 7, 8, 9], "b": [3, 3]}.items()):
         batch.add_request(NewRequestData(rid, prompt, [], SamplingParams(temperature=0.0),
-                                         list(range(16 * i, 16 * i + 16)), 0))
+                                         [list(range(16 * i, 16 * i + 16))], 0))
     fake = FakeEagle(batch)
     proposer = DraftModelProposer(SpeculativeConfig(method="eagle", model="h", num_speculative_tokens=3),
                                   fake, BLOCK, 64, 64)
@@ -146,7 +146,7 @@ def test_jax_eagle_head_matches_transformers(tiny_models, tmp_path, num_layers, 
     assert ("fc_bias" in params) == fc_bias
     block, bucket = 16, 16
     batch = InputBatch(2, 64, 4)
-    batch.add_request(NewRequestData("a", TOKENS, [], SamplingParams(temperature=0.0), [0, 1, 2, 3], 0))
+    batch.add_request(NewRequestData("a", TOKENS, [], SamplingParams(temperature=0.0), [[0, 1, 2, 3]], 0))
     n = len(TOKENS) - 1
     sched = batch.schedule_spans(np.array([0]), np.array([0]), np.array([n]), np.array([True]), block)
     pages = -(-4 // page_table_multiple(block)) * page_table_multiple(block)
@@ -212,7 +212,7 @@ def test_jax_eagle3_head_matches_a_reference(tiny_models, tmp_path):
     block, bucket, n = 16, 16, len(TOKENS)
     pages = -(-4 // page_table_multiple(block)) * page_table_multiple(block)
     batch = InputBatch(2, 64, 4)
-    batch.add_request(NewRequestData("a", TOKENS, [], SamplingParams(temperature=0.0), [0, 1, 2, 3], 0))
+    batch.add_request(NewRequestData("a", TOKENS, [], SamplingParams(temperature=0.0), [[0, 1, 2, 3]], 0))
     builder = StepInputBuilder(batch, block, 4 * block, 2, pages)
     attention = make_attention("xla", tspec.head_dim ** -0.5, False, block, hp)
     tables = rope_tables(target_mc.hf_config, tspec.head_dim, 128)

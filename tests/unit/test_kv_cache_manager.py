@@ -28,7 +28,7 @@ def test_prefix_hit_skips_computed_blocks():
     b = make_request("b", list(range(8)) + [99, 98, 97])
     hit, n_hit = kv.get_computed_blocks(b)
     assert n_hit == 8
-    assert [blk.block_id for blk in hit] == kv.get_block_ids("a")[:2]
+    assert [blk.block_id for blk in hit] == kv.get_block_ids("a")[0][:2]
 
 
 def test_partial_hit_stops_at_first_differing_block():
@@ -45,8 +45,8 @@ def test_fully_cached_prompt_still_computes_last_token():
     b = make_request("b", list(range(8)))
     hit, n_hit = kv.get_computed_blocks(b)
     assert n_hit == 4 and len(hit) == 1
-    ids = kv.allocate_slots(b, 4, hit, n_hit)
-    assert ids[0] == kv.get_block_ids("a")[0] and len(ids) == 2
+    (ids,) = kv.allocate_slots(b, 4, hit, n_hit)
+    assert ids[0] == kv.get_block_ids("a")[0][0] and len(ids) == 2
 
 
 def test_no_hit_when_caching_disabled_or_prompt_logprobs_requested():
@@ -77,7 +77,7 @@ def test_allocation_failure_changes_nothing():
     before = kv.block_pool.get_num_free_blocks()
     assert kv.allocate_slots(b, 20) is None
     assert kv.block_pool.get_num_free_blocks() == before
-    assert kv.get_block_ids("b") == []
+    assert kv.get_block_ids("b") == [[]]
     # A hit on evictable blocks counts them as free, but not twice.
     kv.free(a)
     c = make_request("c", list(range(8)) + list(range(100, 112)))
@@ -91,14 +91,14 @@ def test_allocation_failure_changes_nothing():
 def test_allocate_returns_only_new_block_ids_and_grows_by_block():
     kv = KVCacheManager(8, BS)
     r = make_request("r", list(range(3)))
-    assert kv.allocate_slots(r, 3) == [0]
+    assert kv.allocate_slots(r, 3) == [[0]]
     r.num_computed_tokens = 3
     r.append_output_token_ids([7])
-    assert kv.allocate_slots(r, 1) == []
+    assert kv.allocate_slots(r, 1) == [[]]
     r.num_computed_tokens = 4
     r.append_output_token_ids([8])
-    assert kv.allocate_slots(r, 1) == [1]
-    assert kv.get_block_ids("r") == [0, 1]
+    assert kv.allocate_slots(r, 1) == [[1]]
+    assert kv.get_block_ids("r") == [[0, 1]]
 
 
 def test_generated_tokens_that_fill_a_block_become_cacheable():

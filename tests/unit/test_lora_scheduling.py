@@ -68,11 +68,11 @@ class LoRAWorker(FakeWorker):
         self.new_per_step.append([new.req_id for new in out.scheduled_new_reqs])
         bs = self.sched.kv_cache_manager.block_size
         for req_id, n in out.num_scheduled_tokens.items():
-            r, blocks = self.sched.requests[req_id], self.state[req_id][0]
+            r, blocks = self.sched.requests[req_id], self.state[req_id][0][0]
             for pos in range(r.num_computed_tokens - n, r.num_computed_tokens):
                 self.slots[blocks[pos // bs] * bs + pos % bs] = (_adapter(r), r.all_token_ids[pos])
         for req_id in out.num_scheduled_tokens:
-            r, blocks = self.sched.requests[req_id], self.state[req_id][0]
+            r, blocks = self.sched.requests[req_id], self.state[req_id][0][0]
             seen = [self.slots[blocks[pos // bs] * bs + pos % bs] for pos in range(r.num_computed_tokens)]
             expected = [(_adapter(r), t) for t in r.all_token_ids[: r.num_computed_tokens]]
             assert seen == expected, f"{req_id} (adapter {_adapter(r)}) reads KV of another adapter or request"
@@ -199,9 +199,9 @@ def test_kv_cache_manager_hits_only_blocks_of_the_same_adapter():
     assert _prefill(kv, Request("a2", tokens, SamplingParams(), lora_request=lora(1))) == 12
     assert _prefill(kv, Request("b2", tokens, SamplingParams(), lora_request=lora(2))) == 12
     assert _prefill(kv, Request("base2", tokens, SamplingParams())) == 12
-    assert kv.get_block_ids("a2")[:3] == kv.get_block_ids("a")[:3]
-    assert not set(kv.get_block_ids("a")) & set(kv.get_block_ids("b"))
-    assert not set(kv.get_block_ids("a")) & set(kv.get_block_ids("base"))
+    assert kv.get_block_ids("a2")[0][:3] == kv.get_block_ids("a")[0][:3]
+    assert not set(kv.get_block_ids("a")[0]) & set(kv.get_block_ids("b")[0])
+    assert not set(kv.get_block_ids("a")[0]) & set(kv.get_block_ids("base")[0])
 
 
 def test_scheduler_never_shares_prefix_blocks_across_adapters():

@@ -42,13 +42,19 @@ def default_token(request):
     return 10_000 + request.num_output_tokens + 100 * (zlib.crc32(request.request_id.encode()) % 100)
 
 
+def group_managers(kv):
+    """One KVCacheManager per KV cache group (a hybrid manager's, or the manager itself)."""
+    return kv.groups if hasattr(kv, "groups") else [kv]
+
+
 class FakeWorker:
     """Mirrors the workers' cached request state from the diffs, and samples tokens."""
 
     def __init__(self, sched, token_fn=default_token):
         self.sched, self.token_fn = sched, token_fn
-        self.state = {}  # req_id -> [block_ids, num_computed_tokens]
-        # Simulated KV cache: the token id whose KV each slot holds.
+        self.state = {}  # req_id -> [block ids per group, num_computed_tokens]
+        # Simulated KV cache: the token id whose KV each slot holds (a block is the same
+        # memory whichever group holds it).
         kv = sched.kv_cache_manager
         self.slots = [None] * (kv.num_blocks * kv.block_size)
 
@@ -60,21 +66,26 @@ class FakeWorker:
         assert len(sched.running) <= sched.max_num_seqs
         for req_id in out.finished_req_ids:
             self.state.pop(req_id, None)
+        groups = group_managers(sched.kv_cache_manager)
         for new in out.scheduled_new_reqs:
             assert new.req_id not in self.state
-            self.state[new.req_id] = [list(new.block_ids), new.num_computed_tokens]
+            assert len(new.block_ids) == len(groups)
+            self.state[new.req_id] = [[list(ids) for ids in new.block_ids], new.num_computed_tokens]
         cached = out.scheduled_running_reqs
         for req_id, ids, n in zip(cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):
-            self.state[req_id][0].extend(ids)
+            assert len(ids) == len(groups) and len({len(g) for g in ids}) == 1
+            for held, new_ids in zip(self.state[req_id][0], ids):
+                held.extend(new_ids)
             self.state[req_id][1] = n
         req_ids, sampled = [], []
         for req_id, n in out.num_scheduled_tokens.items():
             r = sched.requests[req_id]
-            blocks, computed = self.state[req_id]
-            released = sched.kv_cache_manager.num_released.get(req_id, 0)  # sliding windows
-            assert blocks[released:] == sched.kv_cache_manager.get_block_ids(req_id)[released:]
+            group_blocks, computed = self.state[req_id]
+            for g, blocks, mine in zip(groups, group_blocks, sched.kv_cache_manager.get_block_ids(req_id)):
+                released = g.num_released.get(req_id, 0)  # sliding windows
+                assert blocks[released:] == mine[released:]
+                assert len(blocks) * g.block_size >= r.num_computed_tokens
             assert computed + n == r.num_computed_tokens <= r.num_tokens
-            assert len(blocks) * sched.kv_cache_manager.block_size >= r.num_computed_tokens
             req_ids.append(req_id)
             sampled.append([self.token_fn(r)] if r.num_computed_tokens == r.num_tokens else [])
         self._check_kv_contents(out)
@@ -87,19 +98,23 @@ class FakeWorker:
         All writes come before any read, as each attention layer does; this is what makes
         a prefix hit on a block filled in the same step safe. With a sliding window W, the
         step's first query (position p) reads from p - W + 1 on, and only that is checked:
-        the blocks before it may have been freed and overwritten.
+        the blocks before it may have been freed and overwritten. Every KV cache group writes
+        and reads through its own block table.
         """
         bs = self.sched.kv_cache_manager.block_size
-        window = self.sched.kv_cache_manager.sliding_window
+        groups = group_managers(self.sched.kv_cache_manager)
         for req_id, n in out.num_scheduled_tokens.items():
-            r, blocks = self.sched.requests[req_id], self.state[req_id][0]
-            for pos in range(r.num_computed_tokens - n, r.num_computed_tokens):
-                self.slots[blocks[pos // bs] * bs + pos % bs] = r.all_token_ids[pos]
+            r = self.sched.requests[req_id]
+            for blocks in self.state[req_id][0]:
+                for pos in range(r.num_computed_tokens - n, r.num_computed_tokens):
+                    self.slots[blocks[pos // bs] * bs + pos % bs] = r.all_token_ids[pos]
         for req_id, n in out.num_scheduled_tokens.items():
-            r, blocks = self.sched.requests[req_id], self.state[req_id][0]
-            first = 0 if window is None else max(0, r.num_computed_tokens - n - window + 1)
-            seen = [self.slots[blocks[pos // bs] * bs + pos % bs] for pos in range(first, r.num_computed_tokens)]
-            assert seen == r.all_token_ids[first: r.num_computed_tokens], f"{req_id} reads foreign KV"
+            r = self.sched.requests[req_id]
+            for g, blocks in zip(groups, self.state[req_id][0]):
+                window = g.sliding_window
+                first = 0 if window is None else max(0, r.num_computed_tokens - n - window + 1)
+                seen = [self.slots[blocks[pos // bs] * bs + pos % bs] for pos in range(first, r.num_computed_tokens)]
+                assert seen == r.all_token_ids[first: r.num_computed_tokens], f"{req_id} reads foreign KV"
 
     def run_to_completion(self, max_steps=1000):
         outs = []
@@ -515,6 +530,6 @@ def test_sliding_window_prefix_hit_needs_only_the_blocks_the_window_reaches():
     new = out.scheduled_new_reqs[0]
     # Blocks 8 and 9 are the hit's own; the eight before them are RELEASED places (id 0).
     assert new.num_computed_tokens == 40 and kv.num_released["c"] == 8
-    assert new.block_ids[8:10] == [kv.block_pool.get_cached_block(h).block_id for h in probe.block_hashes[8:10]]
+    assert new.block_ids[0][8:10] == [kv.block_pool.get_cached_block(h).block_id for h in probe.block_hashes[8:10]]
     worker.run_to_completion()  # the simulated KV: c reads its own tokens within its window
     assert_no_leak(sched)

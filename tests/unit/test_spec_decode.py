@@ -85,7 +85,7 @@ def test_scheduler_checks_drafts_and_takes_rejected_ones_back():
     assert req.output_token_ids == [100, 101, 102, 7]
     # 11 + 3 computed, one draft rejected: 13; the correction 7 is the next to compute.
     assert req.num_computed_tokens == 13 and req.num_tokens == 14
-    assert len(sched.kv_cache_manager.get_block_ids("a")) == 4  # slots for all 14 positions
+    assert len(sched.kv_cache_manager.get_block_ids("a")[0]) == 4  # slots for all 14 positions
     stats = sched.make_stats()
     assert (stats.spec_num_drafts, stats.spec_num_draft_tokens, stats.spec_num_accepted_tokens) == (1, 3, 2)
     assert stats.spec_accepted_per_pos == [1, 1, 0]
@@ -139,7 +139,7 @@ def test_preemption_drops_the_drafts():
 def test_spec_decode_batch_lays_out_each_requests_positions():
     batch = InputBatch(4, 64, 16)
     for req_id, n in (("a", 5), ("b", 3)):
-        batch.add_request(NewRequestData(req_id, list(range(1, n + 1)), [], SamplingParams(), [0, 1], 0))
+        batch.add_request(NewRequestData(req_id, list(range(1, n + 1)), [], SamplingParams(), [[0, 1]], 0))
     spec = {"a": [7, 8]}
     batch.write_drafts(spec)
     scheduled = batch.schedule({"a": 7, "b": 3}, 16)  # a: 5 prompt + 2 drafts; b: its prompt

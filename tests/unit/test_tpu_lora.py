@@ -93,14 +93,14 @@ def setup(tmp_path_factory):
 
 def _step(new=(), cached=(), num=None, finished=()) -> SchedulerOutput:
     cached = list(cached)
-    data = RunningRequestData([c[0] for c in cached], [c[1] for c in cached], [c[2] for c in cached])
+    data = RunningRequestData([c[0] for c in cached], [[c[1]] for c in cached], [c[2] for c in cached])
     return SchedulerOutput(list(new), data, dict(num or {}), sum((num or {}).values()), list(finished))
 
 
 def _generate(runner: JaxModelRunner, reqs: list[tuple[str, int, LoRARequest | None]]) -> dict[str, list[int]]:
     """Prefill ``reqs`` (id, prompt index, adapter) in one step, then decode them together."""
     new = [NewRequestData(req_id, PROMPTS[p], [], SamplingParams(temperature=0.0, max_tokens=DECODE + 1),
-                          [2 * i, 2 * i + 1], 0, None, lr) for i, (req_id, p, lr) in enumerate(reqs)]
+                          [[2 * i, 2 * i + 1]], 0, None, lr) for i, (req_id, p, lr) in enumerate(reqs)]
     done = {req_id: len(PROMPTS[p]) for req_id, p, _ in reqs}
     try:
         out = runner.execute_model(_step(new=new, num=dict(done)))

@@ -43,12 +43,12 @@ def _runner(monkeypatch, attention: str = "xla") -> JaxModelRunner:
 
 
 def _new(req_id: str, blocks: list[int], computed: int = 0) -> NewRequestData:
-    return NewRequestData(req_id, PROMPT, [], SamplingParams(temperature=0.0, max_tokens=8), blocks, computed, 2)
+    return NewRequestData(req_id, PROMPT, [], SamplingParams(temperature=0.0, max_tokens=8), [blocks], computed, 2)
 
 
 def _step(new=(), cached=(), num=None, finished=()) -> SchedulerOutput:
     cached = list(cached)
-    data = RunningRequestData([c[0] for c in cached], [c[1] for c in cached], [c[2] for c in cached])
+    data = RunningRequestData([c[0] for c in cached], [[c[1]] for c in cached], [c[2] for c in cached])
     return SchedulerOutput(list(new), data, dict(num), sum(num.values()), list(finished))
 
 

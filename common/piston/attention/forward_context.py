@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -28,6 +28,16 @@ class ForwardContext:
     # The model's Attention layers by ``layer_idx`` (piston.attention.layer.attention_layers):
     # the compiled model's attention op carries only the index.
     attn_layers: Mapping[int, Any] = field(default_factory=dict)
+    # A hybrid KV cache (piston.step.kv_cache_layout): each layer's group. ``attn_metadata``
+    # is then a list with one entry per group, built from that group's block table.
+    layer_group: Sequence[int] | None = None
+
+    def layer_metadata(self, layer_idx: int) -> Any:
+        """The metadata attention layer ``layer_idx`` attends with (None while tracing)."""
+        md = self.attn_metadata
+        if self.layer_group is None or md is None:
+            return md
+        return md[self.layer_group[layer_idx]]
 
 
 _current: ForwardContext | None = None

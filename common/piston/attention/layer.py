@@ -50,7 +50,7 @@ class Attention(nn.Module):
         ctx = get_forward_context()
         if ctx is None or ctx.attn_metadata is None:
             return self.forward_no_cache(q, k, v)
-        return ctx.attn_impl.forward(self, q, k, v, ctx.kv_caches[self.layer_idx], ctx.attn_metadata)
+        return ctx.attn_impl.forward(self, q, k, v, ctx.kv_caches[self.layer_idx], ctx.layer_metadata(self.layer_idx))
 
     def forward_no_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention of the tokens over each other, as one sequence (no KV cache)."""

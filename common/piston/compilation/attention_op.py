@@ -35,7 +35,7 @@ def run_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: tor
     if ctx.attn_metadata is None:
         result = layer.forward_no_cache(q, k, v)
     else:
-        result = ctx.attn_impl.forward(layer, q, k, v, ctx.kv_caches[layer_idx], ctx.attn_metadata,
+        result = ctx.attn_impl.forward(layer, q, k, v, ctx.kv_caches[layer_idx], ctx.layer_metadata(layer_idx),
                                        output=output)
     n = result.shape[0]
     if result.data_ptr() != output.data_ptr():  # the backend did not write into output itself

@@ -100,7 +100,8 @@ class BlockPool:
         self.enable_caching = enable_caching
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         self.free_block_queue = FreeBlockQueue(self.blocks)
-        # One block per hash: a duplicate computed concurrently simply stays unhashed.
+        # One block per hash: a duplicate computed while the first is in use stays unhashed
+        # (one computed while the first is evictable replaces it: cache_full_blocks).
         self.cached_block_hash_to_block: dict[int, KVCacheBlock] = {}
         # Called with a cached block about to be handed out again (the KV offload tier).
         self.on_evict: Callable[[KVCacheBlock], None] | None = None
@@ -165,23 +166,34 @@ class BlockPool:
         num_cached_blocks: int,
         num_full_blocks: int,
         registered: list[KVCacheBlock] | None = None,
+        hashes: Sequence[int] | None = None,
     ) -> None:
         """Register ``blocks[num_cached_blocks:num_full_blocks]`` under the request's hashes.
 
         ``request.block_hashes`` must already cover ``num_full_blocks`` blocks. Blocks that
         came from a prefix hit already hold their hash and are left alone. The blocks given a
-        hash here are appended to ``registered``, when given.
+        hash here are appended to ``registered``, when given. ``hashes``: the keys to use
+        instead of the request's own (a hybrid model's salted group keys).
         """
         if not self.enable_caching:
             return
         cache = self.cached_block_hash_to_block
-        hashes = request.block_hashes
+        hashes = request.block_hashes if hashes is None else hashes
         for i in range(num_cached_blocks, num_full_blocks):
             block = blocks[i]
             if block.block_hash is not None:
                 continue
             block_hash = hashes[i]
-            if block_hash not in cache:
+            cached = cache.get(block_hash)
+            if cached is not None and cached.ref_cnt == 0:
+                # An evictable block holds the same KV (a hit that did not reach it): the block
+                # in use takes its place, so the prefix does not lose the block when the
+                # evictable one is handed out; the old one becomes a plain free block.
+                self._evict(cached)
+                self.free_block_queue.remove(cached)
+                self.free_block_queue.appendleft(cached)
+                cached = None
+            if cached is None:
                 block.block_hash = block_hash
                 cache[block_hash] = block
                 if registered is not None:

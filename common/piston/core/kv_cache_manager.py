@@ -19,8 +19,12 @@ skips the blocks before a query's window without reading them (or masks what it 
 so a freed block's new owner may overwrite it. Freed blocks keep their hash and stay
 prefix-cache hits until evicted, like a finished request's; a prefix hit needs only the
 blocks the window reaches back over from its end (``_window_hit``), not every block from
-the start. A model with any full-attention layer (Gemma 3's global layers) keeps every
-block: per-group block tables, vLLM's hybrid allocator, are not built.
+the start.
+
+One manager serves one group of layers (piston.step.kv_cache_layout). A model mixing full
+and sliding-window layers (Gemma 3) gets one per group, sharing one BlockPool, under the
+HybridKVCacheManager (piston.core.hybrid_kv_cache_manager); ``hash_salt`` then keeps each
+group's prefix-cache keys apart. Block ids go to the scheduler one list per group.
 """
 
 from __future__ import annotations
@@ -30,11 +34,9 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from piston.core.block_hash import update_request_block_hashes
 from piston.core.block_pool import BlockPool, KVCacheBlock
 from piston.core.kv_offload import KVOffloadIndex
-from piston.step.layer_types import kv_lookback
 
 if TYPE_CHECKING:
     from piston.core.request import Request
-    from piston.step.config import EngineConfig
 
 # The place of a block freed for falling behind the sliding window, or of a block a window
 # hit does not need (ref_cnt -1: never shared, never freed again). A new request's list sent
@@ -43,31 +45,14 @@ RELEASED = KVCacheBlock(0)
 RELEASED.ref_cnt = -1
 
 
-def release_window(config: "EngineConfig") -> int | None:
-    """The sliding window behind which this engine frees a request's blocks: every layer's
-    look-back (piston.step.layer_types.kv_lookback), unless a draft model or EAGLE head,
-    which attends over the same blocks with full attention, reads them too. None: keep all."""
-    spec, hf_config = config.speculative_config, config.model_config.hf_config
-    if getattr(hf_config, "num_hidden_layers", None) is None or (spec is not None and spec.uses_draft_model):
-        return None  # no model (a test's scheduler alone), or a drafter
-    return kv_lookback(hf_config)
-
-
-def blocks_per_sequence(max_model_len: int, block_size: int, window: int | None, max_num_batched_tokens: int) -> int:
-    """The most blocks one request can hold at once: its whole context, or with a sliding
-    window, the window's blocks behind a step's first query plus the step's tokens (vLLM's
-    sliding-window bound)."""
-    whole = -(-max_model_len // block_size)
-    if window is None:
-        return whole
-    return min(whole, -(-(window - 1 + max_num_batched_tokens) // block_size) + 1)
-
-
 class KVCacheManager:
     """Allocates, shares and frees KV blocks for requests."""
 
+    num_groups = 1
+
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
-                 offload: KVOffloadIndex | None = None, sliding_window: int | None = None) -> None:
+                 offload: KVOffloadIndex | None = None, sliding_window: int | None = None,
+                 block_pool: BlockPool | None = None, hash_salt: int = 0) -> None:
         self.block_size = block_size
         # Every layer's look-back in tokens (None: some layer reads the whole context).
         self.sliding_window = sliding_window
@@ -75,7 +60,11 @@ class KVCacheManager:
         self.num_released: dict[str, int] = {}
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
-        self.block_pool = BlockPool(num_blocks, enable_caching)
+        # A hybrid model's group managers share one pool (block_pool given), and each but the
+        # first keys its blocks by hash | hash_salt, so two groups never hit each other's.
+        self.block_pool = block_pool if block_pool is not None else BlockPool(num_blocks, enable_caching)
+        self.hash_salt = hash_salt
+        self._salted_hashes: dict[str, list[int]] = {}
         # The second tier (None: off): evicted cached blocks are saved there, and prefix
         # hits continue into it. ``offload_hits``: per request, the keys its last lookup
         # found there, loaded into its fresh blocks by allocate_slots.
@@ -135,16 +124,8 @@ class KVCacheManager:
             return [], 0
         update_request_block_hashes(request, self.block_size, request.block_hash_extra_keys)
         max_hit_blocks = (request.num_tokens - 1) // self.block_size
-        hashes = request.block_hashes
-        if self.sliding_window is not None:
-            hit_blocks = self._window_hit(hashes, max_hit_blocks)
-        else:
-            hit_blocks = []
-            for i in range(max_hit_blocks):
-                block = self.block_pool.get_cached_block(hashes[i])
-                if block is None:
-                    break
-                hit_blocks.append(block)
+        hashes = self.hashes(request)
+        hit_blocks = self.hit_blocks(hashes, max_hit_blocks)
         num_hit_tokens = len(hit_blocks) * self.block_size
         if self.offload is not None:
             self.offload.unpin(self.offload_hits.pop(request.request_id, ()))
@@ -155,6 +136,32 @@ class KVCacheManager:
         self.prefix_queries += request.num_tokens
         self.prefix_hits += num_hit_tokens
         return hit_blocks, num_hit_tokens
+
+    def hashes(self, request: "Request") -> Sequence[int]:
+        """The request's block hashes as this manager's prefix-cache keys (``update_request_block_hashes``
+        must be current): themselves, or salted for a hybrid model's later groups."""
+        if not self.hash_salt:
+            return request.block_hashes
+        salted = self._salted_hashes.setdefault(request.request_id, [])
+        src = request.block_hashes
+        if len(salted) < len(src):
+            salt = self.hash_salt
+            salted.extend(h | salt for h in src[len(salted):])
+        return salted
+
+    def hit_blocks(self, hashes: Sequence[int], max_hit_blocks: int) -> list[KVCacheBlock]:
+        """The cached blocks of the longest prefix hit of at most ``max_hit_blocks`` blocks:
+        every block from the start, or with a sliding window those it reaches (RELEASED
+        before them)."""
+        if self.sliding_window is not None:
+            return self._window_hit(hashes, max_hit_blocks)
+        hit_blocks = []
+        for i in range(max_hit_blocks):
+            block = self.block_pool.get_cached_block(hashes[i])
+            if block is None:
+                break
+            hit_blocks.append(block)
+        return hit_blocks
 
     def _window_hit(self, hashes: Sequence[int], max_hit_blocks: int) -> list[KVCacheBlock]:
         """The prefix hit of a sliding-window model (vLLM's lookup): the longest prefix whose
@@ -179,7 +186,8 @@ class KVCacheManager:
         num_new_tokens: int,
         new_computed_blocks: Sequence[KVCacheBlock] | None = None,
         num_new_computed_tokens: int = 0,
-    ) -> list[int] | None:
+        hits_referenced: bool = False,
+    ) -> list[list[int]] | None:
         """Make room for ``num_new_tokens`` more tokens of ``request``.
 
         ``new_computed_blocks`` (a prefix hit from ``get_computed_blocks``, covering
@@ -187,6 +195,9 @@ class KVCacheManager:
         ids of every block added to the request (hit blocks, then fresh ones), or None when
         too few blocks are free, in which case nothing changes. Evictable cached blocks
         count as free. Blocks that this step fills are registered in the prefix cache.
+        The ids come as one list per group (here one). ``hits_referenced``: the caller has
+        already referenced the hit blocks (the hybrid manager, which references every group's
+        before any group takes fresh blocks, so that none takes another's evictable hit).
         """
         req_id = request.request_id
         blocks = self.req_to_blocks.get(req_id)
@@ -203,7 +214,8 @@ class KVCacheManager:
 
         if computed:
             num_leading_released = sum(1 for b in computed if b is RELEASED)  # a window hit's
-            self.block_pool.touch(computed[num_leading_released:])
+            if not hits_referenced:
+                self.block_pool.touch(computed[num_leading_released:])
             if num_leading_released:
                 self.num_released[req_id] = num_leading_released
             blocks.extend(computed)
@@ -217,8 +229,8 @@ class KVCacheManager:
         if self.enable_caching:
             self._cache_full_blocks(request, blocks, min(num_total_tokens, request.num_tokens))
         if computed:
-            return [b.block_id for b in computed] + [b.block_id for b in new_blocks]
-        return [b.block_id for b in new_blocks]
+            return [[b.block_id for b in computed] + [b.block_id for b in new_blocks]]
+        return [[b.block_id for b in new_blocks]]
 
     def allocate_lookahead(self, request: "Request", num_tokens: int, keep_free: int) -> list[int]:
         """Fresh blocks so that ``request`` holds slots for ``num_tokens`` tokens past its
@@ -270,7 +282,8 @@ class KVCacheManager:
             return
         update_request_block_hashes(request, self.block_size, request.block_hash_extra_keys)
         first = len(self.step_registered)
-        self.block_pool.cache_full_blocks(request, blocks, num_cached, num_full_blocks, self.step_registered)
+        self.block_pool.cache_full_blocks(request, blocks, num_cached, num_full_blocks, self.step_registered,
+                                          hashes=self.hashes(request))
         if self.offload is not None:  # only the offload tier asks (_on_evict)
             self.step_registered_ids.update(b.block_id for b in self.step_registered[first:])
         self.num_cached_blocks[request.request_id] = num_full_blocks
@@ -283,12 +296,14 @@ class KVCacheManager:
         blocks = self.req_to_blocks.pop(request.request_id, None)
         self.num_cached_blocks.pop(request.request_id, None)
         released = self.num_released.pop(request.request_id, 0)
+        self._salted_hashes.pop(request.request_id, None)
         if blocks:
             self.block_pool.free_blocks(reversed(blocks[released:]))
 
-    def get_block_ids(self, request_id: str) -> list[int]:
-        """A new list of the request's block ids in sequence order ([] if it holds none)."""
-        return [b.block_id for b in self.req_to_blocks.get(request_id, ())]
+    def get_block_ids(self, request_id: str) -> list[list[int]]:
+        """The request's block ids in sequence order ([] if it holds none), one new list per
+        group (here one)."""
+        return [[b.block_id for b in self.req_to_blocks.get(request_id, ())]]
 
     def get_num_common_prefix_blocks(self, running_request: "Request", num_running_requests: int) -> int:
         """Number of leading blocks of ``running_request`` shared by all running requests.

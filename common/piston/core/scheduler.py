@@ -28,7 +28,8 @@ import sys
 import time
 from typing import Iterable
 
-from piston.core.kv_cache_manager import KVCacheManager, release_window
+from piston.core.hybrid_kv_cache_manager import HybridKVCacheManager
+from piston.core.kv_cache_manager import KVCacheManager
 from piston.core.kv_offload import KVOffloadIndex
 from piston.step.kv_transfer import tier_directory
 from piston.core.policies import SchedulingPolicy, make_policy
@@ -36,6 +37,7 @@ from piston.core.request import Request, RequestStatus
 from piston.step.config import EngineConfig
 from piston.step.engine_messages import EngineCoreOutput, Logprobs, SchedulerStats
 from piston.step.fault_injection import maybe_fail
+from piston.step.kv_cache_layout import kv_cache_layout
 from piston.step.runner_output import ModelRunnerOutput
 from piston.step.scheduler_output import NewRequestData, RunningRequestData, SchedulerOutput
 
@@ -69,10 +71,15 @@ class Scheduler:
         if cache.kv_offloading:
             offload = KVOffloadIndex(cache.kv_offload_host_blocks, cache.kv_offload_disk_blocks,
                                      tier_directory(config), config.parallel_config.tensor_parallel_size)
-        # Sliding-window models free the blocks behind every layer's window.
-        self.kv_cache_manager = KVCacheManager(
-            cache.num_blocks, cache.block_size, cache.enable_prefix_caching, offload, release_window(config)
-        )
+        # Sliding-window models free the blocks behind every layer's window; a model mixing
+        # full and sliding layers gets a block table per group of layers (hybrid).
+        layout = kv_cache_layout(config)
+        if layout.hybrid:
+            self.kv_cache_manager = HybridKVCacheManager(cache.num_blocks, cache.block_size, layout,
+                                                         cache.enable_prefix_caching)
+        else:
+            self.kv_cache_manager = KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching,
+                                                   offload, layout.groups[0].sliding_window)
 
         self.requests: dict[str, Request] = {}
         self.waiting = self.policy.make_queue()
@@ -257,7 +264,7 @@ class Scheduler:
                     break
             if block_ids is None:
                 continue  # the request preempted itself: it was the last running one
-            block_ids = block_ids + self._lookahead(request, num_new, i)
+            block_ids[0] += self._lookahead(request, num_new, i)
             num_scheduled[request.request_id] = num_new
             budget -= num_new
             if catching_up:

@@ -39,6 +39,7 @@ class EngineArgs:
     kv_offloading_dir: str | None = None
     kv_offloading_disk_size: int | str = "16GiB"
     kv_offloading_backend: str = "native"
+    disable_hybrid_kv_cache_manager: bool = False
     enable_chunked_prefill: bool = True
     max_num_batched_tokens: int = 2048
     max_prefill_tokens: int | None = None
@@ -87,6 +88,9 @@ class EngineArgs:
                  "the files survive restarts, keyed by model, dtype and KV layout")
         add("--kv-offloading-disk-size", default=d.kv_offloading_disk_size,
             help="the most bytes --kv-offloading-dir may hold (least recently used files go first)")
+        add("--disable-hybrid-kv-cache-manager", action="store_true",
+            help="a model mixing full and sliding-window layers (Gemma 3) keeps one block table for all "
+                 "layers and frees nothing behind the windows (default: a block table per group of layers)")
         add("--kv-offloading-backend", default=d.kv_offloading_backend,
             help="the workers' block store: native, or module:Class of an external store with the "
                  "interface of piston.step.kv_transfer.KVTierStore")
@@ -224,7 +228,8 @@ class EngineArgs:
             kv_offloading_size=parse_size(self.kv_offloading_size, "kv_offloading_size"),
             kv_offloading_dir=self.kv_offloading_dir,
             kv_offloading_disk_size=parse_size(self.kv_offloading_disk_size, "kv_offloading_disk_size"),
-            kv_offloading_backend=self.kv_offloading_backend)
+            kv_offloading_backend=self.kv_offloading_backend,
+            disable_hybrid_kv_cache_manager=self.disable_hybrid_kv_cache_manager)
         sched = SchedulerConfig(max_num_batched_tokens=batched, max_prefill_tokens=self.max_prefill_tokens,
                                 max_num_seqs=self.max_num_seqs,
                                 enable_chunked_prefill=self.enable_chunked_prefill,

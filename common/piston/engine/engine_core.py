@@ -10,7 +10,6 @@ from typing import Any, Iterable
 
 import msgspec
 
-from piston.core.kv_cache_manager import blocks_per_sequence, release_window
 from piston.core.request import Request, RequestStatus
 from piston.core.scheduler import Scheduler
 from piston.engine.structured_outputs import StructuredOutputs
@@ -18,6 +17,7 @@ from piston.executor import executor_class
 from piston.executor.abstract import Executor
 from piston.hal.registry import get_platform
 from piston.step.config import EngineConfig
+from piston.step.kv_cache_layout import blocks_per_sequence, hybrid_blocker, kv_cache_layout
 from piston.step.proposer import proposer_class
 from piston.step.kv_transfer import store_class, tier_directory
 from piston.step.engine_messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, SchedulerStats
@@ -109,22 +109,34 @@ class EngineCore:
         reports = self.executor.determine_num_kv_blocks()
         num_blocks = min(r.num_blocks for r in reports)
         self.kv_cache_memory = num_blocks * reports[0].bytes_per_block
-        window = release_window(config)
-        blocks_per_seq = blocks_per_sequence(config.model_config.max_model_len, cc.block_size, window,
+        layout = kv_cache_layout(config)
+        sliding = [g.sliding_window for g in layout.groups if g.sliding_window is not None]
+        blocks_per_seq = blocks_per_sequence(layout, config.model_config.max_model_len, cc.block_size,
                                              config.scheduler_config.max_num_batched_tokens)
         if num_blocks < blocks_per_seq:
-            held = "" if window is None else (
-                f" (with its sliding window of {window} tokens, one sequence holds at most {blocks_per_seq} "
-                f"blocks: the window and a step of max_num_batched_tokens="
+            held = "" if not sliding else (
+                f" (with sliding windows of {max(sliding)} tokens, one sequence holds at most {blocks_per_seq} "
+                f"blocks over {layout.num_groups} block table(s): the windows and a step of max_num_batched_tokens="
                 f"{config.scheduler_config.max_num_batched_tokens})")
             raise ValueError(
                 f"The KV cache ({num_blocks} blocks of {cc.block_size} tokens, "
                 f"{self.kv_cache_memory} bytes per rank) cannot hold one sequence of "
                 f"max_model_len={config.model_config.max_model_len} tokens{held}; raise kv_cache_memory "
-                f"or lower max_model_len to at most {num_blocks * cc.block_size}.")
-        if window is not None:
+                f"or lower max_model_len" + ("" if sliding else f" to at most {num_blocks * cc.block_size}") + ".")
+        if layout.hybrid:
+            logger.info("Hybrid KV cache: %d block tables over groups of %d layers (%s); the sliding groups free "
+                        "their blocks behind the window (a sequence holds at most %d blocks).", layout.num_groups,
+                        layout.num_cache_layers, ", ".join(
+                            "full" if g.sliding_window is None else f"window {g.sliding_window}"
+                            for g in layout.groups), blocks_per_seq)
+        elif sliding:
             logger.info("Every layer slides over %d tokens: each request's KV blocks behind its window are freed "
-                        "(a sequence holds at most %d blocks).", window, blocks_per_seq)
+                        "(a sequence holds at most %d blocks).", sliding[0], blocks_per_seq)
+        else:
+            blocker = hybrid_blocker(config)
+            if blocker is not None:
+                logger.info("The model mixes full and sliding-window layers, but every layer keeps every KV "
+                            "block: %s.", blocker)
         cc.num_blocks = num_blocks  # the engine's own decision, in the engine's own config
         if cc.kv_offloading:
             self._size_kv_offload(config, sum(r.bytes_per_block for r in reports))

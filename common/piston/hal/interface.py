@@ -83,6 +83,15 @@ Interface version history:
      its result (skip it, or mask it so that whatever it holds counts exactly 0). MoE
      models (piston.models.layers.fused_moe) take a platform's grouped-GEMM kernel through
      ``FusedMoE.kernel``; without one the core's torch path runs.
+  11: the hybrid KV cache (piston.step.kv_cache_layout). A model mixing full and
+     sliding-window layers has several KV cache groups of equal size, each with its own
+     block table: ``NewRequestData.block_ids`` and ``RunningRequestData.new_block_ids``
+     carry one list per group (one list for every other model), ``InputBatch.block_table``
+     is [groups, rows, blocks] and ``ScheduledTokens.block_numbers`` [groups, tokens]. A
+     runner allocates ``kv_layout.num_cache_layers`` cache tensors (layer l writes and reads
+     tensor ``layer_cache[l]`` through group ``layer_group[l]``'s table) and counts that many
+     layers in ``kv_cache_bytes_per_block``. The torch runner does it for every torch
+     platform (ForwardContext.layer_group).
 """
 
 from __future__ import annotations
@@ -97,7 +106,7 @@ if TYPE_CHECKING:
     from piston.step.runner_output import ModelRunnerOutput
     from piston.step.scheduler_output import SchedulerOutput
 
-PLATFORM_INTERFACE_VERSION = 10
+PLATFORM_INTERFACE_VERSION = 11
 
 
 class Platform(abc.ABC):

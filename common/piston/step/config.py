@@ -118,10 +118,13 @@ class ModelConfig:
         """The attention and KV heads one tensor-parallel rank computes and caches."""
         return head_partition(self.num_attention_heads, self.num_kv_heads, tp_size, tp_rank)
 
-    def kv_bytes_per_block(self, block_size: int, num_kv_heads: int | None = None) -> int:
-        """Bytes of one KV block over every layer, for ``num_kv_heads`` (default: all)."""
+    def kv_bytes_per_block(self, block_size: int, num_kv_heads: int | None = None,
+                           num_cache_layers: int | None = None) -> int:
+        """Bytes of one KV block over every layer (or ``num_cache_layers`` layers: a hybrid
+        model's, piston.step.kv_cache_layout), for ``num_kv_heads`` (default: all)."""
         heads = self.num_kv_heads if num_kv_heads is None else num_kv_heads
-        return 2 * block_size * heads * self.head_dim * DTYPE_BYTES[self.dtype] * self.num_layers
+        layers = self.num_layers if num_cache_layers is None else num_cache_layers
+        return 2 * block_size * heads * self.head_dim * DTYPE_BYTES[self.dtype] * layers
 
 
 @dataclass
@@ -148,6 +151,9 @@ class CacheConfig:
     # Blocks each tier holds: decided by the EngineCore from the block size the workers report.
     kv_offload_host_blocks: int = 0
     kv_offload_disk_blocks: int = 0
+    # A model mixing full and sliding-window layers keeps one block table for all layers,
+    # freeing nothing behind the windows (piston.step.kv_cache_layout), as vLLM's flag.
+    disable_hybrid_kv_cache_manager: bool = False
 
     @property
     def kv_offloading(self) -> bool:

@@ -45,7 +45,9 @@ class ScheduledTokens(NamedTuple):
     req_idx: np.ndarray  # [num_tokens] which request (0..num_reqs-1) each token belongs to
     positions: np.ndarray  # [num_tokens] each token's position in its sequence
     token_rows: np.ndarray  # [num_tokens] each token's batch row
-    block_numbers: np.ndarray  # [num_tokens] the KV block each token's K/V goes to
+    # [num_groups, num_tokens] the KV block each token's K/V goes to, in each group's block
+    # table (one group unless the model is hybrid: piston.step.kv_cache_layout)
+    block_numbers: np.ndarray
     # Requests (indices into ``rows``) that reach the end of their tokens and sample.
     sampling: np.ndarray
     # [len(sampling)] the flattened token index whose hidden state each of them samples from.
@@ -73,13 +75,15 @@ class ScheduledTokens(NamedTuple):
 
 
 class InputBatch:
-    def __init__(self, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int) -> None:
+    def __init__(self, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int, num_groups: int = 1) -> None:
         self.max_num_reqs = max_num_reqs
         self.token_ids = np.zeros((max_num_reqs, max_model_len), dtype=np.int64)
         self.num_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.num_prompt_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.num_computed_tokens = np.zeros(max_num_reqs, dtype=np.int64)
-        self.block_table = np.zeros((max_num_reqs, max_blocks_per_req), dtype=np.int32)
+        # One block table per KV cache group; a request has as many places in each (released
+        # ones hold a block no query reads), so ``num_blocks`` serves every group.
+        self.block_table = np.zeros((num_groups, max_num_reqs, max_blocks_per_req), dtype=np.int32)
         self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)
         self.temperature = np.zeros(max_num_reqs, dtype=np.float32)
         self.top_p = np.ones(max_num_reqs, dtype=np.float32)
@@ -184,16 +188,19 @@ class InputBatch:
                     self.min_tokens, self.num_logprobs, self.num_prompt_logprobs, self.seed, self.seeded):
             arr[dst] = arr[src]
         self.token_ids[dst, :self.num_tokens[src]] = self.token_ids[src, :self.num_tokens[src]]
-        self.block_table[dst, :self.num_blocks[src]] = self.block_table[src, :self.num_blocks[src]]
+        self.block_table[:, dst, :self.num_blocks[src]] = self.block_table[:, src, :self.num_blocks[src]]
         req_id = self.req_ids[src]
         self.req_ids[dst], self.states[dst] = req_id, self.states[src]
         self.req_ids[src] = self.states[src] = None
         self.req_id_to_row[req_id] = dst
 
-    def append_block_ids(self, row: int, block_ids: list[int]) -> None:
+    def append_block_ids(self, row: int, block_ids: list[list[int]]) -> None:
+        """Append each group's new blocks (as many in every group) to the row's tables."""
         start = self.num_blocks[row]
-        self.block_table[row, start:start + len(block_ids)] = block_ids
-        self.num_blocks[row] = start + len(block_ids)
+        n = len(block_ids[0]) if block_ids else 0
+        for group, ids in enumerate(block_ids):
+            self.block_table[group, row, start:start + n] = ids
+        self.num_blocks[row] = start + n
 
     def append_tokens(self, rows: np.ndarray, token_ids: np.ndarray) -> None:
         """Append one sampled token to each of ``rows`` (distinct rows)."""
@@ -241,7 +248,7 @@ class InputBatch:
         offsets = np.arange(int(cu[-1]) if len(cu) else 0) - np.repeat(cu - count, count)
         positions = start[req_idx] + offsets
         token_rows = rows[req_idx]
-        block_numbers = self.block_table[token_rows, positions // block_size]
+        block_numbers = self.block_table[:, token_rows, positions // block_size]
         sampling = np.flatnonzero(sample)
         logits_indices = cu[sampling] - 1
         return ScheduledTokens(rows, count, cu, start, req_idx, positions, token_rows, block_numbers,

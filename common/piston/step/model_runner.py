@@ -40,6 +40,7 @@ import numpy as np
 from piston.step.config import EngineConfig, cdiv
 from piston.step.fault_injection import faulty, maybe_stall
 from piston.step.input_batch import InputBatch, RunnerRequestState, ScheduledTokens
+from piston.step.kv_cache_layout import kv_cache_layout
 from piston.step.kv_transfer import KVTierStore, KVTransfer, store_class, tier_directory
 from piston.step.lora_adapter import LoRAAdapter, LoRAModelDims
 from piston.step.lora_request import LoRARequest
@@ -58,7 +59,10 @@ class ModelRunner(abc.ABC):
         self.vocab_size = mc.vocab_size
         self.block_size = config.cache_config.block_size
         self.max_model_len = mc.max_model_len
-        self.batch = InputBatch(sc.max_num_seqs, self.max_model_len, cdiv(self.max_model_len, self.block_size))
+        # How the layers share the KV cache: one block table, or one per group of layers.
+        self.kv_layout = kv_cache_layout(config)
+        self.batch = InputBatch(sc.max_num_seqs, self.max_model_len, cdiv(self.max_model_len, self.block_size),
+                                self.kv_layout.num_groups)
         self.kv_store: KVTierStore | None = None  # the KV offload tier's blocks (enable_kv_offload)
         spec = config.speculative_config
         self.proposer = None

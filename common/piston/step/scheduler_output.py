@@ -17,7 +17,9 @@ class NewRequestData(msgspec.Struct, array_like=True, gc=False):
     # Tokens already generated: non-empty only when a preempted request resumes.
     output_token_ids: list[int]
     sampling_params: SamplingParams
-    block_ids: list[int]
+    # Its blocks, one list per KV cache group (piston.step.kv_cache_layout; one group unless
+    # the model is hybrid), each in sequence order.
+    block_ids: list[list[int]]
     num_computed_tokens: int
     # The request's EOS token, which the sampler forbids until min_tokens are out.
     eos_token_id: int | None = None
@@ -30,7 +32,8 @@ class RunningRequestData(msgspec.Struct, array_like=True, gc=False):
     last step (new KV blocks and the computed count)."""
 
     req_ids: list[str] = []
-    new_block_ids: list[list[int]] = []
+    # Per request: its new blocks, one list per KV cache group.
+    new_block_ids: list[list[list[int]]] = []
     num_computed_tokens: list[int] = []
 
 

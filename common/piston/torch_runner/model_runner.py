@@ -169,21 +169,31 @@ class TorchModelRunner(ModelRunner):
         block 0 (warm-up and capture run before any request owns a block)."""
         common = dummy_decode_metadata(num_tokens, self.block_size, self.device)
         ids, positions = self._to_device(np.zeros(num_tokens, dtype=np.int64), np.zeros(num_tokens, dtype=np.int64))
-        ctx = ForwardContext(self.attn_impl.build_metadata(common), self.kv_caches, self.attn_impl,
-                             self.attn_layers)
+        ctx = self._forward_context([self.attn_impl.build_metadata(common)] * self.kv_layout.num_groups,
+                                    self.kv_caches, self.attn_layers)
         self._flush_to_device()
         with set_forward_context(ctx):
             self.compiled(ids, positions)
 
+    def _forward_context(self, metadata: list, kv_caches: list[torch.Tensor], attn_layers: dict) -> ForwardContext:
+        """The context of a forward pass given each KV cache group's metadata."""
+        if len(metadata) == 1:
+            return ForwardContext(metadata[0], kv_caches, self.attn_impl, attn_layers)
+        return ForwardContext(metadata, kv_caches, self.attn_impl, attn_layers, self.kv_layout.layer_group)
+
     def kv_cache_bytes_per_block(self) -> int:
-        target = self.config.model_config.kv_bytes_per_block(self.block_size, self.num_kv_heads)
+        target = self.config.model_config.kv_bytes_per_block(self.block_size, self.num_kv_heads,
+                                                              self.kv_layout.num_cache_layers)
         return target + (self.draft_config.kv_bytes_per_block(self.block_size) if self.draft_config else 0)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         shape = self.attn_impl.kv_cache_shape(num_blocks, self.block_size, self.num_kv_heads,
                                               self.head_dim)
-        # Zeros: padded reads of unused slots must be finite so masking can remove them.
-        self.kv_caches = [zeros(shape, self.dtype, self.device) for _ in range(self.num_layers)]
+        # Zeros: padded reads of unused slots must be finite so masking can remove them. A
+        # hybrid layout's groups share tensors: layer l uses tensor layer_cache[l].
+        layout = self.kv_layout
+        storage = [zeros(shape, self.dtype, self.device) for _ in range(layout.num_cache_layers)]
+        self.kv_caches = [storage[layout.layer_cache[layer]] for layer in range(self.num_layers)]
         if self.draft_config is not None:
             d = self.draft_config
             shape = self.attn_impl.kv_cache_shape(num_blocks, self.block_size, d.num_kv_heads, d.head_dim)
@@ -350,15 +360,19 @@ class TorchModelRunner(ModelRunner):
         seq_lens = (scheduled.num_computed + scheduled.num_scheduled).astype(np.int32)
         rows = scheduled.rows
         max_blocks = int(batch.num_blocks[rows].max())
-        qsl_t, seq_lens_t, block_table_t, slot_mapping_t, input_ids_t, positions_t = self._to_device(
-            query_start_loc, seq_lens, batch.block_table[rows, :max_blocks], slot_mapping, input_ids, positions)
-        common = CommonAttentionMetadata(
-            num_reqs=len(rows), num_actual_tokens=scheduled.num_tokens,
-            max_query_len=int(scheduled.num_scheduled.max()), max_seq_len=int(seq_lens.max()),
-            query_start_loc_np=query_start_loc, seq_lens_np=seq_lens, query_start_loc=qsl_t,
-            seq_lens=seq_lens_t, block_table=block_table_t, slot_mapping=slot_mapping_t,
-            block_size=self.block_size, num_common_prefix_blocks=num_common_prefix_blocks)
-        ctx = ForwardContext(self.attn_impl.build_metadata(common), kv_caches, self.attn_impl, attn_layers)
+        qsl_t, seq_lens_t, input_ids_t, positions_t = self._to_device(query_start_loc, seq_lens, input_ids, positions)
+        metadata = []
+        for group in range(len(slot_mapping)):  # one block table per KV cache group
+            block_table_t, slot_mapping_t = self._to_device(batch.block_table[group, rows, :max_blocks],
+                                                            slot_mapping[group])
+            common = CommonAttentionMetadata(
+                num_reqs=len(rows), num_actual_tokens=scheduled.num_tokens,
+                max_query_len=int(scheduled.num_scheduled.max()), max_seq_len=int(seq_lens.max()),
+                query_start_loc_np=query_start_loc, seq_lens_np=seq_lens, query_start_loc=qsl_t,
+                seq_lens=seq_lens_t, block_table=block_table_t, slot_mapping=slot_mapping_t,
+                block_size=self.block_size, num_common_prefix_blocks=num_common_prefix_blocks)
+            metadata.append(self.attn_impl.build_metadata(common))
+        ctx = self._forward_context(metadata, kv_caches, attn_layers)
         return input_ids_t, positions_t, ctx
 
     @torch.inference_mode()

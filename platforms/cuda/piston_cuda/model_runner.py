@@ -13,7 +13,7 @@ import logging
 
 import numpy as np
 import torch
-from piston.attention.forward_context import ForwardContext, set_forward_context
+from piston.attention.forward_context import set_forward_context
 from piston.attention.metadata import CommonAttentionMetadata
 from piston.step.config import EngineConfig
 from piston.step.runner_output import ModelRunnerOutput
@@ -26,12 +26,13 @@ from piston_cuda.staging import PinnedStaging
 logger = logging.getLogger(__name__.replace("piston_cuda", "piston.cuda", 1))
 
 
-def staging_bytes(max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int) -> int:
-    """Room for one step's staged arrays: per token ids, positions and slots (int64); per
-    request the block table row, offsets, lengths and sampling parameters; slack for
-    alignment and the attention backend's extras."""
-    per_token = 3 * 8
-    per_seq = 4 * max_blocks_per_seq + 16 * 8 + 64
+def staging_bytes(max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
+                  num_groups: int = 1) -> int:
+    """Room for one step's staged arrays: per token ids, positions and slots (int64; slots
+    and block table rows once per KV cache group); per request the block table row, offsets,
+    lengths and sampling parameters; slack for alignment and the attention backend's extras."""
+    per_token = (2 + num_groups) * 8
+    per_seq = 4 * max_blocks_per_seq * num_groups + 16 * 8 + 64
     return max_num_batched_tokens * per_token + max_num_seqs * per_seq + 64 * 1024
 
 
@@ -40,8 +41,8 @@ class CudaModelRunner(TorchModelRunner):
         super().__init__(config, device, attn_impl)
         sc = config.scheduler_config
         max_blocks = -(-self.max_model_len // self.block_size)
-        self.staging = PinnedStaging(staging_bytes(sc.max_num_batched_tokens, sc.max_num_seqs, max_blocks),
-                                     device)
+        self.staging = PinnedStaging(staging_bytes(sc.max_num_batched_tokens, sc.max_num_seqs, max_blocks,
+                                                   self.kv_layout.num_groups), device)
         attn_impl.stage = self._to_device
 
     def _to_device(self, *arrays: np.ndarray) -> list[torch.Tensor]:
@@ -115,7 +116,8 @@ class CudaModelRunner(TorchModelRunner):
             max_seq_len=int(seq_lens.max()), query_start_loc_np=qsl, seq_lens_np=seq_lens,
             query_start_loc=qsl_t, seq_lens=lens_t, block_table=table_t, slot_mapping=slots_t,
             block_size=bs)
-        ctx = ForwardContext(self.attn_impl.build_metadata(common), self.kv_caches, self.attn_impl)
+        ctx = self._forward_context([self.attn_impl.build_metadata(common)] * self.kv_layout.num_groups,
+                                    self.kv_caches, {})
         self._flush_to_device()
         with set_forward_context(ctx):
             self.model(ids_t, pos_t)
