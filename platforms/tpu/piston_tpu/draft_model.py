@@ -94,7 +94,8 @@ class DraftModel:
         self.programs.compile_all(self.params, self.rope, self.kv_cache)
 
     def run(self, step: StepInputs, logits_indices: np.ndarray, max_seqs: int) -> np.ndarray:
-        """One pass over ``step``: the draft's greedy token at each of ``logits_indices``."""
+        """One pass over ``step`` (one KV cache group's metadata: the runner's group 0): the
+        draft's greedy token at each of ``logits_indices``."""
         n = len(logits_indices)
         sample_idx = np.zeros(max_seqs, np.int32)
         sample_idx[:n] = logits_indices

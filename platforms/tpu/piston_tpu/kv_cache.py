@@ -2,7 +2,9 @@
 
 Layout ``[num_layers, 2 (k, v), num_kv_heads, num_blocks, block_size, head_dim]``: one
 page of one head is a contiguous ``[block_size, head_dim]`` tile, the unit the Pallas
-kernel copies from HBM. The model writes a step's k/v before attention reads the cache.
+kernel copies from HBM. With a hybrid KV cache layout (piston.step.kv_cache_layout) the
+first axis holds the layout's ``num_cache_layers`` tensors, each shared by one layer of
+every group. The model writes a step's k/v before attention reads the cache.
 """
 
 from __future__ import annotations

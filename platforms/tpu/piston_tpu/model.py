@@ -10,8 +10,11 @@ With LoRA slots in the parameters (piston_tpu.lora) and the step's ``lora_slots`
 projection adds its tokens' adapter deltas.
 
 Per-layer facts ride in the scan beside the weights: each layer's sliding window (0: the
-whole context; piston.step.layer_types) and which RoPE table it rotates with (Gemma 3's
-local and global layers have their own). Gemma 3 also brings norms that scale by
+whole context; piston.step.layer_types), which RoPE table it rotates with (Gemma 3's
+local and global layers have their own) and, with a hybrid KV cache layout
+(piston.step.kv_cache_layout), its KV cache group and cache tensor: the layer writes and
+reads slot ``layer_cache`` of the cache's layer axis through its group's slot mapping and
+page table, picked from the step's metadata by a dynamic index. Gemma 3 also brings norms that scale by
 ``1 + weight``, sandwich norms around attention and the MLP, a scaled embedding, its own
 query scale and optional final-logit soft-capping, all switched by the spec.
 """
@@ -30,7 +33,7 @@ from jax import lax
 from piston.step.layer_types import FULL, layer_types, rope_config, sliding_windows
 from piston.step.rope import rope_tables
 from piston_tpu import lora
-from piston_tpu.attention_metadata import AttentionMetadata
+from piston_tpu.attention_metadata import AttentionMetadata, group_metadata
 from piston_tpu.moe import MOE_ARCHITECTURES, MOE_PARAMS, moe_fields, moe_mlp
 from piston_tpu.kv_cache import write_kv
 
@@ -86,6 +89,11 @@ class LlamaSpec:
     moe_intermediate_size: int = 0
     shared_intermediate_size: int = 0
     sparse_layers: tuple[int, ...] = ()
+    # A hybrid KV cache layout (piston.step.kv_cache_layout; the runner sets it): each layer's
+    # group (its slot mapping and page table) and cache tensor. Empty: one group, layer l in
+    # tensor l.
+    layer_group: tuple[int, ...] = ()
+    layer_cache: tuple[int, ...] = ()
 
     @property
     def all_sparse(self) -> bool:
@@ -212,7 +220,8 @@ def _decoder_layer(h: jax.Array, residual: jax.Array, cache: jax.Array, lp: dict
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decoder layer: (h, residual, cache) -> (h, residual, cache); the layer's input is
     ``h + residual``, normalized unless ``input_norm`` is False (an EAGLE head's first
-    layer). ``lora_one_hot`` [T, slots]: each token's LoRA slot (piston_tpu.lora);
+    layer). ``index``: the layer's tensor in the cache's layer axis; ``md``: its KV cache
+    group's metadata. ``lora_one_hot`` [T, slots]: each token's LoRA slot (piston_tpu.lora);
     ``window``: the layer's sliding window (0: none); ``sparse``: 1 for an MoE layer."""
     t = h.shape[0]
     h_, kvh, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -274,7 +283,8 @@ def forward(params: dict[str, jax.Array], rope: tuple[jax.Array, jax.Array], kv_
             lora_slots: jax.Array | None = None, *, spec: LlamaSpec, attention: AttentionFn, rotary_dim: int,
             precision=None, aux_layers: tuple[int, ...] = ()) -> tuple[jax.Array, ...]:
     """One step over T flattened tokens (``lora_slots`` [T] int32: each token's LoRA slot,
-    the number of slots for none, when the parameters hold LoRA slots).
+    the number of slots for none, when the parameters hold LoRA slots). ``md``: the step's
+    metadata, per KV cache group (a leading group axis) or of one group (none).
 
     Returns (hidden [T, hidden], hidden rows ``sample_idx`` [S, hidden], the updated cache),
     and with ``aux_layers`` (an EAGLE-3 head drafts) the inputs of those layers,
@@ -286,14 +296,22 @@ def forward(params: dict[str, jax.Array], rope: tuple[jax.Array, jax.Array], kv_
     windows = jnp.asarray(spec.layer_windows or (0,) * spec.num_layers, jnp.int32)
     kinds = jnp.asarray(spec.layer_rope or (0,) * spec.num_layers, jnp.int32)
     sparse = jnp.asarray(spec.sparse_layers or (0,) * spec.num_layers, jnp.int32)
+    caches = jnp.asarray(spec.layer_cache or tuple(range(spec.num_layers)), jnp.int32)
+    groups = jnp.asarray(spec.layer_group or (0,) * spec.num_layers, jnp.int32)
+    num_groups = md.slot_mapping.shape[0] if md.slot_mapping.ndim == 2 else 1
+    if max(spec.layer_group or (0,)) >= num_groups:
+        raise ValueError(f"the model's layers use {max(spec.layer_group) + 1} KV cache groups, the step's "
+                         f"metadata has {num_groups}.")
+    one_group = group_metadata(md, 0) if num_groups == 1 else None  # picked once, outside the scan
 
     def layer(carry, xs):
-        lp, index, window, kind, is_sparse = xs
+        lp, index, cache_index, group, window, kind, is_sparse = xs
         h, residual, cache, aux = carry
         for j, layer_id in enumerate(aux_layers):  # keep the stream entering the aux layers
             aux = aux.at[j].set(jnp.where(index == layer_id, h + residual, aux[j]))
-        h, residual, cache = _decoder_layer(h, residual, cache, lp, index, cos_all[kind], sin_all[kind], md,
-                                            spec=spec, attention=attention, rotary_dim=rotary_dim,
+        layer_md = one_group if one_group is not None else group_metadata(md, group)
+        h, residual, cache = _decoder_layer(h, residual, cache, lp, cache_index, cos_all[kind], sin_all[kind],
+                                            layer_md, spec=spec, attention=attention, rotary_dim=rotary_dim,
                                             precision=precision, lora_one_hot=one_hot, window=window,
                                             sparse=is_sparse)
         return (h, residual, cache, aux), None
@@ -306,8 +324,8 @@ def forward(params: dict[str, jax.Array], rope: tuple[jax.Array, jax.Array], kv_
         one_hot = lora.token_one_hot(lora_slots, params["lora_a_qkv"].shape[1], h.dtype)
     aux = jnp.zeros((len(aux_layers), *h.shape), h.dtype)
     carry = (h, jnp.zeros_like(h), kv_cache, aux)
-    (h, residual, kv_cache, aux), _ = lax.scan(layer, carry, (stacked, jnp.arange(spec.num_layers), windows, kinds,
-                                                              sparse))
+    (h, residual, kv_cache, aux), _ = lax.scan(layer, carry, (stacked, jnp.arange(spec.num_layers), caches, groups,
+                                                              windows, kinds, sparse))
     hidden = rms_norm(h + residual, params["final_norm"], spec.rms_norm_eps, spec.norm_offset)
     if aux_layers:
         return hidden, hidden[sample_idx], kv_cache, jnp.concatenate(list(aux), axis=-1)
@@ -322,6 +340,7 @@ def eagle_forward(params: dict[str, jax.Array], rope: tuple[jax.Array, jax.Array
     after ``positions[t]``, ``features`` [T, hidden] the target's (or the head's) features
     there, ``embed`` the target's embedding. Returns (the head's outputs at ``sample_idx``
     [S, hidden], the updated cache)."""
+    md = group_metadata(md, 0)  # a head is never hybrid: one KV cache group
     cos, sin = rope[0][0, positions], rope[1][0, positions]
     x = jnp.concatenate([embed[input_ids], features.astype(embed.dtype)], axis=-1)
     h = _linear(x, params["fc"], precision)
@@ -348,6 +367,7 @@ def eagle3_forward(params: dict[str, jax.Array], rope: tuple[jax.Array, jax.Arra
     h_, kvh, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
     q_size, kv_size = h_ * d, kvh * d
     eps, inter = spec.rms_norm_eps, spec.intermediate_size
+    md = group_metadata(md, 0)  # a head is never hybrid: one KV cache group
     cos, sin = rope[0][0, positions], rope[1][0, positions]
     embeds = rms_norm(embed[input_ids], params["in_norm"][0], eps)
     features = features.astype(embeds.dtype)

@@ -10,10 +10,16 @@ RecompileDetector turns any later compilation into an error.
 Multi-LoRA (``config.lora_config``): the parameters hold ``max_loras`` adapter slots
 (piston_tpu.lora); ``write_lora_slot`` fills one with a compiled program and
 ``set_lora_mapping`` gives the next forward its tokens' slots, a program input.
+
+A hybrid KV cache layout (``self.kv_layout``, piston.step.kv_cache_layout): the cache holds
+``num_cache_layers`` tensors, the step's metadata one slot mapping and page table per group,
+and the model's scan gives each layer its group's and its tensor (LlamaSpec.layer_group,
+layer_cache). A draft model or EAGLE head (never with a hybrid layout) reads group 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import NamedTuple
@@ -66,6 +72,9 @@ class JaxModelRunner(ModelRunner):
         self.on_tpu = on_tpu
         self.dtype = np.dtype(_DTYPES[mc.dtype])
         self.spec = LlamaSpec.from_model_config(mc)
+        if self.kv_layout.hybrid:  # each layer's KV cache group and tensor ride in the layer scan
+            self.spec = dataclasses.replace(self.spec, layer_group=self.kv_layout.layer_group,
+                                            layer_cache=self.kv_layout.layer_cache)
         if self.spec.num_experts and config.lora_config is not None:
             raise ValueError(f"LoRA adapters on a mixture-of-experts model ({self.spec.architecture}) are not "
                              "supported on the TPU platform: its expert MLPs take no adapter deltas.")
@@ -73,7 +82,7 @@ class JaxModelRunner(ModelRunner):
         self.request_buckets = buckets.request_buckets(sc.max_num_seqs)
         self.max_seqs = self.request_buckets[-1]
         multiple = page_table_multiple(self.block_size)
-        self.pages_per_seq = -(-self.batch.block_table.shape[1] // multiple) * multiple
+        self.pages_per_seq = -(-self.batch.block_table.shape[2] // multiple) * multiple
         self.attention_name = choose_attention(self.spec.num_layers, on_tpu)
         # float32 runs must not drop to bf16 matmul passes on a TPU.
         self.precision = lax.Precision.HIGHEST if self.dtype == np.float32 else None
@@ -170,14 +179,16 @@ class JaxModelRunner(ModelRunner):
 
     def kv_cache_bytes_per_block(self) -> int:
         draft = self.draft.kv_bytes_per_block(self.block_size) if self.draft is not None else 0
-        return self.config.model_config.kv_bytes_per_block(self.block_size) + draft
+        return self.config.model_config.kv_bytes_per_block(self.block_size,
+                                                           num_cache_layers=self.kv_layout.num_cache_layers) + draft
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         s = self.spec
         self.num_blocks = num_blocks
         # Zeros: padded reads of unused slots must be finite so masking can remove them.
-        self.kv_cache = jnp.zeros(kv_cache_shape(s.num_layers, num_blocks, self.block_size, s.num_kv_heads,
-                                                 s.head_dim), self.dtype)
+        # A hybrid layout's groups share the tensors: layer l uses tensor kv_layout.layer_cache[l].
+        self.kv_cache = jnp.zeros(kv_cache_shape(self.kv_layout.num_cache_layers, num_blocks, self.block_size,
+                                                 s.num_kv_heads, s.head_dim), self.dtype)
         self.inputs = StepInputBuilder(self.batch, self.block_size, num_blocks * self.block_size, self.max_seqs,
                                        self.pages_per_seq)
         if self.draft is not None:
@@ -255,7 +266,8 @@ class JaxModelRunner(ModelRunner):
                                        self.block_size, self.precision)
             self.programs = ModelPrograms(self.spec, attention, self.rotary_dim, self.token_buckets,
                                           self.request_buckets, self.max_seqs, self.pages_per_seq, self.precision,
-                                          speculative=self.proposer is not None, aux_layers=self.aux_layers)
+                                          speculative=self.proposer is not None, aux_layers=self.aux_layers,
+                                          num_groups=self.kv_layout.num_groups)
             self.programs.compile_all(self.params, self.rope, self.kv_cache)
         if self.draft is not None:
             self.draft.warm_up(self.attention_name, self.on_tpu, self.block_size, self.precision, self.token_buckets,
@@ -285,12 +297,12 @@ class JaxModelRunner(ModelRunner):
                       hidden_index: np.ndarray | None = None) -> np.ndarray:
         if hidden_index is None:
             step = self.inputs.build(scheduled, buckets.pick_bucket(self.token_buckets, scheduled.num_tokens))
-            return self.draft.run(step, scheduled.logits_indices, self.max_seqs)
+            return self.draft.run(step.group(0), scheduled.logits_indices, self.max_seqs)
         # An EAGLE head: its first pass reads the target's hidden states, in the step's bucket.
         bucket = hidden.step.bucket if hidden is not None else buckets.pick_bucket(self.token_buckets,
                                                                                    scheduled.num_tokens)
         step = self.inputs.build(scheduled, bucket, token_shift=1)
-        return self.draft.run_eagle(step, scheduled.logits_indices, self.max_seqs,
+        return self.draft.run_eagle(step.group(0), scheduled.logits_indices, self.max_seqs,
                                     None if hidden is None else hidden.aux if self.aux_layers else hidden.hidden,
                                     hidden_index, self.params["embed"],
                                     self._head())

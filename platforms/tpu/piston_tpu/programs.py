@@ -16,6 +16,10 @@ token bucket instead of ``forward``; an EAGLE-3 head's ``gather_target`` fuses t
 aux layers with ``fc``, and its ``draft_tokens`` maps its draft vocabulary to the target's.
 With ``aux_layers`` the target's ``forward`` also returns those layers' inputs.
 
+The target's ``forward`` takes the step's metadata per KV cache group (``num_groups``: a
+leading group axis on the slot mapping and page table, piston_tpu.step_inputs); a draft
+model's or EAGLE head's programs take one group's (``num_groups`` None: no group axis).
+
 With LoRA slots in the parameters (piston_tpu.lora), ``forward`` takes each token's slot
 (int32 [T]) and one more program, ``write_lora_slot`` (bucket 0), writes an adapter into a
 slot of every LoRA stack.
@@ -52,7 +56,8 @@ class ModelPrograms:
     def __init__(self, spec: LlamaSpec, attention: Callable, rotary_dim: int, token_buckets: list[int],
                  request_buckets: list[int], max_seqs: int, pages_per_seq: int, precision,
                  speculative: bool = False, draft: bool = False, eagle: bool = False, eagle3: bool = False,
-                 norm_before_residual: bool = False, aux_layers: tuple[int, ...] = ()) -> None:
+                 norm_before_residual: bool = False, aux_layers: tuple[int, ...] = (),
+                 num_groups: int | None = None) -> None:
         self.spec = spec
         self.speculative = speculative
         self.draft = draft or eagle or eagle3
@@ -63,6 +68,7 @@ class ModelPrograms:
         self.request_buckets = request_buckets
         self.max_seqs = max_seqs
         self.pages_per_seq = pages_per_seq
+        self.num_groups = num_groups
         self.compiled: dict[tuple[str, int], Any] = {}
         self._forward = jax.jit(functools.partial(forward, spec=spec, attention=attention, rotary_dim=rotary_dim,
                                                   precision=precision, aux_layers=aux_layers), donate_argnums=(2,))
@@ -86,12 +92,13 @@ class ModelPrograms:
         vocab, hidden = spec.vocab_size, spec.hidden_size
         act_dtype = params["embed" if "embed" in params else "fc"].dtype
         jobs = []
+        groups = () if self.num_groups is None else (self.num_groups,)
         for t in self.token_buckets:
             md = AttentionMetadata(
-                slot_mapping=_spec((t,), np.int32), token_positions=_spec((t,), np.int32),
+                slot_mapping=_spec((*groups, t), np.int32), token_positions=_spec((t,), np.int32),
                 token_seqs=_spec((t,), np.int32), kv_lens=_spec((s,), np.int32),
-                cu_q_lens=_spec((s + 1,), np.int32), page_indices=_spec((s, self.pages_per_seq), np.int32),
-                num_seqs=_spec((1,), np.int32))
+                cu_q_lens=_spec((s + 1,), np.int32),
+                page_indices=_spec((*groups, s, self.pages_per_seq), np.int32), num_seqs=_spec((1,), np.int32))
             args = (params, rope, kv_cache, _spec((t,), np.int32), _spec((t,), np.int32), md, _spec((s,), np.int32))
             if self.eagle:
                 feats = _spec((t, hidden), act_dtype)
