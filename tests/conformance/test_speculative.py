@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 from chi_square import chi2_sf
 from hf_reference import LONG_PROMPT, REFERENCE_PROMPTS, assert_no_near_ties, hf_config, hf_greedy
+from marks import SLOW_ON_TPU
 from piston import SamplingParams
 from piston.hal.registry import get_platform
 from reference import reference
@@ -140,7 +141,8 @@ def _check_smollm2_variant(variant, speculative_config, baseline, make_llm, smol
         assert llm.llm_engine.get_num_preemptions() > 0
 
 
-@pytest.mark.parametrize("variant", ["default", "budget16_no_prefix_caching", "preemption"])
+@pytest.mark.parametrize("variant", ["default", "budget16_no_prefix_caching",
+                                     pytest.param("preemption", marks=SLOW_ON_TPU)])  # 22 s on the TPU plugin
 def test_smollm2_greedy_with_ngram_matches_without(variant, baseline, make_llm, smollm2_path, smollm2_llm_kwargs):
     _check_smollm2_variant(variant, NGRAM, baseline, make_llm, smollm2_path, smollm2_llm_kwargs)
 
@@ -231,6 +233,7 @@ _WORDS = "apple river stone cloud lamp tiger honey violin marble rocket"
 COPY_PROMPT = f"{_WORDS}, {_WORDS}, {_WORDS}, apple river stone"
 
 
+@SLOW_ON_TPU  # 19 s on the TPU plugin, 6 s on the CPU
 def test_seeded_sampling_with_ngram_is_reproducible(make_llm, smollm2_path, smollm2_llm_kwargs):
     params = SamplingParams(temperature=0.8, top_k=50, max_tokens=32, seed=7, ignore_eos=True)
     llm = make_llm(smollm2_path, **smollm2_llm_kwargs, speculative_config=NGRAM)

@@ -23,6 +23,7 @@ import re
 import jsonschema
 import pytest
 from hf_reference import REFERENCE_PROMPTS, hf_config
+from marks import SLOW_ON_TPU
 from reference import reference
 
 from piston import SamplingParams
@@ -185,6 +186,7 @@ def test_greedy_matches_transformers_with_the_same_engine(llm, greedy_reference,
         _check(name, out.outputs[0].text)
 
 
+@SLOW_ON_TPU  # 20 s on the TPU plugin, 9 s on the CPU
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_greedy_with_preemption_matches_reference(backend, make_llm, greedy_reference, smollm2_path,
                                                   smollm2_llm_kwargs, smollm2_tokenizer):
