@@ -28,12 +28,32 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from piston.core.block_hash import update_request_block_hashes
 from piston.core.block_pool import BlockPool, KVCacheBlock
 from piston.core.kv_cache_manager import RELEASED, KVCacheManager
+from piston.core.kv_offload import KVOffloadIndex
+from piston.step.kv_cache_layout import kv_cache_layout
+from piston.step.kv_transfer import tier_directory
 
 if TYPE_CHECKING:
     from piston.core.request import Request
+    from piston.step.config import EngineConfig
     from piston.step.kv_cache_layout import KVCacheLayout
 
 _SALT_SHIFT = 128  # block hashes are 128-bit (piston.core.block_hash)
+
+
+def make_kv_cache_manager(config: "EngineConfig") -> "KVCacheManager | HybridKVCacheManager":
+    """The scheduler's KV cache manager for ``config``'s layout (piston.step.kv_cache_layout):
+    one block table (freeing blocks behind the window when every layer slides, with the
+    offload tier when configured), or one per group of layers."""
+    cache = config.cache_config
+    layout = kv_cache_layout(config)
+    if layout.hybrid:
+        return HybridKVCacheManager(cache.num_blocks, cache.block_size, layout, cache.enable_prefix_caching)
+    offload = None
+    if cache.kv_offloading:
+        offload = KVOffloadIndex(cache.kv_offload_host_blocks, cache.kv_offload_disk_blocks,
+                                 tier_directory(config), config.parallel_config.tensor_parallel_size)
+    return KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching, offload,
+                          layout.groups[0].sliding_window)
 
 
 class HybridKVCacheManager:

@@ -28,16 +28,12 @@ import sys
 import time
 from typing import Iterable
 
-from piston.core.hybrid_kv_cache_manager import HybridKVCacheManager
-from piston.core.kv_cache_manager import KVCacheManager
-from piston.core.kv_offload import KVOffloadIndex
-from piston.step.kv_transfer import tier_directory
+from piston.core.hybrid_kv_cache_manager import make_kv_cache_manager
 from piston.core.policies import SchedulingPolicy, make_policy
 from piston.core.request import Request, RequestStatus
 from piston.step.config import EngineConfig
 from piston.step.engine_messages import EngineCoreOutput, Logprobs, SchedulerStats
 from piston.step.fault_injection import maybe_fail
-from piston.step.kv_cache_layout import kv_cache_layout
 from piston.step.runner_output import ModelRunnerOutput
 from piston.step.scheduler_output import NewRequestData, RunningRequestData, SchedulerOutput
 
@@ -55,7 +51,7 @@ class Scheduler:
     """Decides each step which requests compute how many tokens, and applies results."""
 
     def __init__(self, config: EngineConfig) -> None:
-        cache, sched = config.cache_config, config.scheduler_config
+        sched = config.scheduler_config
         self.max_num_batched_tokens = sched.max_num_batched_tokens
         self.max_num_seqs = sched.max_num_seqs
         self.enable_chunked_prefill = sched.enable_chunked_prefill
@@ -67,19 +63,8 @@ class Scheduler:
         self.max_loras = config.lora_config.max_loras if config.lora_config is not None else 0
         # 0 means "not resolved yet" (unit tests); the engine sets the real context.
         self.max_model_len = config.model_config.max_model_len or sys.maxsize
-        offload = None
-        if cache.kv_offloading:
-            offload = KVOffloadIndex(cache.kv_offload_host_blocks, cache.kv_offload_disk_blocks,
-                                     tier_directory(config), config.parallel_config.tensor_parallel_size)
-        # Sliding-window models free the blocks behind every layer's window; a model mixing
-        # full and sliding layers gets a block table per group of layers (hybrid).
-        layout = kv_cache_layout(config)
-        if layout.hybrid:
-            self.kv_cache_manager = HybridKVCacheManager(cache.num_blocks, cache.block_size, layout,
-                                                         cache.enable_prefix_caching)
-        else:
-            self.kv_cache_manager = KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching,
-                                                   offload, layout.groups[0].sliding_window)
+        # One block table, or one per group of layers (a model mixing full and sliding layers).
+        self.kv_cache_manager = make_kv_cache_manager(config)
 
         self.requests: dict[str, Request] = {}
         self.waiting = self.policy.make_queue()
