@@ -34,6 +34,32 @@ def test_linear_rejects_mismatched_shapes(ops):
         ops.linear(torch.randn(2, 5), torch.randn(3, 4))
 
 
+@pytest.mark.parametrize("wide_gemm", [False, True])
+def test_linear_dispatch_follows_torchs_gemm_width(ops, wide_gemm):
+    """The model's linear takes the C++ kernel up to kernel_rows() rows and torch's GEMM past
+    them: 256 rows (8 past 1024 inputs) beside an 8-wide torch GEMM, 12 (4) beside AVX-512."""
+    from types import SimpleNamespace
+
+    from piston_cpu import layer_kernels
+
+    calls = []
+
+    def counted(x, w, b=None):
+        calls.append(x.shape[0])
+        return ops.linear(x, w, b)
+
+    linear = layer_kernels.make_linear(SimpleNamespace(linear=counted), wide_gemm=wide_gemm)
+    expected = {576: 12 if wide_gemm else 256, 1536: 4 if wide_gemm else 8}
+    for in_features, limit in expected.items():
+        assert layer_kernels.kernel_rows(in_features, wide_gemm) == limit
+        w = torch.randn(40, in_features)
+        for rows in (1, limit, limit + 1):
+            calls.clear()
+            x = torch.randn(rows, in_features)
+            torch.testing.assert_close(linear(x, w), F.linear(x, w), atol=2e-4, rtol=1e-5)
+            assert calls == ([rows] if rows <= limit else [])
+
+
 @pytest.mark.parametrize("hidden", [576, 13, 64])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_matches_torch(ops, hidden, with_residual):

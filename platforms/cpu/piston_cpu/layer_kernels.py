@@ -35,17 +35,35 @@ logger = logging.getLogger(__name__.replace("piston_cpu", "piston.cpu", 1))
 # of 8 weight rows in L1 while it passes over the rows of x, which holds up to about 1024
 # inputs (32 KiB): past that (a down projection's 1536) the block spills to L2 for every
 # row of x and torch wins from 16 rows on. Measured kernel/torch time, 30 distinct
-# matrices streamed, 2 threads (python benchmarks/linear_dispatch.py):
+# matrices streamed, 2 threads (python benchmarks/linear_dispatch.py), on an AVX2 CPU
+# (AMD Zen 3), where torch's GEMM runs 8-wide too:
 #   K=576,  N=960:  0.28 at 1 row, 0.58 at 8, 0.75 at 32, 0.86 at 64, 0.96 at 128, 1.02 at 256
 #   K=1536, N=576:  0.51 at 1 row, 0.72 at 8, 1.03 at 16, 1.31 at 32, 1.60 at 64, 1.92 at 256
+# Where torch's GEMM runs 16-wide (AVX-512: torch.backends.cpu.get_cpu_capability() says
+# so), the AVX2 kernel is ahead only for a few rows (2-core Xeon, same benchmark):
+#   K=576,  N=960:  0.70 at 1 row, 0.90 at 8, 1.10 at 12, 1.23 at 16, 1.47 at 64
+#   K=576,  N=3072: 0.83 at 1 row, 0.62 at 8, 0.56 at 12, 1.14 at 16, 1.63 at 64
+#   K=1536, N=576:  0.86 at 1 row, 1.17 at 8, 1.43 at 16, 1.93 at 64
 MAX_KERNEL_ROWS = 256
 LONG_K = 1024
 MAX_KERNEL_ROWS_LONG_K = 8
+MAX_KERNEL_ROWS_WIDE_GEMM = 12  # torch's GEMM is AVX-512: short inputs
+MAX_KERNEL_ROWS_WIDE_GEMM_LONG_K = 4
 
 
-def kernel_rows(in_features: int) -> int:
+def torch_gemm_is_wide() -> bool:
+    """Whether torch's CPU kernels run 16-wide (AVX-512) here, so that its GEMM overtakes
+    the 8-wide C++ linear after a few rows."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def kernel_rows(in_features: int, wide_gemm: bool | None = None) -> int:
     """The most rows of x the C++ linear takes for a weight with ``in_features`` inputs."""
+    if wide_gemm if wide_gemm is not None else torch_gemm_is_wide():
+        return MAX_KERNEL_ROWS_WIDE_GEMM_LONG_K if in_features > LONG_K else MAX_KERNEL_ROWS_WIDE_GEMM
     return MAX_KERNEL_ROWS_LONG_K if in_features > LONG_K else MAX_KERNEL_ROWS
+
+
 # For packed weights the kernel (blocks of 8 rows decoded into a tile in L1, multiplied with
 # every row of x) is ahead of both the float32 kernel and torch's GEMM on SmolLM2's matrices
 # up to 512 rows of x and level with torch's GEMM at 1024 (2 threads, /tmp bench: 90 vs 120
@@ -54,11 +72,14 @@ def kernel_rows(in_features: int) -> int:
 MAX_PACKED_KERNEL_ROWS = 1024
 
 
-def make_linear(ops: ModuleType):
+def make_linear(ops: ModuleType, wide_gemm: bool | None = None):
+    """The float32 linear: the C++ kernel up to kernel_rows() rows of x, torch's GEMM past
+    them (``wide_gemm``: whether torch's GEMM is AVX-512; default: ask torch)."""
     kernel = ops.linear
+    short_rows, long_rows = kernel_rows(LONG_K, wide_gemm), kernel_rows(LONG_K + 1, wide_gemm)
 
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if (x.dim() == 2 and x.shape[0] <= kernel_rows(x.shape[1]) and x.stride(1) == 1
+        if (x.dim() == 2 and x.shape[0] <= (long_rows if x.shape[1] > LONG_K else short_rows) and x.stride(1) == 1
                 and x.dtype == torch.float32):
             return kernel(x, weight, bias)
         return F.linear(x, weight, bias)

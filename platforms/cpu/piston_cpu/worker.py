@@ -41,9 +41,12 @@ class CpuWorker(Worker):
             logger.info("CPU kernels: LoRA layers through the C++ SGMV kernel (every adapter of a step in one call).")
         if self.kernels is not None and self.runner.compiled is None:
             self.kernel_layers = layer_kernels.install(self.runner.model, self.kernels)
-            logger.info("CPU kernels: paged attention, and %d layers (linear up to %d rows, %d past %d inputs; "
-                        "RMSNorm, RoPE, SiLU-and-mul).", self.kernel_layers, layer_kernels.MAX_KERNEL_ROWS,
-                        layer_kernels.MAX_KERNEL_ROWS_LONG_K, layer_kernels.LONG_K)
+            wide = layer_kernels.torch_gemm_is_wide()
+            logger.info("CPU kernels: paged attention, and %d layers (linear up to %d rows, %d past %d inputs, "
+                        "then torch's GEMM, %s; RMSNorm, RoPE, SiLU-and-mul).", self.kernel_layers,
+                        layer_kernels.kernel_rows(layer_kernels.LONG_K, wide),
+                        layer_kernels.kernel_rows(layer_kernels.LONG_K + 1, wide), layer_kernels.LONG_K,
+                        torch.backends.cpu.get_cpu_capability())
             if layer_kernels.int8_activations():
                 logger.info("PISTON_CPU_QUANT_ACTIVATIONS=int8: packed layers quantize up to 8 rows of "
                             "activations to int8 per 32 values (the 32-value GGUF formats).")
