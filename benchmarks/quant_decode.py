@@ -37,7 +37,8 @@ llm = Llama(model_path=model, n_ctx=len(prompt) + out_len + 8, n_threads=threads
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
     llm.reset()
-    llm.eval(prompt)
+    for token in prompt:  # one at a time: a batched eval segfaults in llama-cpp-python 0.3.36 on AVX-512/AMX CPUs
+        llm.eval([token])
     t = time.perf_counter()
     for _ in range(out_len - 1):
         llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
