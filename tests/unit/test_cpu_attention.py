@@ -50,7 +50,11 @@ def test_mixed_batch_matches_dense_reference(num_heads, num_kv_heads, head_dim, 
     assert impl.name == ("cpu_paged_kernel" if backend == "kernel" else "cpu_sdpa")
     cache = torch.zeros(impl.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim))
     # (context already in the cache, new query tokens): decode, fresh prefill, chunked prefill.
-    seqs = [(37, 1), (0, 23), (50, 1), (16, 40), (5, 1), (0, 1)] + [(c, 1) for c in range(3, 140, 9)]
+    # The kernel takes prompt rows (runs of 16 or more) in tiles of up to 32 rows against 64
+    # keys at a time: (100, 150) spans five tiles, the last a partial one, over up to four key
+    # tiles; (16, 40) a whole tile and one of 8 rows; (0, 23) one; (3, 7) and (9, 8) go row by row.
+    seqs = [(37, 1), (0, 23), (50, 1), (16, 40), (5, 1), (0, 1), (100, 150), (3, 7), (9, 8)] + [
+        (c, 1) for c in range(3, 140, 9)]
     free = list(rng.permutation(num_blocks))  # block tables deliberately out of order
     tables, full_k, full_v = [], [], []
     for ctx, new in seqs:
