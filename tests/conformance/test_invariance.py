@@ -42,6 +42,7 @@ def test_prefix_caching_off_matches_on(baseline, make_llm, smollm2_path, smollm2
     assert all(out.num_cached_tokens == 0 for out in outputs)
 
 
+@SLOW_ON_TPU  # 25 s on the TPU plugin
 def test_prefix_cache_hit_skips_shared_prefix_and_keeps_outputs(
     smollm2_llm, smollm2_path, smollm2_tokenizer
 ):
@@ -64,6 +65,7 @@ def test_prefix_cache_hit_skips_shared_prefix_and_keeps_outputs(
     assert _tokens(second) == [ref.token_ids for ref in reference]
 
 
+@SLOW_ON_TPU  # 22 s on the TPU plugin
 def test_preempted_requests_match_unpreempted(
     baseline, make_llm, smollm2_path, smollm2_llm_kwargs
 ):

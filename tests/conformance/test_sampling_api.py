@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from hf_reference import SHORT_ANSWER_QUESTION, hf_greedy
+from marks import SLOW_ON_TPU
 
 from piston import SamplingParams
 
@@ -20,6 +21,7 @@ def _tokens(outputs) -> list[list[int]]:
     return [list(c.token_ids) for out in outputs for c in out.outputs]
 
 
+@SLOW_ON_TPU  # 19 s on the TPU plugin
 def test_seeded_sampling_is_reproducible_across_calls(smollm2_llm):
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16)
     assert _tokens(_run(smollm2_llm, OPEN_PROMPT, params)) == _tokens(

@@ -53,6 +53,7 @@ def test_piecewise_engine_with_capture_sizes_pads_and_matches_eager(tiny_models,
     _assert_same_outputs(eager, padded)
 
 
+@pytest.mark.slow  # 34 s; the tiny models above cover piecewise compilation in the default suite
 def test_piecewise_engine_matches_eager_on_smollm2(smollm2_path, make_llm, compile_cache_dir):
     eager = _generate(make_llm(smollm2_path, compilation_mode="eager", **ENGINE_KWARGS))
     compiled = _generate(make_llm(smollm2_path, compilation_mode="piecewise",
