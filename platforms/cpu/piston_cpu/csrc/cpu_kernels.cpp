@@ -283,8 +283,8 @@ void rotary_neox(const torch::Tensor& positions, torch::Tensor q, torch::Tensor 
 // longer contexts); the G = H / KVH query heads that share a KV head read its K and
 // V rows while they are still in cache, and consecutive rows of a prompt share them too.
 
-// Softmax of scores s[0:L] in place, unnormalized; returns 1 / their sum.
-inline float softmax_unnormalized(float* s, int64_t L) {
+// The largest of s[0:L] (-inf when L is 0).
+inline float row_max(const float* s, int64_t L) {
   __m256 mxv = _mm256_set1_ps(-INFINITY);
   int64_t t = 0;
   for (; t + 8 <= L; t += 8) mxv = _mm256_max_ps(mxv, _mm256_loadu_ps(s + t));
@@ -293,9 +293,15 @@ inline float softmax_unnormalized(float* s, int64_t L) {
   m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
   float mx = _mm_cvtss_f32(m4);
   for (; t < L; ++t) mx = std::max(mx, s[t]);
+  return mx;
+}
+
+// s[0:L] = exp(s - mx) in place; returns their sum.
+inline float exp_sum(float* s, int64_t L, float mx) {
   const __m256 mv = _mm256_set1_ps(mx);
   __m256 sumv = _mm256_setzero_ps();
-  for (t = 0; t + 8 <= L; t += 8) {
+  int64_t t = 0;
+  for (; t + 8 <= L; t += 8) {
     __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
     _mm256_storeu_ps(s + t, e);
     sumv = _mm256_add_ps(sumv, e);
@@ -305,8 +311,11 @@ inline float softmax_unnormalized(float* s, int64_t L) {
     s[t] = std::exp(s[t] - mx);
     sum += s[t];
   }
-  return 1.0f / sum;
+  return sum;
 }
+
+// Softmax of scores s[0:L] in place, unnormalized; returns 1 / their sum.
+inline float softmax_unnormalized(float* s, int64_t L) { return 1.0f / exp_sum(s, L, row_max(s, L)); }
 
 // One query head (D = 8 * D8 floats, held in registers) over L context tokens at
 // off[t] in the caches: scores (4 tokens at a time, two accumulators each, so the FMA
@@ -387,6 +396,21 @@ void attend_any(const float* q, int64_t D8, const float* KC, const float* VC, co
 constexpr int kQRows = 32;
 constexpr int kKeyTile = 64;
 
+// a[u] += p0[i] * row(i)[8u..8u+8), b[u] += p1[i] * row(i)[...] for i < n: two rows of
+// weights against 32 columns, each row(i) load serving both (the tile's scores and P V).
+template <class Row>
+inline void fma_two_by_32(const float* p0, const float* p1, int64_t n, Row row, __m256 a[4], __m256 b[4]) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float* r = row(i);
+    const __m256 x0 = _mm256_broadcast_ss(p0 + i), x1 = _mm256_broadcast_ss(p1 + i);
+    for (int u = 0; u < 4; ++u) {
+      const __m256 v = _mm256_loadu_ps(r + 8 * u);
+      a[u] = _mm256_fmadd_ps(x0, v, a[u]);
+      b[u] = _mm256_fmadd_ps(x1, v, b[u]);
+    }
+  }
+}
+
 struct TileScratch {
   std::vector<float> q, o, s, m, l, kt;
   void reserve(int64_t nq, int64_t D) {
@@ -441,15 +465,7 @@ void attend_tile(const float* q, int64_t qs, float* out, int64_t os, int n, int 
       for (int j0 = 0; j0 < kKeyTile; j0 += 32) {
         __m256 a[4], b[4];
         for (int u = 0; u < 4; ++u) a[u] = b[u] = _mm256_setzero_ps();
-        for (int d = 0; d < D; ++d) {
-          const float* kr = KT + d * kKeyTile + j0;
-          const __m256 x0 = _mm256_broadcast_ss(q0 + d), x1 = _mm256_broadcast_ss(q1 + d);
-          for (int u = 0; u < 4; ++u) {
-            const __m256 kv = _mm256_loadu_ps(kr + 8 * u);
-            a[u] = _mm256_fmadd_ps(x0, kv, a[u]);
-            b[u] = _mm256_fmadd_ps(x1, kv, b[u]);
-          }
-        }
+        fma_two_by_32(q0, q1, D, [&](int64_t d) { return KT + d * kKeyTile + j0; }, a, b);
         for (int u = 0; u < 4; ++u) {
           _mm256_storeu_ps(S + qi * kKeyTile + j0 + 8 * u, a[u]);
           if (two) _mm256_storeu_ps(S + (qi + 1) * kKeyTile + j0 + 8 * u, b[u]);
@@ -465,23 +481,10 @@ void attend_tile(const float* q, int64_t qs, float* out, int64_t os, int n, int 
         std::fill(srow, srow + kKeyTile, 0.0f);
         continue;
       }
-      float mx = M[qi];
-      for (int64_t j = 0; j < valid; ++j) mx = std::max(mx, srow[j]);
+      const float mx = std::max(M[qi], row_max(srow, valid));
       const float alpha = std::exp(M[qi] - mx);  // 0 on the first tile (M = -inf)
       M[qi] = mx;
-      const __m256 mv = _mm256_set1_ps(mx);
-      __m256 sumv = _mm256_setzero_ps();
-      int64_t j = 0;
-      for (; j + 8 <= valid; j += 8) {
-        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(srow + j), mv));
-        _mm256_storeu_ps(srow + j, e);
-        sumv = _mm256_add_ps(sumv, e);
-      }
-      float sum = hsum(sumv);
-      for (; j < valid; ++j) {
-        srow[j] = std::exp(srow[j] - mx);
-        sum += srow[j];
-      }
+      const float sum = exp_sum(srow, valid, mx);
       std::fill(srow + valid, srow + kKeyTile, 0.0f);
       Lsum[qi] = Lsum[qi] * alpha + sum;
       if (alpha != 1.0f) {
@@ -507,15 +510,7 @@ void attend_tile(const float* q, int64_t qs, float* out, int64_t os, int n, int 
           a[u] = _mm256_loadu_ps(o0 + 8 * u);
           b[u] = _mm256_loadu_ps(o1 + 8 * u);
         }
-        for (int64_t j = 0; j < valid; ++j) {
-          const float* vr = VC + off[t0 + j] + 8 * v0;
-          const __m256 x0 = _mm256_broadcast_ss(p0 + j), x1 = _mm256_broadcast_ss(p1 + j);
-          for (int u = 0; u < 4; ++u) {
-            const __m256 vv = _mm256_loadu_ps(vr + 8 * u);
-            a[u] = _mm256_fmadd_ps(x0, vv, a[u]);
-            b[u] = _mm256_fmadd_ps(x1, vv, b[u]);
-          }
-        }
+        fma_two_by_32(p0, p1, valid, [&](int64_t j) { return VC + off[t0 + j] + 8 * v0; }, a, b);
         for (int u = 0; u < 4; ++u) {
           _mm256_storeu_ps(o0 + 8 * u, a[u]);
           if (two) _mm256_storeu_ps(o1 + 8 * u, b[u]);
