@@ -8,7 +8,7 @@ import torch
 
 from piston.attention.metadata import CommonAttentionMetadata
 from piston_cpu import kernels
-from piston_cpu.attention import CpuAttention
+from piston_cpu.attention import CpuAttention, takes_flash
 
 BACKENDS = ["sdpa", pytest.param("kernel", marks=pytest.mark.skipif(
     kernels.unavailable_reason() is not None, reason=f"CPU kernels: {kernels.unavailable_reason()}"))]
@@ -44,7 +44,7 @@ def reference(q, k_all, v_all, context_len, layer):
 def test_mixed_batch_matches_dense_reference(num_heads, num_kv_heads, head_dim, block_size, window, backend):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    num_blocks = 256
+    num_blocks = 512
     layer = Layer(num_heads, num_kv_heads, head_dim, window)
     impl = CpuAttention(kernels.load() if backend == "kernel" else None)
     assert impl.name == ("cpu_paged_kernel" if backend == "kernel" else "cpu_sdpa")
@@ -53,8 +53,11 @@ def test_mixed_batch_matches_dense_reference(num_heads, num_kv_heads, head_dim, 
     # The kernel takes prompt rows (runs of 16 or more) in tiles of up to 32 rows against 64
     # keys at a time: (100, 150) spans five tiles, the last a partial one, over up to four key
     # tiles; (16, 40) a whole tile and one of 8 rows; (0, 23) one; (3, 7) and (9, 8) go row by row.
+    # On layers without a window, torch's flash attention takes (0, 600) and (1300, 120): long
+    # enough chunks (attention.takes_flash), the second merged with its cached prefix's part.
+    long_prompts = [(0, 600), (1300, 120)]
     seqs = [(37, 1), (0, 23), (50, 1), (16, 40), (5, 1), (0, 1), (100, 150), (3, 7), (9, 8)] + [
-        (c, 1) for c in range(3, 140, 9)]
+        (c, 1) for c in range(3, 140, 9)] + long_prompts
     free = list(rng.permutation(num_blocks))  # block tables deliberately out of order
     tables, full_k, full_v = [], [], []
     for ctx, new in seqs:
@@ -89,6 +92,9 @@ def test_mixed_batch_matches_dense_reference(num_heads, num_kv_heads, head_dim, 
         query_start_loc=torch.from_numpy(qsl), seq_lens=torch.from_numpy(seq_lens),
         block_table=table, slot_mapping=torch.tensor(slots, dtype=torch.int64), block_size=block_size)
     md = impl.build_metadata(common)
+    if backend == "kernel" and takes_flash(600, 0):
+        assert [(p.prefix, p.end - p.start) for p in md.kernel_rows.long_prompts] == long_prompts
+        assert not takes_flash(150, 100) and not takes_flash(40, 5000)  # the C++ tiles keep these
     q, k, v = torch.cat(qs), torch.cat(ks), torch.cat(vs)
     out = impl.forward(layer, q.flatten(1), k.flatten(1), v.flatten(1), cache, md)
     out = out.view(-1, num_heads, head_dim)

@@ -278,7 +278,8 @@ void rotary_neox(const torch::Tensor& positions, torch::Tensor q, torch::Tensor 
 // block_table[seq_idx[r], :] of the caches ([num_blocks, block_size, KVH, D]). The
 // step's own K and V rows (k, v: [T, KVH*D]) are first written to the caches at
 // slot_mapping. Returns out ([T, H*D]). So one call serves decodes, fresh prompts
-// and prompt chunks that continue a sequence alike.
+// and prompt chunks that continue a sequence alike. A row with ctx_lens 0 only has its K/V
+// written; its output is left to the caller (long prompts that torch's flash attention takes).
 // One task per (row, KV head), handed out dynamically (a prompt's later rows have
 // longer contexts); the G = H / KVH query heads that share a KV head read its K and
 // V rows while they are still in cache, and consecutive rows of a prompt share them too.
@@ -562,7 +563,8 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
   std::vector<int64_t> longest(S, 0), first_read(S, INT64_MAX);
   for (int64_t r = 0; r < R; ++r) {
     TORCH_CHECK(SI[r] >= 0 && SI[r] < S, "row ", r, ": sequence ", SI[r], " is not in the block table");
-    TORCH_CHECK(CL[r] >= 1 && CL[r] <= max_blocks * bs, "row ", r, ": context ", CL[r], " does not fit the block table");
+    TORCH_CHECK(CL[r] >= 0 && CL[r] <= max_blocks * bs, "row ", r, ": context ", CL[r], " does not fit the block table");
+    if (CL[r] == 0) continue;  // skipped
     longest[SI[r]] = std::max<int64_t>(longest[SI[r]], CL[r]);
     first_read[SI[r]] = std::min<int64_t>(first_read[SI[r]], window > 0 ? std::max<int64_t>(0, CL[r] - window) : 0);
   }
@@ -596,6 +598,10 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
   // 128; the other rows (decodes, short chunks, windows) one at a time.
   std::vector<int64_t> single, tile_start, tile_rows;
   for (int64_t r = 0; r < R;) {
+    if (CL[r] == 0) {  // skipped
+      ++r;
+      continue;
+    }
     int64_t e = r + 1;
     while (e < R && SI[e] == SI[r] && CL[e] == CL[e - 1] + 1) ++e;
     if (window == 0 && (D8 == 8 || D8 == 16) && e - r >= kQRows / 2) {
