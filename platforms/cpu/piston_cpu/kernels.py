@@ -4,7 +4,7 @@
 (quantized) weights; both compile into one extension. ``load()`` returns the compiled
 module, or None, after logging why, when it cannot be
 used: ``PISTON_CPU_KERNELS=0``, a CPU without AVX2 and FMA, no C++ compiler or ninja
-(``pip install ninja``), or a failed build. The first build takes about 20 s and is
+(``pip install ninja``), or a failed build. The first build takes about a minute and is
 cached (keyed by the source, the flags and the torch version) under
 ``$PISTON_CACHE_DIR/cpu_kernels``, default ``~/.cache/piston/cpu_kernels``; later starts
 import the cached library directly, in milliseconds. Every caller keeps a
@@ -124,7 +124,7 @@ def _build() -> ModuleType:
     from torch.utils.cpp_extension import load as load_extension
 
     directory.mkdir(parents=True, exist_ok=True)
-    logger.info("Building Piston's CPU kernels (once per machine and torch version, about 20 s) in %s",
+    logger.info("Building Piston's CPU kernels (once per machine and torch version, about a minute) in %s",
                 directory)
     module = load_extension(NAME, [str(p) for p in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                             build_directory=str(directory), verbose=False)
