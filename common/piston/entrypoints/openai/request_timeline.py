@@ -18,7 +18,8 @@ Points, in order (a stage is the time between two neighbours):
 - ``first_token_engine_time``: the step that sampled its first token ended;
 - ``first_output_received_time``: the front end got that step's outputs;
 - ``first_token_time``: the first token is detokenized;
-- ``first_chunk_time``: its first streamed chunk is written (streams only).
+- ``first_chunk_time``: its first streamed chunk goes to the HTTP server to be written
+  (streams only).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ STAGES = (
     ("prefill steps", "scheduled_time", "first_token_engine_time"),
     ("output to the front end", "first_token_engine_time", "first_output_received_time"),
     ("detokenize", "first_output_received_time", "first_token_time"),
-    ("write the first chunk", "first_token_time", "first_chunk_time"),
+    ("format the first chunk", "first_token_time", "first_chunk_time"),
 )
 
 

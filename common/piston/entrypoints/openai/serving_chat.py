@@ -137,8 +137,11 @@ class OpenAIServingChat(OpenAIServing):
                         content, deltas = calls.update(c.text[:end], finished)
                         message = DeltaMessage(content=content, tool_calls=deltas or None)
                         finish = calls.finish_reason(c.finish_reason)
-                    yield chunk([ChatStreamChoice(index=i, delta=message, logprobs=logprobs, finish_reason=finish)])
+                    data = chunk([ChatStreamChoice(index=i, delta=message, logprobs=logprobs, finish_reason=finish)])
+                    # Stamped as the chunk goes to the HTTP server: the client may read it
+                    # before this generator is resumed after the write.
                     first_chunk_time = first_chunk_time or time.monotonic()
+                    yield data
                 self.observe(out, first_chunk_time)
             if request.include_usage and final is not None:
                 yield chunk([], usage_of([final]))

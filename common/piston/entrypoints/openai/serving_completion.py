@@ -131,13 +131,16 @@ class OpenAIServingCompletion(OpenAIServing):
                             out, c, prefix != "", stream.sent_tokens, num_tokens, stream.text_offset)
                     stream.started, stream.done = True, finished
                     stream.sent_chars, stream.sent_tokens = end, num_tokens
-                    yield sse(CompletionResponse(
+                    data = sse(CompletionResponse(
                         id=request_id, created=created, model=model_name,
                         choices=[CompletionChoice(
                             index=index, text=prefix + delta, logprobs=logprobs,
                             finish_reason=c.finish_reason,
                             stop_reason=c.stop_reason)]).model_dump(exclude={"usage"}))
+                    # Stamped as the chunk goes to the HTTP server: the client may read it
+                    # before this generator is resumed after the write.
                     first_chunk_times.setdefault(i, time.monotonic())
+                    yield data
                 self.observe(out, first_chunk_times.get(i))
             if request.include_usage:
                 yield sse(CompletionResponse(id=request_id, created=created,
