@@ -60,6 +60,34 @@ def test_linear_dispatch_follows_torchs_gemm_width(ops, wide_gemm):
             assert calls == ([rows] if rows <= limit else [])
 
 
+def test_large_linear_results_reuse_one_buffer_only_when_released(ops):
+    """torch's GEMM writes results of 32 MB or more (the logits) into a kept buffer, the same
+    numbers as F.linear; a result still held (or a view of it) is never overwritten."""
+    from piston_cpu import layer_kernels
+
+    linear = layer_kernels.make_linear(ops, wide_gemm=True)
+    w = torch.randn(32768, 64)
+    x = torch.randn(300, 64)  # 300 x 32768 floats: 37.5 MiB
+    first = linear(x, w)
+    assert torch.equal(first, F.linear(x, w))
+    address = first.data_ptr()
+    del first
+    again = linear(x, w)
+    assert again.data_ptr() == address  # released: the buffer again
+    held = again[:, :100]  # a view keeps it in use
+    del again
+    kept = held.clone()
+    x2 = torch.randn(300, 64)
+    fresh = linear(x2, w)
+    assert fresh.data_ptr() != address and torch.equal(held, kept)
+    assert torch.equal(fresh, F.linear(x2, w))
+    del held, fresh
+    smaller = linear(x[:260], w)  # fewer rows, still 32 MiB or more: the same buffer
+    assert smaller.data_ptr() == address and torch.equal(smaller, F.linear(x[:260], w))
+    small = linear(x[:100], w[:1000])  # under 32 MB: torch's own allocation
+    assert small.data_ptr() != address
+
+
 @pytest.mark.parametrize("hidden", [576, 13, 64])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_matches_torch(ops, hidden, with_residual):

@@ -28,6 +28,8 @@ from piston.models.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from piston.models.llama import LlamaMLP
 from torch import nn
 
+from piston_cpu.reused_output import LARGE_BYTES, ReusedOutput
+
 logger = logging.getLogger(__name__.replace("piston_cpu", "piston.cpu", 1))
 
 # Up to this many rows, the kernel's one pass over each weight row beats torch's GEMM on
@@ -74,14 +76,22 @@ MAX_PACKED_KERNEL_ROWS = 1024
 
 def make_linear(ops: ModuleType, wide_gemm: bool | None = None):
     """The float32 linear: the C++ kernel up to kernel_rows() rows of x, torch's GEMM past
-    them (``wide_gemm``: whether torch's GEMM is AVX-512; default: ask torch)."""
+    them (``wide_gemm``: whether torch's GEMM is AVX-512; default: ask torch). torch's GEMM
+    writes results of LARGE_BYTES or more (the logits) into a buffer kept from call to
+    call when nothing holds the last one (reused_output)."""
     kernel = ops.linear
     short_rows, long_rows = kernel_rows(LONG_K, wide_gemm), kernel_rows(LONG_K + 1, wide_gemm)
+    large = ReusedOutput()
 
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if (x.dim() == 2 and x.shape[0] <= (long_rows if x.shape[1] > LONG_K else short_rows) and x.stride(1) == 1
                 and x.dtype == torch.float32):
             return kernel(x, weight, bias)
+        if (x.dim() == 2 and bias is None and x.shape[0] * weight.shape[0] * 4 >= LARGE_BYTES
+                and x.dtype == torch.float32 and weight.dtype == torch.float32):
+            out = large.take(x.shape[0], weight.shape[0])
+            if out is not None:
+                return torch.mm(x, weight.t(), out=out)
         return F.linear(x, weight, bias)
 
     return linear
