@@ -12,7 +12,8 @@ a few SDPA calls over their gathered, padded contexts: rows are sorted by length
 split into up to four groups when that saves more padded work than the extra calls cost.
 Prefill and chunked-prefill rows run one SDPA call each: a fresh prompt attends to its
 own k/v with a causal mask; a chunk that continues a sequence gathers its context from
-the paged cache and uses an offset causal mask.
+the paged cache and, without a sliding window, goes through ``long_prompt_attention`` (no
+mask to build or apply), else uses an offset causal mask.
 """
 
 from __future__ import annotations
@@ -295,6 +296,10 @@ class CpuAttention(AttentionImpl):
             vi = v[p.start:p.end].transpose(0, 1)
             out = F.scaled_dot_product_attention(qi, ki, vi, is_causal=mask is None, attn_mask=mask,
                                                  scale=layer.scale, enable_gqa=gqa)
+        elif mask is p.mask and _flash_attention is not None:  # no window: no mask needed
+            chunk = LongPrompt(p.start, p.end, p.seq_len - (p.end - p.start), p.block_ids)
+            return long_prompt_attention(q.flatten(1), k.flatten(1), v.flatten(1), key_cache, value_cache, chunk,
+                                         layer.num_heads, layer.scale).view(p.end - p.start, layer.num_heads, d)
         else:
             ki = key_cache[p.block_ids].view(-1, kvh, d)[:p.seq_len].transpose(0, 1)
             vi = value_cache[p.block_ids].view(-1, kvh, d)[:p.seq_len].transpose(0, 1)
