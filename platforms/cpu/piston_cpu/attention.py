@@ -36,14 +36,16 @@ class PrefillSeq:
     seq_len: int
     fresh: bool  # no earlier context: attend to this step's own k/v
     block_ids: torch.Tensor | None  # blocks holding the context (when not fresh)
-    mask: torch.Tensor | None  # [query_len, seq_len] bool, True = attend (when not fresh)
     window_masks: dict[int, torch.Tensor | None] = field(default_factory=dict)  # sliding window -> mask
 
     def mask_for(self, window: int | None) -> torch.Tensor | None:
-        """The mask for a layer with sliding ``window`` (None: the causal mask; a fresh prompt
-        needs none then), built once per step and window."""
+        """The [query_len, seq_len] bool mask (True = attend) for a layer with sliding
+        ``window`` (None: the causal mask; a fresh prompt needs none then), built on first
+        use, once per step and window."""
         if window is None or window >= self.seq_len:
-            return self.mask
+            if self.fresh:
+                return None
+            window = self.seq_len  # the causal mask, cached under the full length
         if window not in self.window_masks:
             qlen = self.end - self.start
             self.window_masks[window] = window_mask(torch.arange(self.seq_len - qlen, self.seq_len),
@@ -231,13 +233,10 @@ class CpuAttention(AttentionImpl):
             start, end, seq_len = int(qsl[row]), int(qsl[row + 1]), int(seq_lens[row])
             qlen = end - start
             if seq_len == qlen:
-                prefills.append(PrefillSeq(start, end, seq_len, True, None, None))
+                prefills.append(PrefillSeq(start, end, seq_len, True, None))
                 continue
             nblocks = -(-seq_len // bs)
-            q_pos = torch.arange(seq_len - qlen, seq_len)[:, None]
-            causal = torch.arange(seq_len)[None, :] <= q_pos
-            prefills.append(PrefillSeq(start, end, seq_len, False,
-                                       common.block_table[row, :nblocks].long(), causal))
+            prefills.append(PrefillSeq(start, end, seq_len, False, common.block_table[row, :nblocks].long()))
         return CpuAttentionMetadata(common.slot_mapping, common.num_actual_tokens, decodes, prefills)
 
     def forward(self, layer, q, k, v, kv_cache, md: CpuAttentionMetadata, output=None) -> torch.Tensor:
@@ -290,16 +289,17 @@ class CpuAttention(AttentionImpl):
         kvh, d = layer.num_kv_heads, layer.head_dim
         qi = q[p.start:p.end].transpose(0, 1)
         gqa = layer.num_heads != kvh
-        mask = p.mask_for(layer.sliding_window)
+        window = layer.sliding_window
+        if not p.fresh and (window is None or window >= p.seq_len) and _flash_attention is not None:
+            chunk = LongPrompt(p.start, p.end, p.seq_len - (p.end - p.start), p.block_ids)  # no mask needed
+            return long_prompt_attention(q.flatten(1), k.flatten(1), v.flatten(1), key_cache, value_cache, chunk,
+                                         layer.num_heads, layer.scale).view(p.end - p.start, layer.num_heads, d)
+        mask = p.mask_for(window)
         if p.fresh:
             ki = k[p.start:p.end].transpose(0, 1)
             vi = v[p.start:p.end].transpose(0, 1)
             out = F.scaled_dot_product_attention(qi, ki, vi, is_causal=mask is None, attn_mask=mask,
                                                  scale=layer.scale, enable_gqa=gqa)
-        elif mask is p.mask and _flash_attention is not None:  # no window: no mask needed
-            chunk = LongPrompt(p.start, p.end, p.seq_len - (p.end - p.start), p.block_ids)
-            return long_prompt_attention(q.flatten(1), k.flatten(1), v.flatten(1), key_cache, value_cache, chunk,
-                                         layer.num_heads, layer.scale).view(p.end - p.start, layer.num_heads, d)
         else:
             ki = key_cache[p.block_ids].view(-1, kvh, d)[:p.seq_len].transpose(0, 1)
             vi = value_cache[p.block_ids].view(-1, kvh, d)[:p.seq_len].transpose(0, 1)
