@@ -32,3 +32,24 @@ def test_load_falls_back_with_one_warning(monkeypatch, caplog):
         assert kernels.load() is None  # decided once per process
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "PISTON_CPU_KERNELS=off" in warnings[0] and "torch's kernels" in warnings[0]
+
+
+def test_avx512_build_follows_the_cpu_and_the_override(monkeypatch, tmp_path):
+    monkeypatch.delenv("PISTON_CPU_ISA", raising=False)
+    monkeypatch.setenv("PISTON_CACHE_DIR", str(tmp_path))
+    wide = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"}
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: wide)
+    assert kernels.isa() == "avx512" and set(kernels.AVX512_FLAGS) <= set(kernels.cflags())
+    avx512_dir = kernels.build_dir()
+    monkeypatch.setenv("PISTON_CPU_ISA", "avx2")  # forced 8-wide: its own cached library
+    assert kernels.isa() == "avx2" and not set(kernels.AVX512_FLAGS) & set(kernels.cflags())
+    assert kernels.build_dir() != avx512_dir
+    monkeypatch.delenv("PISTON_CPU_ISA")
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: wide - {"avx512vl"})  # AVX512F alone is not enough
+    assert kernels.isa() == "avx2"
+    monkeypatch.setenv("PISTON_CPU_ISA", "avx512")
+    with pytest.raises(ValueError, match="lacks AVX512F/BW/VL/DQ"):
+        kernels.isa()
+    monkeypatch.setenv("PISTON_CPU_ISA", "sse")
+    with pytest.raises(ValueError, match="use avx2 or avx512"):
+        kernels.isa()

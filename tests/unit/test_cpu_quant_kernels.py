@@ -41,7 +41,7 @@ def _assert_close(got, x, weight, bias=None):
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
-@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 40])  # the register path to 8 rows, the tile path beyond
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 40])  # the register path to 8 rows, the tile path beyond
 def test_qlinear_matches_the_dequantized_weight(ops, fmt, rows):
     # Two segments, the second in another format (a fused layer whose shards differ).
     other = "Q8_0" if fmt != "Q8_0" else "Q4_K"
@@ -55,11 +55,13 @@ def test_qlinear_matches_the_dequantized_weight(ops, fmt, rows):
 
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
 @pytest.mark.parametrize("cols", [576, 96])
-def test_one_row_of_x_with_a_partial_group(ops, fmt, cols):
-    # One row of x takes eight chunks' scales at once; 576 values leave two chunks after
-    # two whole groups (SmolLM2's rows), 96 three and no whole group.
+@pytest.mark.parametrize("rows", [1, 3])
+def test_register_path_with_a_partial_group(ops, fmt, cols, rows):
+    # The 8-wide path takes one row of x's scales eight chunks at once, and the AVX-512 path
+    # runs 4 (one row of x) or 2 (3 rows) chunks at a time: 576 values (SmolLM2's rows) leave
+    # two chunks after whole groups, 96 three and no whole group.
     datas, codes, weight = _segments([fmt], [9], cols, cols)
-    x = torch.randn(1, cols)
+    x = torch.randn(rows, cols)
     _assert_close(ops.qlinear(x, datas, codes), x, weight)
 
 

@@ -34,6 +34,9 @@ SOURCES = [SOURCE, CSRC / "quant_kernels.cpp", CSRC / "lora_kernels.cpp", CSRC /
 HEADERS = sorted(CSRC.glob("*.h"))
 NAME = "piston_cpu_kernels"
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
+# Added where the CPU has them (and PISTON_CPU_ISA is not avx2): the kernels' AVX-512
+# variants (quant_gemv512.h) are compiled in. The cache key includes the flags.
+AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -47,6 +50,23 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def isa() -> str:
+    """The instruction set the kernels are built for here: "avx512" where the CPU has
+    AVX512F, BW, VL and DQ, else "avx2". ``PISTON_CPU_ISA=avx2`` forces the 8-wide build
+    (to compare the two on one machine)."""
+    setting = os.environ.get("PISTON_CPU_ISA", "").lower()
+    if setting not in ("", "auto", "avx2", "avx512"):
+        raise ValueError(f"PISTON_CPU_ISA={setting!r}: use avx2 or avx512, or leave it unset.")
+    wide = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= cpu_flags()
+    if setting == "avx512" and not wide:
+        raise ValueError("PISTON_CPU_ISA=avx512, but this CPU lacks AVX512F/BW/VL/DQ.")
+    return "avx512" if wide and setting != "avx2" else "avx2"
+
+
+def cflags() -> list[str]:
+    return CFLAGS + (AVX512_FLAGS if isa() == "avx512" else [])
 
 
 def unavailable_reason() -> str | None:
@@ -83,7 +103,7 @@ def _find_ninja() -> str | None:
 
 def build_dir() -> Path:
     base = Path(os.environ.get("PISTON_CACHE_DIR", Path.home() / ".cache" / "piston"))
-    key = b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(CFLAGS).encode() + torch.__version__.encode()
+    key = b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(cflags()).encode() + torch.__version__.encode()
     digest = hashlib.sha256(key).hexdigest()[:16]
     return base / "cpu_kernels" / digest
 
@@ -118,15 +138,15 @@ def _build() -> ModuleType:
         spec = importlib.util.spec_from_file_location(NAME, built[0])
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        logger.info("Piston's CPU kernels loaded from %s in %.2f s.", built[0], time.perf_counter() - start)
+        logger.info("Piston's CPU kernels (%s) loaded from %s in %.2f s.", isa(), built[0], time.perf_counter() - start)
         return module
 
     from torch.utils.cpp_extension import load as load_extension
 
     directory.mkdir(parents=True, exist_ok=True)
-    logger.info("Building Piston's CPU kernels (once per machine and torch version, about a minute) in %s",
-                directory)
-    module = load_extension(NAME, [str(p) for p in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+    logger.info("Building Piston's CPU kernels for %s (once per machine and torch version, about a minute) in %s",
+                isa(), directory)
+    module = load_extension(NAME, [str(p) for p in SOURCES], extra_cflags=cflags(), extra_ldflags=["-fopenmp"],
                             build_directory=str(directory), verbose=False)
     logger.info("Piston's CPU kernels built in %.1f s.", time.perf_counter() - start)
     return module

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "quant_formats.h"
+#include "quant_gemv512.h"
 #include "quant_int8x.h"
 #include "simd.h"
 
@@ -322,9 +323,14 @@ torch::Tensor qlinear(const torch::Tensor& x, const std::vector<torch::Tensor>& 
     at::parallel_for(0, nunits, grain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const Unit u = units[i];
-        if (i + kGemvAhead < end) prefetch_unit<_MM_HINT_T1>(units[i + kGemvAhead]);
         with_format(u.code, [&](auto fmt) {
           using F = decltype(fmt);
+#ifdef __AVX512F__
+          const bool streams = kGemv512<F> && !int8_activations;  // asks for its bytes ahead itself
+#else
+          const bool streams = false;
+#endif
+          if (!streams && i + kGemvAhead < end) prefetch_unit<_MM_HINT_T1>(units[i + kGemvAhead]);
           with_rows(M, [&](auto rows) {
             constexpr int R = decltype(rows)::value;
             if constexpr (kInt8Activations<F>) {
@@ -333,6 +339,12 @@ torch::Tensor qlinear(const torch::Tensor& x, const std::vector<torch::Tensor>& 
                 return;
               }
             }
+#ifdef __AVX512F__
+            if constexpr (kGemv512<F>) {
+              gemv512_rows<F, R>(u.w, u.row_bytes, u.rows, u.n0, C, X, xs, Y, N, b);
+              return;
+            }
+#endif
             gemv_unit<F, R>(u, K, X, xs, XS, Y, N, b);
           });
         });
