@@ -92,17 +92,31 @@ inline __m256 hsum8(const __m256 t[8]) {
   return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
 }
 
+// The register path asks for the packed bytes kStreamAhead ahead of those it decodes, as it
+// goes (chunks c .. c + n of a row of C chunks: their share of the row's bytes, moved
+// forward). Left to the hardware prefetchers, rows streaming from past the cache ran at 7
+// GB/s on 2 threads of an AVX-512 Xeon against 14 from L2; asked 2 KiB ahead, at 11-12.
+// (Asking for whole units a few units ahead, as before, came in bursts that measured slower.)
+constexpr int64_t kStreamAhead = 2048;
+
+inline void stream_ahead(const uint8_t* row, int64_t row_bytes, int64_t C, int64_t c, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row) + c * row_bytes / C + kStreamAhead;
+  const int64_t bytes = n * row_bytes / C;
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+}
+
 // One row of x (batch-1 decode): a group's eight dot products of unscaled codes are summed
 // across lanes together, then scaled by the group's eight scales in one multiply-add, so
 // the scales cost a load per eight chunks instead of a conversion and broadcast per chunk.
 template <class F>
-inline float dot_row1(const uint8_t* row, int64_t C, const float* x, const float* xsum) {
+inline float dot_row1(const uint8_t* row, int64_t row_bytes, int64_t C, const float* x, const float* xsum) {
   __m256 acc = _mm256_setzero_ps(), acc_m = _mm256_setzero_ps();
   float tail = 0.0f;
   int64_t c = 0;
   if constexpr (F::kGroup > 0) {
     for (; c + F::kGroup <= C; c += F::kGroup) {
       __m256 t[8], d, m;
+      stream_ahead(row, row_bytes, C, c, F::kGroup);
       F::group_dots(row, c, C, x, t);
       F::group_scales(row, c, C, d, m);
       acc = _mm256_fmadd_ps(hsum8(t), d, acc);
@@ -162,43 +176,34 @@ void gemv_unit(const Unit& u, int64_t K, const float* X, int64_t xs, const float
   if constexpr (M == 1) {
     for (int64_t n = 0; n < u.rows; ++n) {
       const int64_t col = u.n0 + n;
-      Y[col] = dot_row1<F>(u.w + n * u.row_bytes, C, X, xsum) + (bias ? bias[col] : 0.f);
+      Y[col] = dot_row1<F>(u.w + n * u.row_bytes, u.row_bytes, C, X, xsum) + (bias ? bias[col] : 0.f);
     }
     return;
   }
+  // 2-8 rows: each chunk decoded to its float32 values once (decode: d * q + m, exactly as
+  // gguf dequantizes), then multiplied into every row's sums, A independent chains per row
+  // (with the chunk's 4 vectors, within AVX2's 16 registers).
+  constexpr int A = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
   for (int64_t n = 0; n < u.rows; ++n) {
     const uint8_t* row = u.w + n * u.row_bytes;
-    __m256 acc[M][2];
-    float off[M];
-    for (int m = 0; m < M; ++m) {
-      acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-      off[m] = 0.0f;
-    }
+    __m256 acc[M][A];
+    for (int m = 0; m < M; ++m)
+      for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
     for (int64_t c = 0; c < C; ++c) {
-      __m256 q[4];
-      Scales s;
-      F::raw(row, c, C, q, s);
-      const int a = static_cast<int>(c & 1);  // two accumulator chains
+      __m256 w[4];
+      stream_ahead(row, u.row_bytes, C, c, 1);
+      decode<F>(row, c, C, w);
       for (int m = 0; m < M; ++m) {
         const float* xp = X + m * xs + 32 * c;
-        if constexpr (!F::kScaled) {
-          for (int i = 0; i < 4; ++i) acc[m][a] = _mm256_fmadd_ps(q[i], _mm256_loadu_ps(xp + 8 * i), acc[m][a]);
-        } else if constexpr (F::kTwoScales) {
-          __m256 t0 = _mm256_mul_ps(q[0], _mm256_loadu_ps(xp));
-          t0 = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xp + 8), t0);
-          __m256 t1 = _mm256_mul_ps(q[2], _mm256_loadu_ps(xp + 16));
-          t1 = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xp + 24), t1);
-          acc[m][a] = _mm256_fmadd_ps(t0, _mm256_set1_ps(s.d0), acc[m][a]);
-          acc[m][a] = _mm256_fmadd_ps(t1, _mm256_set1_ps(s.d1), acc[m][a]);
-        } else {
-          acc[m][a] = _mm256_fmadd_ps(dot4(q, xp), _mm256_set1_ps(s.d0), acc[m][a]);
-        }
-        if constexpr (F::kOffset) off[m] += s.m * xsum[m * C + c];
+        for (int i = 0; i < 4; ++i) acc[m][i % A] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xp + 8 * i), acc[m][i % A]);
       }
     }
     const int64_t col = u.n0 + n;
-    for (int m = 0; m < M; ++m)
-      Y[m * ys + col] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + off[m] + (bias ? bias[col] : 0.f);
+    for (int m = 0; m < M; ++m) {
+      __m256 t = acc[m][0];
+      for (int a = 1; a < A; ++a) t = _mm256_add_ps(t, acc[m][a]);
+      Y[m * ys + col] = hsum(t) + (bias ? bias[col] : 0.f);
+    }
   }
 }
 
@@ -258,11 +263,10 @@ void tile_unit(const Unit& u, int64_t K, const float* X, int64_t xs, int64_t M, 
   }
 }
 
-// A unit's packed bytes, asked for ahead of their use. Left to the hardware prefetchers, the
-// register path waits on memory: batch-1 decode of SmolLM2's Q4_1 gate/up on a 2-core Xeon
-// took 200 us a call with the weights cold against 87 us hot. Asking for the unit kGemvAhead
-// units ahead (into L2) brings the cold call to about 150 us, and batch-1 decode from 23.2 to
-// 21.1 ms/token (benchmarks/quant_decode.py).
+// A unit's packed bytes, asked for ahead of their use: by the tile path one unit ahead (they
+// arrive while the tile meets every row of x), and by the int8-activation register path
+// kGemvAhead units ahead (it measured 23.2 -> 21.1 ms/token at batch 1 on a 2-core Xeon).
+// The float32 register paths stream theirs (stream_ahead, quant_gemv512.h).
 template <int kHint>
 inline void prefetch_unit(const Unit& u) {
   const char* p = reinterpret_cast<const char*>(u.w);
@@ -325,12 +329,7 @@ torch::Tensor qlinear(const torch::Tensor& x, const std::vector<torch::Tensor>& 
         const Unit u = units[i];
         with_format(u.code, [&](auto fmt) {
           using F = decltype(fmt);
-#ifdef __AVX512F__
-          const bool streams = kGemv512<F> && !int8_activations;  // asks for its bytes ahead itself
-#else
-          const bool streams = false;
-#endif
-          if (!streams && i + kGemvAhead < end) prefetch_unit<_MM_HINT_T1>(units[i + kGemvAhead]);
+          if (int8_activations && i + kGemvAhead < end) prefetch_unit<_MM_HINT_T1>(units[i + kGemvAhead]);
           with_rows(M, [&](auto rows) {
             constexpr int R = decltype(rows)::value;
             if constexpr (kInt8Activations<F>) {
