@@ -32,8 +32,9 @@ import json, sys, time
 import numpy as np
 from llama_cpp import Llama
 model, threads, prompt, out_len = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
-llm = Llama(model_path=model, n_ctx=len(prompt) + out_len + 8, n_threads=threads, n_threads_batch=threads,
-            n_batch=512, verbose=False)
+n_ctx = len(prompt) + out_len + 8  # n_batch as large: llama-cpp-python keeps scores for n_batch positions
+llm = Llama(model_path=model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=max(512, n_ctx),
+            verbose=False)
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
     llm.reset()

@@ -42,22 +42,44 @@ def reference(q, k_all, v_all, context_len, layer):
     (4, 4, 32, 16, None), (8, 2, 64, 16, None), (6, 1, 128, 32, None), (9, 3, 64, 48, None),
     (4, 1, 256, 16, 20), (8, 2, 64, 16, 7), (6, 1, 128, 32, 1)])
 def test_mixed_batch_matches_dense_reference(num_heads, num_kv_heads, head_dim, block_size, window, backend):
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    num_blocks = 512
-    layer = Layer(num_heads, num_kv_heads, head_dim, window)
-    impl = CpuAttention(kernels.load() if backend == "kernel" else None)
-    assert impl.name == ("cpu_paged_kernel" if backend == "kernel" else "cpu_sdpa")
-    cache = torch.zeros(impl.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim))
     # (context already in the cache, new query tokens): decode, fresh prefill, chunked prefill.
     # The kernel takes prompt rows (runs of 16 or more) in tiles of up to 32 rows against 64
     # keys at a time: (100, 150) spans five tiles, the last a partial one, over up to four key
-    # tiles; (16, 40) a whole tile and one of 8 rows; (0, 23) one; (3, 7) and (9, 8) go row by row.
+    # tiles; (16, 40) a whole tile and one of 8 rows; (0, 23) one; (3, 7) and (9, 8) go row by
+    # row, and decode rows of more than 128 keys (attend_group's tiles) over several tiles.
     # On layers without a window, torch's flash attention takes (0, 600) and (1300, 120): long
     # enough chunks (attention.takes_flash), the second merged with its cached prefix's part.
     long_prompts = [(0, 600), (1300, 120)]
     seqs = [(37, 1), (0, 23), (50, 1), (16, 40), (5, 1), (0, 1), (100, 150), (3, 7), (9, 8)] + [
-        (c, 1) for c in range(3, 140, 9)] + long_prompts
+        (c, 1) for c in range(3, 140, 9)] + [(300, 1)] + long_prompts
+    layer = Layer(num_heads, num_kv_heads, head_dim, window)
+    md = _check_against_reference(layer, block_size, seqs, backend)
+    if backend == "kernel" and takes_flash(600, 0):
+        assert [(p.prefix, p.end - p.start) for p in md.kernel_rows.long_prompts] == long_prompts
+        assert not takes_flash(150, 100) and not takes_flash(40, 5000)  # the C++ tiles keep these
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,window", [
+    (9, 3, 64, None), (6, 1, 128, None), (8, 2, 64, 700), (4, 4, 32, None)])
+@pytest.mark.parametrize("seqs", [[(1500, 1)], [(700, 1), (2100, 1)], [(40, 1), (3000, 1)], [(0, 40)]])
+def test_small_batch_long_context_decode(num_heads, num_kv_heads, head_dim, window, seqs, backend):
+    # Too few (row, KV head) tasks for the threads: the kernel cuts each context into parts
+    # (up to the thread count times 16 tasks, at least 256 keys each), some of them empty for
+    # the shorter row, and merges them by log-sum-exp; head_dim 32 splits the query heads.
+    # A step of prompt rows only (all in tiles) has no such rows at all.
+    _check_against_reference(Layer(num_heads, num_kv_heads, head_dim, window), 16, seqs, backend)
+
+
+def _check_against_reference(layer, block_size, seqs, backend):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    num_blocks = 512
+    num_heads, num_kv_heads, head_dim, window = (layer.num_heads, layer.num_kv_heads, layer.head_dim,
+                                                 layer.sliding_window)
+    impl = CpuAttention(kernels.load() if backend == "kernel" else None)
+    assert impl.name == ("cpu_paged_kernel" if backend == "kernel" else "cpu_sdpa")
+    cache = torch.zeros(impl.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim))
     free = list(rng.permutation(num_blocks))  # block tables deliberately out of order
     tables, full_k, full_v = [], [], []
     for ctx, new in seqs:
@@ -92,9 +114,6 @@ def test_mixed_batch_matches_dense_reference(num_heads, num_kv_heads, head_dim, 
         query_start_loc=torch.from_numpy(qsl), seq_lens=torch.from_numpy(seq_lens),
         block_table=table, slot_mapping=torch.tensor(slots, dtype=torch.int64), block_size=block_size)
     md = impl.build_metadata(common)
-    if backend == "kernel" and takes_flash(600, 0):
-        assert [(p.prefix, p.end - p.start) for p in md.kernel_rows.long_prompts] == long_prompts
-        assert not takes_flash(150, 100) and not takes_flash(40, 5000)  # the C++ tiles keep these
     q, k, v = torch.cat(qs), torch.cat(ks), torch.cat(vs)
     out = impl.forward(layer, q.flatten(1), k.flatten(1), v.flatten(1), cache, md)
     out = out.view(-1, num_heads, head_dim)
@@ -104,6 +123,7 @@ def test_mixed_batch_matches_dense_reference(num_heads, num_kv_heads, head_dim, 
     # The step's own k/v landed in the paged cache at the slot mapping.
     flat_k = cache[0].view(-1, num_kv_heads, head_dim)
     torch.testing.assert_close(flat_k[torch.tensor(slots)], k)
+    return md
 
 
 def test_decode_rows_split_into_groups_only_when_it_saves_work():

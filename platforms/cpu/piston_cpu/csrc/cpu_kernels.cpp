@@ -281,8 +281,9 @@ void rotary_neox(const torch::Tensor& positions, torch::Tensor q, torch::Tensor 
 // and prompt chunks that continue a sequence alike. A row with ctx_lens 0 only has its K/V
 // written; its output is left to the caller (long prompts that torch's flash attention takes).
 // One task per (row, KV head), handed out dynamically (a prompt's later rows have
-// longer contexts); the G = H / KVH query heads that share a KV head read its K and
-// V rows while they are still in cache, and consecutive rows of a prompt share them too.
+// longer contexts); the G = H / KVH query heads that share a KV head take its K and V
+// rows together, a tile at a time, and consecutive rows of a prompt share them too. A
+// small batch's decode rows also cut their contexts into parts, so that both threads work.
 
 // The largest of s[0:L] (-inf when L is 0).
 inline float row_max(const float* s, int64_t L) {
@@ -318,12 +319,11 @@ inline float exp_sum(float* s, int64_t L, float mx) {
 // Softmax of scores s[0:L] in place, unnormalized; returns 1 / their sum.
 inline float softmax_unnormalized(float* s, int64_t L) { return 1.0f / exp_sum(s, L, row_max(s, L)); }
 
-// One query head (D = 8 * D8 floats, held in registers) over L context tokens at
-// off[t] in the caches: scores (4 tokens at a time, two accumulators each, so the FMA
-// chains overlap), softmax, then the probability-weighted sum of V rows into out.
+// Scores of one query head (D = 8 * D8 floats, held in registers) against L context tokens
+// at off[t] in the key cache, times scale, into s: 4 tokens at a time, two accumulators
+// each, so the FMA chains overlap.
 template <int D8>
-void attend_one(const float* q, const float* KC, const float* VC, const int64_t* off, int64_t L, float scale,
-                float* s, float* out) {
+inline void key_scores(const float* q, const float* KC, const int64_t* off, int64_t L, float scale, float* s) {
   __m256 qv[D8];
   for (int i = 0; i < D8; ++i) qv[i] = _mm256_loadu_ps(q + 8 * i);
   const __m128 scv = _mm_set1_ps(scale);
@@ -353,16 +353,45 @@ void attend_one(const float* q, const float* KC, const float* VC, const int64_t*
     for (int i = 0; i < D8; ++i) a0 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(k0 + 8 * i), a0);
     s[t] = hsum(a0) * scale;
   }
-  const float inv = softmax_unnormalized(s, L);
-  __m256 acc[D8];
-  for (int i = 0; i < D8; ++i) acc[i] = _mm256_setzero_ps();
-  for (t = 0; t < L; ++t) {
-    const float* v = VC + off[t];
-    const __m256 p = _mm256_set1_ps(s[t]);
-    for (int i = 0; i < D8; ++i) acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * i), acc[i]);
+}
+
+// Decode rows: the G query heads of one KV head over L context tokens at off[t], kDecodeKeys
+// tokens at a time, so that each tile's K and V rows come from memory once and serve every
+// head from L1. (Head by head, a long context's K/V was read G times over, from L3 or
+// memory: SmolLM2 at 4,096 tokens, batch 1, ran at 6.3 GB/s of K/V.) An online softmax
+// runs across the tiles; the result is each head's running maximum m[g], sum l[g] and
+// unnormalized output o[g * D ..] (the attention is o / l), so that parts of one context
+// taken by different tasks merge by log-sum-exp. s: G * kDecodeKeys floats of scratch.
+constexpr int64_t kDecodeKeys = 128;
+
+template <int D8>
+void attend_group(const float* q, int64_t G, const float* KC, const float* VC, const int64_t* off, int64_t L,
+                  float scale, float* m, float* l, float* o, float* s) {
+  constexpr int D = 8 * D8;
+  for (int64_t g = 0; g < G; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.0f;
+    std::fill(o + g * D, o + (g + 1) * D, 0.0f);
   }
-  const __m256 iv = _mm256_set1_ps(inv);
-  for (int i = 0; i < D8; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(acc[i], iv));
+  for (int64_t t0 = 0; t0 < L; t0 += kDecodeKeys) {
+    const int64_t n = std::min(kDecodeKeys, L - t0);
+    for (int64_t g = 0; g < G; ++g) {
+      float* sg = s + g * kDecodeKeys;
+      key_scores<D8>(q + g * D, KC, off + t0, n, scale, sg);
+      const float mx = std::max(m[g], row_max(sg, n));
+      const __m256 alpha = _mm256_set1_ps(std::exp(m[g] - mx));  // 0 on the first tile (m = -inf)
+      m[g] = mx;
+      l[g] = l[g] * _mm256_cvtss_f32(alpha) + exp_sum(sg, n, mx);
+      __m256 acc[D8];
+      for (int i = 0; i < D8; ++i) acc[i] = _mm256_mul_ps(_mm256_loadu_ps(o + g * D + 8 * i), alpha);
+      for (int64_t t = 0; t < n; ++t) {
+        const float* v = VC + off[t0 + t];
+        const __m256 p = _mm256_set1_ps(sg[t]);
+        for (int i = 0; i < D8; ++i) acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * i), acc[i]);
+      }
+      for (int i = 0; i < D8; ++i) _mm256_storeu_ps(o + g * D + 8 * i, acc[i]);
+    }
+  }
 }
 
 // The same for any D = 8 * D8 <= 256, with the query and accumulators in memory.
@@ -590,9 +619,8 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
   const int64_t qs = q.stride(0), os = out.stride(0);
   const float sc = static_cast<float>(scale);
   const int64_t D8 = D / 8;
-  // Few rows (decode at small batch: SmolLM2's 3 KV heads at batch 1) split each KV head's
-  // query heads over tasks too, handed out one at a time: in chunks of four, three tasks
-  // went to one thread and the other sat idle.
+  // Few tasks (decode at small batch: SmolLM2's 3 KV heads at batch 1) are handed out one at
+  // a time: in chunks of four, three tasks went to one thread and the other sat idle.
   // Prompt rows (runs of at least kQRows / 2 consecutive positions of one sequence) go in
   // tiles of up to kQRows rows (attend_tile), without a sliding window and for head_dim 64 or
   // 128; the other rows (decodes, short chunks, windows) one at a time.
@@ -616,8 +644,27 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
   }
   const int64_t max_threads = at::get_num_threads();
   const int64_t nsingle = static_cast<int64_t>(single.size());
-  const int64_t split = nsingle * KVH < 4 * max_threads ? G : 1;
+  // Rows one at a time: head_dim 64 or 128 take a KV head's G query heads together
+  // (attend_group); if that makes too few tasks to go round (decode at a small batch), each
+  // context is cut into up to `split` parts of at least kMinPartKeys tokens, merged by
+  // log-sum-exp at the end. Other head sizes split the query heads over tasks instead.
+  constexpr int64_t kMinPartKeys = 2 * kDecodeKeys;
+  const bool grouped = D8 == 8 || D8 == 16;
+  int64_t split = 1;
+  if (nsingle > 0 && nsingle * KVH < 4 * max_threads) {
+    if (grouped) {
+      int64_t longest_ctx = 0;
+      for (int64_t r : single)
+        longest_ctx = std::max<int64_t>(longest_ctx, window > 0 ? std::min<int64_t>(CL[r], window) : CL[r]);
+      split = std::max<int64_t>(1, std::min<int64_t>((16 * max_threads + nsingle * KVH - 1) / (nsingle * KVH),
+                                                     longest_ctx / kMinPartKeys));
+    } else {
+      split = G;
+    }
+  }
   const int64_t tasks = nsingle * KVH * split, chunk = tasks < 16 * max_threads ? 1 : 4;
+  const int64_t part_floats = G * (D + 2);  // a part's m, l and o for the G heads
+  std::vector<float> parts(grouped && split > 1 ? tasks * part_floats : 0);
   const int64_t tile_tasks = static_cast<int64_t>(tile_start.size()) * KVH;
   const int threads = static_cast<int>(std::min<int64_t>(max_threads, std::max<int64_t>(1, tasks + tile_tasks)));
 
@@ -642,23 +689,59 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
       else
         attend_tile<16>(qb, qs, ob, os, static_cast<int>(n), static_cast<int>(G), CL + r0, KC, VC, offsets.data(), sc, scratch);
     }
+    std::vector<float> own(grouped ? part_floats : 0);  // m, l, o of an unsplit task
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t r = single[task / (KVH * split)], kh = task / split % KVH, part = task % split;
       const int64_t end = CL[r], first = window > 0 ? std::max<int64_t>(0, end - window) : 0;
-      const int64_t L = end - first;
       const int32_t* table = BT + SI[r] * max_blocks;
+      const float* qb = Q + r * qs + kh * G * D;
+      float* ob = O + r * os + kh * G * D;
+      if (grouped) {
+        const int64_t b = first + part * (end - first) / split, e = first + (part + 1) * (end - first) / split;
+        offsets.resize(e - b);
+        for (int64_t t = b; t < e; ++t) offsets[t - b] = (table[t / bs] * bs + t % bs) * tok_stride + kh * D;
+        scores.resize(G * kDecodeKeys);
+        float* mlo = split > 1 ? parts.data() + task * part_floats : own.data();  // m [G], l [G], o [G, D]
+        if (D8 == 8)
+          attend_group<8>(qb, G, KC, VC, offsets.data(), e - b, sc, mlo, mlo + G, mlo + 2 * G, scores.data());
+        else
+          attend_group<16>(qb, G, KC, VC, offsets.data(), e - b, sc, mlo, mlo + G, mlo + 2 * G, scores.data());
+        if (split == 1)
+          for (int64_t g = 0; g < G; ++g) {
+            const float inv = 1.0f / mlo[G + g];
+            for (int64_t i = 0; i < D; ++i) ob[g * D + i] = mlo[2 * G + g * D + i] * inv;
+          }
+        continue;
+      }
+      const int64_t L = end - first;
       offsets.resize(L);
       for (int64_t t = first; t < end; ++t)
         offsets[t - first] = (table[t / bs] * bs + t % bs) * tok_stride + kh * D;
       scores.resize(L);
-      const float* qb = Q + r * qs + kh * G * D;
-      float* ob = O + r * os + kh * G * D;
-      for (int64_t g = part * G / split; g < (part + 1) * G / split; ++g) {
-        switch (D8) {
-          case 8: attend_one<8>(qb + g * D, KC, VC, offsets.data(), L, sc, scores.data(), ob + g * D); break;
-          case 16: attend_one<16>(qb + g * D, KC, VC, offsets.data(), L, sc, scores.data(), ob + g * D); break;
-          default: attend_any(qb + g * D, D8, KC, VC, offsets.data(), L, sc, scores.data(), ob + g * D); break;
+      for (int64_t g = part * G / split; g < (part + 1) * G / split; ++g)
+        attend_any(qb + g * D, D8, KC, VC, offsets.data(), L, sc, scores.data(), ob + g * D);
+    }
+    if (!parts.empty()) {  // the parts of each (row, KV head) merged by log-sum-exp
+#pragma omp for schedule(static)
+      for (int64_t rk = 0; rk < nsingle * KVH; ++rk) {
+        const int64_t r = single[rk / KVH], kh = rk % KVH;
+        const float* first_part = parts.data() + rk * split * part_floats;
+        float* ob = O + r * os + kh * G * D;
+        for (int64_t g = 0; g < G; ++g) {
+          float mx = -INFINITY;
+          for (int64_t p = 0; p < split; ++p) mx = std::max(mx, first_part[p * part_floats + g]);
+          float den = 0.0f;
+          std::fill(ob + g * D, ob + (g + 1) * D, 0.0f);
+          for (int64_t p = 0; p < split; ++p) {
+            const float* mlo = first_part + p * part_floats;
+            if (mlo[G + g] == 0.0f) continue;  // an empty part
+            const float w = std::exp(mlo[g] - mx);
+            den += w * mlo[G + g];
+            for (int64_t i = 0; i < D; ++i) ob[g * D + i] += w * mlo[2 * G + g * D + i];
+          }
+          const float inv = 1.0f / den;
+          for (int64_t i = 0; i < D; ++i) ob[g * D + i] *= inv;
         }
       }
     }
