@@ -95,7 +95,9 @@ def load_model(model_config: ModelConfig, device: str | torch.device = "cpu",
         model = model_cls(hf_config)
         if reader is not None and quantization in ("gguf", "int8"):
             model.use_packed_weights(reader.packed_formats(), int8=quantization == "int8")
-    model = model.to_empty(device=device)
+    # to_empty() but with torch.empty: empty_like of a meta tensor runs torch's Python meta
+    # reference, whose first call imports sympy (0.4 s of every start).
+    model = model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     _build_caches(model)
 
     if reader is None:

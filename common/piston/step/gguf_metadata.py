@@ -1,7 +1,8 @@
 """A GGUF file's metadata: the cached reader, and a transformers config built from it.
 
-Reading a GGUF's metadata parses its whole token list (seconds), so one reader per file
-is kept and shared with the tensor reader (piston.checkpoint.gguf_tensors).
+The reader is ``gguf_file.GGUFFile`` (the header walked directly, values decoded when asked:
+milliseconds, where ``gguf.GGUFReader`` took seconds over a tokenizer's token list), one per
+file, shared with the tensor reader (piston.checkpoint.gguf_tensors).
 """
 
 from __future__ import annotations
@@ -26,13 +27,19 @@ GGUF_ARCHITECTURES = {
 
 @functools.lru_cache(maxsize=1)
 def _reader(path: str, mtime: float, size: int):
-    import gguf
+    from piston.step.gguf_file import GGUFFile, NotLittleEndian
 
-    return gguf.GGUFReader(path)
+    try:
+        return GGUFFile(path)
+    except NotLittleEndian:  # a big-endian file: gguf's reader swaps the bytes
+        import gguf
+
+        return gguf.GGUFReader(path)
 
 
 def open_gguf(path: str):
-    """A (cached) ``gguf.GGUFReader`` for ``path``."""
+    """A (cached) reader of ``path``'s metadata and tensors, with ``gguf.GGUFReader``'s
+    ``fields`` and ``tensors``."""
     st = os.stat(path)
     return _reader(os.path.abspath(path), st.st_mtime, st.st_size)
 
@@ -75,7 +82,7 @@ def config_from_gguf(path: str):
     tensors = {t.name: t for t in reader.tensors}
     # The embedding's rows are the vocabulary the weights need (the token list may be shorter).
     vocab = int(tensors["token_embd.weight"].shape[-1]) if "token_embd.weight" in tensors else \
-        len(reader.fields["tokenizer.ggml.tokens"].data)
+        len(gguf_field(reader, "tokenizer.ggml.tokens"))
     kwargs: dict[str, Any] = dict(
         architectures=[hf_arch],
         vocab_size=vocab,
