@@ -38,12 +38,9 @@ class Field:
     """One metadata value: ``types`` as gguf gives them ([type] or [ARRAY, element type]),
     ``contents()`` the Python value (a list for arrays)."""
 
-    def __init__(self, buf, vtype: int, offset: int, count: int = 0, etype: int | None = None) -> None:
-        self._buf, self._offset, self._count = buf, offset, count
+    def __init__(self, buf, vtype: int, offset: int, etype: int | None = None) -> None:
+        self._buf, self._offset = buf, offset
         self.types = [vtype] if etype is None else [vtype, etype]
-
-    def __len__(self) -> int:
-        return self._count if self.types[0] == ARRAY else 1
 
     def contents(self) -> Any:
         value, _ = _read_value(self._buf, self.types[0], self._offset)
@@ -99,11 +96,8 @@ class GGUFFile:
         for _ in range(n_kv):
             key, off = _read_string(buf, off)
             (vtype,), off = struct.unpack_from("<I", buf, off), off + 4
-            if vtype == ARRAY:
-                etype, count = struct.unpack_from("<IQ", buf, off)
-                self.fields[key] = Field(buf, vtype, off, count, etype)
-            else:
-                self.fields[key] = Field(buf, vtype, off)
+            etype = struct.unpack_from("<I", buf, off)[0] if vtype == ARRAY else None
+            self.fields[key] = Field(buf, vtype, off, etype)
             off = _skip_value(buf, vtype, off)
         infos = []
         for _ in range(n_tensors):
