@@ -78,6 +78,23 @@ def tiny_models(tmp_path_factory, smollm2_path):
 SMOLLM2_LLM_KWARGS = dict(max_model_len=2048, kv_cache_memory="256MiB", seed=0, dtype="float32")
 
 
+@pytest.fixture
+def random_llama():
+    """A 2-layer Piston Llama (hidden 96, 6 heads over 2 KV heads, vocabulary 300) with
+    seeded random weights, on the CPU, outside any engine."""
+    import torch
+    from piston.models.llama import LlamaForCausalLM
+    from transformers import LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(config).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    return model
+
+
 def shutdown_llm(llm) -> None:
     """Stop an LLM's engine processes now rather than at interpreter exit."""
     shutdown = getattr(llm.llm_engine, "shutdown", None)

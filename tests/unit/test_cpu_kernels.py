@@ -155,18 +155,11 @@ def test_paged_attention_rejects_bad_tables(ops):
     call([[2, 9]], [0], [16])  # the unused entry is never read
 
 
-def test_model_with_kernels_matches_torch_path(ops):
+def test_model_with_kernels_matches_torch_path(ops, random_llama):
     """A tiny Llama's hidden states and logits with every layer kernel equal torch's."""
-    from piston.models.llama import LlamaForCausalLM
     from piston_cpu import layer_kernels
-    from transformers import LlamaConfig
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
-                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256)
-    model = LlamaForCausalLM(config).eval()
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
+    model = random_llama
     ids, positions = torch.randint(0, 300, (9,)), torch.arange(9)
     with torch.inference_mode():
         ref_h = model(ids, positions)
@@ -195,10 +188,12 @@ def test_engine_with_kernels_matches_torch_fallback(name, tiny_models, make_llm,
     llm = make_llm(path, **kwargs)
     info = llm.collective_rpc("kernel_info")[0]
     assert info["attention"] == "cpu_paged_kernel" and info["layers"] > 0
+    assert info["decoder_stack"] == (name == "llama")  # Qwen3's q/k norms run layer by layer
     fast = llm.generate(prompts, params, use_tqdm=False)
     monkeypatch.setenv("PISTON_CPU_KERNELS", "0")
     llm = make_llm(path, **kwargs)
-    assert llm.collective_rpc("kernel_info")[0] == {"attention": "cpu_sdpa", "layers": 0}
+    assert llm.collective_rpc("kernel_info")[0] == {"attention": "cpu_sdpa", "layers": 0, "decoder_stack": False,
+                                                      "decoder_stack_steps": 0}
     slow = llm.generate(prompts, params, use_tqdm=False)
     for a, b in zip(fast, slow):
         oa, ob = a.outputs[0], b.outputs[0]

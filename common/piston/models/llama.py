@@ -135,9 +135,18 @@ class LlamaModel(nn.Module):
     # An EAGLE-3 head reads the inputs of these layers (h + residual): each forward keeps
     # them, concatenated, in ``aux_hidden_states`` [T, 3 * hidden] (eager runs only).
     aux_layers: tuple[int, ...] = ()
+    # A platform may set ``layers_kernel(positions, h) -> (h, residual) | None`` on a loaded
+    # model: all of ``layers`` in one call on the steps it takes (None: this step runs the
+    # layers one by one). It must compute what the layers do.
+    layers_kernel: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h, residual = self.embed_tokens(input_ids), None
+        if self.layers_kernel is not None and not self.aux_layers:
+            out = self.layers_kernel(positions, h)
+            if out is not None:
+                h, _ = self.norm(*out)
+                return h
         aux = {}
         for i, layer in enumerate(self.layers):
             if i in self.aux_layers:

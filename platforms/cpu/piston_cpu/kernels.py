@@ -1,7 +1,8 @@
 """Piston's C++ CPU kernels (``csrc/``): built on first use, cached on disk.
 
 ``cpu_kernels.cpp`` holds the float32 kernels, ``quant_kernels.cpp`` those for packed
-(quantized) weights; both compile into one extension. ``load()`` returns the compiled
+(quantized) weights, ``decoder_stack.cpp`` a Llama-family model's layers as one call of
+them (with the LoRA and MoE kernels, all compile into one extension). ``load()`` returns the compiled
 module, or None, after logging why, when it cannot be
 used: ``PISTON_CPU_KERNELS=0``, a CPU without AVX2 and FMA, no C++ compiler or ninja
 (``pip install ninja``), or a failed build. The first build takes about a minute and is
@@ -30,7 +31,8 @@ logger = logging.getLogger(__name__.replace("piston_cpu", "piston.cpu", 1))
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCE = CSRC / "cpu_kernels.cpp"
-SOURCES = [SOURCE, CSRC / "quant_kernels.cpp", CSRC / "lora_kernels.cpp", CSRC / "moe_kernels.cpp"]
+SOURCES = [SOURCE, CSRC / "quant_kernels.cpp", CSRC / "lora_kernels.cpp", CSRC / "moe_kernels.cpp",
+           CSRC / "decoder_stack.cpp"]
 HEADERS = sorted(CSRC.glob("*.h"))
 NAME = "piston_cpu_kernels"
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]

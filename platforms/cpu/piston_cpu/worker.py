@@ -12,7 +12,7 @@ from piston.step.tp_layout import num_kv_head_copies
 from piston.step.worker_messages import KVCacheReport
 from piston.torch_runner.model_runner import TorchModelRunner
 
-from piston_cpu import kernels, layer_kernels
+from piston_cpu import decoder_stack, kernels, layer_kernels
 from piston_cpu.attention import CpuAttention
 
 logger = logging.getLogger(__name__.replace("piston_cpu", "piston.cpu", 1))
@@ -28,6 +28,7 @@ class CpuWorker(Worker):
         self.kernels = kernels.load() if config.model_config.dtype == "float32" else None
         self.runner = TorchModelRunner(config, torch.device("cpu"), CpuAttention(self.kernels))
         self.kernel_layers = 0
+        self.decoder_stack = None
         self.num_blocks = 0
 
     def load_model(self) -> None:
@@ -47,14 +48,30 @@ class CpuWorker(Worker):
                         layer_kernels.kernel_rows(layer_kernels.LONG_K, wide),
                         layer_kernels.kernel_rows(layer_kernels.LONG_K + 1, wide), layer_kernels.LONG_K,
                         torch.backends.cpu.get_cpu_capability())
+            self._install_decoder_stack()
+            if self.decoder_stack is not None:
+                logger.info("CPU kernels: the decoder layers run as one C++ call on steps of up to %d tokens.",
+                            decoder_stack.MAX_STACK_ROWS)
             if layer_kernels.int8_activations():
                 logger.info("PISTON_CPU_QUANT_ACTIVATIONS=int8: packed layers quantize up to 8 rows of "
                             "activations to int8 per 32 values (the 32-value GGUF formats).")
 
+    def _install_decoder_stack(self) -> None:
+        """(Re)builds the decoder stack, which holds the weights' tensors: after a reload
+        or a wake-up the model may hold new ones (packed segments, the RoPE table)."""
+        if self.kernels is None or self.runner.compiled is not None:
+            return
+        self.decoder_stack = decoder_stack.install(self.kernels, self.runner.model)
+        if self.runner.draft_model is not None:
+            decoder_stack.install(self.kernels, self.runner.draft_model)
+
     def kernel_info(self) -> dict:
-        """Which kernels run (for collective_rpc): the attention backend's name and how
-        many layers use Piston's C++ kernels (0: torch's ops)."""
-        return {"attention": self.runner.attn_impl.name, "layers": self.kernel_layers}
+        """Which kernels run (for collective_rpc): the attention backend's name, how many
+        layers use Piston's C++ kernels (0: torch's ops), whether the decoder layers run
+        as one C++ call (piston_cpu.decoder_stack) and on how many steps they did."""
+        stack = self.decoder_stack
+        return {"attention": self.runner.attn_impl.name, "layers": self.kernel_layers,
+                "decoder_stack": stack is not None, "decoder_stack_steps": 0 if stack is None else stack.steps}
 
     def determine_num_kv_blocks(self) -> KVCacheReport:
         # kv_cache_memory is the whole host's budget: each rank takes the share of its KV
@@ -92,14 +109,18 @@ class CpuWorker(Worker):
         tags = ["weights", "kv_cache"] if tags is None else tags
         if "weights" in tags:
             self.runner.restore_weights()
+            self._install_decoder_stack()
         if "kv_cache" in tags and not self.runner.kv_caches:
             self.runner.initialize_kv_cache(self.num_blocks)
 
     def update_weights(self, weights: list) -> int:
-        return self.runner.update_weights(weights)
+        count = self.runner.update_weights(weights)
+        self._install_decoder_stack()
+        return count
 
     def reload_weights(self) -> None:
         self.runner.reload_weights()
+        self._install_decoder_stack()
 
     def shutdown(self) -> None:
         self.runner.close_kv_offload()

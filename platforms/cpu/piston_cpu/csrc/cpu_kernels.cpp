@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernel_ops.h"
 #include "simd.h"
 
 // The quantized-weight kernels (quant_kernels.cpp), the batched LoRA kernel
@@ -38,12 +39,10 @@
 void bind_quant_kernels(pybind11::module_& m);
 void bind_lora_kernels(pybind11::module_& m);
 void bind_moe_kernels(pybind11::module_& m);
+void bind_decoder_stack(pybind11::module_& m);
 
-namespace {
-
-using piston_cpu::dot_rows;
-using piston_cpu::hsum;
-using piston_cpu::hsum4;
+// The entry points are declared in kernel_ops.h (decoder_stack.cpp calls them too).
+namespace piston_cpu {
 
 // exp(x) for 8 floats: Cephes' range reduction and degree-5 polynomial (relative error
 // about 2e-7 over the float range; inputs below -87.3 give 0, above 88.3 give inf).
@@ -797,18 +796,19 @@ torch::Tensor argmax_rows(const torch::Tensor& x) {
   return out;
 }
 
-}  // namespace
+}  // namespace piston_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "y = x @ w.T + b for small batches", py::arg("x"), py::arg("weight"),
+  m.def("linear", &piston_cpu::linear, "y = x @ w.T + b for small batches", py::arg("x"), py::arg("weight"),
         py::arg("bias") = py::none());
-  m.def("rms_norm", &rms_norm, "RMSNorm, optionally after adding a residual", py::arg("x"), py::arg("residual"),
+  m.def("rms_norm", &piston_cpu::rms_norm, "RMSNorm, optionally after adding a residual", py::arg("x"), py::arg("residual"),
         py::arg("weight"), py::arg("eps"));
-  m.def("silu_and_mul", &silu_and_mul, "silu(x[:, :I]) * x[:, I:]");
-  m.def("rotary_neox", &rotary_neox, "rotate-half RoPE of q and k in place");
-  m.def("paged_attention", &paged_attention, "causal attention of query rows over a paged KV cache");
-  m.def("argmax_rows", &argmax_rows, "torch.argmax(x, dim=-1) of a float32 matrix, at memory speed");
+  m.def("silu_and_mul", &piston_cpu::silu_and_mul, "silu(x[:, :I]) * x[:, I:]");
+  m.def("rotary_neox", &piston_cpu::rotary_neox, "rotate-half RoPE of q and k in place");
+  m.def("paged_attention", &piston_cpu::paged_attention, "causal attention of query rows over a paged KV cache");
+  m.def("argmax_rows", &piston_cpu::argmax_rows, "torch.argmax(x, dim=-1) of a float32 matrix, at memory speed");
   bind_quant_kernels(m);
   bind_lora_kernels(m);
   bind_moe_kernels(m);
+  bind_decoder_stack(m);
 }

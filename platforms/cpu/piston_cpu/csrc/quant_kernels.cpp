@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernel_ops.h"
 #include "quant_formats.h"
 #include "quant_gemv512.h"
 #include "quant_int8x.h"
@@ -288,6 +289,8 @@ void with_rows(int64_t M, Body&& body) {
   }
 }
 
+}  // namespace
+
 torch::Tensor qlinear(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
                       const std::vector<int64_t>& codes, const c10::optional<torch::Tensor>& bias,
                       bool int8_activations) {
@@ -401,7 +404,6 @@ torch::Tensor qdequantize(const std::vector<torch::Tensor>& weights, const std::
   return out;
 }
 
-}  // namespace
 }  // namespace piston_cpu
 
 void bind_quant_kernels(pybind11::module_& m) {

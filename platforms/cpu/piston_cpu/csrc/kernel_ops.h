@@ -1,0 +1,38 @@
+// The entry points of Piston's CPU kernels, as C++ functions: cpu_kernels.cpp and
+// quant_kernels.cpp define them (and bind them to Python); decoder_stack.cpp calls them one
+// after the other. Each checks its arguments and raises (c10::Error) on a bad one.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace piston_cpu {
+
+// y = x @ w.T + b, float32, for small batches (cpu_kernels.cpp).
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias);
+
+// {w * x / rms(x), undefined}, or with a residual {w * s / rms(s), s} where s = x + residual.
+std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
+                                    const torch::Tensor& weight, double eps);
+
+// silu(x[:, :I]) * x[:, I:].
+torch::Tensor silu_and_mul(const torch::Tensor& x);
+
+// Rotate-half RoPE of q and k ([T, heads * head_dim], rows may be strided) in place.
+void rotary_neox(const torch::Tensor& positions, torch::Tensor q, torch::Tensor k, const torch::Tensor& cache,
+                 int64_t head_dim, int64_t rotary_dim);
+
+// Writes k/v to their slots, then attends every query row over its sequence's paged K/V.
+torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                              torch::Tensor key_cache, torch::Tensor value_cache, const torch::Tensor& slot_mapping,
+                              const torch::Tensor& block_table, const torch::Tensor& seq_idx,
+                              const torch::Tensor& ctx_lens, int64_t num_heads, double scale, int64_t window);
+
+// y = x @ W.T + b with W packed in segments of GGUF blocks (quant_kernels.cpp).
+torch::Tensor qlinear(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
+                      const std::vector<int64_t>& codes, const c10::optional<torch::Tensor>& bias,
+                      bool int8_activations);
+
+}  // namespace piston_cpu
