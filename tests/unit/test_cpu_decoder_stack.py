@@ -28,9 +28,10 @@ def _generate(make_llm, path, **extra):
     return llm.collective_rpc("kernel_info")[0], outputs
 
 
-@pytest.mark.parametrize("weights", ["float32", "packed"])
+@pytest.mark.parametrize("weights", ["float32", "packed", "qwen3"])
 def test_stack_equals_layer_by_layer(weights, tiny_models, make_llm, monkeypatch, tmp_path):
-    path = tiny_models("llama")
+    """qwen3: per-head q/k norms."""
+    path = tiny_models("qwen3" if weights == "qwen3" else "llama")
     extra = {}
     if weights == "packed":  # mixed formats, q/k/v and gate/up fused from different ones
         formats = {"q_proj": "Q4_0", "k_proj": "Q4_1", "v_proj": "Q8_0", "o_proj": "Q5_1", "gate_proj": "Q5_0",
@@ -50,7 +51,8 @@ def test_stack_equals_layer_by_layer(weights, tiny_models, make_llm, monkeypatch
 
 
 def test_stack_declines_layers_it_cannot_run(ops_and_model):
-    """A layer the stack does not implement (here: q/k norms) keeps the model layer by layer."""
+    """A layer the stack does not implement (here: a q/k norm without its kernel) keeps the
+    model layer by layer."""
     from piston_cpu import decoder_stack, layer_kernels
 
     ops, model = ops_and_model
@@ -59,7 +61,12 @@ def test_stack_declines_layers_it_cannot_run(ops_and_model):
     model.model.layers_kernel = None
     from piston.models.layers.layernorm import RMSNorm
 
-    model.model.layers[1].self_attn.q_norm = RMSNorm(model.model.layers[1].self_attn.head_dim)
+    attn = model.model.layers[1].self_attn
+    attn.q_norm, attn.k_norm = RMSNorm(attn.head_dim), RMSNorm(attn.head_dim)
+    attn.k_norm.kernel = attn.q_norm.kernel = layer_kernels.make_rms_norm(ops)
+    assert decoder_stack.install(ops, model) is not None  # Qwen3's norms: taken
+    attn.k_norm.kernel = None
+    model.model.layers_kernel = None
     assert decoder_stack.install(ops, model) is None
     assert model.model.layers_kernel is None
 

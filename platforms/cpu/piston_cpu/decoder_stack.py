@@ -2,8 +2,8 @@
 
 Set as the model's ``layers_kernel`` slot (piston.models.llama.LlamaModel) when every
 layer runs Piston's C++ kernels: float32 or packed linears with their kernel slots set,
-no LoRA, no tensor parallelism, no q/k norm, a SiLU MLP, the plain RMSNorm and RoPE
-kernels. The stack calls the same kernels in the same order as the modules, so its
+no LoRA, no tensor parallelism, a SiLU MLP, the plain RMSNorm (Qwen3's q/k norms too) and
+RoPE kernels. The stack calls the same kernels in the same order as the modules, so its
 results are the module path's bit for bit; what it removes is the Python between them,
 and the slowdown it caused the kernels (SmolLM2 Q4_1 batch-1 decode: 13.9-15.4 -> 10.5-10.8
 ms a token, benchmarks/RESULTS.md).
@@ -65,7 +65,11 @@ def _why_not(layer: nn.Module) -> str | None:
         return f"{type(layer).__name__} is not a plain Llama decoder layer"
     attn, mlp = layer.self_attn, layer.mlp
     if attn.q_norm is not None:
-        return "q/k norms"
+        for norm in (attn.q_norm, attn.k_norm):
+            if type(norm) is not RMSNorm or norm.kernel is None:
+                return f"the q/k norm {type(norm).__name__}"
+        if attn.q_norm.eps != attn.k_norm.eps:
+            return "q and k norms with different eps"
     if mlp.act_and_mul_kernel is None:
         return f"the MLP's activation {mlp.act_name}"
     for norm in (layer.input_layernorm, layer.post_attention_layernorm):
@@ -120,7 +124,9 @@ def build(ops: ModuleType, model: LlamaModel) -> StackKernel | None:
                         layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps,
                         _linear_args(attn.qkv_proj), _linear_args(attn.o_proj), _linear_args(mlp.gate_up_proj),
                         _linear_args(mlp.down_proj), rope.cos_sin_cache, rope.rotary_dim, attn.num_heads,
-                        attn.num_kv_heads, attn.head_dim, attn.attn.scale, attn.attn.sliding_window or 0)
+                        attn.num_kv_heads, attn.head_dim, attn.attn.scale, attn.attn.sliding_window or 0,
+                        *((attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if attn.q_norm is not None
+                          else (None, None, 0.0)))
 
     return StackKernel(stack)
 

@@ -1,6 +1,6 @@
 // DecoderStack: the decoder layers of a Llama-family model (pre-norm attention with RoPE
-// and grouped KV heads, then a gated-SiLU MLP) run as one call, the layers' kernels back
-// to back with no Python between them.
+// and grouped KV heads, optionally Qwen3's per-head q/k norms, then a gated-SiLU MLP) run
+// as one call, the layers' kernels back to back with no Python between them.
 //
 // A decode step of SmolLM2 makes about 300 kernel calls, 10 per layer. Through the torch
 // modules each cost about 10 us of Python (module calls, attribute lookups, the kernel
@@ -60,6 +60,8 @@ StackLinear make_linear(const LinearArgs& a) {
 struct StackLayer {
   torch::Tensor input_norm, post_norm, cos_sin_cache;
   double input_eps, post_eps, scale;
+  c10::optional<torch::Tensor> q_norm, k_norm;  // Qwen3: RMSNorm of each head of q and k
+  double qk_eps;
   StackLinear qkv, o, gate_up, down;
   int64_t layer_idx, num_heads, num_kv_heads, head_dim, rotary_dim, window;
 };
@@ -71,11 +73,14 @@ class DecoderStack {
   void add_layer(int64_t layer_idx, const torch::Tensor& input_norm, double input_eps, const torch::Tensor& post_norm,
                  double post_eps, const LinearArgs& qkv, const LinearArgs& o, const LinearArgs& gate_up,
                  const LinearArgs& down, const torch::Tensor& cos_sin_cache, int64_t rotary_dim, int64_t num_heads,
-                 int64_t num_kv_heads, int64_t head_dim, double scale, int64_t window) {
+                 int64_t num_kv_heads, int64_t head_dim, double scale, int64_t window,
+                 const c10::optional<torch::Tensor>& q_norm, const c10::optional<torch::Tensor>& k_norm,
+                 double qk_eps) {
     TORCH_CHECK(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0 && head_dim > 0,
                 "DecoderStack: head counts");
-    layers_.push_back(StackLayer{input_norm, post_norm, cos_sin_cache, input_eps, post_eps, scale,
-                                 make_linear(qkv), make_linear(o), make_linear(gate_up), make_linear(down),
+    TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "DecoderStack: q and k norms come together");
+    layers_.push_back(StackLayer{input_norm, post_norm, cos_sin_cache, input_eps, post_eps, scale, q_norm, k_norm,
+                                 qk_eps, make_linear(qkv), make_linear(o), make_linear(gate_up), make_linear(down),
                                  layer_idx, num_heads, num_kv_heads, head_dim, rotary_dim, window});
   }
 
@@ -103,8 +108,14 @@ class DecoderStack {
       }
       const torch::Tensor qkv = L.qkv(x, int8_activations_);
       const int64_t q_size = L.num_heads * L.head_dim, kv_size = L.num_kv_heads * L.head_dim;
-      const torch::Tensor q = qkv.narrow(1, 0, q_size), k = qkv.narrow(1, q_size, kv_size),
-                          v = qkv.narrow(1, q_size + kv_size, kv_size);
+      torch::Tensor q = qkv.narrow(1, 0, q_size), k = qkv.narrow(1, q_size, kv_size);
+      const torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size);
+      if (L.q_norm.has_value()) {  // each head of q and k on its own, as LlamaAttention does
+        const int64_t T = qkv.size(0);
+        q = rms_norm(q.reshape({T * L.num_heads, L.head_dim}), c10::nullopt, *L.q_norm, L.qk_eps)[0].view({T, q_size});
+        k = rms_norm(k.reshape({T * L.num_kv_heads, L.head_dim}), c10::nullopt, *L.k_norm, L.qk_eps)[0]
+                .view({T, kv_size});
+      }
       rotary_neox(positions, q, k, L.cos_sin_cache, L.head_dim, L.rotary_dim);
       const torch::Tensor& cache = kv_caches[L.layer_idx];
       const torch::Tensor attn = paged_attention(q, k, v, cache[0], cache[1], slot_mapping, block_table, seq_idx,
@@ -132,7 +143,8 @@ void bind_decoder_stack(pybind11::module_& m) {
       .def("add_layer", &piston_cpu::DecoderStack::add_layer, py::arg("layer_idx"), py::arg("input_norm"),
            py::arg("input_eps"), py::arg("post_norm"), py::arg("post_eps"), py::arg("qkv"), py::arg("o"),
            py::arg("gate_up"), py::arg("down"), py::arg("cos_sin_cache"), py::arg("rotary_dim"),
-           py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("window"))
+           py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("window"),
+           py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none(), py::arg("qk_eps") = 0.0)
       .def("__len__", &piston_cpu::DecoderStack::size)
       .def("forward", &piston_cpu::DecoderStack::forward, py::arg("h"), py::arg("positions"), py::arg("kv_caches"),
            py::arg("slot_mapping"), py::arg("block_table"), py::arg("seq_idx"), py::arg("ctx_lens"),
