@@ -14,8 +14,10 @@ from piston_cpu import kernels
 pytestmark = pytest.mark.skipif(kernels.load() is None, reason="Piston's CPU kernels are unavailable here")
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "Hi",
-           "List three primary colors, then explain why the sky is blue in two sentences:",
-           "The capital of France is Paris, and the capital of Italy is"]  # shares a cached prefix
+           "List three primary colors, then explain why the sky is blue in two sentences, and why it is red at "
+           "sunset:"]
+# Asked after PROMPTS: its first blocks are the last prompt's, cached.
+REPEAT = PROMPTS[-1] + " Answer briefly."
 
 
 def _generate(make_llm, path, **extra):
@@ -25,6 +27,10 @@ def _generate(make_llm, path, **extra):
                    max_num_batched_tokens=16, **extra)
     params = SamplingParams(max_tokens=10, temperature=0.0, logprobs=3, prompt_logprobs=2, ignore_eos=True)
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    # Without prompt logprobs, which need every prompt position computed (no cache hit).
+    outputs += llm.generate([REPEAT], SamplingParams(max_tokens=10, temperature=0.0, logprobs=3, ignore_eos=True),
+                            use_tqdm=False)
+    assert outputs[-1].num_cached_tokens >= 16  # a prefix-cache hit
     return llm.collective_rpc("kernel_info")[0], outputs
 
 
@@ -40,7 +46,7 @@ def test_stack_equals_layer_by_layer(weights, tiny_models, make_llm, monkeypatch
         path = write_gguf(path, str(tmp_path / "tiny.gguf"),
                           lambda n: next((f for key, f in formats.items() if key in n), "F32"))
     info, stacked = _generate(make_llm, path, **extra)
-    assert info["decoder_stack"] is True and info["decoder_stack_steps"] >= 10  # every step
+    assert info["decoder_stack"] is True and info["decoder_stack_steps"] >= 10  # it ran
     monkeypatch.setenv("PISTON_CPU_DECODER_STACK", "0")
     info, layered = _generate(make_llm, path, **extra)
     assert info["decoder_stack"] is False and info["decoder_stack_steps"] == 0 and info["layers"] > 0
