@@ -77,13 +77,19 @@ def _why_not(layer: nn.Module) -> str | None:
             return f"the norm {type(norm).__name__}"
     if type(attn.rotary_emb) is not RotaryEmbedding or attn.rotary_emb.kernel is None:
         return f"the rotary embedding {type(attn.rotary_emb).__name__}"
-    for name in ("qkv_proj", "o_proj"):
-        if _linear_args(getattr(attn, name)) is None:
-            return f"{name} (LoRA, tensor parallelism, or no kernel)"
-    for name in ("gate_up_proj", "down_proj"):
-        if _linear_args(getattr(mlp, name)) is None:
+    for name, linear in zip(LINEARS, _linears(layer)):
+        if _linear_args(linear) is None:
             return f"{name} (LoRA, tensor parallelism, or no kernel)"
     return None
+
+
+LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def _linears(layer: LlamaDecoderLayer) -> tuple[ParallelLinearBase, ...]:
+    """The layer's linears in the order of LINEARS."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
 
 
 class StackKernel:
@@ -119,15 +125,13 @@ def build(ops: ModuleType, model: LlamaModel) -> StackKernel | None:
             return None
     stack = ops.DecoderStack(layer_kernels.int8_activations())
     for layer in model.layers:
-        attn, mlp, rope = layer.self_attn, layer.mlp, layer.self_attn.rotary_emb
+        attn, rope = layer.self_attn, layer.self_attn.rotary_emb
         stack.add_layer(attn.attn.layer_idx, layer.input_layernorm.weight, layer.input_layernorm.eps,
                         layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps,
-                        _linear_args(attn.qkv_proj), _linear_args(attn.o_proj), _linear_args(mlp.gate_up_proj),
-                        _linear_args(mlp.down_proj), rope.cos_sin_cache, rope.rotary_dim, attn.num_heads,
+                        *map(_linear_args, _linears(layer)), rope.cos_sin_cache, rope.rotary_dim, attn.num_heads,
                         attn.num_kv_heads, attn.head_dim, attn.attn.scale, attn.attn.sliding_window or 0,
                         *((attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if attn.q_norm is not None
                           else (None, None, 0.0)))
-
     return StackKernel(stack)
 
 

@@ -114,9 +114,7 @@ class CpuWorker(Worker):
             self.runner.initialize_kv_cache(self.num_blocks)
 
     def update_weights(self, weights: list) -> int:
-        count = self.runner.update_weights(weights)
-        self._install_decoder_stack()
-        return count
+        return self.runner.update_weights(weights)  # in place: the stack's tensors stay current
 
     def reload_weights(self) -> None:
         self.runner.reload_weights()
