@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--max-input", type=int, default=None)
     parser.add_argument("--output-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto, float32, float16 or bfloat16")
     parser.add_argument("--cprofile", type=int, default=0, help="also print the top N functions by own time")
     parser.add_argument("--structured-output", choices=["json"], default=None,
                         help="constrain every request by the JSON schema of `piston bench throughput`")
@@ -149,7 +150,8 @@ def main() -> None:
 
     from piston import LLM, SamplingParams
 
-    kwargs = dict(max_num_seqs=args.max_num_seqs, structured_outputs_backend=args.structured_outputs_backend)
+    kwargs = dict(max_num_seqs=args.max_num_seqs, structured_outputs_backend=args.structured_outputs_backend,
+                  kv_cache_dtype=args.kv_cache_dtype)
     model = args.model
     if args.tiny:
         from tiny_model import write_tiny_model

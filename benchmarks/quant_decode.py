@@ -15,6 +15,8 @@ llama.cpp runs through llama-cpp-python in its own virtualenv, never the project
 ``--float32`` adds Piston with the weights dequantized (--quantization none), and
 ``--int8-activations`` Piston with PISTON_CPU_QUANT_ACTIVATIONS=int8 (activations of the
 decode steps quantized to int8 per 32 values, as llama.cpp does; off by default).
+``--kv-cache-dtype float16`` adds Piston with a float16 KV cache: llama.cpp's default KV cache
+type is f16, so that is the like-for-like comparison of attention's memory reads.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ def main() -> int:
     parser.add_argument("--float32", action="store_true", help="also Piston with dequantized float32 weights")
     parser.add_argument("--int8-activations", action="store_true",
                         help="also Piston with PISTON_CPU_QUANT_ACTIVATIONS=int8")
+    parser.add_argument("--kv-cache-dtype", action="append", default=[], choices=["float16", "bfloat16"],
+                        help="also Piston with this KV cache dtype (repeatable)")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
 
@@ -91,6 +95,8 @@ def main() -> int:
         del os.environ["PISTON_CPU_QUANT_ACTIVATIONS"]
     if args.float32:
         engines["piston-float32"] = LLM(model=model, quantization="none", **kw)
+    for name in args.kv_cache_dtype:
+        engines[f"piston-kv-{name}"] = LLM(model=model, quantization="gguf", kv_cache_dtype=name, **kw)
     times: dict[str, list[float]] = {name: [] for name in [*engines, "llama.cpp"]}
     try:
         for llm in engines.values():  # warm-up

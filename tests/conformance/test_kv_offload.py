@@ -40,13 +40,17 @@ def _run_one_at_a_time(llm, prompts):
     return [llm.generate([p], GREEDY, use_tqdm=False)[0] for p in prompts]
 
 
-def test_host_tier_brings_evicted_prefixes_back(tiny_models, make_llm):
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "float16"])
+def test_host_tier_brings_evicted_prefixes_back(kv_cache_dtype, tiny_models, make_llm):
     path = tiny_models("llama")
     prompts = _prompts(6, seed=1)
+    # A float16 cache's blocks are half the bytes: half the memory makes the same 64 blocks.
+    pool = {**SMALL_POOL, "kv_cache_dtype": kv_cache_dtype,
+            "kv_cache_memory": SMALL_POOL["kv_cache_memory"] // (2 if kv_cache_dtype == "float16" else 1)}
     expected = [o.outputs[0].token_ids for o in
-                _run_one_at_a_time(make_llm(path, enable_prefix_caching=False, **SMALL_POOL), prompts)]
+                _run_one_at_a_time(make_llm(path, enable_prefix_caching=False, **pool), prompts)]
 
-    llm = make_llm(path, kv_offloading_size="4MiB", **SMALL_POOL)
+    llm = make_llm(path, kv_offloading_size="4MiB", **pool)
     assert llm.llm_engine.get_num_total_blocks() == 64
     first = _run_one_at_a_time(llm, prompts)  # later prompts push the first ones out of the pool
     again = _run_one_at_a_time(llm, prompts[:2])

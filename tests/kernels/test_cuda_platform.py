@@ -96,6 +96,15 @@ def test_float32_models_use_triton_even_with_flash_attn(monkeypatch):
     assert select_attention_backend(torch.float16, 16, 64, capability=(8, 0))[0] == "triton"
 
 
+def test_a_kv_cache_of_another_dtype_goes_to_triton(monkeypatch):
+    _fake_fa2(monkeypatch, with_seqused_k=True)
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert select_attention_backend(torch.bfloat16, 16, 64, capability=(8, 0), kv_dtype=torch.bfloat16)[0] == \
+        "flash_attn"
+    name, _, why = select_attention_backend(torch.bfloat16, 16, 64, capability=(8, 0), kv_dtype=torch.float16)
+    assert name == "triton" and "the cache holds float16" in why
+
+
 def test_usable_prefix_stops_at_the_least_computed_request_in_whole_blocks():
     computed = np.array([300, 100, 270])
     assert usable_prefix_len(16, 16, computed) == 96  # request 1 has computed only 100 tokens

@@ -67,6 +67,32 @@ def test_mixed_prefill_chunk_and_decode_batch_matches_reference(device, dtype, s
     _close(lse, ref_lse, torch.float32 if dtype == torch.float32 else torch.float16)
 
 
+KV_CACHE_DTYPES = [torch.float16, torch.bfloat16] if torch.cuda.is_available() else [torch.float16]
+
+
+@pytest.mark.parametrize("cache_dtype", KV_CACHE_DTYPES, ids=str)
+def test_a_16bit_cache_under_a_float32_model_is_written_rounded_and_read_widened(device, cache_dtype):
+    """--kv-cache-dtype float16|bfloat16 with float32 q: the write kernel rounds k/v as torch's
+    .to() does, and attention over the 16-bit cache equals the float64 reference over the
+    rounded keys and values at float32's tolerance (the split-KV path too)."""
+    import dataclasses
+
+    from piston_cuda.kernels.kv_cache_write import write_kv_cache
+
+    k = torch.randn(5, 128, generator=torch.Generator().manual_seed(3)).to(device)
+    v = -k
+    kv = torch.zeros(2, 6, 16, 2, 64, dtype=cache_dtype, device=device)
+    write_kv_cache(k, v, kv[0], kv[1], torch.tensor([17, 3, -1, 95, 48], dtype=torch.int64, device=device))
+    assert torch.equal(kv[0].view(-1, 128)[[17, 3, 95, 48]], k[[0, 1, 3, 4]].to(cache_dtype))
+    for query_lens, context_lens, num_splits in ((MIXED_QUERY_LENS, MIXED_CONTEXT_LENS, 1), ([1, 1], [300, 20], 4)):
+        b = make_paged_batch(query_lens, context_lens, block_size=16, num_kv_heads=2, queries_per_kv=3, head_dim=64,
+                             dtype=torch.float32, device=device, seed=7)
+        b = dataclasses.replace(b, k_cache=b.k_cache.to(cache_dtype), v_cache=b.v_cache.to(cache_dtype))
+        out = torch.empty_like(b.q)
+        _attend(b, out, num_splits=num_splits)
+        _close(out, reference_attention(b)[0], torch.float32)
+
+
 def _garbage_before_windows(b, window: int):
     """The float64 reference with ``window``, then every block wholly before every query's
     window pointed at a block of huge values, which would show if any were read unmasked."""

@@ -71,7 +71,21 @@ def test_small_batch_long_context_decode(num_heads, num_kv_heads, head_dim, wind
     _check_against_reference(Layer(num_heads, num_kv_heads, head_dim, window), 16, seqs, backend)
 
 
-def _check_against_reference(layer, block_size, seqs, backend):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,window",
+                         [(9, 3, 64, None), (4, 1, 128, 20), (4, 4, 32, None)])
+def test_16bit_cache_attends_to_kv_as_stored(num_heads, num_kv_heads, head_dim, window, cache_dtype, backend):
+    # --kv-cache-dtype float16|bfloat16 under a float32 model: the step's K/V are rounded to
+    # the cache's dtype as torch rounds them, and every row (decode, prompt tile, row by
+    # row, the long prompts of torch's flash attention, split decode contexts) attends, in
+    # float32, to the K/V as stored: the float32 reference over the rounded K/V.
+    seqs = [(37, 1), (0, 23), (16, 40), (5, 1), (100, 150), (3, 7), (300, 1), (0, 600), (1300, 120)]
+    _check_against_reference(Layer(num_heads, num_kv_heads, head_dim, window), 16, seqs, backend, cache_dtype)
+    _check_against_reference(Layer(num_heads, num_kv_heads, head_dim, window), 16, [(2100, 1)], backend, cache_dtype)
+
+
+def _check_against_reference(layer, block_size, seqs, backend, cache_dtype=torch.float32):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     num_blocks = 512
@@ -79,7 +93,7 @@ def _check_against_reference(layer, block_size, seqs, backend):
                                                  layer.sliding_window)
     impl = CpuAttention(kernels.load() if backend == "kernel" else None)
     assert impl.name == ("cpu_paged_kernel" if backend == "kernel" else "cpu_sdpa")
-    cache = torch.zeros(impl.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim))
+    cache = torch.zeros(impl.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim), dtype=cache_dtype)
     free = list(rng.permutation(num_blocks))  # block tables deliberately out of order
     tables, full_k, full_v = [], [], []
     for ctx, new in seqs:
@@ -87,6 +101,8 @@ def _check_against_reference(layer, block_size, seqs, backend):
         tables.append([int(free.pop()) for _ in range(nblk)])
         full_k.append(torch.randn(ctx + new, num_kv_heads, head_dim))
         full_v.append(torch.randn(ctx + new, num_kv_heads, head_dim))
+    stored_k = [k.to(cache_dtype).float() for k in full_k]  # what attention reads back
+    stored_v = [v.to(cache_dtype).float() for v in full_v]
     # Fill each sequence's earlier context into the cache as a previous step would have.
     for (ctx, _), table, k, v in zip(seqs, tables, full_k, full_v):
         for pos in range(ctx):
@@ -118,11 +134,13 @@ def _check_against_reference(layer, block_size, seqs, backend):
     out = impl.forward(layer, q.flatten(1), k.flatten(1), v.flatten(1), cache, md)
     out = out.view(-1, num_heads, head_dim)
     for i, (ctx, _) in enumerate(seqs):
-        expected = reference(qs[i], full_k[i], full_v[i], ctx, layer)
+        expected = reference(qs[i], stored_k[i], stored_v[i], ctx, layer)
         torch.testing.assert_close(out[qsl[i]:qsl[i + 1]], expected, atol=1e-5, rtol=1e-5)
     # The step's own k/v landed in the paged cache at the slot mapping.
     flat_k = cache[0].view(-1, num_kv_heads, head_dim)
-    torch.testing.assert_close(flat_k[torch.tensor(slots)], k)
+    flat_v = cache[1].view(-1, num_kv_heads, head_dim)
+    assert torch.equal(flat_k[torch.tensor(slots)], k.to(cache_dtype))
+    assert torch.equal(flat_v[torch.tensor(slots)], v.to(cache_dtype))
     return md
 
 

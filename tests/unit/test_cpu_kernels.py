@@ -155,6 +155,24 @@ def test_paged_attention_rejects_bad_tables(ops):
     call([[2, 9]], [0], [16])  # the unused entry is never read
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_paged_attention_rounds_kv_into_a_16bit_cache_as_torch_does(ops, dtype):
+    """The step's K/V written to a float16 or bfloat16 cache equal torch's .to(): round to
+    nearest even at the halfway points, overflow to inf, infinities, NaN, subnormals."""
+    torch.manual_seed(0)
+    special = torch.tensor([1 + 2 ** -11, 1 + 3 * 2 ** -11, 1 + 2 ** -8, 1 + 3 * 2 ** -8, 65520.0, -1e6, 3e38,
+                            float("inf"), float("-inf"), float("nan"), 1e-7, -2 ** -140, 0.0, -0.0, 7.0, 1e-30])
+    rows = torch.cat([special, torch.randn(64 * 6 - 16) * torch.logspace(-6, 6, 64 * 6 - 16)]).view(6, 64)
+    cache = torch.zeros(2, 2, 16, 1, 64, dtype=dtype)
+    table = torch.tensor([[0, 1]], dtype=torch.int32)
+    ops.paged_attention(torch.zeros(6, 64), rows, -rows, cache[0], cache[1], torch.arange(6) + 9, table,
+                        torch.zeros(6, dtype=torch.int32), torch.zeros(6, dtype=torch.int32), 1, 0.125, 0)
+    written = cache.view(2, 32, 64)[:, 9:15]
+    expected = torch.stack([rows.to(dtype), (-rows).to(dtype)])
+    assert torch.equal(written.isnan(), expected.isnan())
+    assert torch.equal(written.nan_to_num(0.0).view(torch.int16), expected.nan_to_num(0.0).view(torch.int16))
+
+
 def test_model_with_kernels_matches_torch_path(ops, random_llama):
     """A tiny Llama's hidden states and logits with every layer kernel equal torch's."""
     from piston_cpu import layer_kernels

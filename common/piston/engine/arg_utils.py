@@ -18,6 +18,7 @@ from piston.step.config import (
     SchedulerConfig,
     SpeculativeConfig,
     StructuredOutputsConfig,
+    parse_kv_cache_dtype,
     parse_size,
 )
 from piston.step.hf_config import native_context_length
@@ -34,6 +35,7 @@ class EngineArgs:
     seed: int = 0
     block_size: int = 16
     kv_cache_memory: int | str | None = None
+    kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
     kv_offloading_size: int | str = 0
     kv_offloading_dir: str | None = None
@@ -79,6 +81,10 @@ class EngineArgs:
         add("--seed", type=int, default=d.seed)
         add("--block-size", type=int, default=d.block_size)
         add("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB (default: the platform's)")
+        add("--kv-cache-dtype", default=d.kv_cache_dtype,
+            help="how K and V are stored: auto (the model's dtype), float32, float16 (fp16) or bfloat16 "
+                 "(bf16); a 16-bit cache holds twice the tokens and halves attention's memory reads, and "
+                 "rounds each K/V value once when it is written (default: auto)")
         add("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
         add("--kv-offloading-size", default="0",
             help="host memory for prefix-cache blocks evicted from the KV cache, e.g. 4GiB; a later "
@@ -183,6 +189,7 @@ class EngineArgs:
         SpeculativeConfig.from_value(self.speculative_config)  # a bad one fails before the model is read
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")
+        parse_kv_cache_dtype(self.kv_cache_dtype)
         if self.model_impl not in MODEL_IMPLS:
             raise ValueError(f"model_impl must be one of {', '.join(MODEL_IMPLS)}, got {self.model_impl!r}.")
         if self.enable_lora:
@@ -223,6 +230,7 @@ class EngineArgs:
         cache = CacheConfig(
             block_size=self.block_size,
             kv_cache_memory=None if self.kv_cache_memory is None else parse_size(self.kv_cache_memory),
+            kv_cache_dtype=parse_kv_cache_dtype(self.kv_cache_dtype),
             enable_prefix_caching=self.enable_prefix_caching,
             gpu_memory_utilization=self.gpu_memory_utilization,
             kv_offloading_size=parse_size(self.kv_offloading_size, "kv_offloading_size"),

@@ -64,6 +64,10 @@ class EngineCore:
             proposer_class(config.speculative_config.method)  # a bad name fails here, before any worker
         if config.lora_config is not None and not platform.supports_lora:
             raise ValueError(f"enable_lora: the {platform.name} platform cannot serve LoRA adapters yet.")
+        kv_dtype = config.cache_config.kv_cache_dtype
+        if kv_dtype != "auto" and kv_dtype not in platform.kv_cache_dtypes:
+            raise ValueError(f"kv_cache_dtype={kv_dtype!r}: the {platform.name} platform stores K/V as "
+                             f"{', '.join(platform.kv_cache_dtypes) or 'the model dtype only'} (or auto).")
         tp = config.parallel_config.tensor_parallel_size
         if tp > 1 and not platform.supports_tensor_parallel:
             raise ValueError(f"tensor_parallel_size={tp}: the {platform.name} platform runs one rank "
@@ -93,10 +97,10 @@ class EngineCore:
         cc = config.cache_config
         logger.info(
             "EngineCore ready on %s in %.1f s: KV cache %d blocks x %d tokens = %d tokens "
-            "(%.2f GiB), max_num_seqs=%d, max_num_batched_tokens=%d (prompt tokens per step: %s), "
+            "(%.2f GiB, %s), max_num_seqs=%d, max_num_batched_tokens=%d (prompt tokens per step: %s), "
             "prefix caching %s, tensor parallel %d (%s executor)%s",
             platform.name, time.perf_counter() - start, cc.num_blocks, cc.block_size,
-            cc.num_blocks * cc.block_size, self.kv_cache_memory / 2**30,
+            cc.num_blocks * cc.block_size, self.kv_cache_memory / 2**30, config.kv_cache_dtype,
             config.scheduler_config.max_num_seqs, config.scheduler_config.max_num_batched_tokens,
             self.scheduler.max_prefill_tokens or "no cap",
             "on" if cc.enable_prefix_caching else "off", config.parallel_config.tensor_parallel_size,

@@ -92,6 +92,13 @@ Interface version history:
      tensor ``layer_cache[l]`` through group ``layer_group[l]``'s table) and counts that many
      layers in ``kv_cache_bytes_per_block``. The torch runner does it for every torch
      platform (ForwardContext.layer_group).
+  12: the KV cache dtype. ``CacheConfig.kv_cache_dtype`` ("auto": the model's dtype;
+     ``EngineConfig.kv_cache_dtype`` resolves it) may name a dtype other than the model's;
+     ``Platform.kv_cache_dtypes`` lists those a platform stores, and the engine refuses the
+     rest. Its runner allocates the cache in that dtype, counts its bytes in
+     ``kv_cache_bytes_per_block``, converts the step's K/V when it writes them and reads
+     them back into the model's dtype (attention itself computes as before). The torch
+     runner allocates and counts for every torch platform; its attention backend converts.
 """
 
 from __future__ import annotations
@@ -106,7 +113,7 @@ if TYPE_CHECKING:
     from piston.step.runner_output import ModelRunnerOutput
     from piston.step.scheduler_output import SchedulerOutput
 
-PLATFORM_INTERFACE_VERSION = 11
+PLATFORM_INTERFACE_VERSION = 12
 
 
 class Platform(abc.ABC):
@@ -127,6 +134,8 @@ class Platform(abc.ABC):
     draft_methods: tuple[str, ...] = ()
     #: Whether it serves LoRA adapters (``--enable-lora``; see the version 9 note).
     supports_lora: bool = False
+    #: The ``kv_cache_dtype`` values besides "auto" it stores (see the version 12 note).
+    kv_cache_dtypes: tuple[str, ...] = ()
 
     @classmethod
     @abc.abstractmethod

@@ -19,6 +19,11 @@ _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECA
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
           "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# CacheConfig.kv_cache_dtype: "auto" (the model's dtype) or one of these, and the other
+# names vLLM and llama.cpp users type for them.
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_KV_CACHE_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "f32": "float32", "fp16": "float16",
+                           "half": "float16", "f16": "float16", "bf16": "bfloat16"}
 MODEL_IMPLS = ("auto", "piston", "transformers")  # ModelConfig.model_impl
 
 
@@ -32,6 +37,16 @@ def parse_size(value: int | float | str, name: str = "kv_cache_memory") -> int:
         raise ValueError(f"{name}: cannot read {value!r} as a size; use e.g. 4GiB or 512MiB.")
     unit = (m.group(2) or "").lower().rstrip("b")
     return int(float(m.group(1)) * _UNITS[unit])
+
+
+def parse_kv_cache_dtype(value: str) -> str:
+    """The canonical name of a ``kv_cache_dtype`` setting (``fp16`` -> ``float16``);
+    ValueError naming the choices for anything else (fp8 among them: not stored yet)."""
+    name = _KV_CACHE_DTYPE_ALIASES.get(str(value).lower(), str(value).lower())
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype={value!r} is not supported; use one of {', '.join(KV_CACHE_DTYPES)} "
+                         "(fp8 caches are not implemented).")
+    return name
 
 
 def cdiv(a: int, b: int) -> int:
@@ -119,12 +134,14 @@ class ModelConfig:
         return head_partition(self.num_attention_heads, self.num_kv_heads, tp_size, tp_rank)
 
     def kv_bytes_per_block(self, block_size: int, num_kv_heads: int | None = None,
-                           num_cache_layers: int | None = None) -> int:
+                           num_cache_layers: int | None = None, kv_cache_dtype: str | None = None) -> int:
         """Bytes of one KV block over every layer (or ``num_cache_layers`` layers: a hybrid
-        model's, piston.step.kv_cache_layout), for ``num_kv_heads`` (default: all)."""
+        model's, piston.step.kv_cache_layout), for ``num_kv_heads`` (default: all), with K
+        and V stored as ``kv_cache_dtype`` (default: the model's dtype)."""
         heads = self.num_kv_heads if num_kv_heads is None else num_kv_heads
         layers = self.num_layers if num_cache_layers is None else num_cache_layers
-        return 2 * block_size * heads * self.head_dim * DTYPE_BYTES[self.dtype] * layers
+        dtype = self.dtype if kv_cache_dtype in (None, "auto") else kv_cache_dtype
+        return 2 * block_size * heads * self.head_dim * DTYPE_BYTES[dtype] * layers
 
 
 @dataclass
@@ -133,6 +150,11 @@ class CacheConfig:
 
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes; None = the platform's default
+    # How K and V are stored: "auto" (the model's dtype) or float32, float16, bfloat16 (a
+    # platform's Platform.kv_cache_dtypes). Attention computes in the model's dtype: a
+    # 16-bit cache under a float32 model rounds each K/V value once, when it is written,
+    # and holds twice the tokens in the same memory.
+    kv_cache_dtype: str = "auto"
     # Accelerators: the fraction of device memory the engine may use (weights, activations
     # and KV cache) when kv_cache_memory is not given. The CPU platform ignores it.
     gpu_memory_utilization: float = 0.9
@@ -356,3 +378,10 @@ class EngineConfig:
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        """The dtype K and V are stored in: ``CacheConfig.kv_cache_dtype`` with "auto"
+        resolved to the model's dtype."""
+        name = self.cache_config.kv_cache_dtype
+        return self.model_config.dtype if name == "auto" else name

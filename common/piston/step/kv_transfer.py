@@ -54,8 +54,8 @@ def block_key(block_hash: int) -> str:
 
 def tier_directory(config) -> str | None:
     """Where the disk tier of this model keeps its files: ``kv_offloading_dir`` / a
-    fingerprint of everything that decides a block's bytes (model, dtype, block size, the
-    KV layout, the platform, the tensor-parallel size). None without a disk tier."""
+    fingerprint of everything that decides a block's bytes (model, dtype, KV cache dtype, block
+    size, the KV layout, the platform, the tensor-parallel size). None without a disk tier."""
     cc, mc = config.cache_config, config.model_config
     if not cc.kv_offloading_dir:
         return None
@@ -63,6 +63,8 @@ def tier_directory(config) -> str | None:
              "quantization": mc.quantization, "block_size": cc.block_size, "layers": mc.num_layers,
              "kv_heads": mc.num_kv_heads, "head_dim": mc.head_dim, "platform": config.platform,
              "tp": config.parallel_config.tensor_parallel_size}
+    if config.kv_cache_dtype != mc.dtype:  # (absent otherwise: the directories of before stay valid)
+        facts["kv_cache_dtype"] = config.kv_cache_dtype
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
     return os.path.join(cc.kv_offloading_dir, digest)
 

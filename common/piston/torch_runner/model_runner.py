@@ -79,6 +79,7 @@ class TorchModelRunner(ModelRunner):
         self.attn_impl = attn_impl
         mc = config.model_config
         self.dtype = getattr(torch, mc.dtype)
+        self.kv_dtype = getattr(torch, config.kv_cache_dtype)  # how the KV cache stores K/V
         self.num_layers = mc.num_layers
         # This rank's KV heads: the cache holds only those (split or replicated over TP ranks).
         self.num_kv_heads = mc.heads_of_rank(get_tp_size(), get_tp_rank()).num_kv_heads
@@ -182,9 +183,12 @@ class TorchModelRunner(ModelRunner):
         return ForwardContext(metadata, kv_caches, self.attn_impl, attn_layers, self.kv_layout.layer_group)
 
     def kv_cache_bytes_per_block(self) -> int:
+        kv_dtype = self.config.kv_cache_dtype
         target = self.config.model_config.kv_bytes_per_block(self.block_size, self.num_kv_heads,
-                                                              self.kv_layout.num_cache_layers)
-        return target + (self.draft_config.kv_bytes_per_block(self.block_size) if self.draft_config else 0)
+                                                              self.kv_layout.num_cache_layers, kv_dtype)
+        if self.draft_config is None:
+            return target
+        return target + self.draft_config.kv_bytes_per_block(self.block_size, kv_cache_dtype=kv_dtype)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         shape = self.attn_impl.kv_cache_shape(num_blocks, self.block_size, self.num_kv_heads,
@@ -192,12 +196,12 @@ class TorchModelRunner(ModelRunner):
         # Zeros: padded reads of unused slots must be finite so masking can remove them. A
         # hybrid layout's groups share tensors: layer l uses tensor layer_cache[l].
         layout = self.kv_layout
-        storage = [zeros(shape, self.dtype, self.device) for _ in range(layout.num_cache_layers)]
+        storage = [zeros(shape, self.kv_dtype, self.device) for _ in range(layout.num_cache_layers)]
         self.kv_caches = [storage[layout.layer_cache[layer]] for layer in range(self.num_layers)]
         if self.draft_config is not None:
             d = self.draft_config
             shape = self.attn_impl.kv_cache_shape(num_blocks, self.block_size, d.num_kv_heads, d.head_dim)
-            self.kv_caches += [zeros(shape, self.dtype, self.device) for _ in range(d.num_layers)]
+            self.kv_caches += [zeros(shape, self.kv_dtype, self.device) for _ in range(d.num_layers)]
 
     # ----- the KV offload tier: blocks as raw bytes -----------------------------------------
 
@@ -222,7 +226,7 @@ class TorchModelRunner(ModelRunner):
     def write_kv_blocks(self, block_ids: np.ndarray, data: np.ndarray) -> None:
         ids = torch.from_numpy(block_ids).to(self.device)
         axis, n = self._block_axis, len(block_ids)
-        values = torch.from_numpy(np.ascontiguousarray(data)).to(self.device).view(self.dtype).reshape(n, -1)
+        values = torch.from_numpy(np.ascontiguousarray(data)).to(self.device).view(self.kv_dtype).reshape(n, -1)
         offset = 0
         for kv in self.kv_caches:  # the target's layers, then a draft model's (other shapes)
             block_shape = [d for i, d in enumerate(kv.shape) if i != axis]

@@ -14,6 +14,10 @@ Prefill and chunked-prefill rows run one SDPA call each: a fresh prompt attends 
 own k/v with a causal mask; a chunk that continues a sequence gathers its context from
 the paged cache and, without a sliding window, goes through ``long_prompt_attention`` (no
 mask to build or apply), else uses an offset causal mask.
+
+The cache may hold a narrower dtype than the model's (``--kv-cache-dtype``): the C++ kernel
+reads float16 and bfloat16 in place; the torch paths convert what they gather. Either way
+every row attends to K/V as the cache holds them, its own step's rows included.
 """
 
 from __future__ import annotations
@@ -117,6 +121,11 @@ def takes_flash(query_len: int, prefix: int) -> bool:
             and query_len * (prefix + query_len / 2) >= FLASH_MIN_PAIRS)
 
 
+def as_stored(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to the cache's dtype and back: the values attention reads once written."""
+    return x if cache.dtype == x.dtype else x.to(cache.dtype).to(x.dtype)
+
+
 def long_prompt_attention(q, k, v, key_cache, value_cache, p: LongPrompt, num_heads: int,
                           scale: float) -> torch.Tensor:
     """Causal attention of one prompt chunk ([rows, H*D] q, its own [rows, KVH*D] k and v),
@@ -128,16 +137,16 @@ def long_prompt_attention(q, k, v, key_cache, value_cache, p: LongPrompt, num_he
     kvh, d = key_cache.shape[2], key_cache.shape[3]
     g = num_heads // kvh
     qh = q[p.start:p.end].view(rows, num_heads, d)
-    ks = k[p.start:p.end].view(rows, kvh, d)
-    vs = v[p.start:p.end].view(rows, kvh, d)
+    ks = as_stored(k[p.start:p.end], key_cache).view(rows, kvh, d)
+    vs = as_stored(v[p.start:p.end], value_cache).view(rows, kvh, d)
     if g > 1:
         ks, vs = ks.repeat_interleave(g, 1), vs.repeat_interleave(g, 1)
     own, own_lse = _flash_attention(qh.transpose(0, 1)[None], ks.transpose(0, 1)[None],
                                     vs.transpose(0, 1)[None], 0.0, True, scale=scale)[:2]
     own, own_lse = own[0], own_lse[0]  # [H, rows, D], [H, rows]
     if p.prefix:
-        kp = key_cache[p.block_ids].view(-1, kvh, d)[:p.prefix].transpose(0, 1)[None]
-        vp = value_cache[p.block_ids].view(-1, kvh, d)[:p.prefix].transpose(0, 1)[None]
+        kp = key_cache[p.block_ids].view(-1, kvh, d)[:p.prefix].transpose(0, 1)[None].to(q.dtype)
+        vp = value_cache[p.block_ids].view(-1, kvh, d)[:p.prefix].transpose(0, 1)[None].to(q.dtype)
         qf = qh.view(rows, kvh, g, d).permute(1, 2, 0, 3).reshape(1, kvh, g * rows, d)
         pre, pre_lse = _flash_attention(qf, kp, vp, 0.0, False, scale=scale)[:2]
         pre, pre_lse = pre.reshape(num_heads, rows, d), pre_lse.reshape(num_heads, rows)
@@ -258,8 +267,8 @@ class CpuAttention(AttentionImpl):
         v = v[:n].view(n, kvh, d)
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         nb, bs = key_cache.shape[0], key_cache.shape[1]
-        key_cache.view(nb * bs, kvh, d).index_copy_(0, md.slot_mapping[:n], k)
-        value_cache.view(nb * bs, kvh, d).index_copy_(0, md.slot_mapping[:n], v)
+        key_cache.view(nb * bs, kvh, d).index_copy_(0, md.slot_mapping[:n], k.to(key_cache.dtype))
+        value_cache.view(nb * bs, kvh, d).index_copy_(0, md.slot_mapping[:n], v.to(value_cache.dtype))
 
         out = torch.empty_like(q)
         for group in md.decodes:
@@ -277,8 +286,8 @@ class CpuAttention(AttentionImpl):
         nb = key_cache.shape[0]
         keys = torch.index_select(key_cache.view(nb, -1), 0, group.block_ids)
         values = torch.index_select(value_cache.view(nb, -1), 0, group.block_ids)
-        keys = keys.view(b, -1, kvh, d).transpose(1, 2)
-        values = values.view(b, -1, kvh, d).transpose(1, 2)
+        keys = keys.view(b, -1, kvh, d).transpose(1, 2).to(q.dtype)
+        values = values.view(b, -1, kvh, d).transpose(1, 2).to(q.dtype)
         # Grouped heads ride as extra query rows, so K/V are never repeated.
         qg = q.view(b, kvh, h // kvh, d)
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=group.mask_for(layer.sliding_window),
@@ -296,13 +305,13 @@ class CpuAttention(AttentionImpl):
                                          layer.num_heads, layer.scale).view(p.end - p.start, layer.num_heads, d)
         mask = p.mask_for(window)
         if p.fresh:
-            ki = k[p.start:p.end].transpose(0, 1)
-            vi = v[p.start:p.end].transpose(0, 1)
+            ki = as_stored(k[p.start:p.end], key_cache).transpose(0, 1)
+            vi = as_stored(v[p.start:p.end], value_cache).transpose(0, 1)
             out = F.scaled_dot_product_attention(qi, ki, vi, is_causal=mask is None, attn_mask=mask,
                                                  scale=layer.scale, enable_gqa=gqa)
         else:
-            ki = key_cache[p.block_ids].view(-1, kvh, d)[:p.seq_len].transpose(0, 1)
-            vi = value_cache[p.block_ids].view(-1, kvh, d)[:p.seq_len].transpose(0, 1)
+            ki = key_cache[p.block_ids].view(-1, kvh, d)[:p.seq_len].transpose(0, 1).to(q.dtype)
+            vi = value_cache[p.block_ids].view(-1, kvh, d)[:p.seq_len].transpose(0, 1).to(q.dtype)
             out = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=layer.scale,
                                                  enable_gqa=gqa)
         return out.transpose(0, 1)

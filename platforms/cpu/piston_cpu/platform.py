@@ -36,6 +36,7 @@ class CpuPlatform(Platform):
     supports_speculative = True
     draft_methods = ("draft_model", "eagle", "eagle3")
     supports_lora = True
+    kv_cache_dtypes = ("float32", "float16", "bfloat16")
 
     @classmethod
     def is_available(cls) -> bool:

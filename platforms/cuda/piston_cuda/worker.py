@@ -48,7 +48,8 @@ class CudaWorker(Worker):
         heads = mc.heads_of_rank(get_tp_size(), get_tp_rank())
         attn = make_attention_backend(getattr(torch, mc.dtype), config.cache_config.block_size,
                                       heads.num_heads, heads.num_kv_heads, mc.head_dim, self.device,
-                                      use_cascade=not mc.disable_cascade_attn)
+                                      use_cascade=not mc.disable_cascade_attn,
+                                      kv_dtype=getattr(torch, config.kv_cache_dtype))
         self.runner = CudaModelRunner(config, self.device, attn)
         # Piecewise CUDA graphs around the attention op; compiled by default on CUDA.
         self.runner.capture_strategy = CudaGraphStrategy.from_config(config, self.device)

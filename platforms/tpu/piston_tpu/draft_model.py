@@ -57,13 +57,13 @@ class DraftModel:
                     self.config.path or self.config.model, self.spec.architecture, time.perf_counter() - start,
                     sum(int(np.prod(p.shape)) for p in self.params.values()) / 1e6)
 
-    def kv_bytes_per_block(self, block_size: int) -> int:
-        return self.config.kv_bytes_per_block(block_size)
+    def kv_bytes_per_block(self, block_size: int, kv_cache_dtype: str) -> int:
+        return self.config.kv_bytes_per_block(block_size, kv_cache_dtype=kv_cache_dtype)
 
-    def initialize_kv_cache(self, num_blocks: int, block_size: int) -> None:
+    def initialize_kv_cache(self, num_blocks: int, block_size: int, kv_dtype: np.dtype) -> None:
         s = self.spec
         self.kv_cache = jnp.zeros(kv_cache_shape(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim),
-                                  self.dtype)
+                                  kv_dtype)
 
     def release_weights(self, keep_host: bool) -> int:
         nbytes = sum(int(p.nbytes) for p in self.params.values())

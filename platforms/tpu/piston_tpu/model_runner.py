@@ -71,6 +71,7 @@ class JaxModelRunner(ModelRunner):
         super().__init__(config)
         self.on_tpu = on_tpu
         self.dtype = np.dtype(_DTYPES[mc.dtype])
+        self.kv_dtype = np.dtype(_DTYPES[config.kv_cache_dtype])  # how the KV cache stores K/V
         self.spec = LlamaSpec.from_model_config(mc)
         if self.kv_layout.hybrid:  # each layer's KV cache group and tensor ride in the layer scan
             self.spec = dataclasses.replace(self.spec, layer_group=self.kv_layout.layer_group,
@@ -178,9 +179,10 @@ class JaxModelRunner(ModelRunner):
         return out
 
     def kv_cache_bytes_per_block(self) -> int:
-        draft = self.draft.kv_bytes_per_block(self.block_size) if self.draft is not None else 0
-        return self.config.model_config.kv_bytes_per_block(self.block_size,
-                                                           num_cache_layers=self.kv_layout.num_cache_layers) + draft
+        kv_dtype = self.config.kv_cache_dtype
+        draft = self.draft.kv_bytes_per_block(self.block_size, kv_dtype) if self.draft is not None else 0
+        return self.config.model_config.kv_bytes_per_block(
+            self.block_size, num_cache_layers=self.kv_layout.num_cache_layers, kv_cache_dtype=kv_dtype) + draft
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         s = self.spec
@@ -188,11 +190,11 @@ class JaxModelRunner(ModelRunner):
         # Zeros: padded reads of unused slots must be finite so masking can remove them.
         # A hybrid layout's groups share the tensors: layer l uses tensor kv_layout.layer_cache[l].
         self.kv_cache = jnp.zeros(kv_cache_shape(self.kv_layout.num_cache_layers, num_blocks, self.block_size,
-                                                 s.num_kv_heads, s.head_dim), self.dtype)
+                                                 s.num_kv_heads, s.head_dim), self.kv_dtype)
         self.inputs = StepInputBuilder(self.batch, self.block_size, num_blocks * self.block_size, self.max_seqs,
                                        self.pages_per_seq)
         if self.draft is not None:
-            self.draft.initialize_kv_cache(num_blocks, self.block_size)
+            self.draft.initialize_kv_cache(num_blocks, self.block_size, self.kv_dtype)
 
     def release_kv_cache(self) -> None:
         self.kv_cache = None

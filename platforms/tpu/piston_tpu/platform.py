@@ -74,6 +74,7 @@ class TpuPlatform(Platform):
     draft_methods = ("draft_model", "eagle", "eagle3")
     # Adapter slots stacked in the JAX parameters (piston_tpu.lora); one chip, so nothing to shard.
     supports_lora = True
+    kv_cache_dtypes = ("float32", "float16", "bfloat16")
 
     @classmethod
     def is_available(cls) -> bool:

@@ -11,6 +11,7 @@
 //   rotary_neox            rotate-half RoPE of q and k in place, from a cos|sin cache.
 //   paged_attention        every query row of a step (decode or prompt) over its sequence's
 //                          paged K/V, read in place; prompt rows in tiles (online softmax).
+//                          The cache may hold float32, float16 or bfloat16 (--kv-cache-dtype).
 //   argmax_rows            the index of each row's largest value, as torch.argmax(x, -1)
 //                          (the first of equal maxima; a NaN counts as the largest), at
 //                          memory speed (torch's CPU argmax reads about 5 GB/s here).
@@ -284,6 +285,47 @@ void rotary_neox(const torch::Tensor& positions, torch::Tensor q, torch::Tensor 
 // rows together, a tile at a time, and consecutive rows of a prompt share them too. A
 // small batch's decode rows also cut their contexts into parts, so that both threads work.
 
+// The caches' element types: float32, or float16 / bfloat16 (--kv-cache-dtype), widened to
+// float32 exactly as they are read; the step's K/V are rounded to nearest even when written,
+// as torch's .to() rounds. Everything after the read is float32, whatever the cache holds.
+struct half_t {
+  uint16_t bits;
+};
+struct bf16_t {
+  uint16_t bits;
+};
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const half_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const bf16_t* p) {
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+
+// dst[0:n] = src[0:n] in the cache's type; n is a multiple of 8.
+inline void store_row(const float* src, float* dst, int64_t n) { std::copy_n(src, n, dst); }
+inline void store_row(const float* src, half_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void store_row(const float* src, bf16_t* dst, int64_t n) {
+  const __m256i one = _mm256_set1_epi32(1), half_ulp = _mm256_set1_epi32(0x7fff), quiet = _mm256_set1_epi32(0x40);
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(src + i);
+    const __m256i u = _mm256_castps_si256(x);
+    // Round to nearest even: add 0x7fff plus the lowest kept bit, keep the top 16 bits.
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(half_ulp, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
+    r = _mm256_srli_epi32(r, 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));  // NaN stays a (quiet) NaN
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), quiet), nan);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_castsi256_si128(packed));
+  }
+}
+
 // The largest of s[0:L] (-inf when L is 0).
 inline float row_max(const float* s, int64_t L) {
   __m256 mxv = _mm256_set1_ps(-INFINITY);
@@ -321,35 +363,35 @@ inline float softmax_unnormalized(float* s, int64_t L) { return 1.0f / exp_sum(s
 // Scores of one query head (D = 8 * D8 floats, held in registers) against L context tokens
 // at off[t] in the key cache, times scale, into s: 4 tokens at a time, two accumulators
 // each, so the FMA chains overlap.
-template <int D8>
-inline void key_scores(const float* q, const float* KC, const int64_t* off, int64_t L, float scale, float* s) {
+template <int D8, class T>
+inline void key_scores(const float* q, const T* KC, const int64_t* off, int64_t L, float scale, float* s) {
   __m256 qv[D8];
   for (int i = 0; i < D8; ++i) qv[i] = _mm256_loadu_ps(q + 8 * i);
   const __m128 scv = _mm_set1_ps(scale);
   int64_t t = 0;
   for (; t + 4 <= L; t += 4) {
-    const float* k0 = KC + off[t];
-    const float* k1 = KC + off[t + 1];
-    const float* k2 = KC + off[t + 2];
-    const float* k3 = KC + off[t + 3];
+    const T* k0 = KC + off[t];
+    const T* k1 = KC + off[t + 1];
+    const T* k2 = KC + off[t + 2];
+    const T* k3 = KC + off[t + 3];
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     for (int i = 0; i < D8; i += 2) {
-      a0 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(k0 + 8 * i), a0);
-      a1 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(k1 + 8 * i), a1);
-      a2 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(k2 + 8 * i), a2);
-      a3 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(k3 + 8 * i), a3);
-      b0 = _mm256_fmadd_ps(qv[i + 1], _mm256_loadu_ps(k0 + 8 * i + 8), b0);
-      b1 = _mm256_fmadd_ps(qv[i + 1], _mm256_loadu_ps(k1 + 8 * i + 8), b1);
-      b2 = _mm256_fmadd_ps(qv[i + 1], _mm256_loadu_ps(k2 + 8 * i + 8), b2);
-      b3 = _mm256_fmadd_ps(qv[i + 1], _mm256_loadu_ps(k3 + 8 * i + 8), b3);
+      a0 = _mm256_fmadd_ps(qv[i], load8(k0 + 8 * i), a0);
+      a1 = _mm256_fmadd_ps(qv[i], load8(k1 + 8 * i), a1);
+      a2 = _mm256_fmadd_ps(qv[i], load8(k2 + 8 * i), a2);
+      a3 = _mm256_fmadd_ps(qv[i], load8(k3 + 8 * i), a3);
+      b0 = _mm256_fmadd_ps(qv[i + 1], load8(k0 + 8 * i + 8), b0);
+      b1 = _mm256_fmadd_ps(qv[i + 1], load8(k1 + 8 * i + 8), b1);
+      b2 = _mm256_fmadd_ps(qv[i + 1], load8(k2 + 8 * i + 8), b2);
+      b3 = _mm256_fmadd_ps(qv[i + 1], load8(k3 + 8 * i + 8), b3);
     }
     __m128 dots = hsum4(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2), _mm256_add_ps(a3, b3));
     _mm_storeu_ps(s + t, _mm_mul_ps(dots, scv));
   }
   for (; t < L; ++t) {
-    const float* k0 = KC + off[t];
+    const T* k0 = KC + off[t];
     __m256 a0 = _mm256_setzero_ps();
-    for (int i = 0; i < D8; ++i) a0 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(k0 + 8 * i), a0);
+    for (int i = 0; i < D8; ++i) a0 = _mm256_fmadd_ps(qv[i], load8(k0 + 8 * i), a0);
     s[t] = hsum(a0) * scale;
   }
 }
@@ -363,8 +405,8 @@ inline void key_scores(const float* q, const float* KC, const int64_t* off, int6
 // taken by different tasks merge by log-sum-exp. s: G * kDecodeKeys floats of scratch.
 constexpr int64_t kDecodeKeys = 128;
 
-template <int D8>
-void attend_group(const float* q, int64_t G, const float* KC, const float* VC, const int64_t* off, int64_t L,
+template <int D8, class T>
+void attend_group(const float* q, int64_t G, const T* KC, const T* VC, const int64_t* off, int64_t L,
                   float scale, float* m, float* l, float* o, float* s) {
   constexpr int D = 8 * D8;
   for (int64_t g = 0; g < G; ++g) {
@@ -384,9 +426,9 @@ void attend_group(const float* q, int64_t G, const float* KC, const float* VC, c
       __m256 acc[D8];
       for (int i = 0; i < D8; ++i) acc[i] = _mm256_mul_ps(_mm256_loadu_ps(o + g * D + 8 * i), alpha);
       for (int64_t t = 0; t < n; ++t) {
-        const float* v = VC + off[t0 + t];
+        const T* v = VC + off[t0 + t];
         const __m256 p = _mm256_set1_ps(sg[t]);
-        for (int i = 0; i < D8; ++i) acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * i), acc[i]);
+        for (int i = 0; i < D8; ++i) acc[i] = _mm256_fmadd_ps(p, load8(v + 8 * i), acc[i]);
       }
       for (int i = 0; i < D8; ++i) _mm256_storeu_ps(o + g * D + 8 * i, acc[i]);
     }
@@ -394,21 +436,22 @@ void attend_group(const float* q, int64_t G, const float* KC, const float* VC, c
 }
 
 // The same for any D = 8 * D8 <= 256, with the query and accumulators in memory.
-void attend_any(const float* q, int64_t D8, const float* KC, const float* VC, const int64_t* off, int64_t L,
+template <class T>
+void attend_any(const float* q, int64_t D8, const T* KC, const T* VC, const int64_t* off, int64_t L,
                 float scale, float* s, float* out) {
   for (int64_t t = 0; t < L; ++t) {
-    const float* k0 = KC + off[t];
+    const T* k0 = KC + off[t];
     __m256 a0 = _mm256_setzero_ps();
-    for (int64_t i = 0; i < D8; ++i) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), _mm256_loadu_ps(k0 + 8 * i), a0);
+    for (int64_t i = 0; i < D8; ++i) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), load8(k0 + 8 * i), a0);
     s[t] = hsum(a0) * scale;
   }
   const float inv = softmax_unnormalized(s, L);
   float acc[256] = {0.0f};
   for (int64_t t = 0; t < L; ++t) {
-    const float* v = VC + off[t];
+    const T* v = VC + off[t];
     const __m256 p = _mm256_set1_ps(s[t]);
     for (int64_t i = 0; i < D8; ++i)
-      _mm256_storeu_ps(acc + 8 * i, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * i), _mm256_loadu_ps(acc + 8 * i)));
+      _mm256_storeu_ps(acc + 8 * i, _mm256_fmadd_ps(p, load8(v + 8 * i), _mm256_loadu_ps(acc + 8 * i)));
   }
   const __m256 iv = _mm256_set1_ps(inv);
   for (int64_t i = 0; i < D8; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * i), iv));
@@ -430,10 +473,10 @@ constexpr int kKeyTile = 64;
 template <class Row>
 inline void fma_two_by_32(const float* p0, const float* p1, int64_t n, Row row, __m256 a[4], __m256 b[4]) {
   for (int64_t i = 0; i < n; ++i) {
-    const float* r = row(i);
+    const auto* r = row(i);  // float (the transposed keys) or the cache's type (V rows)
     const __m256 x0 = _mm256_broadcast_ss(p0 + i), x1 = _mm256_broadcast_ss(p1 + i);
     for (int u = 0; u < 4; ++u) {
-      const __m256 v = _mm256_loadu_ps(r + 8 * u);
+      const __m256 v = load8(r + 8 * u);
       a[u] = _mm256_fmadd_ps(x0, v, a[u]);
       b[u] = _mm256_fmadd_ps(x1, v, b[u]);
     }
@@ -454,9 +497,9 @@ struct TileScratch {
 
 // Rows r0 .. r0+n of q/out (stride qs/os floats), KV head kh's G query heads at q + g * D;
 // ctx[i]: row i's context length (nondecreasing); off[t]: token t's K/V row in the caches.
-template <int D8>
+template <int D8, class T>
 void attend_tile(const float* q, int64_t qs, float* out, int64_t os, int n, int G, const int32_t* ctx,
-                 const float* KC, const float* VC, const int64_t* off, float scale, TileScratch& w) {
+                 const T* KC, const T* VC, const int64_t* off, float scale, TileScratch& w) {
   constexpr int D = 8 * D8;
   const int nq = n * G;  // query qi = i * G + g
   w.reserve(nq, D);
@@ -480,8 +523,12 @@ void attend_tile(const float* q, int64_t qs, float* out, int64_t os, int n, int 
     // K rows t0 .. t0+kt as columns: KT[d * kKeyTile + j] (columns past kt: zeros).
     for (int j = 0; j < kKeyTile; ++j) {
       if (j < kt) {
-        const float* kr = KC + off[t0 + j];
-        for (int d = 0; d < D; ++d) KT[d * kKeyTile + j] = kr[d];
+        const T* kr = KC + off[t0 + j];
+        for (int d0 = 0; d0 < D; d0 += 8) {
+          alignas(32) float row[8];
+          _mm256_store_ps(row, load8(kr + d0));
+          for (int d = 0; d < 8; ++d) KT[(d0 + d) * kKeyTile + j] = row[d];
+        }
       } else {
         for (int d = 0; d < D; ++d) KT[d * kKeyTile + j] = 0.0f;
       }
@@ -556,15 +603,15 @@ void attend_tile(const float* q, int64_t qs, float* out, int64_t os, int n, int 
     }
 }
 
-torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                              torch::Tensor key_cache, torch::Tensor value_cache, const torch::Tensor& slot_mapping,
-                              const torch::Tensor& block_table, const torch::Tensor& seq_idx,
-                              const torch::Tensor& ctx_lens, int64_t num_heads, double scale, int64_t window) {
+// T: the caches' element type (float, half_t or bf16_t); paged_attention below picks it.
+template <class T>
+torch::Tensor paged_attention_t(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                torch::Tensor key_cache, torch::Tensor value_cache, const torch::Tensor& slot_mapping,
+                                const torch::Tensor& block_table, const torch::Tensor& seq_idx,
+                                const torch::Tensor& ctx_lens, int64_t num_heads, double scale, int64_t window) {
   check_f32(q, "q");
   check_f32(k, "k");
   check_f32(v, "v");
-  check_f32(key_cache, "key_cache");
-  check_f32(value_cache, "value_cache");
   TORCH_CHECK(key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.is_contiguous() &&
                   value_cache.sizes() == key_cache.sizes(), "caches must be contiguous [blocks, block_size, kv_heads, D]");
   TORCH_CHECK(block_table.scalar_type() == torch::kInt32 && block_table.dim() == 2 && block_table.is_contiguous(),
@@ -603,17 +650,17 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
   // The step's own K/V go to their slots first (rows may attend to earlier rows).
   const int64_t tok_stride = KVH * D;  // between consecutive tokens of a block
   const int64_t* SM = slot_mapping.data_ptr<int64_t>();
-  float* KCw = key_cache.data_ptr<float>();
-  float* VCw = value_cache.data_ptr<float>();
+  T* KCw = reinterpret_cast<T*>(key_cache.data_ptr());
+  T* VCw = reinterpret_cast<T*>(value_cache.data_ptr());
   for (int64_t r = 0; r < R; ++r) {
     TORCH_CHECK(SM[r] >= 0 && SM[r] < nblk * bs, "row ", r, ": slot ", SM[r], " is outside the cache");
-    std::copy_n(k.data_ptr<float>() + r * k.stride(0), tok_stride, KCw + SM[r] * tok_stride);
-    std::copy_n(v.data_ptr<float>() + r * v.stride(0), tok_stride, VCw + SM[r] * tok_stride);
+    store_row(k.data_ptr<float>() + r * k.stride(0), KCw + SM[r] * tok_stride, tok_stride);
+    store_row(v.data_ptr<float>() + r * v.stride(0), VCw + SM[r] * tok_stride, tok_stride);
   }
   auto out = torch::empty({R, num_heads * D}, q.options());
   const float* Q = q.data_ptr<float>();
-  const float* KC = KCw;
-  const float* VC = VCw;
+  const T* KC = KCw;
+  const T* VC = VCw;
   float* O = out.data_ptr<float>();
   const int64_t qs = q.stride(0), os = out.stride(0);
   const float sc = static_cast<float>(scale);
@@ -746,6 +793,24 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
     }
   }
   return out;
+}
+
+torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                              torch::Tensor key_cache, torch::Tensor value_cache, const torch::Tensor& slot_mapping,
+                              const torch::Tensor& block_table, const torch::Tensor& seq_idx,
+                              const torch::Tensor& ctx_lens, int64_t num_heads, double scale, int64_t window) {
+  const auto type = key_cache.scalar_type();
+  TORCH_CHECK(key_cache.device().is_cpu() && value_cache.device().is_cpu() && value_cache.scalar_type() == type &&
+                  (type == torch::kFloat32 || type == torch::kFloat16 || type == torch::kBFloat16),
+              "key_cache and value_cache must be CPU tensors of one dtype: float32, float16 or bfloat16");
+  if (type == torch::kFloat16)
+    return paged_attention_t<half_t>(q, k, v, key_cache, value_cache, slot_mapping, block_table, seq_idx, ctx_lens,
+                                     num_heads, scale, window);
+  if (type == torch::kBFloat16)
+    return paged_attention_t<bf16_t>(q, k, v, key_cache, value_cache, slot_mapping, block_table, seq_idx, ctx_lens,
+                                     num_heads, scale, window);
+  return paged_attention_t<float>(q, k, v, key_cache, value_cache, slot_mapping, block_table, seq_idx, ctx_lens,
+                                  num_heads, scale, window);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -21,9 +21,10 @@ BACKENDS = ("flash_attn", "triton")
 
 
 def select_attention_backend(dtype: torch.dtype, block_size: int, head_dim: int,
-                             capability: tuple[int, int] | None,
-                             requested: str | None = None) -> tuple[str, FlashAttnLibrary | None, str]:
-    """``(name, flash-attn library or None, why)`` for this model and cache.
+                             capability: tuple[int, int] | None, requested: str | None = None,
+                             kv_dtype: torch.dtype | None = None) -> tuple[str, FlashAttnLibrary | None, str]:
+    """``(name, flash-attn library or None, why)`` for this model and cache (``kv_dtype``:
+    the cache's dtype, default the model's; flash-attn reads only a cache of the model's).
 
     ``requested`` (default: ``$PISTON_ATTENTION_BACKEND``) forces a backend; raises
     ValueError for an unknown name or a flash_attn request that cannot be met.
@@ -37,6 +38,9 @@ def select_attention_backend(dtype: torch.dtype, block_size: int, head_dim: int,
         return "triton", None, f"{ENV_VAR}=triton"
     lib = detect_flash_attn(capability)
     reason = "flash-attn is not installed" if lib is None else unsupported_reason(lib, dtype, block_size, head_dim)
+    if reason is None and kv_dtype is not None and kv_dtype != dtype:
+        reason = (f"{lib.label} reads a KV cache of the model's dtype only (the cache holds "
+                  f"{str(kv_dtype).removeprefix('torch.')})")
     if reason is None:
         why = f"{ENV_VAR}=flash_attn" if requested else "installed and supports this model"
         return "flash_attn", lib, f"{lib.label}, {why}"
@@ -48,13 +52,13 @@ def select_attention_backend(dtype: torch.dtype, block_size: int, head_dim: int,
 
 def make_attention_backend(dtype: torch.dtype, block_size: int, num_heads: int, num_kv_heads: int,
                            head_dim: int, device: torch.device | None = None,
-                           use_cascade: bool = True) -> CudaAttentionBackend:
+                           use_cascade: bool = True, kv_dtype: torch.dtype | None = None) -> CudaAttentionBackend:
     """The selected backend for this rank's heads on ``device`` (None: no GPU facts, for tests)."""
     capability = num_sms = None
     if device is not None and device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    name, lib, why = select_attention_backend(dtype, block_size, head_dim, capability)
+    name, lib, why = select_attention_backend(dtype, block_size, head_dim, capability, kv_dtype=kv_dtype)
     logger.info("CUDA attention backend: %s (%s).", name, why)
     if name == "flash_attn":
         from piston_cuda.attention.flash_attention import FlashAttention

@@ -24,14 +24,15 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     ok = offs < ROW
     k = tl.load(k_ptr + token.to(tl.int64) * stride_k_t + offs, mask=ok)
     v = tl.load(v_ptr + token.to(tl.int64) * stride_v_t + offs, mask=ok)
-    tl.store(k_cache_ptr + dst + offs, k, mask=ok)
-    tl.store(v_cache_ptr + dst + offs, v, mask=ok)
+    tl.store(k_cache_ptr + dst + offs, k.to(k_cache_ptr.dtype.element_ty), mask=ok)  # the cache's dtype
+    tl.store(v_cache_ptr + dst + offs, v.to(v_cache_ptr.dtype.element_ty), mask=ok)
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
     """Copy ``k``/``v`` ``[num_tokens, num_kv_heads * head_dim]`` (rows may be strided, each row
-    contiguous) into ``k_cache``/``v_cache`` ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
+    contiguous) into ``k_cache``/``v_cache`` ``[num_blocks, block_size, num_kv_heads, head_dim]``,
+    converted to the caches' dtype (round to nearest even)."""
     num_tokens = slot_mapping.shape[0]
     if num_tokens == 0:
         return

@@ -113,7 +113,7 @@ def _paged_attention_kernel(
         blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
         slot = blk * stride_c_blk + (pos % BLOCK_SIZE) * stride_c_slot + kv_head * stride_c_h
         k = tl.load(k_cache_ptr + slot[None, :] + offs_d[:, None],
-                    mask=pos_ok[None, :] & d_ok[:, None], other=0.0)
+                    mask=pos_ok[None, :] & d_ok[:, None], other=0.0).to(q.dtype)  # a 16-bit cache widens
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
         allowed = row_ok[:, None] & pos_ok[None, :]
         if CAUSAL:
@@ -128,7 +128,7 @@ def _paged_attention_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + slot[:, None] + offs_d[None, :],
-                    mask=pos_ok[:, None] & d_ok[None, :], other=0.0)
+                    mask=pos_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -199,7 +199,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     window: int | None = None) -> None:
     """Attention of ``q`` ``[num_tokens, num_heads, head_dim]`` over the paged cache into ``out``.
 
-    ``k_cache``/``v_cache``: ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+    ``k_cache``/``v_cache``: ``[num_blocks, block_size, num_kv_heads, head_dim]``, in q's dtype
+    or another (``--kv-cache-dtype``): K and V are converted to q's dtype as they are read.
     ``block_table`` ``[num_seqs, >= max blocks]`` int32, ``query_start_loc`` ``[num_seqs + 1]``
     and ``seq_lens`` ``[num_seqs]`` int32 describe the sequences (see the module docstring).
     ``out`` may be float32 (cascade partials). ``lse`` ``[num_heads, num_tokens]`` float32, if
