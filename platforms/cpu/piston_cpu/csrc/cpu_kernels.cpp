@@ -296,13 +296,8 @@ struct bf16_t {
 };
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const half_t* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-inline __m256 load8(const bf16_t* p) {
-  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
-}
+inline __m256 load8(const half_t* p) { return widen_f16x8(p); }
+inline __m256 load8(const bf16_t* p) { return widen_bf16x8(p); }
 
 // dst[0:n] = src[0:n] in the cache's type; n is a multiple of 8.
 inline void store_row(const float* src, float* dst, int64_t n) { std::copy_n(src, n, dst); }

@@ -24,6 +24,8 @@
 
 #include <immintrin.h>
 
+#include "simd.h"
+
 #include <cstdint>
 #include <cstring>
 
@@ -373,7 +375,7 @@ struct FmtF16 : FmtPlain {
   static int64_t row_bytes(int64_t K) { return K * 2; }
   static void raw(const uint8_t* row, int64_t c, int64_t, __m256 q[4], Scales&) {
     const uint8_t* p = row + 64 * c;
-    for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * i)));
+    for (int i = 0; i < 4; ++i) q[i] = widen_f16x8(p + 16 * i);
   }
 };
 
@@ -382,10 +384,7 @@ struct FmtBF16 : FmtPlain {
   static int64_t row_bytes(int64_t K) { return K * 2; }
   static void raw(const uint8_t* row, int64_t c, int64_t, __m256 q[4], Scales&) {
     const uint8_t* p = row + 64 * c;
-    for (int i = 0; i < 4; ++i) {
-      const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * i)));
-      q[i] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-    }
+    for (int i = 0; i < 4; ++i) q[i] = widen_bf16x8(p + 16 * i);
   }
 };
 

@@ -22,6 +22,16 @@ inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
+// 8 consecutive 16-bit floats at p (unaligned), widened exactly to float32: IEEE float16
+// (F16C), or bfloat16 (its bits are a float32's top half).
+inline __m256 widen_f16x8(const void* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+}
+inline __m256 widen_bf16x8(const void* p) {
+  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
 
 // Dot products of R consecutive weight rows with M rows of x; K elements each. Up to 4
 // rows go two x rows at a time (2R accumulators); more rows go one x row at a time.
