@@ -4,11 +4,20 @@ With torch importable, ``reference()`` is the ``reference_impl`` module itself. 
 (the torch-free TPU session), it is a client of ``reference_impl --serve`` run by the
 interpreter ``$PISTON_REFERENCE_PYTHON`` (one with torch and transformers installed), so
 the same tests compare against the same transformers outputs.
+
+Either way the results of the pure calls (greedy paths, log-probabilities, configs) are
+kept on disk, keyed by the calls' arguments, the content of every model file they name,
+this reference's code and the versions of the libraries it runs. A later session that asks
+the same question (``ci/test.sh`` runs the conformance suite on the CPU, then on the TPU
+plugin) reads the answer instead of loading transformers' model again. The folder is
+``$PISTON_REFERENCE_CACHE``, by default ``.pytest_cache/piston-reference`` in the
+repository; ``PISTON_REFERENCE_CACHE=0`` turns it off.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -20,7 +29,15 @@ import threading
 import numpy as np
 
 REFERENCE_PYTHON_ENV = "PISTON_REFERENCE_PYTHON"
+REFERENCE_CACHE_ENV = "PISTON_REFERENCE_CACHE"
 _IMPL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_impl.py")
+_DEFAULT_CACHE = os.path.join(os.path.dirname(os.path.dirname(_IMPL)), ".pytest_cache", "piston-reference")
+# What the reference's answers depend on besides its code and its arguments.
+_LIBRARIES = ("torch", "transformers", "peft", "gguf", "numpy", "llguidance", "xgrammar", "safetensors")
+# The calls whose answer is a function of their arguments and the files those name; the
+# builders write folders and are not kept.
+_PURE_CALLS = ("greedy", "prompt_logprobs", "config", "constrained_greedy", "peft_greedy", "eagle_reference",
+               "eagle3_reference")
 
 
 def torch_installed() -> bool:
@@ -100,17 +117,99 @@ class RemoteReference:
         return self._call("peft_greedy", model_dir, adapter_dir, list(prompt), max_new_tokens, returns_array=True)
 
 
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _content_digest(path: str) -> str:
+    """sha256 over a file, or over a folder's files (names and contents, recursively)."""
+    if os.path.isfile(path):
+        stat = os.stat(path)
+        return _file_digest(path, stat.st_size, stat.st_mtime_ns)
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            stat = os.stat(full)
+            digest.update(f"{os.path.relpath(full, path)}\0{_file_digest(full, stat.st_size, stat.st_mtime_ns)}\0"
+                          .encode())
+    return digest.hexdigest()
+
+
+def _library_versions(python: str | None) -> list[str]:
+    """Versions of _LIBRARIES in this interpreter (python=None) or in ``python``."""
+    code = ("import importlib.metadata as m\n"
+            f"for name in {_LIBRARIES!r}:\n"
+            "    try: print(name, m.version(name))\n"
+            "    except m.PackageNotFoundError: print(name, None)\n")
+    if python is None:
+        out = {}
+        exec(code.replace("print(name, ", "out.__setitem__(name, "), {"out": out})
+        return [f"{name} {version}" for name, version in out.items()]
+    return subprocess.run([python, "-c", code], check=True, capture_output=True, text=True).stdout.splitlines()
+
+
+class CachedReference:
+    """The reference with the answers of its pure calls kept in ``folder`` (see the module
+    docstring); every other call goes straight through."""
+
+    def __init__(self, impl, folder: str, python: str | None) -> None:
+        self.impl = impl
+        self.folder = folder
+        with open(_IMPL, "rb") as f:
+            code = f.read()
+        self.salt = hashlib.sha256(code + json.dumps(_library_versions(python)).encode()).hexdigest()
+
+    def _key(self, name: str, args: tuple) -> str:
+        named = [{"content": _content_digest(a)} if isinstance(a, str) and os.sep in a and os.path.exists(a) else a
+                 for a in args]
+        return hashlib.sha256(json.dumps([self.salt, name, named], sort_keys=True).encode()).hexdigest()
+
+    def _cached(self, name: str, *args):
+        path = os.path.join(self.folder, self._key(name, args) + ".npz")
+        if os.path.exists(path):
+            with np.load(path, allow_pickle=False) as data:
+                result = json.loads(str(data["result"]))
+                return result if "array" not in data else (data["array"] if result is None else (result, data["array"]))
+        answer = getattr(self.impl, name)(*args)
+        result, array = (answer, None) if not isinstance(answer, (tuple, np.ndarray)) else (
+            (None, answer) if isinstance(answer, np.ndarray) else answer)
+        os.makedirs(self.folder, exist_ok=True)
+        partial = f"{path}.{os.getpid()}.tmp.npz"
+        arrays = {"result": np.array(json.dumps(result))}
+        if array is not None:
+            arrays["array"] = np.asarray(array)
+        np.savez(partial, **arrays)
+        os.replace(partial, path)
+        return answer
+
+    def __getattr__(self, name: str):
+        if name in _PURE_CALLS:
+            return functools.partial(self._cached, name)
+        return getattr(self.impl, name)
+
+
 @functools.lru_cache(maxsize=1)
 def reference():
-    """The reference implementation: in-process with torch, else the remote one."""
+    """The reference implementation: in-process with torch, else the remote one; its pure
+    calls' answers are kept on disk unless $PISTON_REFERENCE_CACHE is 0."""
     if torch_installed():
         sys.path.insert(0, os.path.dirname(_IMPL))
         import reference_impl
 
-        return reference_impl
-    python = os.environ.get(REFERENCE_PYTHON_ENV)
-    if not python:
-        raise RuntimeError(f"torch is not installed here, so the transformers reference must run in another "
-                           f"interpreter: set {REFERENCE_PYTHON_ENV} to a python with torch and transformers "
-                           "(nox -s conformance-tpu does).")
-    return RemoteReference(python)
+        impl, python = reference_impl, None
+    else:
+        python = os.environ.get(REFERENCE_PYTHON_ENV)
+        if not python:
+            raise RuntimeError(f"torch is not installed here, so the transformers reference must run in another "
+                               f"interpreter: set {REFERENCE_PYTHON_ENV} to a python with torch and transformers "
+                               "(nox -s conformance-tpu does).")
+        impl = RemoteReference(python)
+    folder = os.environ.get(REFERENCE_CACHE_ENV, _DEFAULT_CACHE)
+    return impl if folder == "0" else CachedReference(impl, folder, python)
