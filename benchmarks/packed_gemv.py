@@ -8,6 +8,7 @@ and over (hot in L2). Reports the best and median pass and the packed bytes per 
 
     python benchmarks/packed_gemv.py                       # the build for this CPU
     PISTON_CPU_ISA=avx2 python benchmarks/packed_gemv.py   # the 8-wide build, on an AVX-512 CPU
+    python benchmarks/packed_gemv.py --int8-activations    # x quantized to int8 (up to 8 rows)
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def main() -> int:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--passes", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--int8-activations", action="store_true",
+                        help="x quantized to int8 per 32 values (PISTON_CPU_QUANT_ACTIVATIONS=int8's path)")
     args = parser.parse_args()
 
     from piston.model_resolver import default_model_path
@@ -52,13 +55,14 @@ def main() -> int:
     linears = [p for p in packed if p is not head]
     isa = kernels.isa() if hasattr(kernels, "isa") else "avx2 (before PISTON_CPU_ISA)"
     print(f"kernels built for {isa}; {len(linears)} linears and the LM head "
-          f"({head.out_features} x {head.in_features}), {args.threads} threads")
+          f"({head.out_features} x {head.in_features}), {args.threads} threads, "
+          f"{'int8' if args.int8_activations else 'float32'} activations")
     for rows in args.rows:
         xs = {p.in_features: torch.randn(rows, p.in_features) for p in packed}
 
         def run(weights, xs=xs):
             for p in weights:
-                ops.qlinear(xs[p.in_features], p.segments, p.codes, None, False)
+                ops.qlinear(xs[p.in_features], p.segments, p.codes, None, args.int8_activations)
 
         hot = [p for p in linears if (p.out_features, p.in_features) == (960, 576)][:1] or linears[:1]
         for name, weights, n in (("linears", linears, args.passes), ("LM head", [head], args.passes),

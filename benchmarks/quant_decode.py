@@ -92,6 +92,9 @@ def main() -> int:
     if args.int8_activations:  # read by the engine process when it installs the kernels
         os.environ["PISTON_CPU_QUANT_ACTIVATIONS"] = "int8"
         engines["piston-int8-activations"] = LLM(model=model, quantization="gguf", **kw)
+        for name in args.kv_cache_dtype:  # llama.cpp's own pair: int8 activations, a 16-bit cache
+            engines[f"piston-int8-activations-kv-{name}"] = LLM(model=model, quantization="gguf",
+                                                                 kv_cache_dtype=name, **kw)
         del os.environ["PISTON_CPU_QUANT_ACTIVATIONS"]
     if args.float32:
         engines["piston-float32"] = LLM(model=model, quantization="none", **kw)

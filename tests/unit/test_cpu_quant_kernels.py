@@ -74,16 +74,21 @@ def test_qembedding_and_qdequantize_are_exact(ops, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K"])
-@pytest.mark.parametrize("rows", [1, 5])
-def test_opt_in_int8_activations(ops, fmt, rows):
-    # quant_int8x.h (PISTON_CPU_QUANT_ACTIVATIONS=int8): x rounded to int8 per 32 values, so
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("cols", [512, 96])
+def test_opt_in_int8_activations(ops, fmt, rows, cols):
+    # quant_int8x.h (PISTON_CPU_QUANT_ACTIVATIONS=int8; with VNNI quant_int8x512.h, which
+    # takes chunks in pairs: 96 values leave one alone): x rounded to int8 per 32 values, so
     # the products are off by at most half a step of x (max|x| / 254 per block) times |w|;
     # formats without the integer path (the K-quants) stay exact.
-    datas, codes, weight = _segments([fmt], [24], 512, rows + 11)
-    x = torch.randn(rows, 512)
+    if fmt == "Q4_K" and cols % 256:
+        pytest.skip("Q4_K rows are whole 256-value blocks")
+    datas, codes, weight = _segments([fmt], [24], cols, rows + 11)
+    x = torch.randn(rows, cols)
     got = ops.qlinear(x, datas, codes, None, True)
     expected = F.linear(x.double(), weight.double())
-    step = x.abs().reshape(rows, 16, 32).amax(-1, keepdim=True).expand(rows, 16, 32).reshape(rows, 512) / 254
+    chunks = cols // 32
+    step = x.abs().reshape(rows, chunks, 32).amax(-1, keepdim=True).expand(rows, chunks, 32).reshape(rows, cols) / 254
     bound = (step.double() @ weight.abs().double().T) * 1.001 + 1e-5
     assert ((got.double() - expected).abs() <= bound).all()
     if fmt == "Q4_K":

@@ -117,7 +117,8 @@ def kernel_takes(packed: PackedWeight) -> bool:
 
 def int8_activations() -> bool:
     """PISTON_CPU_QUANT_ACTIVATIONS=int8: the register path (up to 8 rows of x) quantizes x
-    to int8 per 32 values for the 32-value formats, as llama.cpp does (quant_int8x.h). Off
+    to int8 per 32 values for the 32-value formats, as llama.cpp does (quant_int8x.h; with
+    AVX512_VNNI, quant_int8x512.h). Off
     by default: it moves SmolLM2's logprobs by up to about 0.5."""
     setting = os.environ.get("PISTON_CPU_QUANT_ACTIVATIONS", "").lower()
     if setting not in ("", "0", "none", "float32", "int8"):

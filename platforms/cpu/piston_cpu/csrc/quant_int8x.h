@@ -1,5 +1,6 @@
 // Opt-in int8 activations for the register path (up to 8 rows of x), as llama.cpp does:
-// PISTON_CPU_QUANT_ACTIVATIONS=int8. x is quantized per 32 values to int8 with one float
+// PISTON_CPU_QUANT_ACTIVATIONS=int8. This is the 8-wide path; a build with AVX-512 VNNI
+// takes quant_int8x512.h instead. x is quantized per 32 values to int8 with one float
 // scale (round to nearest, scale = max|x| / 127); the 32-value formats' codes meet it in
 // integer multiply-adds (vpmaddubsw), and each chunk's product is scaled and summed in
 // float32. About 1.6x fewer vector operations per weight than decoding to float32, at the

@@ -28,6 +28,7 @@
 #include "quant_formats.h"
 #include "quant_gemv512.h"
 #include "quant_int8x.h"
+#include "quant_int8x512.h"
 #include "simd.h"
 
 namespace piston_cpu {
@@ -327,16 +328,27 @@ torch::Tensor qlinear(const torch::Tensor& x, const std::vector<torch::Tensor>& 
     const float* XS = xsum.data();
     std::vector<Q8Block> xq(int8_activations ? M * C : 0);  // quant_int8x.h: opt-in
     for (int64_t m = 0; m < static_cast<int64_t>(xq.size()) / C; ++m) quantize_q8(X + m * xs, C, xq.data() + m * C);
+#ifdef __AVX512VNNI__
+    const int64_t P = (C + 1) / 2;  // quant_int8x512.h: x's chunks in pairs
+    std::vector<Q8Pair> xp(int8_activations ? M * P : 0);
+    for (int64_t m = 0; m < static_cast<int64_t>(xp.size()) / P; ++m) pair_q8(xq.data() + m * C, XS + m * C, C, xp.data() + m * P);
+#endif
     at::parallel_for(0, nunits, grain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const Unit u = units[i];
         with_format(u.code, [&](auto fmt) {
           using F = decltype(fmt);
+#ifndef __AVX512VNNI__  // quant_int8x512.h asks for its bytes as it goes, as the float32 path does
           if (int8_activations && i + kGemvAhead < end) prefetch_unit<_MM_HINT_T1>(units[i + kGemvAhead]);
+#endif
           with_rows(M, [&](auto rows) {
             constexpr int R = decltype(rows)::value;
             if constexpr (kInt8Activations<F>) {
               if (int8_activations) {
+#ifdef __AVX512VNNI__
+                gemv512_rows_q8<F, R>(u.w, u.row_bytes, u.rows, u.n0, C, xp.data(), Y, N, b);
+                return;
+#endif
                 gemv_rows_q8<F, R>(u.w, u.row_bytes, u.rows, u.n0, C, xq.data(), XS, Y, N, b);
                 return;
               }
