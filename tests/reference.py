@@ -11,7 +11,9 @@ this reference's code and the versions of the libraries it runs. A later session
 the same question (``ci/test.sh`` runs the conformance suite on the CPU, then on the TPU
 plugin) reads the answer instead of loading transformers' model again. The folder is
 ``$PISTON_REFERENCE_CACHE``, by default ``.pytest_cache/piston-reference`` in the
-repository; ``PISTON_REFERENCE_CACHE=0`` turns it off.
+repository; ``PISTON_REFERENCE_CACHE=0`` turns it off. Answers no longer asked for (the
+reference's code or a model changed) are dropped, least recently used first, once the folder
+holds more than ``$PISTON_REFERENCE_CACHE_GB`` (default 4) GB.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 
 REFERENCE_PYTHON_ENV = "PISTON_REFERENCE_PYTHON"
 REFERENCE_CACHE_ENV = "PISTON_REFERENCE_CACHE"
+REFERENCE_CACHE_GB_ENV = "PISTON_REFERENCE_CACHE_GB"
 _IMPL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_impl.py")
 _DEFAULT_CACHE = os.path.join(os.path.dirname(os.path.dirname(_IMPL)), ".pytest_cache", "piston-reference")
 # What the reference's answers depend on besides its code and its arguments.
@@ -159,12 +162,31 @@ class CachedReference:
     """The reference with the answers of its pure calls kept in ``folder`` (see the module
     docstring); every other call goes straight through."""
 
-    def __init__(self, impl, folder: str, python: str | None) -> None:
+    def __init__(self, impl, folder: str, python: str | None, max_bytes: int | None = None) -> None:
         self.impl = impl
         self.folder = folder
         with open(_IMPL, "rb") as f:
             code = f.read()
         self.salt = hashlib.sha256(code + json.dumps(_library_versions(python)).encode()).hexdigest()
+        if max_bytes is None:
+            max_bytes = int(float(os.environ.get(REFERENCE_CACHE_GB_ENV, "4")) * 1e9)
+        self.prune(max_bytes)
+
+    def prune(self, max_bytes: int) -> None:
+        """Drop the least recently used answers until the folder holds at most ``max_bytes``
+        (a hit marks an answer used)."""
+        if not os.path.isdir(self.folder):
+            return
+        entries = []
+        for name in os.listdir(self.folder):
+            stat = os.stat(os.path.join(self.folder, name))
+            entries.append((stat.st_mtime, stat.st_size, name))
+        total = sum(size for _, size, _ in entries)
+        for _, size, name in sorted(entries):
+            if total <= max_bytes:
+                break
+            os.remove(os.path.join(self.folder, name))
+            total -= size
 
     def _key(self, name: str, args: tuple) -> str:
         named = [{"content": _content_digest(a)} if isinstance(a, str) and os.sep in a and os.path.exists(a) else a
@@ -174,6 +196,7 @@ class CachedReference:
     def _cached(self, name: str, *args):
         path = os.path.join(self.folder, self._key(name, args) + ".npz")
         if os.path.exists(path):
+            os.utime(path)  # used now: pruned last
             with np.load(path, allow_pickle=False) as data:
                 result = json.loads(str(data["result"]))
                 return result if "array" not in data else (data["array"] if result is None else (result, data["array"]))

@@ -3,6 +3,8 @@ the same call, arguments and model file contents, and comes back as the call gav
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from reference import CachedReference
 
@@ -78,3 +80,26 @@ def test_a_folder_is_keyed_by_every_file_in_it(tmp_path):
     (folder / "tokenizer.json").write_text("{}")
     cached.config(str(folder))
     assert len(impl.calls) == 3
+
+
+def test_least_recently_used_answers_go_first_past_the_size_limit(tmp_path):
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"w")
+    cache = tmp_path / "cache"
+    impl = _Counting()
+    cached = CachedReference(impl, str(cache), python=None)
+    for n in range(3):
+        cached.greedy(str(model), [n], 1)
+    files = sorted(cache.iterdir(), key=lambda p: p.stat().st_mtime)
+    for age, path in enumerate(files):  # distinct use times, oldest first: prompts 0, 1, 2
+        os.utime(path, (1000 + age, 1000 + age))
+    cached.greedy(str(model), [0], 1)  # a hit: prompt 0's answer is now the most recent
+    size = max(p.stat().st_size for p in cache.iterdir())
+    CachedReference(impl, str(cache), python=None, max_bytes=2 * size)
+    assert len(list(cache.iterdir())) == 2
+    calls = len(impl.calls)
+    cached.greedy(str(model), [0], 1)
+    cached.greedy(str(model), [2], 1)
+    assert len(impl.calls) == calls  # both kept
+    cached.greedy(str(model), [1], 1)
+    assert len(impl.calls) == calls + 1  # the least recently used one was dropped
