@@ -10,7 +10,8 @@ timed in the same process:
   ``_linear_pointwise``, what Inductor's freezing uses), packed for the batch's row count;
 - a plain AVX-512 kernel over W packed 32 output columns at a time
   (``benchmarks/prepacked_gemm.cpp``, built here with torch's extension builder), holding
-  MR rows of x by 32 columns in registers, for MR = 8, 12 and 14.
+  MR rows of x by 32 columns in registers, for MR = 8, 12 and 14; and with MR = 12 asking for
+  the next block of W while the first rows meet this one.
 
 Needs an AVX-512 CPU for the second. Results are in benchmarks/RESULTS.md.
 """
@@ -60,14 +61,15 @@ def main() -> None:
             onednn = [torch.ops.mkldnn._reorder_linear_weight(w, m) for w in weights]
             expected = F.linear(x, weights[0])
             for mr in MRS:
-                got = ext.gemm(x, packed[0], n, mr)
+                got = ext.gemm(x, packed[0], n, mr, True)
                 assert (got - expected).abs().max() <= 1e-4 * expected.abs().max(), "the packed kernel is wrong"
             flops = 2 * m * n * k * len(weights) / 1e9
             rates = {"F.linear": flops / best(lambda w, x=x: F.linear(x, w), weights),
                      "oneDNN": flops / best(lambda w, x=x: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [],
                                                                                               ""), onednn)}
             for mr in MRS:
-                rates[f"MR={mr}"] = flops / best(lambda w, x=x, n=n, mr=mr: ext.gemm(x, w, n, mr), packed)
+                rates[f"MR={mr}"] = flops / best(lambda w, x=x, n=n, mr=mr: ext.gemm(x, w, n, mr, False), packed)
+            rates["MR=12+prefetch"] = flops / best(lambda w, x=x, n=n: ext.gemm(x, w, n, 12, True), packed)
             cells.append(f"{m}: " + " ".join(f"{name} {rate / peak:.2f}" for name, rate in rates.items()))
         print(f"{n}x{k}  " + " | ".join(cells), flush=True)
 
