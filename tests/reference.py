@@ -146,16 +146,13 @@ def _content_digest(path: str) -> str:
 
 
 def _library_versions(python: str | None) -> list[str]:
-    """Versions of _LIBRARIES in this interpreter (python=None) or in ``python``."""
+    """Versions of _LIBRARIES in the interpreter ``python`` (None: this one)."""
     code = ("import importlib.metadata as m\n"
             f"for name in {_LIBRARIES!r}:\n"
             "    try: print(name, m.version(name))\n"
             "    except m.PackageNotFoundError: print(name, None)\n")
-    if python is None:
-        out = {}
-        exec(code.replace("print(name, ", "out.__setitem__(name, "), {"out": out})
-        return [f"{name} {version}" for name, version in out.items()]
-    return subprocess.run([python, "-c", code], check=True, capture_output=True, text=True).stdout.splitlines()
+    return subprocess.run([python or sys.executable, "-c", code], check=True, capture_output=True,
+                          text=True).stdout.splitlines()
 
 
 class CachedReference:
@@ -195,14 +192,21 @@ class CachedReference:
 
     def _cached(self, name: str, *args):
         path = os.path.join(self.folder, self._key(name, args) + ".npz")
+        # An answer is JSON (ids, a config), an array (logprobs), or (JSON, array).
         if os.path.exists(path):
             os.utime(path)  # used now: pruned last
             with np.load(path, allow_pickle=False) as data:
                 result = json.loads(str(data["result"]))
-                return result if "array" not in data else (data["array"] if result is None else (result, data["array"]))
+                if "array" not in data:
+                    return result
+                return data["array"] if result is None else (result, data["array"])
         answer = getattr(self.impl, name)(*args)
-        result, array = (answer, None) if not isinstance(answer, (tuple, np.ndarray)) else (
-            (None, answer) if isinstance(answer, np.ndarray) else answer)
+        if isinstance(answer, np.ndarray):
+            result, array = None, answer
+        elif isinstance(answer, tuple):
+            result, array = answer
+        else:
+            result, array = answer, None
         os.makedirs(self.folder, exist_ok=True)
         partial = f"{path}.{os.getpid()}.tmp.npz"
         arrays = {"result": np.array(json.dumps(result))}

@@ -347,9 +347,9 @@ torch::Tensor qlinear(const torch::Tensor& x, const std::vector<torch::Tensor>& 
               if (int8_activations) {
 #ifdef __AVX512VNNI__
                 gemv512_rows_q8<F, R>(u.w, u.row_bytes, u.rows, u.n0, C, xp.data(), Y, N, b);
-                return;
-#endif
+#else
                 gemv_rows_q8<F, R>(u.w, u.row_bytes, u.rows, u.n0, C, xq.data(), XS, Y, N, b);
+#endif
                 return;
               }
             }
