@@ -95,14 +95,17 @@ def test_stack_outside_a_forward_context_runs_layer_by_layer(ops_and_model):
 def test_stack_checks_its_inputs(ops):
     stack = ops.DecoderStack()
     w = torch.randn(8, 8)
+    plain = (w, [], [], None, 4, None, 0)  # weight, packed segments, codes, bias, kernel rows, packed copy, its rows
     with pytest.raises(RuntimeError, match="float32 or packed"):
         stack.add_layer(0, torch.ones(8), 1e-5, torch.ones(8), 1e-5, (w, [torch.zeros(4, dtype=torch.uint8)], [8],
-                        None, 4), (w, [], [], None, 4), (w, [], [], None, 4), (w, [], [], None, 4),
-                        torch.zeros(16, 8), 8, 1, 1, 8, 1.0, 0)
+                        None, 4, None, 0), *[plain] * 3, torch.zeros(16, 8), 8, 1, 1, 8, 1.0, 0)
+    with pytest.raises(RuntimeError, match="packed copy needs its float32 weight"):
+        stack.add_layer(0, torch.ones(8), 1e-5, torch.ones(8), 1e-5, (None, [torch.zeros(4, dtype=torch.uint8)], [8],
+                        None, 0, torch.zeros(1, 8, 32), 64), *[plain] * 3, torch.zeros(16, 8), 8, 1, 1, 8, 1.0, 0)
     with pytest.raises(RuntimeError, match="head counts"):
-        stack.add_layer(0, torch.ones(8), 1e-5, torch.ones(8), 1e-5, *[(w, [], [], None, 4)] * 4,
+        stack.add_layer(0, torch.ones(8), 1e-5, torch.ones(8), 1e-5, *[plain] * 4,
                         torch.zeros(16, 8), 8, 3, 2, 8, 1.0, 0)
-    stack.add_layer(3, torch.ones(8), 1e-5, torch.ones(8), 1e-5, *[(w, [], [], None, 4)] * 4,
+    stack.add_layer(3, torch.ones(8), 1e-5, torch.ones(8), 1e-5, *[plain] * 4,
                     torch.zeros(16, 8), 8, 1, 1, 8, 1.0, 0)
     assert len(stack) == 1
     one = torch.zeros(1, dtype=torch.int32)

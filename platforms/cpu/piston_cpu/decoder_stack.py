@@ -52,10 +52,14 @@ def _linear_args(module: ParallelLinearBase) -> tuple | None:
         if module.qkernel is None:
             return None
         packed = module.qweight
-        return None, list(packed.segments), list(packed.codes), module.bias, 0
+        return None, list(packed.segments), list(packed.codes), module.bias, 0, None, 0
     if module.kernel is None:
         return None
-    return module.weight, [], [], module.bias, layer_kernels.kernel_rows(module.in_local)
+    # The packed copy (packed_weights.py) rides on the kernel the layer's slot holds.
+    slot = getattr(module.kernel, "packed_slot", None)
+    copy = None if slot is None else slot.current(module.weight)
+    return (module.weight, [], [], module.bias, layer_kernels.kernel_rows(module.in_local), copy,
+            0 if copy is None else layer_kernels.MAX_PACKED_GEMM_ROWS)
 
 
 def _why_not(layer: nn.Module) -> str | None:

@@ -24,10 +24,12 @@ from piston.models.layers.layernorm import RMSNorm
 from piston.models.layers.linear import ParallelLinearBase
 from piston.models.layers.quantized import PackedWeight
 from piston.models.layers.rotary_embedding import RotaryEmbedding
-from piston.models.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from piston.models.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from piston.models.llama import LlamaMLP
 from torch import nn
 
+from piston_cpu.packed_weights import MAX_ROWS as MAX_PACKED_GEMM_ROWS
+from piston_cpu.packed_weights import PackedSlot, PackedWeights
 from piston_cpu.reused_output import LARGE_BYTES, ReusedOutput
 
 logger = logging.getLogger(__name__.replace("piston_cpu", "piston.cpu", 1))
@@ -74,19 +76,28 @@ def kernel_rows(in_features: int, wide_gemm: bool | None = None) -> int:
 MAX_PACKED_KERNEL_ROWS = 1024
 
 
-def make_linear(ops: ModuleType, wide_gemm: bool | None = None):
-    """The float32 linear: the C++ kernel up to kernel_rows() rows of x, torch's GEMM past
-    them (``wide_gemm``: whether torch's GEMM is AVX-512; default: ask torch). torch's GEMM
-    writes results of LARGE_BYTES or more (the logits) into a buffer kept from call to
-    call when nothing holds the last one (reused_output)."""
-    kernel = ops.linear
+def make_linear(ops: ModuleType, wide_gemm: bool | None = None, slot: PackedSlot | None = None,
+                large: ReusedOutput | None = None):
+    """The float32 linear: when the layer's weight has a packed copy (``slot``,
+    packed_weights.py), the packed GEMM up to packed_weights.MAX_ROWS rows of x; else the
+    row-streaming C++ kernel up to kernel_rows() rows; torch's GEMM past them (``wide_gemm``:
+    whether torch's GEMM is AVX-512; default: ask torch). Results of LARGE_BYTES or more (the logits) go
+    into a buffer kept from call to call when nothing holds the last one (``large``,
+    reused_output; one per model is enough)."""
+    kernel, packed_linear = ops.linear, getattr(ops, "packed_linear", None)
     short_rows, long_rows = kernel_rows(LONG_K, wide_gemm), kernel_rows(LONG_K + 1, wide_gemm)
-    large = ReusedOutput()
+    large = ReusedOutput() if large is None else large
 
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if (x.dim() == 2 and x.shape[0] <= (long_rows if x.shape[1] > LONG_K else short_rows) and x.stride(1) == 1
-                and x.dtype == torch.float32):
-            return kernel(x, weight, bias)
+        if x.dim() == 2 and x.stride(1) == 1 and x.dtype == torch.float32:
+            rows = x.shape[0]
+            packed = None if slot is None or rows > MAX_PACKED_GEMM_ROWS else slot.current(weight)
+            if packed is not None:
+                n = slot.out_features
+                out = large.take(rows, n) if rows * n * 4 >= LARGE_BYTES else None
+                return packed_linear(x, packed, n, bias, out)
+            if rows <= (long_rows if x.shape[1] > LONG_K else short_rows):
+                return kernel(x, weight, bias)
         if (x.dim() == 2 and bias is None and x.shape[0] * weight.shape[0] * 4 >= LARGE_BYTES
                 and x.dtype == torch.float32 and weight.dtype == torch.float32):
             out = large.take(x.shape[0], weight.shape[0])
@@ -94,6 +105,7 @@ def make_linear(ops: ModuleType, wide_gemm: bool | None = None):
                 return torch.mm(x, weight.t(), out=out)
         return F.linear(x, weight, bias)
 
+    linear.packed_slot = slot
     return linear
 
 
@@ -199,9 +211,15 @@ def make_fused_moe(ops: ModuleType):
     return fused_moe
 
 
-def install(model: nn.Module, ops: ModuleType) -> int:
-    """Sets the kernels on every layer of ``model`` they apply to; returns how many."""
-    linear, rms_norm = make_linear(ops), make_rms_norm(ops)
+def install(model: nn.Module, ops: ModuleType, packed: PackedWeights | None = None) -> int:
+    """Sets the kernels on every layer of ``model`` they apply to; returns how many. With
+    ``packed``, each float32 linear gets a slot there for a packed copy of its weight (made
+    by ``packed.pack()``, which the caller runs after this)."""
+    large = ReusedOutput()
+    linear, rms_norm = make_linear(ops, large=large), make_rms_norm(ops)
+    # An embedding projects the logits only where the model has no separate head (tied
+    # weights): only then is its weight worth a packed copy.
+    tied = not any(isinstance(m, ParallelLMHead) for m in model.modules())
     qlinear, qembedding = make_qlinear(ops, int8_activations()), make_qembedding(ops)
     count = 0
     for module in model.modules():
@@ -213,7 +231,9 @@ def install(model: nn.Module, ops: ModuleType) -> int:
                 count += 1
         elif isinstance(module, (ParallelLinearBase, VocabParallelEmbedding)):
             if module.weight.dtype == torch.float32 and module.weight.is_contiguous():
-                module.kernel = linear
+                wanted = packed is not None and (isinstance(module, (ParallelLinearBase, ParallelLMHead)) or tied)
+                slot = packed.slot(module) if wanted else None
+                module.kernel = linear if slot is None else make_linear(ops, slot=slot, large=large)
                 count += 1
         elif isinstance(module, RMSNorm):
             module.kernel = rms_norm

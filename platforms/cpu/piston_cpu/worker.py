@@ -12,7 +12,7 @@ from piston.step.tp_layout import num_kv_head_copies
 from piston.step.worker_messages import KVCacheReport
 from piston.torch_runner.model_runner import TorchModelRunner
 
-from piston_cpu import decoder_stack, kernels, layer_kernels
+from piston_cpu import decoder_stack, kernels, layer_kernels, packed_weights
 from piston_cpu.attention import CpuAttention
 
 logger = logging.getLogger(__name__.replace("piston_cpu", "piston.cpu", 1))
@@ -29,6 +29,8 @@ class CpuWorker(Worker):
         self.runner = TorchModelRunner(config, torch.device("cpu"), CpuAttention(self.kernels))
         self.kernel_layers = 0
         self.decoder_stack = None
+        # Packed copies of the float32 linear weights for the packed GEMM (packed_weights.py).
+        self.packed_weights = None if self.kernels is None else packed_weights.PackedWeights(self.kernels)
         self.num_blocks = 0
 
     def load_model(self) -> None:
@@ -36,18 +38,24 @@ class CpuWorker(Worker):
         if self.kernels is not None:
             self.runner.sampler.argmax = layer_kernels.make_argmax(self.kernels)
         if self.kernels is not None and self.runner.draft_model is not None:
-            layer_kernels.install(self.runner.draft_model, self.kernels)
+            layer_kernels.install(self.runner.draft_model, self.kernels, self.packed_weights)
         if self.kernels is not None and self.config.lora_config is not None:
             layer_kernels.install_lora(self.kernels)
             logger.info("CPU kernels: LoRA layers through the C++ SGMV kernel (every adapter of a step in one call).")
         if self.kernels is not None and self.runner.compiled is None:
-            self.kernel_layers = layer_kernels.install(self.runner.model, self.kernels)
+            self.kernel_layers = layer_kernels.install(self.runner.model, self.kernels, self.packed_weights)
+        if self.packed_weights is not None:
+            self.packed_weights.pack()
+        if self.kernels is not None and self.runner.compiled is None:
             wide = layer_kernels.torch_gemm_is_wide()
-            logger.info("CPU kernels: paged attention, and %d layers (linear up to %d rows, %d past %d inputs, "
-                        "then torch's GEMM, %s; RMSNorm, RoPE, SiLU-and-mul).", self.kernel_layers,
-                        layer_kernels.kernel_rows(layer_kernels.LONG_K, wide),
-                        layer_kernels.kernel_rows(layer_kernels.LONG_K + 1, wide), layer_kernels.LONG_K,
-                        torch.backends.cpu.get_cpu_capability())
+            if self.packed_weights.packed_count():
+                linear = f"linear by the packed GEMM up to {packed_weights.MAX_ROWS} rows"
+            else:
+                linear = (f"linear up to {layer_kernels.kernel_rows(layer_kernels.LONG_K, wide)} rows, "
+                          f"{layer_kernels.kernel_rows(layer_kernels.LONG_K + 1, wide)} past "
+                          f"{layer_kernels.LONG_K} inputs")
+            logger.info("CPU kernels: paged attention, and %d layers (%s, then torch's GEMM, %s; RMSNorm, RoPE, "
+                        "SiLU-and-mul).", self.kernel_layers, linear, torch.backends.cpu.get_cpu_capability())
             self._install_decoder_stack()
             if self.decoder_stack is not None:
                 logger.info("CPU kernels: the decoder layers run as one C++ call on steps of up to %d tokens.",
@@ -68,10 +76,12 @@ class CpuWorker(Worker):
     def kernel_info(self) -> dict:
         """Which kernels run (for collective_rpc): the attention backend's name, how many
         layers use Piston's C++ kernels (0: torch's ops), whether the decoder layers run
-        as one C++ call (piston_cpu.decoder_stack) and on how many steps they did."""
-        stack = self.decoder_stack
+        as one C++ call (piston_cpu.decoder_stack) and on how many steps they did, and how
+        many float32 weights have a packed copy for the packed GEMM (packed_weights)."""
+        stack, packed = self.decoder_stack, self.packed_weights
         return {"attention": self.runner.attn_impl.name, "layers": self.kernel_layers,
-                "decoder_stack": stack is not None, "decoder_stack_steps": 0 if stack is None else stack.steps}
+                "decoder_stack": stack is not None, "decoder_stack_steps": 0 if stack is None else stack.steps,
+                "packed_weights": 0 if packed is None else packed.packed_count()}
 
     def determine_num_kv_blocks(self) -> KVCacheReport:
         # kv_cache_memory is the whole host's budget: each rank takes the share of its KV
@@ -100,6 +110,8 @@ class CpuWorker(Worker):
         # Host memory is this device's memory: level 1 keeps the weights in a temporary
         # file (the OS page cache, outside the resident set) so that sleep gives RAM back.
         self.runner.kv_caches = []
+        if self.packed_weights is not None:  # packed again from the weights on waking
+            self.packed_weights.release()
         freed = self.runner.release_weights("file" if level == 1 else None)
         _return_free_memory()
         logger.info("Asleep (level %d): released the KV cache and %.2f GB of weights%s.", level, freed / 1e9,
@@ -109,15 +121,24 @@ class CpuWorker(Worker):
         tags = ["weights", "kv_cache"] if tags is None else tags
         if "weights" in tags:
             self.runner.restore_weights()
-            self._install_decoder_stack()
+            self._repack()
         if "kv_cache" in tags and not self.runner.kv_caches:
             self.runner.initialize_kv_cache(self.num_blocks)
 
     def update_weights(self, weights: list) -> int:
-        return self.runner.update_weights(weights)  # in place: the stack's tensors stay current
+        applied = self.runner.update_weights(weights)  # in place: the stack's tensors stay current
+        if self.packed_weights is not None:
+            self.packed_weights.pack()  # in place as well
+        return applied
 
     def reload_weights(self) -> None:
         self.runner.reload_weights()
+        self._repack()
+
+    def _repack(self) -> None:
+        """After the weights came back or were reloaded: their packed copies, then the stack."""
+        if self.packed_weights is not None:
+            self.packed_weights.pack()
         self._install_decoder_stack()
 
     def shutdown(self) -> None:

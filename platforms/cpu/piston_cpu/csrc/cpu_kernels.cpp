@@ -19,6 +19,8 @@
 //   qdequantize            weights: quant_kernels.cpp, bound into this module.
 //   lora_sgmv              batched multi-LoRA shrink and expand: lora_kernels.cpp.
 //   moe_grouped_linear     the expert GEMMs of a mixture-of-experts layer: moe_kernels.cpp.
+//   pack_linear_weight,    a float32 GEMM over weights packed once, for decode-sized batches
+//   packed_linear          (AVX-512 builds): packed_gemm.cpp.
 //
 // Compiled with -ffp-contract=off: a multiply followed by an add rounds twice, as torch's
 // element-wise ops do; fused multiply-adds appear only where written (_mm256_fmadd_ps).
@@ -41,6 +43,7 @@ void bind_quant_kernels(pybind11::module_& m);
 void bind_lora_kernels(pybind11::module_& m);
 void bind_moe_kernels(pybind11::module_& m);
 void bind_decoder_stack(pybind11::module_& m);
+void bind_packed_gemm(pybind11::module_& m);
 
 // The entry points are declared in kernel_ops.h (decoder_stack.cpp calls them too).
 namespace piston_cpu {
@@ -871,4 +874,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_lora_kernels(m);
   bind_moe_kernels(m);
   bind_decoder_stack(m);
+  bind_packed_gemm(m);
 }

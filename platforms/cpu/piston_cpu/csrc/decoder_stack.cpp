@@ -25,7 +25,8 @@
 namespace piston_cpu {
 namespace {
 
-// One linear layer: a float32 weight [N, K] (the C++ kernel up to kernel_rows rows of x,
+// One linear layer: a float32 weight [N, K] (the packed GEMM over its packed copy up to
+// packed_rows rows of x when it has one, else the row-streaming kernel up to kernel_rows;
 // torch's GEMM past them), or packed segments with their GGUF type codes.
 struct StackLinear {
   torch::Tensor weight;
@@ -33,27 +34,34 @@ struct StackLinear {
   std::vector<int64_t> codes;
   c10::optional<torch::Tensor> bias;
   int64_t kernel_rows = 0;
+  torch::Tensor packed;  // packed_gemm.cpp's copy of weight, or undefined
+  int64_t packed_rows = 0;
 
   torch::Tensor operator()(const torch::Tensor& x, bool int8_activations) const {
     if (!segments.empty()) return qlinear(x, segments, codes, bias, int8_activations);
+    if (packed.defined() && packed.numel() > 0 && x.size(0) <= packed_rows)
+      return packed_linear(x, packed, weight.size(0), bias, c10::nullopt);
     if (x.size(0) <= kernel_rows) return piston_cpu::linear(x, weight, bias);
     return at::linear(x, weight, bias);
   }
 };
 
 using LinearArgs = std::tuple<c10::optional<torch::Tensor>, std::vector<torch::Tensor>, std::vector<int64_t>,
-                              c10::optional<torch::Tensor>, int64_t>;
+                              c10::optional<torch::Tensor>, int64_t, c10::optional<torch::Tensor>, int64_t>;
 
 StackLinear make_linear(const LinearArgs& a) {
   StackLinear l;
-  const auto& [weight, segments, codes, bias, kernel_rows] = a;
+  const auto& [weight, segments, codes, bias, kernel_rows, packed, packed_rows] = a;
   TORCH_CHECK(segments.size() == codes.size(), "DecoderStack: one GGUF type code per packed segment");
   TORCH_CHECK(weight.has_value() != !segments.empty(), "DecoderStack: a linear is float32 or packed, not both");
+  TORCH_CHECK(!packed.has_value() || weight.has_value(), "DecoderStack: a packed copy needs its float32 weight");
   if (weight.has_value()) l.weight = *weight;
   l.segments = segments;
   l.codes = codes;
   l.bias = bias;
   l.kernel_rows = kernel_rows;
+  if (packed.has_value()) l.packed = *packed;
+  l.packed_rows = packed_rows;
   return l;
 }
 

@@ -35,4 +35,12 @@ torch::Tensor qlinear(const torch::Tensor& x, const std::vector<torch::Tensor>& 
                       const std::vector<int64_t>& codes, const c10::optional<torch::Tensor>& bias,
                       bool int8_activations);
 
+// The float32 GEMM over weights packed once (packed_gemm.cpp; AVX-512 builds only, else
+// packed_gemm_built() is false and the other two raise): W [N, K] as [ceil(N/32), K, 32].
+constexpr int64_t kPackedWidth = 32;
+bool packed_gemm_built();
+torch::Tensor pack_linear_weight(const torch::Tensor& w);
+torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
+                            const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& out);
+
 }  // namespace piston_cpu
