@@ -2,17 +2,16 @@
 
 torch's CPU GEMM repacks the weight on every call, and at decode-sized batches (a dozen to a
 few hundred rows of x) that, with its blocking for square problems, holds it to 0.5-0.7 of
-the matmul peak. ``packed_linear`` reads a copy of the weight packed once at load, 32 output
-columns side by side, and takes every step of up to MAX_ROWS rows when the copy exists: on
-the model's shapes it is level with the row-streaming linear of cpu_kernels.cpp at one or
-two rows (both stream the weight at memory speed), ahead of it from 4 rows, and ahead of
-torch's GEMM up to 2048 rows (benchmarks/RESULTS.md, 2026-12-06 (later)).
+the matmul peak. ``packed_linear`` reads a copy of the weight packed once at load (blocks of
+32 output columns side by side in an AVX-512 build, 16 in an AVX2 one) and takes every step
+of up to MAX_ROWS rows when the copy exists: on SmolLM2's shapes it is level with the
+row-streaming linear of cpu_kernels.cpp at one row (both stream the weight at memory speed),
+ahead of it from 4 rows, and ahead of torch's GEMM up to 2048 rows, in both builds
+(benchmarks/RESULTS.md, 2026-12-06 (later)).
 
 The copy costs memory: as much again as the float32 linear weights (and the LM head's).
 ``PISTON_CPU_PACKED_WEIGHTS`` chooses: ``auto`` (default) packs when the copies take at most
-a quarter of the memory available at load, ``1`` always, ``0`` never. Only AVX-512 builds
-have the kernel (elsewhere torch's GEMM is 8-wide as well and the row-streaming linear takes
-these batches).
+a quarter of the memory available at load, ``1`` always, ``0`` never.
 
 A ``PackedSlot`` belongs to one layer; ``PackedWeights`` holds a model's slots and packs
 them again when the weights change (the CPU worker calls ``release`` when they go to sleep
@@ -76,7 +75,7 @@ class PackedWeights:
     def __init__(self, ops: ModuleType) -> None:
         self.ops = ops
         self.slots: list[tuple[object, PackedSlot]] = []  # (module, slot)
-        self.enabled = setting() != "0" and bool(getattr(ops, "packed_gemm_built", lambda: False)())
+        self.enabled = setting() != "0" and hasattr(ops, "packed_linear")
 
     def slot(self, module) -> PackedSlot | None:
         """A slot for a layer with a float32 ``weight`` (None when packing is off)."""
@@ -88,7 +87,7 @@ class PackedWeights:
 
     def nbytes(self) -> int:
         """What the copies take (or would take), zero-padded to whole 32-column blocks."""
-        width = 32
+        width = self.ops.packed_gemm_width()
         return sum(-(-slot.out_features // width) * width * module.weight.shape[1] * 4 for module, slot in self.slots)
 
     @torch.no_grad()

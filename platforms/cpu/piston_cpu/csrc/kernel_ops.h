@@ -35,10 +35,15 @@ torch::Tensor qlinear(const torch::Tensor& x, const std::vector<torch::Tensor>& 
                       const std::vector<int64_t>& codes, const c10::optional<torch::Tensor>& bias,
                       bool int8_activations);
 
-// The float32 GEMM over weights packed once (packed_gemm.cpp; AVX-512 builds only, else
-// packed_gemm_built() is false and the other two raise): W [N, K] as [ceil(N/32), K, 32].
+// The float32 GEMM over weights packed once (packed_gemm.cpp): W [N, K] as
+// [ceil(N/kPackedWidth), K, kPackedWidth], two registers wide: 32 columns in an AVX-512
+// build, 16 in an AVX2 one.
+#ifdef __AVX512F__
 constexpr int64_t kPackedWidth = 32;
-bool packed_gemm_built();
+#else
+constexpr int64_t kPackedWidth = 16;
+#endif
+int64_t packed_gemm_width();
 torch::Tensor pack_linear_weight(const torch::Tensor& w);
 torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
                             const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& out);

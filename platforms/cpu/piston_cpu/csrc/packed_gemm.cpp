@@ -1,18 +1,18 @@
 // A float32 GEMM over weights packed once at load: y[M,N] = x[M,K] @ w[N,K]^T (+ b), for the
-// decode-sized batches (a dozen to a few hundred rows) where torch's GEMM is slowest.
+// batches of a step (one row to a few thousand), decode-sized ones above all, where
+// torch's GEMM is slowest.
 //
 // torch's CPU GEMM packs W into its own panel layout on every call (about 25 ms a step over
 // SmolLM2's 424 MB of linear weights) and reaches 0.5-0.7 of the matmul peak at 64 rows.
-// Here W is packed once, 32 output columns side by side for every input ([ceil(N/32), K,
-// 32], zero-padded), so a block streams contiguously: a tile of up to 12 rows of x by 32
-// columns stays in 24 zmm registers while K runs, one broadcast of x and two loads of W per
-// two multiply-adds per row. The next block of W is asked for into L2 while the first rows
-// meet this one. benchmarks/prepacked_gemm.py measured this layout at 0.75-0.78 of the peak
-// (FLOP-weighted over SmolLM2's shapes, 64 rows) against 0.61-0.62 for torch's GEMM.
-//
-// AVX-512 only (16-wide: two registers make a block's 32 columns); where the CPU has AVX2
-// alone torch's GEMM runs 8-wide too and the row-streaming linear of cpu_kernels.cpp takes
-// these batches, so packed_gemm_built() is false and nothing packs.
+// Here W is packed once, kPackedWidth output columns side by side for every input
+// ([ceil(N/w), K, w], zero-padded), so a block streams contiguously: a tile of rows of x by
+// the block's columns stays in registers while K runs, one broadcast of x and two loads of W
+// per two multiply-adds per row. The next block of W is asked for into L2 while the first
+// rows meet this one.
+//   AVX-512: blocks of 32 columns (two zmm), tiles of up to 12 rows (24 accumulators);
+//   AVX2:    blocks of 16 columns (two ymm), tiles of up to 6 rows (12 accumulators).
+// Measured in benchmarks/RESULTS.md (2026-12-06 (later)): at or above torch's 2048 x 2048
+// matmul rate on SmolLM2's shapes from 32 rows on, with AVX-512.
 //
 // piston_cpu/packed_weights.py keeps the packed copies (and packs them again after the
 // weights change); layer_kernels.py and decoder_stack.cpp call packed_linear.
@@ -28,13 +28,7 @@
 
 namespace piston_cpu {
 
-bool packed_gemm_built() {
-#ifdef __AVX512F__
-  return true;
-#else
-  return false;
-#endif
-}
+int64_t packed_gemm_width() { return kPackedWidth; }
 
 namespace {
 
@@ -82,6 +76,39 @@ inline void tile(const float* X, int64_t xs, const float* Wp, int64_t K, float* 
     _mm512_mask_storeu_ps(Y + r * ys + 16, m1, bias ? _mm512_add_ps(acc[r][1], b1) : acc[r][1]);
   }
 }
+#else
+constexpr int kMaxTileRows = 6;  // 12 accumulators, 2 weight registers, 1 broadcast: 15 of 16 ymm
+constexpr int64_t kRowChunk = 256;
+
+// The same with 8-wide registers over blocks of 16 columns.
+template <int MR>
+inline void tile(const float* X, int64_t xs, const float* Wp, int64_t K, float* Y, int64_t ys, int64_t ncols,
+                 const float* bias, const float* next) {
+  __m256 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    if (next) _mm_prefetch(reinterpret_cast<const char*>(next + k * kPackedWidth), _MM_HINT_T1);
+    const __m256 w0 = _mm256_loadu_ps(Wp + k * kPackedWidth), w1 = _mm256_loadu_ps(Wp + k * kPackedWidth + 8);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 b = _mm256_broadcast_ss(X + r * xs + k);
+      acc[r][0] = _mm256_fmadd_ps(b, w0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(b, w1, acc[r][1]);
+    }
+  }
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(ncols)), lane);
+  const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(ncols) - 8), lane);
+  __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+  if (bias) {
+    b0 = _mm256_maskload_ps(bias, m0);
+    b1 = _mm256_maskload_ps(bias + 8, m1);
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm256_maskstore_ps(Y + r * ys, m0, bias ? _mm256_add_ps(acc[r][0], b0) : acc[r][0]);
+    _mm256_maskstore_ps(Y + r * ys + 8, m1, bias ? _mm256_add_ps(acc[r][1], b1) : acc[r][1]);
+  }
+}
+#endif
 
 // All M rows of x against one block, in tiles of near-equal height (64 rows: 6 tiles of 10
 // or 11, not 5 of 12 and one of 4, whose short tile would load W for few multiply-adds).
@@ -98,19 +125,19 @@ void block_rows(const float* X, int64_t xs, int64_t M, const float* Wp, int64_t 
 #define PISTON_TILE(n) \
   case n: tile<n>(x, xs, Wp, K, y, ys, ncols, bias, pf); break;
       PISTON_TILE(1) PISTON_TILE(2) PISTON_TILE(3) PISTON_TILE(4) PISTON_TILE(5) PISTON_TILE(6)
+#ifdef __AVX512F__
       PISTON_TILE(7) PISTON_TILE(8) PISTON_TILE(9) PISTON_TILE(10) PISTON_TILE(11) PISTON_TILE(12)
+#endif
 #undef PISTON_TILE
       default: TORCH_CHECK(false, "packed_linear: a tile of ", rows, " rows");
     }
     m += rows;
   }
 }
-#endif  // __AVX512F__
 
 }  // namespace
 
 torch::Tensor pack_linear_weight(const torch::Tensor& w) {
-  TORCH_CHECK(packed_gemm_built(), "pack_linear_weight: the kernels were built without AVX-512");
   TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(),
               "pack_linear_weight: the weight must be a contiguous float32 [N, K] CPU tensor");
   const int64_t N = w.size(0), K = w.size(1), blocks = (N + kPackedWidth - 1) / kPackedWidth;
@@ -132,7 +159,6 @@ torch::Tensor pack_linear_weight(const torch::Tensor& w) {
 
 torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& wp, int64_t n,
                             const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& out) {
-  TORCH_CHECK(packed_gemm_built(), "packed_linear: the kernels were built without AVX-512");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1,
               "packed_linear: x must be float32 [M, K] with contiguous rows");
   const int64_t M = x.size(0), K = x.size(1);
@@ -152,7 +178,6 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& wp, int
   } else {
     y = torch::empty({M, n}, x.options());
   }
-#ifdef __AVX512F__
   const float* X = x.data_ptr<float>();
   const float* W = wp.data_ptr<float>();
   float* Y = y.data_ptr<float>();
@@ -170,7 +195,6 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& wp, int
       }
     }
   });
-#endif
   return y;
 }
 
@@ -178,10 +202,9 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& wp, int
 
 void bind_packed_gemm(pybind11::module_& m) {
   namespace py = pybind11;
-  m.def("packed_gemm_built", &piston_cpu::packed_gemm_built,
-        "whether pack_linear_weight and packed_linear were compiled (an AVX-512 build)");
+  m.def("packed_gemm_width", &piston_cpu::packed_gemm_width, "the packed blocks' width in columns (32 or 16)");
   m.def("pack_linear_weight", &piston_cpu::pack_linear_weight,
-        "a float32 [N, K] weight packed for packed_linear: [ceil(N / 32), K, 32], zero-padded", py::arg("weight"));
+        "a float32 [N, K] weight packed for packed_linear: [ceil(N / w), K, w], zero-padded (w: packed_gemm_width())", py::arg("weight"));
   m.def("packed_linear", &piston_cpu::packed_linear, "y = x @ W.T + b over a weight from pack_linear_weight",
         py::arg("x"), py::arg("packed"), py::arg("out_features"), py::arg("bias") = py::none(),
         py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
