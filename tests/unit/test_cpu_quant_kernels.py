@@ -41,12 +41,13 @@ def _assert_close(got, x, weight, bias=None):
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 40])  # the register path to 8 rows, the tile path beyond
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 40, 300])  # the register path to 8 rows, the tile path beyond
 def test_qlinear_matches_the_dequantized_weight(ops, fmt, rows):
-    # Two segments, the second in another format (a fused layer whose shards differ).
+    # Two segments, the second in another format (a fused layer whose shards differ); the
+    # tile path's units of 32 (or 16) weight rows end short in both.
     other = "Q8_0" if fmt != "Q8_0" else "Q4_K"
-    datas, codes, weight = _segments([fmt, other], [13, 7], 512, rows)
-    x, bias = torch.randn(rows, 512), torch.randn(20)
+    datas, codes, weight = _segments([fmt, other], [45, 7], 512, rows)
+    x, bias = torch.randn(rows, 512), torch.randn(52)
     _assert_close(ops.qlinear(x, datas, codes, bias), x, weight, bias)
     _assert_close(ops.qlinear(x, datas, codes), x, weight)
     wide = torch.randn(rows, 520)  # rows of a wider tensor (a strided view)
