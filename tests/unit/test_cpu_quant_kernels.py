@@ -116,7 +116,8 @@ def test_layer_wrappers_cover_every_batch_and_fall_back(ops):
     assert layer_kernels.kernel_takes(weight)
     qlinear = layer_kernels.make_qlinear(ops)
     dense = weight.dequantize()
-    for rows in (1, 64, layer_kernels.MAX_PACKED_KERNEL_ROWS + 1):  # the last: decoded once, GEMM
+    # Past the kernel's rows: decoded once, then the packed GEMM; past its rows, torch's GEMM.
+    for rows in (1, 64, layer_kernels.MAX_PACKED_KERNEL_ROWS + 1, layer_kernels.MAX_PACKED_GEMM_ROWS + 1):
         x = torch.randn(rows, 256)
         _assert_close(qlinear(x, weight), x, dense)
     x16 = torch.randn(2, 3, 256, dtype=torch.bfloat16)  # not a float32 matrix: converted around the kernel
