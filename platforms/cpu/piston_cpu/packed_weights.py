@@ -86,7 +86,7 @@ class PackedWeights:
         return slot
 
     def nbytes(self) -> int:
-        """What the copies take (or would take), zero-padded to whole 32-column blocks."""
+        """What the copies take (or would take), zero-padded to whole blocks."""
         width = self.ops.packed_gemm_width()
         return sum(-(-slot.out_features // width) * width * module.weight.shape[1] * 4 for module, slot in self.slots)
 

@@ -47,10 +47,10 @@ class CpuWorker(Worker):
         if self.packed_weights is not None:
             self.packed_weights.pack()
         if self.kernels is not None and self.runner.compiled is None:
-            wide = layer_kernels.torch_gemm_is_wide()
             if self.packed_weights.packed_count():
                 linear = f"linear by the packed GEMM up to {packed_weights.MAX_ROWS} rows"
             else:
+                wide = layer_kernels.torch_gemm_is_wide()
                 linear = (f"linear up to {layer_kernels.kernel_rows(layer_kernels.LONG_K, wide)} rows, "
                           f"{layer_kernels.kernel_rows(layer_kernels.LONG_K + 1, wide)} past "
                           f"{layer_kernels.LONG_K} inputs")

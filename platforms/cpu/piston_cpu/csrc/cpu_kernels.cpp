@@ -19,8 +19,8 @@
 //   qdequantize            weights: quant_kernels.cpp, bound into this module.
 //   lora_sgmv              batched multi-LoRA shrink and expand: lora_kernels.cpp.
 //   moe_grouped_linear     the expert GEMMs of a mixture-of-experts layer: moe_kernels.cpp.
-//   pack_linear_weight,    a float32 GEMM over weights packed once, for decode-sized batches
-//   packed_linear          (AVX-512 builds): packed_gemm.cpp.
+//   pack_linear_weight,    a float32 GEMM over weights packed once (the engine's float32
+//   packed_linear          linear wherever the copies fit): packed_gemm.cpp.
 //
 // Compiled with -ffp-contract=off: a multiply followed by an add rounds twice, as torch's
 // element-wise ops do; fused multiply-adds appear only where written (_mm256_fmadd_ps).
