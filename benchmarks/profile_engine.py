@@ -14,7 +14,8 @@ sampler, the output assembly), the IPC the two-process engine does per step (msg
 and decode of the step's outputs, measured on the same messages), and the front end's output
 processing (detokenization included), and with --structured-output the grammar work (filling
 the bitmasks, advancing the matchers). Engine overhead is everything but the model's forward
-and logits, as a share of wall time.
+and logits, as a share of wall time. The forward's time is also given by the step's size
+(1 token, up to 8, 64, 256, 1024, 2048, more).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import time
 from collections import defaultdict
 
 TIMES: dict[str, float] = defaultdict(float)
+STEP_BUCKETS = (1, 8, 64, 256, 1024, 2048, float("inf"))  # the forward's steps by their tokens, at most
+BY_SIZE: dict[float, list[float]] = defaultdict(lambda: [0, 0.0, 0])  # bucket -> steps, seconds, tokens
 
 
 def _timed(cls, name: str, label: str) -> None:
@@ -83,6 +86,21 @@ def instrument() -> None:
     ]:
         _timed(cls, name, label)
 
+    # The forward's time by the step's size (tokens), for --by-step-size.
+    forward = LlamaForCausalLM.forward
+
+    def forward_by_size(self, input_ids, positions):
+        start = time.perf_counter()
+        try:
+            return forward(self, input_ids, positions)
+        finally:
+            bucket = next(b for b in STEP_BUCKETS if input_ids.numel() <= b)
+            BY_SIZE[bucket][0] += 1
+            BY_SIZE[bucket][1] += time.perf_counter() - start
+            BY_SIZE[bucket][2] += input_ids.numel()
+
+    LlamaForCausalLM.forward = forward_by_size
+
     # The two-process engine encodes each step's outputs and the front end decodes them.
     encoder, decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(EngineCoreOutputs)
     step = EngineCore.step
@@ -125,6 +143,14 @@ def report(wall: float, steps: int) -> dict[str, float]:
     print(f"{'wall':56s} {wall:8.2f} {1000 * wall / steps:8.2f}  {steps} steps")
     print(f"model forward + logits {model:.2f} s; engine overhead {wall - model:.2f} s "
           f"= {100 * (wall - model) / wall:.1f}% of wall time")
+    print(f"\n{'the forward by step size (tokens)':40s} {'steps':>6s} {'total s':>8s} {'ms/step':>8s} {'us/token':>9s}")
+    low = 0
+    for bucket in STEP_BUCKETS:
+        n, seconds, tokens = BY_SIZE.get(bucket, (0, 0.0, 0))
+        if n:
+            label = f"{low + 1}-{bucket}" if bucket != float("inf") else f"over {low}"
+            print(f"{label:40s} {n:6d} {seconds:8.2f} {1000 * seconds / n:8.2f} {1e6 * seconds / tokens:9.1f}")
+        low = bucket
     return rows
 
 

@@ -41,10 +41,13 @@ def _assert_close(got, x, weight, bias=None):
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 40, 300])  # the register path to 8 rows, the tile path beyond
+# The register path to 8 rows, the tile path to 191, then blocks decoded for the packed GEMM
+# (600: three chunks of 256 rows of x).
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 40, 191, 192, 600])
 def test_qlinear_matches_the_dequantized_weight(ops, fmt, rows):
-    # Two segments, the second in another format (a fused layer whose shards differ); the
-    # tile path's units of 32 (or 16) weight rows end short in both.
+    # Two segments, the second in another format (a fused layer whose shards differ): the
+    # tile path's units of 8 weight rows end short in both, and the second packed block of
+    # 32 (or 16) rows holds both segments' rows and zero padding.
     other = "Q8_0" if fmt != "Q8_0" else "Q4_K"
     datas, codes, weight = _segments([fmt, other], [45, 7], 512, rows)
     x, bias = torch.randn(rows, 512), torch.randn(52)
@@ -116,8 +119,7 @@ def test_layer_wrappers_cover_every_batch_and_fall_back(ops):
     assert layer_kernels.kernel_takes(weight)
     qlinear = layer_kernels.make_qlinear(ops)
     dense = weight.dequantize()
-    # Past the kernel's rows: decoded once, then the packed GEMM; past its rows, torch's GEMM.
-    for rows in (1, 64, layer_kernels.MAX_PACKED_KERNEL_ROWS + 1, layer_kernels.MAX_PACKED_GEMM_ROWS + 1):
+    for rows in (1, 64, 300, 4097):  # the kernel's three paths (its last in 256-row chunks)
         x = torch.randn(rows, 256)
         _assert_close(qlinear(x, weight), x, dense)
     x16 = torch.randn(2, 3, 256, dtype=torch.bfloat16)  # not a float32 matrix: converted around the kernel

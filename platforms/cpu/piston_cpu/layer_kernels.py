@@ -5,10 +5,8 @@ piecewise-compiled model is traced by Dynamo, which cannot look inside them. Eac
 wrapper falls back to torch for shapes the kernel does not take.
 
 Layers with packed weights (piston.models.layers.quantized) get ``qkernel`` (and the
-embedding ``qembed_kernel``): the kernels decode the packed rows themselves, up to
-MAX_PACKED_KERNEL_ROWS rows of x; bigger steps decode the weight to float32 once, into a
-buffer reused from call to call, and use torch's GEMM. Activations stay float32 unless
-PISTON_CPU_QUANT_ACTIVATIONS=int8 (int8_activations).
+embedding ``qembed_kernel``): the kernels decode the packed rows themselves, for every
+batch. Activations stay float32 unless PISTON_CPU_QUANT_ACTIVATIONS=int8 (int8_activations).
 """
 
 from __future__ import annotations
@@ -66,14 +64,6 @@ def kernel_rows(in_features: int, wide_gemm: bool | None = None) -> int:
     if wide_gemm if wide_gemm is not None else torch_gemm_is_wide():
         return MAX_KERNEL_ROWS_WIDE_GEMM_LONG_K if in_features > LONG_K else MAX_KERNEL_ROWS_WIDE_GEMM
     return MAX_KERNEL_ROWS_LONG_K if in_features > LONG_K else MAX_KERNEL_ROWS
-
-
-# For packed weights the kernel (blocks of 8 rows decoded into a tile in L1, multiplied with
-# every row of x) is ahead of both the float32 kernel and torch's GEMM on SmolLM2's matrices
-# up to 512 rows of x and level with torch's GEMM at 1024 (2 threads, /tmp bench: 90 vs 120
-# ms at 64 rows, 655 vs 693 at 512, 1290 vs 1216 at 1024); bigger batches decode the weight
-# into a reused buffer for torch's GEMM.
-MAX_PACKED_KERNEL_ROWS = 1024
 
 
 def make_linear(ops: ModuleType, wide_gemm: bool | None = None, slot: PackedSlot | None = None,
@@ -139,29 +129,17 @@ def int8_activations() -> bool:
 
 
 def make_qlinear(ops: ModuleType, quantize_activations: bool = False):
-    """The packed linear: the C++ kernel up to MAX_PACKED_KERNEL_ROWS rows of x; bigger
-    batches (long prompt chunks) decode the weight to float32 once, into a buffer reused
-    from call to call, pack it for the packed GEMM (packed_gemm.cpp) and multiply there:
-    at 1024-2048 rows of SmolLM2's Q4_1 shapes that runs at 194-205 GFLOP/s against
-    173-192 for torch's GEMM on the decoded weight (AVX-512 EPYC, 2 threads)."""
-    qlinear, qdequantize = ops.qlinear, ops.qdequantize
-    pack, packed_linear = getattr(ops, "pack_linear_weight", None), getattr(ops, "packed_linear", None)
-    scratch: list[torch.Tensor] = [torch.empty(0)]  # the decoded weight of big batches, reused
+    """The packed linear: the C++ kernel for every batch (quant_kernels.cpp: the register
+    path up to 8 rows of x, tiles decoded in L1 below 192, blocks decoded into the packed
+    GEMM's layout from there on; the weight is never decoded whole)."""
+    qlinear = ops.qlinear
 
     def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 2 or x.stride(1) != 1 or x.dtype != torch.float32:  # the kernels take these only
             flat = x.reshape(-1, x.shape[-1]).float().contiguous()
             out = linear(flat, packed, None if bias is None else bias.float())
             return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
-        if x.shape[0] <= MAX_PACKED_KERNEL_ROWS:
-            return qlinear(x, packed.segments, packed.codes, bias, quantize_activations)
-        size = packed.out_features * packed.in_features
-        if scratch[0].numel() < size:
-            scratch[0] = torch.empty(size)
-        weight = qdequantize(packed.segments, packed.codes, packed.in_features, scratch[0])
-        if pack is not None and x.shape[0] <= MAX_PACKED_GEMM_ROWS:
-            return packed_linear(x, pack(weight), packed.out_features, bias)
-        return F.linear(x, weight, bias)
+        return qlinear(x, packed.segments, packed.codes, bias, quantize_activations)
 
     return linear
 

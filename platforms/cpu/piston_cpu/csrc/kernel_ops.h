@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 namespace piston_cpu {
@@ -47,5 +48,10 @@ int64_t packed_gemm_width();
 torch::Tensor pack_linear_weight(const torch::Tensor& w);
 torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
                             const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& out);
+// The same GEMM over a W whose packed blocks are made as they are needed: decode(blk, buf)
+// writes block blk ([K, kPackedWidth] floats, columns past n zero) into buf; once per block
+// for up to 256 rows of x, once per 256 rows past that. Y is [M, n] with contiguous rows.
+void packed_gemm_decoded(const float* X, int64_t xs, int64_t M, int64_t K, int64_t n, const float* bias, float* Y,
+                         const std::function<void(int64_t, float*)>& decode);
 
 }  // namespace piston_cpu

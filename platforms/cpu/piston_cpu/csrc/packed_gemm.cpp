@@ -16,6 +16,9 @@
 //
 // piston_cpu/packed_weights.py keeps the packed copies (and packs them again after the
 // weights change); layer_kernels.py and decoder_stack.cpp call packed_linear.
+// packed_gemm_decoded runs the same tiles over blocks made on the fly, one at a time into
+// a buffer in L2: quant_kernels.cpp decodes GGUF blocks into it for batches past its
+// register path.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -23,6 +26,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
+#include <vector>
 
 #include "kernel_ops.h"
 
@@ -136,6 +141,25 @@ void block_rows(const float* X, int64_t xs, int64_t M, const float* Wp, int64_t 
 }
 
 }  // namespace
+
+void packed_gemm_decoded(const float* X, int64_t xs, int64_t M, int64_t K, int64_t n, const float* bias, float* Y,
+                         const std::function<void(int64_t, float*)>& decode) {
+  const int64_t blocks = (n + kPackedWidth - 1) / kPackedWidth;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    // A block decoded here stays in L2 for the row tiles that meet it (48-192 KiB at K of
+    // 384-1536); 64-byte aligned, so no load of it splits a cache line.
+    std::vector<float> storage(K * kPackedWidth + 16);
+    float* buf = storage.data() + (16 - reinterpret_cast<uintptr_t>(storage.data()) / 4 % 16) % 16;
+    for (int64_t m0 = 0; m0 < M; m0 += kRowChunk) {
+      const int64_t rows = std::min<int64_t>(kRowChunk, M - m0);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t col = blk * kPackedWidth, ncols = std::min<int64_t>(kPackedWidth, n - col);
+        decode(blk, buf);
+        block_rows(X + m0 * xs, xs, rows, buf, K, Y + m0 * n + col, n, ncols, bias ? bias + col : nullptr, nullptr);
+      }
+    }
+  });
+}
 
 torch::Tensor pack_linear_weight(const torch::Tensor& w) {
   TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(),

@@ -2,18 +2,20 @@
 //
 //   qlinear        y[M,N] = x[M,K] @ W^T (+ b), W packed (quant_formats.h), given as
 //                  segments of rows (a fused layer whose shards differ in format has
-//                  several). No activation is quantized on either path unless asked
+//                  several). No activation is quantized on any path unless asked
 //                  (int8_activations, quant_int8x.h: the register path's 32-value formats):
 //                  - up to kGemvRows rows of x: each weight row is decoded once, in
 //                    registers, and multiplied with every row of x (the packed bytes are
 //                    the only weight traffic: batch-1 decode reads 4-8x fewer bytes than
 //                    float32 weights);
-//                  - more rows: blocks of 8 weight rows are decoded into a float32 tile in
-//                    L1 and reused across all rows of x (tile_block: 3 rows of x by 4 of
-//                    the tile at a time), which stays compute-bound.
+//                  - below kPackedTileRows: blocks of 8 weight rows are decoded into a
+//                    float32 tile in L1 and reused across all rows of x (tile_block: 3 rows
+//                    of x by 4 of the tile at a time), which stays compute-bound;
+//                  - more rows: blocks of kPackedWidth weight rows are decoded into the
+//                    packed GEMM's layout (decode_block) and run through its register tiles
+//                    (packed_gemm.cpp), a block in L2 at a time: no float32 copy of W.
 //   qembedding     rows ids of a packed weight, decoded (the token embedding).
-//   qdequantize    a packed weight as float32 [N, K] (for batches past the kernel's range,
-//                  which go to torch's GEMM).
+//   qdequantize    a packed weight as float32 [N, K] (an embedding of several segments).
 //
 // Compiled with the other kernels into one extension (cpu_kernels.cpp binds these).
 
@@ -35,12 +37,31 @@ namespace piston_cpu {
 namespace {
 
 constexpr int kGemvRows = 8;  // rows of x the register path takes; more go to the tile path
+// From this many rows of x on, the packed GEMM's tiles over decoded blocks (block decoding and
+// transposing cost more than the tile path's decoding below it: SmolLM2's Q4_1 linears on an
+// AVX-512 EPYC, 2 threads, 142 / 141 ms at 128 rows, 207 / 214 at 192, 275 / 290 at 256,
+// 1090 / 1285 at 1024; about the same in the AVX2 build).
+constexpr int64_t kPackedTileRows = 192;
 constexpr int64_t kUnitRows = 8;  // weight rows per unit of work (and per decoded tile)
 
 struct Unit {
   const uint8_t* w;  // first row
   int64_t row_bytes, rows, code, n0;  // n0: its first output column
 };
+
+template <class F>
+void decode_rows(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, float* out) {
+  const int64_t C = K / 32;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = w + r * row_bytes;
+    float* o = out + r * K;
+    for (int64_t c = 0; c < C; ++c) {
+      __m256 v[4];
+      decode<F>(row, c, C, v);
+      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(o + 32 * c + 8 * i, v[i]);
+    }
+  }
+}
 
 // The segments' rows in units of kUnitRows, made on the fly (a list of every unit of the LM
 // head's 49152 rows would be a fresh quarter-megabyte every step).
@@ -56,6 +77,16 @@ class Units {
   }
   void add(const uint8_t* data, int64_t row_bytes, int64_t rows, int64_t code, int64_t n0) {
     segs_.push_back({data, row_bytes, rows, code, n0, size(), (rows + kUnitRows - 1) / kUnitRows});
+  }
+  // Rows n0 .. n0 + count (across segments) decoded to float32 into out [count, K].
+  void decode(int64_t n0, int64_t count, int64_t K, float* out) const {
+    for (const Seg& g : segs_) {
+      const int64_t lo = std::max(n0, g.n0), hi = std::min(n0 + count, g.n0 + g.rows);
+      if (lo >= hi) continue;
+      with_format(g.code, [&](auto fmt) {
+        decode_rows<decltype(fmt)>(g.data + (lo - g.n0) * g.row_bytes, g.row_bytes, hi - lo, K, out + (lo - n0) * K);
+      });
+    }
   }
 
  private:
@@ -209,20 +240,6 @@ void gemv_unit(const Unit& u, int64_t K, const float* X, int64_t xs, const float
   }
 }
 
-template <class F>
-void decode_rows(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t K, float* out) {
-  const int64_t C = K / 32;
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* row = w + r * row_bytes;
-    float* o = out + r * K;
-    for (int64_t c = 0; c < C; ++c) {
-      __m256 v[4];
-      decode<F>(row, c, C, v);
-      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(o + 32 * c + 8 * i, v[i]);
-    }
-  }
-}
-
 // y[m, n] for 3 rows of x and 4 rows of a decoded tile (in L1): 12 accumulators, and per 8
 // values 3 + 4 loads for 12 multiply-adds (dot_rows, made for weights streaming from memory,
 // loads 9 for 8), so the tile path is bound by the multiply-adds.
@@ -262,6 +279,38 @@ void tile_unit(const Unit& u, int64_t K, const float* X, int64_t xs, int64_t M, 
     for (; m + 3 <= M; m += 3) tile_block<3>(w, K, X + m * xs, xs, y + m * ys, ys, b, nr);
     if (M - m == 2) tile_block<2>(w, K, X + m * xs, xs, y + m * ys, ys, b, nr);
     if (M - m == 1) tile_block<1>(w, K, X + m * xs, xs, y + m * ys, ys, b, nr);
+  }
+}
+
+// An 8 x 8 block of floats transposed: dst row j (stride ds) = src column j (src rows ss apart).
+inline void transpose8(const float* src, int64_t ss, float* dst, int64_t ds) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ss);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);  // a0 b0 a1 b1 | a4 b4 a5 b5
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);  // a2 b2 a3 b3 | a6 b6 a7 b7
+  }
+  for (int h = 0; h < 8; h += 4) {
+    r[h] = _mm256_shuffle_ps(t[h], t[h + 2], 0x44);  // a0 b0 c0 d0 | a4 ..
+    r[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], 0xEE);  // a1 b1 c1 d1 | a5 ..
+    r[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);  // a2 .. | a6 ..
+    r[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xEE);  // a3 .. | a7 ..
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_ps(dst + j * ds, _mm256_permute2f128_ps(r[j], r[j + 4], 0x20));
+    _mm256_storeu_ps(dst + (j + 4) * ds, _mm256_permute2f128_ps(r[j], r[j + 4], 0x31));
+  }
+}
+
+// Block blk of W in the packed GEMM's layout (packed_gemm.cpp): its kPackedWidth rows, eight
+// at a time, decoded into rows [8, K] (in L1; zero past N), then transposed 8 x 8 into their
+// columns of out [K, kPackedWidth].
+void decode_block(const Units& units, int64_t N, int64_t K, int64_t blk, float* rows, float* out) {
+  for (int64_t g = 0; g < kPackedWidth; g += 8) {
+    const int64_t n0 = blk * kPackedWidth + g, count = std::clamp<int64_t>(N - n0, 0, 8);
+    units.decode(n0, count, K, rows);
+    std::fill(rows + count * K, rows + 8 * K, 0.0f);
+    for (int64_t k = 0; k < K; k += 8) transpose8(rows + k, K, out + k * kPackedWidth + g, kPackedWidth);
   }
 }
 
@@ -363,6 +412,15 @@ torch::Tensor qlinear(const torch::Tensor& x, const std::vector<torch::Tensor>& 
           });
         });
       }
+    });
+  } else if (M >= kPackedTileRows) {
+    // Blocks of kPackedWidth weight rows decoded into the packed GEMM's layout, in L2, and
+    // met by every row of x in its register tiles (12 rows x 32 columns with AVX-512, 6 x 16
+    // with AVX2).
+    packed_gemm_decoded(X, xs, M, K, N, b, Y, [&](int64_t blk, float* out) {
+      thread_local std::vector<float> rows;
+      rows.resize(8 * K);
+      decode_block(units, N, K, blk, rows.data(), out);
     });
   } else {
     at::parallel_for(0, nunits, grain, [&](int64_t begin, int64_t end) {
