@@ -6,13 +6,15 @@
 // load: zero-extended to 16 lanes, whose low nibbles (then, shifted, high nibbles) index a
 // 16-float table in a register (vpermps ignores the index's other bits; Q5's fifth bits
 // pick a second table by mask). The chunk's float16 scale and offset are read through a
-// table too (f16_table), so the conversion takes no shuffle-port work. The chunk is then
-// decoded to its float32 values (d * q + m, as gguf's dequantization gives them) once for
-// all rows of x, and multiplied into float32 sums: no per-row scale or offset work.
+// table too (f16_table), so the conversion takes no shuffle-port work. For 2-8 rows of x
+// the chunk is then decoded to its float32 values (d * q + m, as gguf's dequantization gives
+// them) once for all rows, and multiplied into float32 sums: no per-row scale or offset work.
+// One row of x (gemv512_row1) skips the decoding: d * (q . x) + m * sum(x).
 //
-// On a 2-core AVX-512 Xeon, Q4_1 rows of 576 values, one row of x, 2 threads: 30 G
-// weights/s from L2 (the 8-wide path: 23), 26 from past the cache (11.5; the prefetch
-// below), Q8_0 33 (22-24).
+// On a 2-core AVX-512 Xeon, Q4_1 rows of 576 values, one row of x, 2 threads, decoding
+// first: 30 G weights/s from L2 (the 8-wide path: 23), 26 from past the cache (11.5; the
+// prefetch below), Q8_0 33 (22-24). On a 2-core AVX-512 EPYC, one hot 960 x 576 Q4_1 matrix:
+// 28 us decoding first, 19-23 us with gemv512_row1 (`benchmarks/packed_gemv.py --rows 1`).
 
 #pragma once
 
@@ -110,6 +112,39 @@ inline void chunk512(const uint8_t* row, int64_t c, const float* X, int64_t xs, 
     const float* xp = X + m * xs + 32 * c;
     acc[m][2 * u] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp), acc[m][2 * u]);
     acc[m][2 * u + 1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp + 16), acc[m][2 * u + 1]);
+  }
+}
+
+// One row of x (batch-1 decode): the chunk's unscaled codes meet x first and its scale
+// multiplies their dot product, its offset m the sum of x over the chunk (xsum[c]):
+// d * (q . x) + m * sum(x), three vector operations a chunk where decoding first takes four.
+template <class F>
+inline void gemv512_row1(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t n0, int64_t C,
+                         const float* x, const float* xsum, float* Y, const float* bias) {
+  constexpr int U = 4;
+  const float* f16 = f16_table();
+  for (int64_t n = 0; n < rows; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    __m512 acc[U];
+    for (int u = 0; u < U; ++u) acc[u] = _mm512_setzero_ps();
+    float off = 0.0f;
+    auto chunk = [&](int64_t c, int u) {
+      _mm_prefetch(reinterpret_cast<const char*>(row) + F::L::kBlock * c + kPrefetchBytes, _MM_HINT_T0);
+      __m512 lo, hi;
+      codes16<F>(row, c, lo, hi);
+      float d, m;
+      scales32<F>(row, c, f16, d, m);
+      const __m512 t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 32 * c + 16), _mm512_mul_ps(lo, _mm512_loadu_ps(x + 32 * c)));
+      acc[u] = _mm512_fmadd_ps(t, _mm512_set1_ps(d), acc[u]);
+      if constexpr (F::kOffset) off += m * xsum[c];
+    };
+    int64_t c = 0;
+    for (; c + U <= C; c += U)
+      for (int u = 0; u < U; ++u) chunk(c + u, u);
+    for (int u = 0; c < C; ++c, ++u) chunk(c, u);
+    const int64_t col = n0 + n;
+    const __m512 a = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    Y[col] = _mm512_reduce_add_ps(a) + off + (bias ? bias[col] : 0.f);
   }
 }
 

@@ -404,7 +404,10 @@ torch::Tensor qlinear(const torch::Tensor& x, const std::vector<torch::Tensor>& 
             }
 #ifdef __AVX512F__
             if constexpr (kGemv512<F>) {
-              gemv512_rows<F, R>(u.w, u.row_bytes, u.rows, u.n0, C, X, xs, Y, N, b);
+              if constexpr (R == 1)
+                gemv512_row1<F>(u.w, u.row_bytes, u.rows, u.n0, C, X, XS, Y, b);
+              else
+                gemv512_rows<F, R>(u.w, u.row_bytes, u.rows, u.n0, C, X, xs, Y, N, b);
               return;
             }
 #endif
