@@ -86,7 +86,7 @@ def instrument() -> None:
     ]:
         _timed(cls, name, label)
 
-    # The forward's time by the step's size (tokens), for --by-step-size.
+    # The forward's time by the step's size (tokens), for the last table of the report.
     forward = LlamaForCausalLM.forward
 
     def forward_by_size(self, input_ids, positions):
