@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__.replace("piston_cpu", "piston.cpu", 1))
 CSRC = Path(__file__).parent / "csrc"
 SOURCE = CSRC / "cpu_kernels.cpp"
 SOURCES = [SOURCE, CSRC / "quant_kernels.cpp", CSRC / "lora_kernels.cpp", CSRC / "moe_kernels.cpp",
-           CSRC / "decoder_stack.cpp", CSRC / "packed_gemm.cpp"]
+           CSRC / "decoder_stack.cpp", CSRC / "packed_gemm.cpp", CSRC / "greedy_head.cpp"]
 HEADERS = sorted(CSRC.glob("*.h"))
 NAME = "piston_cpu_kernels"
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]

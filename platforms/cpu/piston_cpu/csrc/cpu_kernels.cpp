@@ -44,6 +44,7 @@ void bind_lora_kernels(pybind11::module_& m);
 void bind_moe_kernels(pybind11::module_& m);
 void bind_decoder_stack(pybind11::module_& m);
 void bind_packed_gemm(pybind11::module_& m);
+void bind_greedy_head(pybind11::module_& m);
 
 // The entry points are declared in kernel_ops.h (decoder_stack.cpp calls them too).
 namespace piston_cpu {
@@ -900,4 +901,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_moe_kernels(m);
   bind_decoder_stack(m);
   bind_packed_gemm(m);
+  bind_greedy_head(m);
 }
