@@ -76,6 +76,7 @@ def instrument() -> None:
         (TorchModelRunner, "forward", "runner.forward_total"),
         (LlamaForCausalLM, "forward", "model.forward"),
         (LlamaForCausalLM, "compute_logits", "model.logits"),
+        (LlamaForCausalLM, "greedy_tokens", "model.greedy"),
         (TorchModelRunner, "sample", "runner.sample_total"),
         (SamplingBatch, "from_batch", "runner.sampling_params"),
         (TorchModelRunner, "_sampling_metadata", "runner.sampling_tensors"),
@@ -124,6 +125,7 @@ def report(wall: float, steps: int) -> dict[str, float]:
         "runner: device inputs + attention metadata": t["runner.forward_total"] - t["model.forward"],
         "model: forward": t["model.forward"],
         "model: logits (lm_head)": t["model.logits"],
+        "model: greedy tokens (the head's int8 screen)": t["model.greedy"],
         "runner: sampling parameters (SamplingBatch + tensors)": t["runner.sampling_params"]
         + t["runner.sampling_tensors"],
         "runner: sampler": t["sampler"],
@@ -139,9 +141,9 @@ def report(wall: float, steps: int) -> dict[str, float]:
     print(f"\n{'stage':56s} {'total s':>8s} {'ms/step':>8s} {'share':>7s}")
     for name, seconds in rows.items():
         print(f"{name:56s} {seconds:8.2f} {1000 * seconds / steps:8.2f} {100 * seconds / wall:6.1f}%")
-    model = t["model.forward"] + t["model.logits"]
+    model = t["model.forward"] + t["model.logits"] + t["model.greedy"]
     print(f"{'wall':56s} {wall:8.2f} {1000 * wall / steps:8.2f}  {steps} steps")
-    print(f"model forward + logits {model:.2f} s; engine overhead {wall - model:.2f} s "
+    print(f"model forward + logits (or greedy tokens) {model:.2f} s; engine overhead {wall - model:.2f} s "
           f"= {100 * (wall - model) / wall:.1f}% of wall time")
     print(f"\n{'the forward by step size (tokens)':40s} {'steps':>6s} {'total s':>8s} {'ms/step':>8s} {'us/token':>9s}")
     low = 0

@@ -159,3 +159,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
             cap = float(self.final_logit_softcapping)
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def logits_head(self):
+        """The head, where no softcap follows it (Gemma 3 has none; Gemma 2 had one)."""
+        return self._head() if self.final_logit_softcapping is None else None

@@ -185,8 +185,25 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        return compute_parallel_logits(hidden_states, head, self.config.vocab_size)
+        return compute_parallel_logits(hidden_states, self._head(), self.config.vocab_size)
+
+    def logits_head(self) -> VocabParallelEmbedding | None:
+        """The layer whose product with the hidden states is the logits (the LM head or the
+        tied embedding), or None where ``compute_logits`` does more than that product (a
+        subclass's softcap or scale)."""
+        if type(self).compute_logits is not LlamaForCausalLM.compute_logits:
+            return None
+        return self._head()
+
+    def _head(self) -> VocabParallelEmbedding:
+        return self.model.embed_tokens if self.lm_head is None else self.lm_head
+
+    def greedy_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """``compute_logits(hidden_states).argmax(-1)`` where the platform set a kernel on
+        the head that finds it without all the logits; None otherwise."""
+        head = self.logits_head()
+        kernel = None if head is None or head.tp_size > 1 else head.greedy_kernel
+        return None if kernel is None else kernel(hidden_states)
 
     # HF sub-module name -> (fused module name, shard id).
     _SHARDS = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),

@@ -99,6 +99,13 @@ class SamplingBatch:
         return bool((self.presence_penalty == 0).all() and (self.frequency_penalty == 0).all()
                     and (self.repetition_penalty == 1).all())
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Every row takes the argmax of its raw logits: greedy, no logprobs, penalties,
+        min_tokens or grammar. Only the argmax is then needed, not the logits."""
+        return (self.all_greedy and self.max_num_logprobs is None and not self.min_tokens and self.no_penalties
+                and (self.allowed_bitmask is None or bool((self.allowed_bitmask == -1).all())))
+
     @classmethod
     def from_batch(cls, batch: InputBatch, rows: np.ndarray, vocab_size: int,
                    grammar_req_ids: list[str] = (), grammar_bitmask: bytes = b"") -> "SamplingBatch":

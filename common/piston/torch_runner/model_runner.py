@@ -349,7 +349,11 @@ class TorchModelRunner(ModelRunner):
                 self._draft_features = out
             else:
                 out = self.draft_model(ids, positions)[index]
-        return self.sampler.argmax(self.draft_model.compute_logits(out)).cpu().numpy()
+        greedy = None if eagle else getattr(self.draft_model, "greedy_tokens", None)
+        tokens = None if greedy is None else greedy(out)  # drafts are greedy: only the argmax is read
+        if tokens is None:
+            tokens = self.sampler.argmax(self.draft_model.compute_logits(out))
+        return tokens.cpu().numpy()
 
     def _step_inputs(self, scheduled: ScheduledTokens, kv_caches: list[torch.Tensor], attn_layers: dict,
                      num_common_prefix_blocks: int, token_shift: int = 0
@@ -392,6 +396,13 @@ class TorchModelRunner(ModelRunner):
     def sample(self, hidden: torch.Tensor, scheduled: ScheduledTokens, sampling: SamplingBatch
                ) -> tuple[np.ndarray, Logprobs | None]:
         (logits_index,) = self._to_device(scheduled.logits_indices.astype(np.int64))
+        greedy = getattr(self.model, "greedy_tokens", None)
+        if greedy is not None and sampling.plain_greedy:
+            # Only the argmax is read: a platform's head may find it without the logits.
+            self._flush_to_device()
+            tokens = greedy(hidden[logits_index])
+            if tokens is not None:
+                return tokens.cpu().numpy(), None
         metadata = self._sampling_metadata(sampling)
         self._flush_to_device()
         logits = self.model.compute_logits(hidden[logits_index])

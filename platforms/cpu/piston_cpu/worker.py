@@ -12,7 +12,7 @@ from piston.step.tp_layout import num_kv_head_copies
 from piston.step.worker_messages import KVCacheReport
 from piston.torch_runner.model_runner import TorchModelRunner
 
-from piston_cpu import decoder_stack, kernels, layer_kernels, packed_weights
+from piston_cpu import decoder_stack, greedy_head, kernels, layer_kernels, packed_weights
 from piston_cpu.attention import CpuAttention
 
 logger = logging.getLogger(__name__.replace("piston_cpu", "piston.cpu", 1))
@@ -31,6 +31,8 @@ class CpuWorker(Worker):
         self.decoder_stack = None
         # Packed copies of the float32 linear weights for the packed GEMM (packed_weights.py).
         self.packed_weights = None if self.kernels is None else packed_weights.PackedWeights(self.kernels)
+        # Greedy steps' tokens from an int8 copy of the LM head (greedy_head.py).
+        self.greedy_heads = greedy_head.GreedyHeads(self.kernels)
         self.num_blocks = 0
 
     def load_model(self) -> None:
@@ -46,6 +48,10 @@ class CpuWorker(Worker):
             self.kernel_layers = layer_kernels.install(self.runner.model, self.kernels, self.packed_weights)
         if self.packed_weights is not None:
             self.packed_weights.pack()
+        for model in (self.runner.model, self.runner.draft_model):
+            if model is not None:
+                self.greedy_heads.install(model)
+        self.greedy_heads.prepare()
         if self.kernels is not None and self.runner.compiled is None:
             if self.packed_weights.packed_count():
                 linear = f"linear by the packed GEMM up to {packed_weights.MAX_ROWS} rows"
@@ -77,11 +83,13 @@ class CpuWorker(Worker):
         """Which kernels run (for collective_rpc): the attention backend's name, how many
         layers use Piston's C++ kernels (0: torch's ops), whether the decoder layers run
         as one C++ call (piston_cpu.decoder_stack) and on how many steps they did, and how
-        many float32 weights have a packed copy for the packed GEMM (packed_weights)."""
+        many float32 weights have a packed copy for the packed GEMM (packed_weights), and what
+        the greedy LM head served (greedy_head.GreedyHeads.stats)."""
         stack, packed = self.decoder_stack, self.packed_weights
         return {"attention": self.runner.attn_impl.name, "layers": self.kernel_layers,
                 "decoder_stack": stack is not None, "decoder_stack_steps": 0 if stack is None else stack.steps,
-                "packed_weights": 0 if packed is None else packed.packed_count()}
+                "packed_weights": 0 if packed is None else packed.packed_count(),
+                "greedy_head": self.greedy_heads.stats()}
 
     def determine_num_kv_blocks(self) -> KVCacheReport:
         # kv_cache_memory is the whole host's budget: each rank takes the share of its KV
@@ -112,6 +120,7 @@ class CpuWorker(Worker):
         self.runner.kv_caches = []
         if self.packed_weights is not None:  # packed again from the weights on waking
             self.packed_weights.release()
+        self.greedy_heads.release()
         freed = self.runner.release_weights("file" if level == 1 else None)
         _return_free_memory()
         logger.info("Asleep (level %d): released the KV cache and %.2f GB of weights%s.", level, freed / 1e9,
@@ -129,6 +138,7 @@ class CpuWorker(Worker):
         applied = self.runner.update_weights(weights)  # in place: the stack's tensors stay current
         if self.packed_weights is not None:
             self.packed_weights.pack()  # in place as well
+        self.greedy_heads.prepare()
         return applied
 
     def reload_weights(self) -> None:
@@ -139,6 +149,7 @@ class CpuWorker(Worker):
         """After the weights came back or were reloaded: their packed copies, then the stack."""
         if self.packed_weights is not None:
             self.packed_weights.pack()
+        self.greedy_heads.prepare()
         self._install_decoder_stack()
 
     def shutdown(self) -> None:

@@ -32,6 +32,10 @@ class VocabParallelEmbedding(nn.Module):
     # ``qembed_kernel(ids, qweight) -> rows``; None dequantizes with torch.
     qkernel: Callable[..., torch.Tensor] | None = None
     qembed_kernel: Callable[..., torch.Tensor] | None = None
+    # Used when this weight is the LM head: a platform's ``greedy_kernel(x) -> ids [N]`` gives
+    # each row's argmax of ``x @ weight[:vocab].T`` without every logit, or None when it
+    # cannot now (then the caller computes the logits). Set per instance.
+    greedy_kernel: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
