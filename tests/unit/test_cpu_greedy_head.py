@@ -106,13 +106,39 @@ def test_rows_the_screen_cannot_narrow_are_computed_in_full(ops, force_scalar, p
     assert left.tolist() == [-1] * 4
 
 
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_1", "Q6_K", "F16"])
+def test_a_packed_head_rescores_its_decoded_rows(ops, fmt):
+    """A GGUF head: the copy made from its decoded values, the candidates decoded one row at a
+    time; the same tokens as the float32 kernel on the decoded weight, and the clear rows'
+    float64 argmax."""
+    import numpy as np
+    from gguf_models import random_packed
+    from piston.checkpoint.packed import FORMATS
+
+    rng = np.random.default_rng(5)
+    hidden = 256  # a K-quant block
+    segment = torch.from_numpy(np.ascontiguousarray(random_packed(fmt, 1000, hidden, rng).data))
+    code = FORMATS[fmt].code
+    dense = ops.qdequantize([segment], [code], hidden)
+    prepared = ops.greedy_head_prepare(dense)
+    x = torch.randn(9, hidden)
+    want, clear = _clear_argmax(x, dense)
+    for planes in PLANES:
+        got = ops.greedy_head_argmax(x, segment, prepared, planes=planes, code=code)
+        assert torch.equal(got, ops.greedy_head_argmax(x, dense, prepared, planes=planes))
+        assert torch.equal(got[clear], want[clear]) and clear.sum() >= 8
+    with pytest.raises(RuntimeError, match="must be contiguous uint8"):
+        ops.greedy_head_argmax(x, dense, prepared, code=code)
+
+
 def test_checks_its_inputs(ops):
+    torch.manual_seed(4)
     w = torch.randn(100, 16)
     prepared = ops.greedy_head_prepare(w)
     q, scales, corr, l1 = prepared
     assert q.shape == (2, 4, 64, 4) and q.dtype == torch.int8 and scales.shape == corr.shape == l1.shape == (128,)
     assert torch.all((q[1, 2, 3] - w[67, 8:12] / scales[67]).abs() <= 0.501)  # row 67, inputs 8-11
-    assert not scales[100:].any() and torch.all(l1[:100] >= w.abs().sum(-1))
+    assert not scales[100:].any() and torch.all(l1[:100].double() >= w.double().abs().sum(-1))
     with pytest.raises(RuntimeError, match="does not match x's 17 inputs"):
         ops.greedy_head_argmax(torch.randn(2, 17), torch.randn(100, 17), prepared)
     with pytest.raises(RuntimeError, match="the int8 copy has 128 rows, the weight 200"):
@@ -199,10 +225,13 @@ def test_a_head_takes_one_byte_of_x_while_its_rows_stay_narrow(ops, random_llama
         assert heads.stats()["full_rows"] == 1
 
 
-def test_engine_with_the_greedy_head_matches_it_without(tiny_models, make_llm, monkeypatch):
+@pytest.mark.parametrize("weights", ["float32", "packed"])
+def test_engine_with_the_greedy_head_matches_it_without(weights, tiny_models, make_llm, monkeypatch, tmp_path):
     """Greedy tokens through the head (PISTON_CPU_GREEDY_HEAD=1: the scalar screen where the
-    CPU lacks VNNI) equal those from the logits; steps that ask for logprobs take the
-    logits; after a sleep and a wake-up the copy is made again."""
+    CPU lacks VNNI) equal those from the logits, with a float32 head and a Q8_0 one (a GGUF
+    file); steps that ask for logprobs take the logits; after a sleep and a wake-up the copy
+    is made again."""
+    from gguf_models import write_gguf
     from piston import SamplingParams
 
     prompts = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "Hi",
@@ -210,6 +239,9 @@ def test_engine_with_the_greedy_head_matches_it_without(tiny_models, make_llm, m
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     kwargs = dict(max_model_len=512, kv_cache_memory="64MiB", seed=0, dtype="float32", max_num_batched_tokens=32)
     path = tiny_models("llama")
+    if weights == "packed":
+        kwargs["tokenizer"] = path
+        path = write_gguf(path, str(tmp_path / "tiny.gguf"), lambda n: "F32" if "norm" in n else "Q8_0")
     monkeypatch.setenv("PISTON_CPU_GREEDY_HEAD", "1")
     llm = make_llm(path, **kwargs)
     fast = llm.generate(prompts, greedy, use_tqdm=False)

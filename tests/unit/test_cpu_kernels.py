@@ -211,7 +211,8 @@ def test_engine_with_kernels_matches_torch_fallback(name, tiny_models, make_llm,
     monkeypatch.setenv("PISTON_CPU_KERNELS", "0")
     llm = make_llm(path, **kwargs)
     assert llm.collective_rpc("kernel_info")[0] == {"attention": "cpu_sdpa", "layers": 0, "decoder_stack": False,
-                                                      "decoder_stack_steps": 0, "packed_weights": 0}
+                                                      "decoder_stack_steps": 0, "packed_weights": 0,
+                                                      "greedy_head": {"rows": 0, "candidates": 0, "full_rows": 0}}
     slow = llm.generate(prompts, params, use_tqdm=False)
     for a, b in zip(fast, slow):
         oa, ob = a.outputs[0], b.outputs[0]

@@ -2,11 +2,13 @@
 
 When every row of a step is greedy and none asks for logprobs (``SamplingBatch.plain_greedy``),
 the runner asks the model for ``greedy_tokens`` instead of the logits. On a float32 LM head
-(its own or the tied embedding) this module sets the head's ``greedy_kernel``: the C++
+(its own or the tied embedding), or a packed (GGUF) one of a single segment that the C++
+kernels take, this module sets the head's ``greedy_kernel``: the C++
 kernel screens the whole vocabulary with int8 dot products (AVX-512 VNNI) under an error
 bound that holds for every logit, and computes the float32 dot product only for the few
 tokens the bound cannot rule out. The answer is the argmax of float32 logits, as
-``torch.argmax`` picks it (lowest index among equals), not an approximation.
+``torch.argmax`` picks it (lowest index among equals), not an approximation. A packed head's
+copy is made from its decoded values, and its candidates' rows are decoded to be rescored.
 
 x enters the screen as int16 (two byte planes: twice the integer work) or int8. One byte
 suits hidden states without outliers (dummy weights: 8 candidates a row); real models' have
@@ -30,6 +32,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from piston_cpu.layer_kernels import int8_activations
 from piston_cpu.packed_weights import AUTO_SHARE, available_memory
 
 logger = logging.getLogger(__name__.replace("piston_cpu", "piston.cpu", 1))
@@ -59,39 +62,61 @@ class GreedyHead:
         self.planes = 2  # bytes an input of x (module docstring)
         self.wait = self.backoff = FIRST_TRY  # int16 calls left before int8 is tried; the last wait
 
-    def weight(self) -> torch.Tensor | None:
-        """The vocabulary's rows of the layer's weight, where the kernel takes it."""
-        weight = getattr(self.module, "weight", None)
+    def weight(self) -> tuple[torch.Tensor, int] | None:
+        """The vocabulary's rows of the layer's weight and their format code (-1: float32;
+        else a packed segment's GGUF blocks), where the kernel takes them."""
+        module = self.module
+        packed = getattr(module, "qweight", None)
+        if packed is not None:
+            # With int8 activations the packed head's logits are not those of float32 x, which
+            # the rescoring computes: those steps keep their logits.
+            if module.qkernel is None or len(packed.segments) != 1 or int8_activations():
+                return None
+            return packed.segments[0][:module.num_real], int(packed.codes[0])
+        weight = getattr(module, "weight", None)
         if weight is None or weight.dtype != torch.float32 or weight.dim() != 2 or not weight.is_contiguous():
             return None
-        return weight[:self.module.num_real]
+        return weight[:module.num_real], -1
+
+    def current(self) -> torch.Tensor | None:
+        """The tensor the copy is made from (the weight, or the packed segment)."""
+        packed = getattr(self.module, "qweight", None)
+        return self.module.weight if packed is None else (packed.segments[0] if packed.segments else None)
 
     def nbytes(self) -> int:
-        weight = self.weight()
-        return 0 if weight is None else weight.shape[0] * (-(-weight.shape[1] // 4) * 4 + 12)
+        return 0 if self.weight() is None else self.module.num_real * (-(-self.module.hidden_size // 4) * 4 + 12)
 
     @torch.no_grad()
     def prepare(self) -> bool:
         """The int8 copy of the layer's current weight (again after it changed); False, and
-        no copy, where the weight is not float32 or not finite."""
+        no copy, where the kernel does not take the weight or it is not finite."""
         self.release()
-        weight = self.weight()
-        if weight is None or not bool(torch.isfinite(weight).all()):
+        found = self.weight()
+        if found is None:
+            return False
+        weight, code = found
+        if code >= 0:  # a packed head: its decoded values, for as long as the copy takes
+            try:
+                weight = self.ops.qdequantize([weight], [code], self.module.hidden_size)
+            except RuntimeError:  # a format the C++ kernels do not decode
+                return False
+        if not bool(torch.isfinite(weight).all()):
             return False
         self.prepared = self.ops.greedy_head_prepare(weight)
-        self.source = self.module.weight
+        self.source = self.current()
         return True
 
     def release(self) -> None:
         self.prepared = self.source = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.prepared is None or self.module.weight is not self.source:
+        if self.prepared is None or self.current() is not self.source:
             return None
         if x.dtype != torch.float32 or x.dim() != 2 or x.stride(-1) != 1:
             return None
+        weight, code = self.weight()
         before = self.stats.tolist()
-        ids = self.ops.greedy_head_argmax(x, self.weight(), self.prepared, self.stats, self.planes, False)
+        ids = self.ops.greedy_head_argmax(x, weight, self.prepared, self.stats, self.planes, False, code=code)
         rows, candidates, full = (a - b for a, b in zip(self.stats.tolist(), before))
         if full:  # rows the screen could not narrow: their logits, all rows in one GEMM
             which = ids < 0
@@ -126,7 +151,7 @@ class GreedyHeads:
         (``logits_head``, tensor parallelism off)."""
         find = getattr(model, "logits_head", None)
         head = None if find is None or not self.enabled else find()
-        if head is None or head.tp_size > 1 or getattr(head, "weight", None) is None:
+        if head is None or head.tp_size > 1:
             return
         kernel = GreedyHead(self.ops, head)
         head.greedy_kernel = kernel

@@ -34,6 +34,10 @@
 // (Kp = K rounded up to 4, zero-padded): one 64-byte load holds 4 inputs of 16 rows, what
 // vpdpbusd multiplies against 4 bytes of x broadcast.
 //
+// The rescoring reads the head's float32 rows, or decodes the candidates' rows of a packed
+// (GGUF) head, whose int8 copy was made from its decoded values: the answer is then the
+// argmax of the logits of the decoded weight, as the packed GEMM computes them.
+//
 // The AVX-512 VNNI build screens with vpdpbusd (greedy_head_fast() is true); other builds
 // run the same arithmetic in scalar code, which the tests use and the engine does not
 // (piston_cpu/greedy_head.py installs the head only where it is fast).
@@ -46,9 +50,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <vector>
+
+#include "kernel_ops.h"
 
 namespace piston_cpu {
 namespace {
@@ -130,12 +137,25 @@ float dot(const float* x, const float* w, int64_t K) {
   return s;
 }
 
+// The head's rows for the rescoring: a float32 weight's, or a packed one's decoded into buf.
+struct HeadRows {
+  const float* W = nullptr;
+  std::function<void(int64_t, float*)> decode;
+  int64_t K = 0;
+
+  float score(const float* x, int64_t v, float* buf) const {
+    if (W != nullptr) return dot(x, W + v * K, K);
+    decode(v, buf);
+    return dot(x, buf, K);
+  }
+};
+
 // torch.argmax over every logit of the row: the first NaN, else the first largest.
-int64_t full_argmax(const float* x, const float* W, int64_t V, int64_t K) {
+int64_t full_argmax(const float* x, const HeadRows& head, int64_t V, float* buf) {
   int64_t best_i = 0;
   float best = kNegInf;
   for (int64_t v = 0; v < V; ++v) {
-    const float d = dot(x, W + v * K, K);
+    const float d = head.score(x, v, buf);
     if (std::isnan(d)) return v;
     if (d > best || v == 0) {
       best = d;
@@ -398,13 +418,22 @@ std::vector<torch::Tensor> greedy_head_prepare(const torch::Tensor& w) {
 
 torch::Tensor greedy_head_argmax(const torch::Tensor& x, const torch::Tensor& w,
                                  const std::vector<torch::Tensor>& prepared, const c10::optional<torch::Tensor>& stats,
-                                 int64_t planes, bool compute_full, bool force_scalar) {
+                                 int64_t planes, bool compute_full, bool force_scalar, int64_t code) {
   TORCH_CHECK(planes == 1 || planes == 2, "greedy_head_argmax: planes is 1 (int8 x) or 2 (int16 x), not ", planes);
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1,
               "greedy_head_argmax: x must be float32 [M, K] with contiguous rows");
-  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1),
-              "greedy_head_argmax: the weight must be a contiguous float32 [V, ", x.size(1), "]");
-  const int64_t M = x.size(0), K = x.size(1), V = w.size(0), Kp = (K + kGroup - 1) / kGroup * kGroup;
+  const int64_t M = x.size(0), K = x.size(1), Kp = (K + kGroup - 1) / kGroup * kGroup;
+  HeadRows head;
+  head.K = K;
+  int64_t V = 0;
+  if (code < 0) {
+    TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.dim() == 2 && w.is_contiguous() && w.size(1) == K,
+                "greedy_head_argmax: the weight must be a contiguous float32 [V, ", K, "]");
+    V = w.size(0);
+    head.W = w.data_ptr<float>();
+  } else {
+    head.decode = qrow_decoder(w, code, K, V);  // checks the packed segment
+  }
   check_prepared(prepared, K);
   const int64_t blocks = prepared[0].size(0);
   TORCH_CHECK(blocks * kBlock >= V && (blocks - 1) * kBlock < V, "greedy_head_argmax: the int8 copy has ",
@@ -418,7 +447,6 @@ torch::Tensor greedy_head_argmax(const torch::Tensor& x, const torch::Tensor& w,
   auto out = torch::empty({M}, x.options().dtype(torch::kInt64));
   if (M == 0) return out;
   const float* X = x.data_ptr<float>();
-  const float* W = w.data_ptr<float>();
   const int8_t* Q = prepared[0].data_ptr<int8_t>();
   const float* SW = prepared[1].data_ptr<float>();
   const int32_t* CORR = prepared[2].data_ptr<int32_t>();
@@ -462,6 +490,7 @@ torch::Tensor greedy_head_argmax(const torch::Tensor& x, const torch::Tensor& w,
   std::vector<int64_t> rescored(M, 0);
   std::vector<uint8_t> full(M, 0);
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(head.W == nullptr ? K : 0);
     for (int64_t r = begin; r < end; ++r) {
       const float* xr = X + r * xs;
       bool whole = !scale[r].finite;
@@ -477,7 +506,7 @@ torch::Tensor greedy_head_argmax(const torch::Tensor& x, const torch::Tensor& w,
         for (int32_t i = 0; i < st.count[r]; ++i) {
           if (st.upper[r * kCap + i] < thr) continue;
           const int64_t v = st.cand[r * kCap + i];
-          const float d = dot(xr, W + v * K, K);
+          const float d = head.score(xr, v, buf.data());
           ++rescored[r];
           if (!std::isfinite(d)) {
             whole = true;
@@ -491,7 +520,7 @@ torch::Tensor greedy_head_argmax(const torch::Tensor& x, const torch::Tensor& w,
       }
       if (whole || best_i < 0) {
         full[r] = 1;
-        best_i = compute_full ? full_argmax(xr, W, V, K) : -1;
+        best_i = compute_full ? full_argmax(xr, head, V, buf.data()) : -1;
       }
       O[r] = best_i;
     }
@@ -517,7 +546,8 @@ void bind_greedy_head(pybind11::module_& m) {
   m.def("greedy_head_argmax", &piston_cpu::greedy_head_argmax,
         "argmax_v (x . w_v) per row of x (torch.argmax of x @ w.T), screened in integers with a bound (x in "
         "`planes` bytes an input), rescored in float32; stats [3] (int64) counts rows, rescored candidates and "
-        "rows computed in full (-1 for those rows without compute_full: the caller's GEMM is faster)",
+        "rows computed in full (-1 for those rows without compute_full: the caller's GEMM is faster); with a "
+        "format code >= 0, weight is a packed head's segment (uint8 GGUF blocks)",
         py::arg("x"), py::arg("weight"), py::arg("prepared"), py::arg("stats") = py::none(), py::arg("planes") = 2,
-        py::arg("compute_full") = true, py::arg("force_scalar") = false, py::call_guard<py::gil_scoped_release>());
+        py::arg("compute_full") = true, py::arg("force_scalar") = false, py::arg("code") = -1, py::call_guard<py::gil_scoped_release>());
 }

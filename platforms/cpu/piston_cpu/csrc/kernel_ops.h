@@ -36,6 +36,12 @@ torch::Tensor qlinear(const torch::Tensor& x, const std::vector<torch::Tensor>& 
                       const std::vector<int64_t>& codes, const c10::optional<torch::Tensor>& bias,
                       bool int8_activations);
 
+// Row v of a packed weight (one segment of GGUF blocks in format `code`, K values a row),
+// decoded into out[K]; `rows` is set to the weight's rows (quant_kernels.cpp). The greedy LM
+// head rescores its candidates of a packed head through it.
+std::function<void(int64_t, float*)> qrow_decoder(const torch::Tensor& weight, int64_t code, int64_t K,
+                                                  int64_t& rows);
+
 // The float32 GEMM over weights packed once (packed_gemm.cpp): W [N, K] as
 // [ceil(N/kPackedWidth), K, kPackedWidth], two registers wide: 32 columns in an AVX-512
 // build, 16 in an AVX2 one.

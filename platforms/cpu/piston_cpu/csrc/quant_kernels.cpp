@@ -455,6 +455,16 @@ torch::Tensor qembedding(const torch::Tensor& ids, const torch::Tensor& weight, 
   return out;
 }
 
+std::function<void(int64_t, float*)> qrow_decoder(const torch::Tensor& weight, int64_t code, int64_t K,
+                                                  int64_t& rows) {
+  const Units units = make_units({weight}, {code}, K, rows);
+  const uint8_t* W = weight.data_ptr<uint8_t>();
+  const int64_t row_bytes = units[0].row_bytes;
+  return [W, row_bytes, code, K](int64_t v, float* out) {
+    with_format(code, [&](auto fmt) { decode_rows<decltype(fmt)>(W + v * row_bytes, row_bytes, 1, K, out); });
+  };
+}
+
 torch::Tensor qdequantize(const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& codes, int64_t K,
                           const c10::optional<torch::Tensor>& into) {
   int64_t N = 0;
