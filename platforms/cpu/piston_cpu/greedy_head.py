@@ -58,6 +58,7 @@ class GreedyHead:
         self.module = module
         self.source: torch.Tensor | None = None  # the weight the copy was made from
         self.prepared: list[torch.Tensor] | None = None
+        self.rows: tuple[torch.Tensor, int] | None = None  # weight() when the copy was made
         self.stats = torch.zeros(3, dtype=torch.int64)
         self.planes = 2  # bytes an input of x (module docstring)
         self.wait = self.backoff = FIRST_TRY  # int16 calls left before int8 is tried; the last wait
@@ -103,18 +104,18 @@ class GreedyHead:
         if not bool(torch.isfinite(weight).all()):
             return False
         self.prepared = self.ops.greedy_head_prepare(weight)
-        self.source = self.current()
+        self.source, self.rows = self.current(), found
         return True
 
     def release(self) -> None:
-        self.prepared = self.source = None
+        self.prepared = self.source = self.rows = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.prepared is None or self.current() is not self.source:
             return None
         if x.dtype != torch.float32 or x.dim() != 2 or x.stride(-1) != 1:
             return None
-        weight, code = self.weight()
+        weight, code = self.rows
         before = self.stats.tolist()
         ids = self.ops.greedy_head_argmax(x, weight, self.prepared, self.stats, self.planes, False, code=code)
         rows, candidates, full = (a - b for a, b in zip(self.stats.tolist(), before))
